@@ -1,0 +1,187 @@
+//! Plain domain types shared by every layer of kiln: image recipes,
+//! environments and their roles, as validated from `kiln.toml`.
+//!
+//! Invariant: this crate does no I/O and depends on nothing but `serde`.
+//! Everything here is already validated: a `Project` that exists is one whose
+//! images form a forest and whose roles name images that exist.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A validated project: the images it bakes and the environments it fires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Project {
+    pub name: String,
+    /// Absolute path of the project directory (where `kiln.toml` lives).
+    pub dir: PathBuf,
+    pub images: BTreeMap<String, ImageSpec>,
+    pub envs: BTreeMap<String, EnvSpec>,
+}
+
+impl Project {
+    /// Image names in build order: every parent before its children, ties by name.
+    pub fn build_order(&self) -> Vec<String> {
+        let mut order = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for name in self.images.keys() {
+            self.visit(name, &mut seen, &mut order);
+        }
+        order
+    }
+
+    fn visit(&self, name: &str, seen: &mut std::collections::BTreeSet<String>, order: &mut Vec<String>) {
+        if !seen.insert(name.to_string()) {
+            return;
+        }
+        if let Some(ImageSource::Image(parent)) = self.images.get(name).map(|i| &i.from) {
+            self.visit(parent, seen, order);
+        }
+        order.push(name.to_string());
+    }
+
+    /// `name` and all its ancestors, root first.
+    pub fn lineage(&self, name: &str) -> Vec<String> {
+        let mut chain = vec![name.to_string()];
+        let mut cur = name;
+        while let Some(ImageSource::Image(parent)) = self.images.get(cur).map(|i| &i.from) {
+            chain.push(parent.clone());
+            cur = parent;
+        }
+        chain.reverse();
+        chain
+    }
+}
+
+/// Where an image's root starts before its own files and scripts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageSource {
+    /// An empty root.
+    Scratch,
+    /// Another kiln image of the same project (layering).
+    Image(String),
+    /// A rootfs tarball (`.tar`, `.tar.gz`/`.tgz`, `.tar.zst`), absolute path.
+    Rootfs(PathBuf),
+    /// An OCI image layout directory and the tag to take from its index.
+    Oci { dir: PathBuf, tag: String },
+    /// `debootstrap` of a Debian suite.
+    Debootstrap { suite: String, mirror: String, variant: String },
+}
+
+/// A health check of a server (or of an image, declared for its roles).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheck {
+    Http { path: String, port: u16 },
+    Tcp { port: u16 },
+    Command { argv: Vec<String> },
+}
+
+/// A named image recipe: each build of it is an immutable, sealed version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    pub name: String,
+    pub from: ImageSource,
+    /// `images/<name>/files/`, copied into the root at the same relative paths.
+    pub files_dir: PathBuf,
+    /// `images/<name>/scripts/`, run in lexical order inside the build sandbox.
+    pub scripts_dir: PathBuf,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub ports: Vec<u16>,
+    pub health: Option<HealthCheck>,
+    /// Commands run in a sandbox from the sealed, read-only image before it becomes current.
+    pub test: Vec<Vec<String>>,
+    pub labels: BTreeMap<String, String>,
+    /// Modification time written for every file (seconds since the epoch):
+    /// fixed so that the same inputs give the same bytes.
+    pub mtime: u64,
+    /// Whether build scripts may use the network (default: yes).
+    pub build_network: bool,
+}
+
+/// Size of a server: CPU share and memory limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Size {
+    pub cpus: f64,
+    pub memory_bytes: u64,
+}
+
+/// How servers of a role are replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Strategy {
+    Rolling { max_surge: u32, max_unavailable: u32, min_healthy_secs: u64 },
+    BlueGreen { rollback_window_secs: u64 },
+    Canary { share_percent: u32, bake_secs: u64, max_error_rate: f64 },
+}
+
+/// What to do about drift on a role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftPolicy {
+    Alarm,
+    Replace,
+    Kill,
+}
+
+/// What to do about servers nobody declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmanagedPolicy {
+    Alarm,
+    Kill,
+}
+
+/// A declared writable volume of a role (the persistent data layer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    /// Absolute path inside the server.
+    pub path: String,
+}
+
+/// A role's stable front.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balancer {
+    pub listen: String,
+    pub port: u16,
+    pub drain_timeout_secs: u64,
+}
+
+/// One role of an environment: `app`, `lb`, `db`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoleSpec {
+    pub name: String,
+    pub image: String,
+    pub servers: u32,
+    pub size: Size,
+    pub ports: Vec<u16>,
+    pub health: Option<HealthCheck>,
+    pub depends_on: Vec<String>,
+    pub cold_only: bool,
+    pub volumes: Vec<Volume>,
+    pub strategy: Strategy,
+    pub balancer: Option<Balancer>,
+    pub ttl_secs: Option<u64>,
+    pub drift: DriftPolicy,
+    pub unmanaged: UnmanagedPolicy,
+    pub env: BTreeMap<String, String>,
+}
+
+/// An environment: `staging`, `production`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvSpec {
+    pub name: String,
+    pub provider: String,
+    /// Subnet of the environment's servers, e.g. `10.77.1.0/24`.
+    pub subnet: String,
+    pub approvals: u32,
+    pub pipeline_identities: Vec<String>,
+    pub alarm: Option<String>,
+    pub roles: BTreeMap<String, RoleSpec>,
+}

@@ -1,0 +1,425 @@
+//! Parsing and validation of `kiln.toml`.
+//!
+//! Owns the project file format (a contract, see `../shared/DESIGN.md`): the
+//! raw serde shapes with their source spans, defaults, environment
+//! inheritance, and every check that can be made without running anything.
+//! Every error names `file:line:column` and what was expected.
+
+mod duration;
+mod raw;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use kiln_model::*;
+use toml::Spanned;
+
+pub use duration::{format_duration, parse_duration, parse_size};
+use raw::*;
+
+/// The project file's name inside a project directory.
+pub const PROJECT_FILE: &str = "kiln.toml";
+
+/// Default Debian mirror for `debootstrap` bases.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// A problem with a project file, located in it.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// cannot read {path}
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// {file}:{line}:{column}: {message}
+    #[error("{file}:{line}:{column}: {message}")]
+    At { file: PathBuf, line: usize, column: usize, message: String },
+}
+
+impl SpecError {
+    /// The line and column the error points at, if it points anywhere.
+    pub fn location(&self) -> Option<(usize, usize)> {
+        match self {
+            SpecError::At { line, column, .. } => Some((*line, *column)),
+            SpecError::Read { .. } => None,
+        }
+    }
+}
+
+/// Loads and validates `kiln.toml` from a project directory.
+pub fn load(dir: &Path) -> Result<Project, SpecError> {
+    let file = dir.join(PROJECT_FILE);
+    let text = std::fs::read_to_string(&file).map_err(|source| SpecError::Read { path: file.clone(), source })?;
+    let dir = std::fs::canonicalize(dir).map_err(|source| SpecError::Read { path: dir.to_path_buf(), source })?;
+    parse(&text, &file, &dir)
+}
+
+/// Parses project text. `file` is only used in error messages; `dir` is the
+/// project directory that relative paths are resolved against.
+pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<Project, SpecError> {
+    let cx = Cx { text, file };
+    let raw: RawFile = toml::from_str(text).map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().to_string()))?;
+    Validator { cx, dir }.project(raw)
+}
+
+struct Cx<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Cx<'_> {
+    fn err(&self, span: Range<usize>, message: impl fmt::Display) -> SpecError {
+        let upto = &self.text[..span.start.min(self.text.len())];
+        let line = upto.matches('\n').count() + 1;
+        let column = upto.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+        SpecError::At { file: self.file.to_path_buf(), line, column, message: message.to_string() }
+    }
+}
+
+struct Validator<'a> {
+    cx: Cx<'a>,
+    dir: &'a Path,
+}
+
+impl Validator<'_> {
+    fn project(&self, raw: RawFile) -> Result<Project, SpecError> {
+        let name = raw.project.name.clone();
+        check_name(&self.cx, name.get_ref(), name.span(), "project name")?;
+        let mut images = BTreeMap::new();
+        for (iname, img) in &raw.images {
+            check_name(&self.cx, iname, self.header(&["images", iname]), "image name")?;
+            images.insert(iname.clone(), self.image(iname, img)?);
+        }
+        self.check_image_graph(&raw, &images)?;
+        let envs = self.envs(&raw, &images)?;
+        Ok(Project { name: name.into_inner(), dir: self.dir.to_path_buf(), images, envs })
+    }
+
+    fn image(&self, name: &str, img: &RawImage) -> Result<ImageSpec, SpecError> {
+        let from = match img.from.as_ref() {
+            None => return Err(self.cx.err(self.header(&["images", name]), format!("image `{name}` has no `from`; expected \"scratch\", an image name, or a table with `rootfs`, `oci` or `debootstrap`"))),
+            Some(f) => self.source(f)?,
+        };
+        let base = self.dir.join("images").join(name);
+        let health = img.health.as_ref().map(|h| self.health(h)).transpose()?;
+        Ok(ImageSpec {
+            name: name.to_string(),
+            from,
+            files_dir: base.join("files"),
+            scripts_dir: base.join("scripts"),
+            entrypoint: img.entrypoint.clone().unwrap_or_default(),
+            cmd: img.cmd.clone().unwrap_or_default(),
+            env: img.env.clone().unwrap_or_default(),
+            workdir: img.workdir.clone(),
+            ports: img.ports.clone().unwrap_or_default(),
+            health,
+            test: img.test.clone().unwrap_or_default(),
+            labels: img.labels.clone().unwrap_or_default(),
+            mtime: img.mtime.unwrap_or(0),
+            build_network: img.network.unwrap_or(true),
+        })
+    }
+
+    fn source(&self, from: &Spanned<toml::Value>) -> Result<ImageSource, SpecError> {
+        let expected = "expected \"scratch\", an image name, or a table with one of `rootfs`, `oci`, `debootstrap`";
+        let at = |m: String| self.cx.err(from.span(), m);
+        let t: RawFromTable = match from.get_ref() {
+            toml::Value::String(n) if n == "scratch" => return Ok(ImageSource::Scratch),
+            toml::Value::String(n) => return Ok(ImageSource::Image(n.clone())),
+            v @ toml::Value::Table(_) => v.clone().try_into().map_err(|e: toml::de::Error| at(format!("bad `from` table: {}; {expected}", e.message().trim())))?,
+            other => return Err(at(format!("`from` is a {}; {expected}", other.type_str()))),
+        };
+        let given = [t.rootfs.is_some(), t.oci.is_some(), t.debootstrap.is_some()].iter().filter(|b| **b).count();
+        if given != 1 {
+            return Err(at(format!("`from` table names {given} sources; {expected}")));
+        }
+        if let Some(s) = &t.rootfs {
+            let path = self.dir.join(s);
+            if !(s.ends_with(".tar") || s.ends_with(".tar.gz") || s.ends_with(".tgz") || s.ends_with(".tar.zst")) {
+                return Err(at(format!("rootfs `{s}` is not a tarball; expected a .tar, .tar.gz, .tgz or .tar.zst file")));
+            }
+            if !path.is_file() {
+                return Err(at(format!("rootfs tarball `{}` does not exist", path.display())));
+            }
+            return Ok(ImageSource::Rootfs(path));
+        }
+        if let Some(s) = &t.oci {
+            let (dir, tag) = match s.rsplit_once(':') {
+                Some((d, t)) if !d.is_empty() && !t.is_empty() && !t.contains('/') => (d, t),
+                _ => return Err(at(format!("oci source `{s}` has no tag; expected \"DIR:TAG\""))),
+            };
+            let path = self.dir.join(dir);
+            if !path.join("index.json").is_file() {
+                return Err(at(format!("`{}` is not an OCI image layout (no index.json)", path.display())));
+            }
+            return Ok(ImageSource::Oci { dir: path, tag: tag.to_string() });
+        }
+        let suite = t.debootstrap.clone().expect("counted above");
+        if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(at("debootstrap suite must be a Debian suite name like \"bookworm\"".into()));
+        }
+        Ok(ImageSource::Debootstrap {
+            suite,
+            mirror: t.mirror.clone().unwrap_or_else(|| DEFAULT_MIRROR.to_string()),
+            variant: t.variant.clone().unwrap_or_else(|| "minbase".to_string()),
+        })
+    }
+
+    /// The span of a `[a.b.c]` table header, for errors about a whole table;
+    /// the start of the file when the table is only implied by dotted keys.
+    fn header(&self, keys: &[&str]) -> Range<usize> {
+        let needle = format!("[{}]", keys.join("."));
+        match self.cx.text.find(&needle) {
+            Some(i) => i + 1..i + needle.len() - 1,
+            None => 0..0,
+        }
+    }
+
+    fn health(&self, h: &Spanned<RawHealth>) -> Result<HealthCheck, SpecError> {
+        let r = h.get_ref();
+        let bad = |m: &str| Err(self.cx.err(h.span(), format!("{m}; expected {{ http = \"/path\", port = N }}, {{ tcp = N }} or {{ command = [...] }}")));
+        match (&r.http, r.port, r.tcp, &r.command) {
+            (Some(path), Some(port), None, None) => {
+                if !path.starts_with('/') {
+                    return bad("http health path must start with `/`");
+                }
+                Ok(HealthCheck::Http { path: path.clone(), port })
+            }
+            (Some(_), None, None, None) => bad("http health check has no `port`"),
+            (None, None, Some(port), None) => Ok(HealthCheck::Tcp { port }),
+            (None, None, None, Some(argv)) if !argv.is_empty() => Ok(HealthCheck::Command { argv: argv.clone() }),
+            _ => bad("health check must be exactly one kind"),
+        }
+    }
+
+    fn check_image_graph(&self, raw: &RawFile, images: &BTreeMap<String, ImageSpec>) -> Result<(), SpecError> {
+        for (name, img) in images {
+            if let ImageSource::Image(parent) = &img.from {
+                let span = raw.images[name].from.as_ref().map(|f| f.span()).unwrap_or(0..0);
+                if !images.contains_key(parent) {
+                    let known: Vec<_> = images.keys().map(String::as_str).collect();
+                    return Err(self.cx.err(span, format!("image `{name}` is built from unknown image `{parent}`; expected \"scratch\" or one of: {}", known.join(", "))));
+                }
+                // Walk up from this image: coming back to it is a cycle.
+                let mut seen = BTreeSet::new();
+                let mut cur = parent.as_str();
+                while let Some(ImageSource::Image(p)) = images.get(cur).map(|i| &i.from) {
+                    if cur == name || !seen.insert(cur) {
+                        break;
+                    }
+                    cur = p;
+                }
+                if cur == name {
+                    return Err(self.cx.err(span, format!("image `{name}` is built from itself through a cycle of `from`")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn envs(&self, raw: &RawFile, images: &BTreeMap<String, ImageSpec>) -> Result<BTreeMap<String, EnvSpec>, SpecError> {
+        let mut out = BTreeMap::new();
+        for (index, (name, env)) in raw.env.iter().enumerate() {
+            check_name(&self.cx, name, self.header(&["env", name]), "environment name")?;
+            let merged = self.inherited(raw, name, env)?;
+            out.insert(name.clone(), self.env(name, index, &merged, images)?);
+        }
+        Ok(out)
+    }
+
+    /// The environment with everything it inherits folded in, nearest first.
+    fn inherited(&self, raw: &RawFile, name: &str, env: &RawEnv) -> Result<RawEnv, SpecError> {
+        let mut merged = env.clone();
+        let mut seen = BTreeSet::from([name.to_string()]);
+        let mut next = env.inherit.clone();
+        while let Some(parent) = next {
+            let Some(p) = raw.env.get(parent.get_ref()) else {
+                return Err(self.cx.err(parent.span(), format!("environment `{name}` inherits unknown environment `{}`", parent.get_ref())));
+            };
+            if !seen.insert(parent.get_ref().clone()) {
+                return Err(self.cx.err(parent.span(), format!("environment `{name}` inherits itself through a cycle")));
+            }
+            merged = merged.over(p);
+            next = p.inherit.clone();
+        }
+        Ok(merged)
+    }
+
+    fn env(&self, name: &str, index: usize, env: &RawEnv, images: &BTreeMap<String, ImageSpec>) -> Result<EnvSpec, SpecError> {
+        let provider = env.provider.clone().unwrap_or_else(|| "local".into());
+        if provider != "local" {
+            return Err(self.cx.err(self.header(&["env", name]), format!("environment `{name}` uses provider `{provider}`; expected \"local\" (the only provider built in)")));
+        }
+        let mut roles = BTreeMap::new();
+        for (rname, role) in &env.roles {
+            check_name(&self.cx, rname, self.header(&["env", name, "roles", rname]), "role name")?;
+            roles.insert(rname.clone(), self.role(name, rname, role, env, images)?);
+        }
+        for (rname, role) in &env.roles {
+            for dep in role.depends_on.iter().flatten() {
+                if !roles.contains_key(dep.get_ref()) {
+                    return Err(self.cx.err(dep.span(), format!("role `{rname}` depends on unknown role `{}`", dep.get_ref())));
+                }
+            }
+        }
+        if let Some(role) = dependency_cycle(&roles) {
+            return Err(self.cx.err(self.header(&["env", name, "roles", &role]), format!("role `{role}` depends on itself through `depends_on`")));
+        }
+        Ok(EnvSpec {
+            name: name.to_string(),
+            provider,
+            subnet: env.subnet.clone().unwrap_or_else(|| format!("10.88.{}.0/24", index + 1)),
+            approvals: env.approvals.unwrap_or(0),
+            pipeline_identities: env.pipeline_identities.clone().unwrap_or_default(),
+            alarm: env.alarm.clone(),
+            roles,
+        })
+    }
+
+    fn role(&self, env_name: &str, name: &str, r: &RawRole, env: &RawEnv, images: &BTreeMap<String, ImageSpec>) -> Result<RoleSpec, SpecError> {
+        let table = self.header(&["env", env_name, "roles", name]);
+        let Some(image) = &r.image else {
+            return Err(self.cx.err(table, format!("role `{name}` has no `image`")));
+        };
+        let Some(spec) = images.get(image.get_ref()) else {
+            return Err(self.cx.err(image.span(), format!("role `{name}` runs unknown image `{}`", image.get_ref())));
+        };
+        let size = match &r.size {
+            None => Size { cpus: 1.0, memory_bytes: 256 << 20 },
+            Some(s) => {
+                let memory_bytes = match &s.get_ref().memory {
+                    None => 256 << 20,
+                    Some(m) => parse_size(m).map_err(|e| self.cx.err(s.span(), e))?,
+                };
+                let cpus = s.get_ref().cpus.unwrap_or(1.0);
+                if !(cpus > 0.0) {
+                    return Err(self.cx.err(s.span(), "size.cpus must be greater than 0"));
+                }
+                Size { cpus, memory_bytes }
+            }
+        };
+        let health = match &r.health {
+            Some(h) => Some(self.health(h)?),
+            None => spec.health.clone(),
+        };
+        let strategy = match &r.strategy {
+            None => Strategy::Rolling { max_surge: 1, max_unavailable: 0, min_healthy_secs: 0 },
+            Some(s) => self.strategy(s)?,
+        };
+        let ttl = r.ttl.as_ref().or(env.ttl.as_ref());
+        let ttl_secs = ttl.map(|t| parse_duration(t.get_ref()).map(|d| d.as_secs()).map_err(|e| self.cx.err(t.span(), e))).transpose()?;
+        let drift = r.drift.as_ref().or(env.drift.as_ref());
+        let drift = match drift.map(|d| (d.get_ref().as_str(), d.span())) {
+            None | Some(("alarm", _)) => DriftPolicy::Alarm,
+            Some(("replace", _)) => DriftPolicy::Replace,
+            Some(("kill", _)) => DriftPolicy::Kill,
+            Some((other, span)) => return Err(self.cx.err(span, format!("unknown drift policy `{other}`; expected \"alarm\", \"replace\" or \"kill\""))),
+        };
+        let unmanaged = r.unmanaged.as_ref().or(env.unmanaged.as_ref());
+        let unmanaged = match unmanaged.map(|d| (d.get_ref().as_str(), d.span())) {
+            None | Some(("alarm", _)) => UnmanagedPolicy::Alarm,
+            Some(("kill", _)) => UnmanagedPolicy::Kill,
+            Some((other, span)) => return Err(self.cx.err(span, format!("unknown unmanaged policy `{other}`; expected \"alarm\" or \"kill\""))),
+        };
+        let balancer = match &r.balancer {
+            None => None,
+            Some(b) => {
+                let rb = b.get_ref();
+                let drain = rb.drain_timeout.as_ref().map(|d| parse_duration(d).map_err(|e| self.cx.err(b.span(), e))).transpose()?;
+                let port = rb.port.or_else(|| r.ports.as_ref().and_then(|p| p.first().copied())).ok_or_else(|| self.cx.err(b.span(), "balancer has no `port` and the role declares no ports"))?;
+                if rb.listen.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(self.cx.err(b.span(), format!("balancer listen `{}` is not an address; expected \"IP:PORT\"", rb.listen)));
+                }
+                Some(Balancer { listen: rb.listen.clone(), port, drain_timeout_secs: drain.map(|d| d.as_secs()).unwrap_or(30) })
+            }
+        };
+        let mut volumes = Vec::new();
+        for (vname, path) in r.volumes.iter().flatten() {
+            if !path.starts_with('/') {
+                return Err(self.cx.err(table.clone(), format!("volume `{vname}` path `{path}` must be absolute")));
+            }
+            volumes.push(Volume { name: vname.clone(), path: path.clone() });
+        }
+        Ok(RoleSpec {
+            name: name.to_string(),
+            image: image.get_ref().clone(),
+            servers: r.servers.unwrap_or(1),
+            size,
+            ports: r.ports.clone().unwrap_or_else(|| spec.ports.clone()),
+            health,
+            depends_on: r.depends_on.iter().flatten().map(|d| d.get_ref().clone()).collect(),
+            cold_only: r.cold_only.unwrap_or(false),
+            volumes,
+            strategy,
+            balancer,
+            ttl_secs,
+            drift,
+            unmanaged,
+            env: r.env.clone().unwrap_or_default(),
+        })
+    }
+
+    fn strategy(&self, s: &Spanned<toml::Value>) -> Result<Strategy, SpecError> {
+        let expected = "expected \"rolling\", \"blue_green\", \"canary\", or a table with `kind` and its options";
+        let opts: RawStrategyOpts = match s.get_ref() {
+            toml::Value::String(kind) => RawStrategyOpts { kind: kind.clone(), ..Default::default() },
+            v @ toml::Value::Table(_) => v.clone().try_into().map_err(|e: toml::de::Error| self.cx.err(s.span(), format!("bad `strategy` table: {}; {expected}", e.message().trim())))?,
+            other => return Err(self.cx.err(s.span(), format!("`strategy` is a {}; {expected}", other.type_str()))),
+        };
+        let secs = |d: &Option<String>, default: u64| -> Result<u64, SpecError> {
+            d.as_ref().map(|d| parse_duration(d).map(|d| d.as_secs()).map_err(|e| self.cx.err(s.span(), e))).unwrap_or(Ok(default))
+        };
+        match opts.kind.as_str() {
+            "rolling" => Ok(Strategy::Rolling {
+                max_surge: opts.max_surge.unwrap_or(1),
+                max_unavailable: opts.max_unavailable.unwrap_or(0),
+                min_healthy_secs: secs(&opts.min_healthy, 0)?,
+            }),
+            "blue_green" => Ok(Strategy::BlueGreen { rollback_window_secs: secs(&opts.rollback_window, 300)? }),
+            "canary" => Ok(Strategy::Canary {
+                share_percent: opts.share.unwrap_or(10).clamp(1, 100),
+                bake_secs: secs(&opts.bake, 60)?,
+                max_error_rate: opts.max_error_rate.unwrap_or(0.01),
+            }),
+            other => Err(self.cx.err(s.span(), format!("unknown strategy `{other}`; {expected}"))),
+        }
+    }
+}
+
+fn check_name(cx: &Cx, n: &str, span: Range<usize>, what: &str) -> Result<(), SpecError> {
+    let ok = !n.is_empty()
+        && n.len() <= 40
+        && n.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(cx.err(span, format!("{what} `{n}` is invalid; expected lowercase letters, digits, `-` or `_`, starting with a letter, at most 40 characters")))
+    }
+}
+
+/// A role on a `depends_on` cycle, if there is one.
+fn dependency_cycle(roles: &BTreeMap<String, RoleSpec>) -> Option<String> {
+    fn visit(r: &str, roles: &BTreeMap<String, RoleSpec>, path: &mut Vec<String>, done: &mut BTreeSet<String>) -> Option<String> {
+        if path.iter().any(|p| p == r) {
+            return Some(r.to_string());
+        }
+        if done.contains(r) {
+            return None;
+        }
+        path.push(r.to_string());
+        for d in &roles[r].depends_on {
+            if let Some(c) = visit(d, roles, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(r.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    roles.keys().find_map(|r| visit(r, roles, &mut Vec::new(), &mut done))
+}
+
+#[cfg(test)]
+mod tests;

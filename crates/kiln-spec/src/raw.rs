@@ -1,0 +1,169 @@
+//! The serde shapes of `kiln.toml` as written, with source spans where a
+//! later check needs to point at a value. Unknown keys are errors.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFile {
+    pub project: RawProject,
+    #[serde(default)]
+    pub images: BTreeMap<String, RawImage>,
+    #[serde(default)]
+    pub env: BTreeMap<String, RawEnv>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProject {
+    pub name: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawImage {
+    pub from: Option<Spanned<toml::Value>>,
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub workdir: Option<String>,
+    pub ports: Option<Vec<u16>>,
+    pub health: Option<Spanned<RawHealth>>,
+    pub test: Option<Vec<Vec<String>>>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub mtime: Option<u64>,
+    pub network: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFromTable {
+    pub rootfs: Option<String>,
+    pub oci: Option<String>,
+    pub debootstrap: Option<String>,
+    pub mirror: Option<String>,
+    pub variant: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub http: Option<String>,
+    pub port: Option<u16>,
+    pub tcp: Option<u16>,
+    pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEnv {
+    pub inherit: Option<Spanned<String>>,
+    pub provider: Option<String>,
+    pub subnet: Option<String>,
+    pub approvals: Option<u32>,
+    pub pipeline_identities: Option<Vec<String>>,
+    pub alarm: Option<String>,
+    pub ttl: Option<Spanned<String>>,
+    pub drift: Option<Spanned<String>>,
+    pub unmanaged: Option<Spanned<String>>,
+    #[serde(default)]
+    pub roles: BTreeMap<String, RawRole>,
+}
+
+impl RawEnv {
+    /// This environment's settings over `parent`'s: each key set here wins,
+    /// roles are merged key by key.
+    pub fn over(mut self, parent: &RawEnv) -> RawEnv {
+        let p = parent.clone();
+        self.provider = self.provider.or(p.provider);
+        self.subnet = self.subnet.or(p.subnet);
+        self.approvals = self.approvals.or(p.approvals);
+        self.pipeline_identities = self.pipeline_identities.or(p.pipeline_identities);
+        self.alarm = self.alarm.or(p.alarm);
+        self.ttl = self.ttl.or(p.ttl);
+        self.drift = self.drift.or(p.drift);
+        self.unmanaged = self.unmanaged.or(p.unmanaged);
+        for (name, prole) in p.roles {
+            match self.roles.remove(&name) {
+                Some(mine) => {
+                    self.roles.insert(name, mine.over(prole));
+                }
+                None => {
+                    self.roles.insert(name, prole);
+                }
+            }
+        }
+        self
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRole {
+    pub image: Option<Spanned<String>>,
+    pub servers: Option<u32>,
+    pub size: Option<Spanned<RawSize>>,
+    pub ports: Option<Vec<u16>>,
+    pub health: Option<Spanned<RawHealth>>,
+    pub depends_on: Option<Vec<Spanned<String>>>,
+    pub cold_only: Option<bool>,
+    pub volumes: Option<BTreeMap<String, String>>,
+    pub strategy: Option<Spanned<toml::Value>>,
+    pub balancer: Option<Spanned<RawBalancer>>,
+    pub ttl: Option<Spanned<String>>,
+    pub drift: Option<Spanned<String>>,
+    pub unmanaged: Option<Spanned<String>>,
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+impl RawRole {
+    fn over(self, p: RawRole) -> RawRole {
+        RawRole {
+            image: self.image.or(p.image),
+            servers: self.servers.or(p.servers),
+            size: self.size.or(p.size),
+            ports: self.ports.or(p.ports),
+            health: self.health.or(p.health),
+            depends_on: self.depends_on.or(p.depends_on),
+            cold_only: self.cold_only.or(p.cold_only),
+            volumes: self.volumes.or(p.volumes),
+            strategy: self.strategy.or(p.strategy),
+            balancer: self.balancer.or(p.balancer),
+            ttl: self.ttl.or(p.ttl),
+            drift: self.drift.or(p.drift),
+            unmanaged: self.unmanaged.or(p.unmanaged),
+            env: self.env.or(p.env),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSize {
+    pub cpus: Option<f64>,
+    pub memory: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStrategyOpts {
+    pub kind: String,
+    pub max_surge: Option<u32>,
+    pub max_unavailable: Option<u32>,
+    pub min_healthy: Option<String>,
+    pub rollback_window: Option<String>,
+    pub share: Option<u32>,
+    pub bake: Option<String>,
+    pub max_error_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBalancer {
+    pub listen: String,
+    pub port: Option<u16>,
+    pub drain_timeout: Option<String>,
+}

@@ -1,0 +1,167 @@
+use super::*;
+
+const GOOD: &str = r#"
+[project]
+name = "shop"
+
+[images.base]
+from = "scratch"
+
+[images.app]
+from = "base"
+entrypoint = ["/app/server", "--port", "8080"]
+env = { PORT = "8080" }
+test = [["/app/server", "--self-test"]]
+health = { http = "/healthz", port = 8080 }
+
+[env.staging]
+provider = "local"
+
+[env.staging.roles.db]
+image = "base"
+volumes = { data = "/var/lib/db" }
+cold_only = true
+
+[env.staging.roles.app]
+image = "app"
+servers = 3
+size = { cpus = 0.5, memory = "256M" }
+ports = [8080]
+depends_on = ["db"]
+strategy = "rolling"
+balancer = { listen = "127.0.0.1:8000", port = 8080 }
+ttl = "28d"
+drift = "replace"
+
+[env.production]
+inherit = "staging"
+approvals = 1
+
+[env.production.roles.app]
+servers = 5
+"#;
+
+fn parse_str(text: &str) -> Result<Project, SpecError> {
+    let dir = tempfile::tempdir().unwrap();
+    parse(text, Path::new("kiln.toml"), dir.path())
+}
+
+/// Asserts that `text` fails with exactly `expected` (file:line:column: message).
+fn check_err(text: &str, expected: &str) {
+    match parse_str(text) {
+        Ok(_) => panic!("expected error {expected:?}, parsed fine"),
+        Err(e) => assert_eq!(e.to_string(), expected),
+    }
+}
+
+#[test]
+fn parses_the_design_example() {
+    let p = parse_str(GOOD).unwrap();
+    assert_eq!(p.name, "shop");
+    assert_eq!(p.build_order(), vec!["base", "app"]);
+    assert_eq!(p.lineage("app"), vec!["base", "app"]);
+    let app = &p.images["app"];
+    assert_eq!(app.from, ImageSource::Image("base".into()));
+    assert_eq!(app.health, Some(HealthCheck::Http { path: "/healthz".into(), port: 8080 }));
+    let staging = &p.envs["staging"];
+    let role = &staging.roles["app"];
+    assert_eq!(role.servers, 3);
+    assert_eq!(role.size.memory_bytes, 256 << 20);
+    assert_eq!(role.ttl_secs, Some(28 * 86_400));
+    assert_eq!(role.drift, DriftPolicy::Replace);
+    assert_eq!(role.depends_on, vec!["db"]);
+    assert_eq!(staging.roles["db"].volumes, vec![Volume { name: "data".into(), path: "/var/lib/db".into() }]);
+    // production inherits staging and overrides one key of one role.
+    let prod = &p.envs["production"];
+    assert_eq!(prod.approvals, 1);
+    assert_eq!(prod.roles["app"].servers, 5);
+    assert_eq!(prod.roles["app"].image, "app");
+    assert_eq!(prod.roles["app"].balancer, role.balancer);
+    assert!(prod.roles["db"].cold_only);
+}
+
+#[test]
+fn unknown_key_points_at_it() {
+    check_err("[project]\nname = \"x\"\n\n[images.a]\nfrom = \"scratch\"\nentrypont = [\"/x\"]\n",
+        "kiln.toml:6:1: unknown field `entrypont`, expected one of `from`, `entrypoint`, `cmd`, `env`, `workdir`, `ports`, `health`, `test`, `labels`, `mtime`, `network`");
+}
+
+#[test]
+fn wrong_type_points_at_value() {
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\nports = \"8080\"\n",
+        "kiln.toml:5:9: invalid type: string \"8080\", expected a sequence");
+}
+
+#[test]
+fn missing_parent_is_named() {
+    check_err("[project]\nname = \"x\"\n[images.app]\nfrom = \"bsae\"\n",
+        "kiln.toml:4:8: image `app` is built from unknown image `bsae`; expected \"scratch\" or one of: app");
+}
+
+#[test]
+fn image_cycle_is_refused() {
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"b\"\n[images.b]\nfrom = \"a\"\n",
+        "kiln.toml:4:8: image `a` is built from itself through a cycle of `from`");
+}
+
+#[test]
+fn missing_rootfs_file_is_named() {
+    let err = parse_str("[project]\nname = \"x\"\n[images.a]\nfrom = { rootfs = \"nope.tar.gz\" }\n").unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.starts_with("kiln.toml:4:8: rootfs tarball `"), "{msg}");
+    assert!(msg.ends_with("nope.tar.gz` does not exist"), "{msg}");
+}
+
+#[test]
+fn bad_from_table() {
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = { rootfs = \"a.tar\", debootstrap = \"bookworm\" }\n",
+        "kiln.toml:4:8: `from` table names 2 sources; expected \"scratch\", an image name, or a table with one of `rootfs`, `oci`, `debootstrap`");
+}
+
+#[test]
+fn toml_syntax_error_is_located() {
+    let err = parse_str("[project]\nname = \"x\n").unwrap_err();
+    assert_eq!(err.location(), Some((2, 10)), "{err}");
+}
+
+#[test]
+fn role_with_unknown_dependency() {
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.r]\nimage = \"a\"\ndepends_on = [\"db\"]\n",
+        "kiln.toml:7:15: role `r` depends on unknown role `db`");
+}
+
+#[test]
+fn role_dependency_cycle() {
+    let text = "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.r]\nimage = \"a\"\ndepends_on = [\"q\"]\n[env.s.roles.q]\nimage = \"a\"\ndepends_on = [\"r\"]\n";
+    let err = parse_str(text).unwrap_err().to_string();
+    assert!(err.contains("depends on itself through `depends_on`"), "{err}");
+}
+
+#[test]
+fn bad_duration_and_policy() {
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.r]\nimage = \"a\"\nttl = \"28 days\"\n",
+        "kiln.toml:7:7: `28 days` is not a duration; expected a number with a unit: ms, s, m, h, d or w (like \"28d\")");
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.r]\nimage = \"a\"\ndrift = \"ignore\"\n",
+        "kiln.toml:7:9: unknown drift policy `ignore`; expected \"alarm\", \"replace\" or \"kill\"");
+}
+
+#[test]
+fn inherit_cycle_and_unknown() {
+    check_err("[project]\nname = \"x\"\n[env.a]\ninherit = \"b\"\n", "kiln.toml:4:11: environment `a` inherits unknown environment `b`");
+    let err = parse_str("[project]\nname = \"x\"\n[env.a]\ninherit = \"b\"\n[env.b]\ninherit = \"a\"\n").unwrap_err().to_string();
+    assert!(err.contains("inherits itself through a cycle"), "{err}");
+}
+
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5400);
+    assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
+    assert_eq!(parse_duration("1w").unwrap().as_secs(), 604_800);
+    assert!(parse_duration("").is_err());
+    assert!(parse_duration("5").is_err());
+    assert_eq!(format_duration(28 * 86_400), "28d");
+    assert_eq!(format_duration(5400), "1h30m");
+    assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+    assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+    assert!(parse_size("lots").is_err());
+}
