@@ -1,1 +1,79 @@
-fn main() {}
+//! The `kiln` binary: argument parsing, output and exit codes only. All
+//! behaviour lives in the library crates; each subcommand is one small
+//! module under `cmd/` that translates arguments into library calls.
+
+mod cmd;
+mod output;
+mod scaffold;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Bake golden images, fire fleets of immutable servers, keep them honest.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Run as if started in DIR (the project directory).
+    #[arg(short = 'C', global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Image store directory [default: <project>/.kiln].
+    #[arg(long, global = true, env = "KILN_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No colors (also when NO_COLOR is set).
+    #[arg(long, global = true)]
+    pub no_color: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Scaffold a project that builds and deploys as is.
+    Init(cmd::init::InitArgs),
+    /// Bake, list, inspect, verify and collect golden images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Bake images (parents first; unchanged images come from the cache).
+    Build(cmd::image::BuildArgs),
+    /// Every version of every image.
+    List(cmd::image::ListArgs),
+    /// Lineage, layers, seal and build inputs of a version.
+    Show(RefArgs),
+    /// Re-hash a version on disk and name every file that differs from its seal.
+    Verify(RefArgs),
+    /// Remove versions nothing uses and the blobs only they used.
+    Gc(cmd::image::GcArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RefArgs {
+    /// NAME (its current version) or NAME@VERSION.
+    pub reference: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    output::init(cli.no_color);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "warn,libcgroups=error,libcontainer=error".into()))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_ansi(false)
+        .init();
+    match cmd::run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            output::error(&e);
+            ExitCode::from(1)
+        }
+    }
+}

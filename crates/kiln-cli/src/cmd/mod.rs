@@ -1,0 +1,54 @@
+//! One module per subcommand; `run` dispatches and maps results to exit codes:
+//! 0 success, 1 error, 2 "found something" (differences, changes, drift).
+
+pub mod image;
+pub mod init;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use crate::{Cli, Command, ImageCommand};
+
+/// Exit status for "the command worked and found differences".
+pub const FOUND: u8 = 2;
+
+pub fn run(cli: &Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Init(a) => init::run(cli, a),
+        Command::Image(ImageCommand::Build(a)) => image::build(cli, a),
+        Command::Image(ImageCommand::List(a)) => image::list(cli, a),
+        Command::Image(ImageCommand::Show(a)) => image::show(cli, a),
+        Command::Image(ImageCommand::Verify(a)) => image::verify(cli, a),
+        Command::Image(ImageCommand::Gc(a)) => image::gc(cli, a),
+    }
+}
+
+/// The project directory: `-C DIR` or the working directory.
+pub fn project_dir(cli: &Cli) -> Result<PathBuf> {
+    match &cli.dir {
+        Some(d) => Ok(d.clone()),
+        None => std::env::current_dir().context("cannot read the working directory"),
+    }
+}
+
+/// Loads and validates the project's `kiln.toml`.
+pub fn project(cli: &Cli) -> Result<kiln_model::Project> {
+    let dir = project_dir(cli)?;
+    Ok(kiln_spec::load(&dir)?)
+}
+
+/// Opens the project's image store.
+pub fn store(cli: &Cli) -> Result<kiln_image::Store> {
+    let path = match &cli.store {
+        Some(s) => s.clone(),
+        None => project_dir(cli)?.join(kiln_image::store::DEFAULT_DIR),
+    };
+    kiln_image::Store::open(&path).with_context(|| format!("cannot open the image store at {}", path.display()))
+}
+
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

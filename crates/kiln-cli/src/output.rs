@@ -1,0 +1,124 @@
+//! Terminal output: colors (off for NO_COLOR, `--no-color` and non-TTYs),
+//! progress spinners on a TTY and plain lines elsewhere, and error chains.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use console::style;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_image::bake::Event;
+
+pub fn init(no_color: bool) {
+    let off = no_color || std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    if off {
+        console::set_colors_enabled(false);
+        console::set_colors_enabled_stderr(false);
+    }
+}
+
+/// Prints an error and its whole chain of causes to stderr.
+pub fn error(e: &anyhow::Error) {
+    eprintln!("{} {e}", style("error:").red().bold());
+    for cause in e.chain().skip(1) {
+        eprintln!("  {} {cause}", style("caused by:").dim());
+    }
+}
+
+pub fn stderr_is_tty() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+/// Renders bake events: a spinner per image on a TTY, plain lines otherwise.
+pub struct BuildProgress {
+    bar: Mutex<Option<ProgressBar>>,
+    tty: bool,
+}
+
+impl BuildProgress {
+    pub fn new() -> BuildProgress {
+        BuildProgress { bar: Mutex::new(None), tty: stderr_is_tty() }
+    }
+
+    pub fn event(&self, e: Event) {
+        let mut bar = self.bar.lock().expect("progress lock");
+        match e {
+            Event::Begin { image } => {
+                if self.tty {
+                    let b = ProgressBar::new_spinner();
+                    b.set_style(ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} [{elapsed}] {msg}").expect("template"));
+                    b.set_prefix(image);
+                    b.enable_steady_tick(Duration::from_millis(100));
+                    *bar = Some(b);
+                }
+            }
+            Event::Step { image, step } => match bar.as_ref() {
+                Some(b) => b.set_message(step),
+                None => eprintln!("{image}: {step}"),
+            },
+            Event::Output { line, .. } => {
+                if let Some(b) = bar.as_ref() {
+                    let msg = b.message();
+                    let step = msg.split(" │ ").next().unwrap_or("").to_string();
+                    let line: String = line.chars().take(70).collect();
+                    b.set_message(format!("{step} │ {}", style(line).dim()));
+                }
+            }
+            Event::Cached { image, version, digest } => {
+                let line = format!("{} {} v{version} {} {}", style("=").dim(), style(&image).bold(), style(digest.short()).dim(), style("(cached)").dim());
+                finish(bar.take(), &line);
+            }
+            Event::Built { image, version, digest, elapsed } => {
+                let line = format!("{} {} v{version} {} ({:.1}s)", style("+").green().bold(), style(&image).bold(), style(digest.short()).dim(), elapsed.as_secs_f64());
+                finish(bar.take(), &line);
+            }
+        }
+    }
+
+    /// Clears a spinner left by a failed build.
+    pub fn abandon(&self) {
+        if let Some(b) = self.bar.lock().expect("progress lock").take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn finish(bar: Option<ProgressBar>, line: &str) {
+    match bar {
+        Some(b) => {
+            b.finish_and_clear();
+            eprintln!("{line}");
+        }
+        None => eprintln!("{line}"),
+    }
+}
+
+/// Formats a byte count the way people read them.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Prints a table with aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(console::measure_text_width(c));
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| console::pad_str(c, widths[i], console::Alignment::Left, None).into_owned()).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| style(h).bold().to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}

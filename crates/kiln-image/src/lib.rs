@@ -1,0 +1,20 @@
+//! kiln's image layer: baking golden images from a project's recipes,
+//! storing them as OCI images in a content-addressed store, sealing every
+//! version and verifying roots against their seals.
+//!
+//! Invariants:
+//! - a version exists only once its record is written; everything it
+//!   refers to (blobs, unpacked root) was written before, atomically;
+//! - the same inputs give the same manifest digest, byte for byte;
+//! - build scripts only ever run inside a sandbox over the image's root.
+
+mod error;
+pub mod layer;
+pub mod seal;
+pub mod store;
+
+pub use error::{ImageError, Result};
+pub use store::{Digest, Store, VersionRecord};
+pub mod bake;
+pub mod ops;
+mod source;

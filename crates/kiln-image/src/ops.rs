@@ -1,0 +1,230 @@
+//! Read and maintenance operations on baked images: list, show, verify and
+//! garbage collection. Their results are the `--json` contracts.
+
+use std::collections::BTreeSet;
+use std::fs;
+
+use serde::Serialize;
+
+use crate::error::{ImageError, Result};
+use crate::seal::{self, Difference, Seal};
+use crate::store::{Digest, LayerRef, Outcome, Store, VersionRecord};
+
+/// A version's status as `kiln image list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Current,
+    Previous,
+    Failed,
+}
+
+/// One row of `kiln image list --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListItem {
+    pub name: String,
+    pub version: u32,
+    pub digest: Digest,
+    /// `name@version` of the parent image, or null.
+    pub parent: Option<String>,
+    pub created: String,
+    /// Bytes of file content in the image's root.
+    pub size: u64,
+    pub status: Status,
+}
+
+/// Every version of every image in the store (or of `only`), by name then version.
+pub fn list(store: &Store, only: Option<&str>) -> Result<Vec<ListItem>> {
+    let names = match only {
+        Some(n) => vec![n.to_string()],
+        None => store.image_names()?,
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let current = store.current(&name)?;
+        for r in store.versions(&name)? {
+            let status = match (r.outcome, current == Some(r.version)) {
+                (Outcome::Failed, _) => Status::Failed,
+                (Outcome::Ok, true) => Status::Current,
+                (Outcome::Ok, false) => Status::Previous,
+            };
+            out.push(ListItem { name: r.name, version: r.version, digest: r.digest, parent: r.parent, created: r.created, size: r.size, status });
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves `NAME` (current version) or `NAME@VERSION`.
+pub fn resolve(store: &Store, reference: &str) -> Result<VersionRecord> {
+    match reference.split_once('@') {
+        Some((name, v)) => {
+            let version = v.trim_start_matches('v').parse().map_err(|_| ImageError::UnknownVersion { name: name.into(), version: 0 })?;
+            store.version(name, version)
+        }
+        None => {
+            if store.versions(reference)?.is_empty() {
+                return Err(ImageError::NotBuilt(reference.to_string()));
+            }
+            store.current_record(reference)
+        }
+    }
+}
+
+/// `kiln image show --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Shown {
+    pub name: String,
+    pub version: u32,
+    pub digest: Digest,
+    pub parent: Option<String>,
+    pub created: String,
+    pub size: u64,
+    pub status: Status,
+    /// Ancestors first, this version last, as `name@version`.
+    pub lineage: Vec<String>,
+    pub layers: Vec<LayerRef>,
+    pub seal_root: String,
+    pub seal: Digest,
+    pub files_sealed: usize,
+    pub inputs: crate::store::Inputs,
+    pub build_ms: u64,
+    pub error: Option<String>,
+}
+
+pub fn show(store: &Store, reference: &str) -> Result<Shown> {
+    let r = resolve(store, reference)?;
+    let status = list(store, Some(&r.name))?.into_iter().find(|i| i.version == r.version).map(|i| i.status).unwrap_or(Status::Previous);
+    let mut lineage = vec![format!("{}@{}", r.name, r.version)];
+    let mut parent = r.parent.clone();
+    while let Some(p) = parent {
+        lineage.push(p.clone());
+        parent = resolve(store, &p).ok().and_then(|rec| rec.parent);
+    }
+    lineage.reverse();
+    let sealed: Seal = store.read_json_blob(&r.seal)?;
+    Ok(Shown {
+        name: r.name.clone(),
+        version: r.version,
+        digest: r.digest.clone(),
+        parent: r.parent.clone(),
+        created: r.created.clone(),
+        size: r.size,
+        status,
+        lineage,
+        layers: r.layers.clone(),
+        seal_root: r.seal_root.clone(),
+        seal: r.seal.clone(),
+        files_sealed: sealed.entries.len(),
+        inputs: r.inputs.clone(),
+        build_ms: r.build_ms,
+        error: r.error.clone(),
+    })
+}
+
+/// What `kiln image verify` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub name: String,
+    pub version: u32,
+    pub digest: Digest,
+    pub entries: usize,
+    pub bytes: u64,
+    /// Files of the unpacked root that differ from the seal.
+    pub differences: Vec<Difference>,
+    /// Blobs whose content no longer matches their digest.
+    pub corrupt_blobs: Vec<Digest>,
+}
+
+impl Verified {
+    pub fn ok(&self) -> bool {
+        self.differences.is_empty() && self.corrupt_blobs.is_empty()
+    }
+}
+
+/// Re-hashes a version's root and blobs and compares them with its seal and digests.
+pub fn verify(store: &Store, reference: &str) -> Result<Verified> {
+    let r = resolve(store, reference)?;
+    let sealed: Seal = store.read_json_blob(&r.seal)?;
+    if Digest::of(&store.read_blob(&r.seal)?) != r.seal {
+        return Err(ImageError::Corrupt(format!("the seal of {}@{} does not match its digest", r.name, r.version)));
+    }
+    if sealed.root != r.seal_root || Seal::from_entries(sealed.entries.clone()).root != sealed.root {
+        return Err(ImageError::Corrupt(format!("the seal root of {}@{} does not match its entries", r.name, r.version)));
+    }
+    let root = store.root_path(&r.digest);
+    let differences = if root.is_dir() { seal::verify_tree(&root, &sealed)? } else { vec![Difference::Removed { path: String::new() }] };
+    let mut corrupt_blobs = Vec::new();
+    let blobs: Vec<&Digest> = std::iter::once(&r.digest).chain(std::iter::once(&r.config)).chain(r.layers.iter().map(|l| &l.digest)).collect();
+    for d in blobs {
+        if !blob_ok(store, d) {
+            corrupt_blobs.push(d.clone());
+        }
+    }
+    Ok(Verified { name: r.name, version: r.version, digest: r.digest, entries: sealed.entries.len(), bytes: sealed.content_size(), differences, corrupt_blobs })
+}
+
+fn blob_ok(store: &Store, d: &Digest) -> bool {
+    use sha2::Digest as _;
+    let Ok(mut f) = fs::File::open(store.blob_path(d)) else { return false };
+    let mut h = sha2::Sha256::new();
+    if std::io::copy(&mut f, &mut h).is_err() {
+        return false;
+    }
+    format!("sha256:{}", hex::encode(h.finalize())) == d.0
+}
+
+/// What `kiln image gc` removed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Collected {
+    pub versions: Vec<String>,
+    pub blobs: usize,
+    pub roots: usize,
+    pub bytes: u64,
+}
+
+/// Removes versions that are not current, not among the `keep` newest
+/// successful previous versions of their image (the rollback window), and
+/// not in `in_use` (digests some environment runs); then every blob, root
+/// and base that nothing kept refers to.
+pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Collected> {
+    let _lock = store.lock()?;
+    let mut out = Collected::default();
+    let mut live_blobs = BTreeSet::new();
+    let mut live_roots = BTreeSet::new();
+    for name in store.image_names()? {
+        let current = store.current(&name)?;
+        let versions = store.versions(&name)?;
+        let previous: BTreeSet<u32> = versions.iter().rev().filter(|r| r.outcome == Outcome::Ok && Some(r.version) != current).take(keep).map(|r| r.version).collect();
+        for r in versions {
+            let kept = Some(r.version) == current || previous.contains(&r.version) || in_use.contains(&r.digest);
+            if kept {
+                live_blobs.extend([r.digest.clone(), r.config.clone(), r.seal.clone()]);
+                live_blobs.extend(r.layers.iter().map(|l| l.digest.clone()));
+                live_roots.insert(r.digest.clone());
+            } else {
+                store.remove_version(&name, r.version)?;
+                out.versions.push(format!("{name}@{}", r.version));
+            }
+        }
+    }
+    // Imported bases are the import cache: kept while their blobs are.
+    for b in store.bases()? {
+        live_blobs.extend(b.layers.iter().map(|l| l.digest.clone()));
+        live_blobs.insert(b.seal.clone());
+    }
+    for d in store.blobs()? {
+        if !live_blobs.contains(&d) {
+            out.bytes += store.remove_blob(&d)?;
+            out.blobs += 1;
+        }
+    }
+    for d in store.roots()? {
+        if !live_roots.contains(&d) {
+            let p = store.root_path(&d);
+            fs::remove_dir_all(&p).map_err(|source| ImageError::Io { op: "remove", path: p, source })?;
+            out.roots += 1;
+        }
+    }
+    store.sync_index()?;
+    Ok(out)
+}

@@ -1,0 +1,239 @@
+//! Seals: the manifest of every file of an image root (path, type, mode,
+//! owner, size, content hash, link target) and a root hash over it, plus
+//! verification of a tree on disk against a seal.
+//!
+//! The walk and the hashing are parallel (rayon): directories are read
+//! concurrently and files hashed on every core, large files in chunks
+//! across cores too. Modification times are deliberately not sealed: kiln
+//! fixes them at bake time, and they carry no meaning for drift.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{IoContext, Result};
+
+/// Files at least this large are hashed from a memory map on all cores.
+const LARGE_FILE: u64 = 4 << 20;
+
+/// The kind of a sealed entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    CharDevice,
+    BlockDevice,
+    Socket,
+}
+
+/// One sealed file: everything about it that kiln considers its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the root, `/`-separated, no leading slash.
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// BLAKE3 of the content, for regular files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Link target, for symlinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+impl Entry {
+    /// The fields of `self` that differ from `other`, by name.
+    pub fn changes(&self, other: &Entry) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.kind != other.kind {
+            out.push("type");
+        }
+        if self.mode != other.mode {
+            out.push("mode");
+        }
+        if self.uid != other.uid || self.gid != other.gid {
+            out.push("owner");
+        }
+        if self.size != other.size || self.hash != other.hash {
+            out.push("content");
+        }
+        if self.target != other.target {
+            out.push("target");
+        }
+        out
+    }
+}
+
+/// The seal of one image version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    /// Format version of this document.
+    pub version: u32,
+    pub algorithm: String,
+    /// BLAKE3 over the canonical line of every entry, in path order.
+    pub root: String,
+    pub entries: Vec<Entry>,
+}
+
+impl Seal {
+    /// Builds a seal from entries (sorted here), computing the root.
+    pub fn from_entries(mut entries: Vec<Entry>) -> Seal {
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut hasher = blake3::Hasher::new();
+        for e in &entries {
+            let leaf = blake3::hash(&serde_json::to_vec(e).expect("entry serializes"));
+            hasher.update(leaf.as_bytes());
+        }
+        Seal { version: 1, algorithm: "blake3".into(), root: hasher.finalize().to_hex().to_string(), entries }
+    }
+
+    /// Total bytes of regular file content.
+    pub fn content_size(&self) -> u64 {
+        self.entries.iter().filter(|e| e.kind == Kind::File).map(|e| e.size).sum()
+    }
+
+    pub fn by_path(&self) -> BTreeMap<&str, &Entry> {
+        self.entries.iter().map(|e| (e.path.as_str(), e)).collect()
+    }
+}
+
+/// Seals the tree below `root` (the root directory itself is not an entry).
+pub fn seal_tree(root: &Path) -> Result<Seal> {
+    let found = walk(root, "")?;
+    let entries = found.into_par_iter().map(|(path, meta)| entry(root, path, &meta)).collect::<Result<Vec<_>>>()?;
+    Ok(Seal::from_entries(entries))
+}
+
+/// Every path below `dir` (relative to the walk's root) with its metadata.
+fn walk(root: &Path, rel: &str) -> Result<Vec<(String, fs::Metadata)>> {
+    let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+    let mut here = Vec::new();
+    for item in fs::read_dir(&dir).ctx("read directory", &dir)? {
+        let item = item.ctx("read directory", &dir)?;
+        let name = item.file_name();
+        let name = name.to_str().ok_or_else(|| crate::ImageError::Corrupt(format!("non-UTF-8 file name in {}", dir.display())))?;
+        let path = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+        let meta = fs::symlink_metadata(item.path()).ctx("stat", item.path())?;
+        here.push((path, meta));
+    }
+    let below: Vec<Vec<_>> = here
+        .par_iter()
+        .filter(|(_, m)| m.is_dir())
+        .map(|(p, _)| walk(root, p))
+        .collect::<Result<_>>()?;
+    here.extend(below.into_iter().flatten());
+    Ok(here)
+}
+
+fn entry(root: &Path, path: String, meta: &fs::Metadata) -> Result<Entry> {
+    let ft = meta.file_type();
+    let kind = if ft.is_file() {
+        Kind::File
+    } else if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink
+    } else if ft.is_fifo() {
+        Kind::Fifo
+    } else if ft.is_char_device() {
+        Kind::CharDevice
+    } else if ft.is_block_device() {
+        Kind::BlockDevice
+    } else {
+        Kind::Socket
+    };
+    let full = root.join(&path);
+    let (hash, target, size) = match kind {
+        Kind::File => (Some(hash_file(&full, meta.len())?), None, meta.len()),
+        Kind::Symlink => {
+            let t = fs::read_link(&full).ctx("read link", &full)?;
+            (None, Some(t.to_string_lossy().into_owned()), 0)
+        }
+        _ => (None, None, 0),
+    };
+    Ok(Entry { path, kind, mode: meta.mode() & 0o7777, uid: meta.uid(), gid: meta.gid(), size, hash, target })
+}
+
+/// BLAKE3 of a file's content, hex.
+pub fn hash_file(path: &Path, len: u64) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    if len >= LARGE_FILE {
+        hasher.update_mmap_rayon(path).ctx("hash", path)?;
+    } else {
+        let mut f = fs::File::open(path).ctx("open", path)?;
+        let mut buf = Vec::with_capacity(len as usize + 1);
+        f.read_to_end(&mut buf).ctx("read", path)?;
+        hasher.update(&buf);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// How a path differs between a seal and a tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "change")]
+pub enum Difference {
+    Added { path: String },
+    Removed { path: String },
+    Changed { path: String, fields: Vec<&'static str> },
+}
+
+impl Difference {
+    pub fn path(&self) -> &str {
+        match self {
+            Difference::Added { path } | Difference::Removed { path } | Difference::Changed { path, .. } => path,
+        }
+    }
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Difference::Added { path } => write!(f, "added    /{path}"),
+            Difference::Removed { path } => write!(f, "removed  /{path}"),
+            Difference::Changed { path, fields } => write!(f, "changed  /{path} ({})", fields.join(", ")),
+        }
+    }
+}
+
+/// Differences from `expected` to `actual`, in path order.
+pub fn diff(expected: &Seal, actual: &Seal) -> Vec<Difference> {
+    let want = expected.by_path();
+    let have = actual.by_path();
+    let mut out = Vec::new();
+    for (path, e) in &want {
+        match have.get(path) {
+            None => out.push(Difference::Removed { path: path.to_string() }),
+            Some(a) => {
+                let fields = e.changes(a);
+                if !fields.is_empty() {
+                    out.push(Difference::Changed { path: path.to_string(), fields });
+                }
+            }
+        }
+    }
+    for path in have.keys() {
+        if !want.contains_key(path) {
+            out.push(Difference::Added { path: path.to_string() });
+        }
+    }
+    out.sort_by(|a, b| a.path().cmp(b.path()));
+    out
+}
+
+/// Re-hashes `root` and compares it with `seal`.
+pub fn verify_tree(root: &Path, seal: &Seal) -> Result<Vec<Difference>> {
+    Ok(diff(seal, &seal_tree(root)?))
+}

@@ -1,0 +1,435 @@
+//! The project's image store (default `.kiln/`): an OCI image layout of
+//! content-addressed blobs, one record per image version, the unpacked and
+//! sealed root of each version, and the cache of imported bases.
+//!
+//! ```text
+//! .kiln/oci/                 OCI image layout: oci-layout, index.json, blobs/sha256/<hex>
+//! .kiln/images/<name>/<n>.json   version records (the commit point of a build)
+//! .kiln/images/<name>/current    the current version number
+//! .kiln/roots/<hex>/         unpacked root of the version whose manifest is sha256:<hex>
+//! .kiln/bases/<key>.json     imported bases (rootfs, OCI, debootstrap) by source key
+//! .kiln/tmp/                 work in progress; emptied by the next writer
+//! .kiln/lock                 held (flock) by every writer
+//! ```
+//!
+//! Invariant: every write is a temporary file or directory under `tmp/`
+//! renamed into place, and a version exists only once its record is
+//! written, after its blobs and root. A killed build leaves at most
+//! unreferenced blobs (removed by `gc`) and `tmp/` debris (removed by the
+//! next writer); never a half version.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{ImageError, IoContext, Result};
+
+/// Where the store lives inside a project unless told otherwise.
+pub const DEFAULT_DIR: &str = ".kiln";
+
+/// A content digest, `sha256:<hex>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Digest(pub String);
+
+impl Digest {
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
+    }
+    pub fn hex(&self) -> &str {
+        self.0.strip_prefix("sha256:").unwrap_or(&self.0)
+    }
+    /// The first 12 hex digits, as people quote digests.
+    pub fn short(&self) -> &str {
+        &self.hex()[..12.min(self.hex().len())]
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A layer blob and its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Whether a version passed its build and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    Failed,
+}
+
+/// What went into a version, for `kiln image show`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inputs {
+    /// The base, as declared: `scratch`, `image base@3`, `rootfs base.tar.gz`...
+    pub source: String,
+    pub files: Vec<String>,
+    pub scripts: Vec<String>,
+    pub tests: usize,
+    /// Hash of every input; equal keys mean the build would be identical.
+    pub cache_key: String,
+}
+
+/// One version of one image: the record whose presence makes it exist.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub name: String,
+    pub version: u32,
+    /// Digest of the OCI manifest: the version's identity.
+    pub digest: Digest,
+    /// Parent image as `name@version`, if layered on a kiln image.
+    pub parent: Option<String>,
+    pub parent_digest: Option<Digest>,
+    /// When this version was built (RFC 3339, UTC). Not part of the image.
+    pub created: String,
+    /// Bytes of file content in the root.
+    pub size: u64,
+    pub outcome: Outcome,
+    /// Why the version failed, if it did.
+    pub error: Option<String>,
+    pub seal_root: String,
+    pub seal: Digest,
+    pub config: Digest,
+    pub layers: Vec<LayerRef>,
+    pub inputs: Inputs,
+    /// Wall time of the build in milliseconds.
+    pub build_ms: u64,
+}
+
+/// A base imported from outside kiln, cached by its source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRecord {
+    pub key: String,
+    pub source: String,
+    pub layers: Vec<LayerRef>,
+    pub seal: Digest,
+    /// Environment taken from an OCI base's config, if any.
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+/// An open store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Exclusive hold on the store for writers; released on drop.
+pub struct StoreLock {
+    _file: fs::File,
+}
+
+impl Store {
+    /// Opens (creating if needed) a store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        let s = Store { root };
+        for d in [s.blobs_dir(), s.root.join("images"), s.root.join("roots"), s.root.join("bases"), s.tmp_dir()] {
+            fs::create_dir_all(&d).ctx("create directory", &d)?;
+        }
+        let layout = s.root.join("oci/oci-layout");
+        if !layout.exists() {
+            s.write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        if !s.index_path().exists() {
+            s.write_index(&BTreeMap::new())?;
+        }
+        Ok(s)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.root.join("oci/blobs/sha256")
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.root.join("oci/index.json")
+    }
+
+    /// Takes the writers' lock, waiting for another writer to finish, and
+    /// clears what killed writers left in `tmp/`.
+    pub fn lock(&self) -> Result<StoreLock> {
+        let path = self.root.join("lock");
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).ctx("open", &path)?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(ImageError::Io { op: "lock", path, source: io::Error::last_os_error() });
+        }
+        let tmp = self.tmp_dir();
+        for item in fs::read_dir(&tmp).ctx("read directory", &tmp)? {
+            let p = item.ctx("read directory", &tmp)?.path();
+            crate::layer::remove_any(&p)?;
+        }
+        Ok(StoreLock { _file: file })
+    }
+
+    /// A fresh directory under `tmp/`, removed by the next writer if left.
+    pub fn temp_dir(&self, label: &str) -> Result<PathBuf> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let p = self.tmp_dir().join(format!("{label}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&p).ctx("create directory", &p)?;
+        Ok(p)
+    }
+
+    /// Writes `bytes` to `path` through a temporary file and a rename.
+    pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let tmp = self.tmp_dir().join(format!(".w-{}-{}", std::process::id(), fastrand_suffix()));
+        {
+            let mut f = fs::File::create(&tmp).ctx("create", &tmp)?;
+            f.write_all(bytes).ctx("write", &tmp)?;
+            f.sync_all().ctx("sync", &tmp)?;
+        }
+        fs::rename(&tmp, path).ctx("rename into", path)
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.blobs_dir().join(d.hex())
+    }
+
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    /// Stores bytes as a blob, returning their digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest> {
+        let d = Digest::of(bytes);
+        if !self.has_blob(&d) {
+            self.write_atomic(&self.blob_path(&d), bytes)?;
+        }
+        Ok(d)
+    }
+
+    /// Stores a JSON document canonically (sorted keys, compact) as a blob.
+    pub fn put_json<T: Serialize>(&self, value: &T) -> Result<(Digest, u64)> {
+        let bytes = canonical_json(value);
+        Ok((self.put_blob(&bytes)?, bytes.len() as u64))
+    }
+
+    /// Moves a finished temporary file into the blobs under its digest.
+    pub fn adopt_blob(&self, tmp: &Path, d: &Digest) -> Result<()> {
+        if self.has_blob(d) {
+            return fs::remove_file(tmp).ctx("remove", tmp);
+        }
+        fs::rename(tmp, self.blob_path(d)).ctx("rename into", self.blob_path(d))
+    }
+
+    pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
+        let p = self.blob_path(d);
+        fs::read(&p).ctx("read blob", p)
+    }
+
+    pub fn read_json_blob<T: for<'de> Deserialize<'de>>(&self, d: &Digest) -> Result<T> {
+        let bytes = self.read_blob(d)?;
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::Json { path: self.blob_path(d), source })
+    }
+
+    /// Every blob digest in the store.
+    pub fn blobs(&self) -> Result<Vec<Digest>> {
+        let dir = self.blobs_dir();
+        let mut out = Vec::new();
+        for item in fs::read_dir(&dir).ctx("read directory", &dir)? {
+            let name = item.ctx("read directory", &dir)?.file_name();
+            out.push(Digest(format!("sha256:{}", name.to_string_lossy())));
+        }
+        Ok(out)
+    }
+
+    pub fn remove_blob(&self, d: &Digest) -> Result<u64> {
+        let p = self.blob_path(d);
+        let size = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        fs::remove_file(&p).ctx("remove", p)?;
+        Ok(size)
+    }
+
+    /// The unpacked root of a version.
+    pub fn root_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("roots").join(d.hex())
+    }
+
+    /// Every unpacked root in the store, by the digest it belongs to.
+    pub fn roots(&self) -> Result<Vec<Digest>> {
+        let dir = self.root.join("roots");
+        let mut out = Vec::new();
+        for item in fs::read_dir(&dir).ctx("read directory", &dir)? {
+            let name = item.ctx("read directory", &dir)?.file_name();
+            out.push(Digest(format!("sha256:{}", name.to_string_lossy())));
+        }
+        Ok(out)
+    }
+
+    fn image_dir(&self, name: &str) -> PathBuf {
+        self.root.join("images").join(name)
+    }
+
+    /// Every version record of an image, oldest first.
+    pub fn versions(&self, name: &str) -> Result<Vec<VersionRecord>> {
+        let dir = self.image_dir(name);
+        let mut out = Vec::new();
+        let Ok(items) = fs::read_dir(&dir) else { return Ok(out) };
+        for item in items {
+            let p = item.ctx("read directory", &dir)?.path();
+            if p.extension().is_some_and(|e| e == "json") {
+                let bytes = fs::read(&p).ctx("read", &p)?;
+                out.push(serde_json::from_slice(&bytes).map_err(|source| ImageError::Json { path: p.clone(), source })?);
+            }
+        }
+        out.sort_by_key(|r: &VersionRecord| r.version);
+        Ok(out)
+    }
+
+    /// Names of every image with at least one version.
+    pub fn image_names(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("images");
+        let mut out = Vec::new();
+        for item in fs::read_dir(&dir).ctx("read directory", &dir)? {
+            let item = item.ctx("read directory", &dir)?;
+            if item.path().is_dir() {
+                out.push(item.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn version(&self, name: &str, version: u32) -> Result<VersionRecord> {
+        let p = self.image_dir(name).join(format!("{version}.json"));
+        let bytes = fs::read(&p).map_err(|_| ImageError::UnknownVersion { name: name.into(), version })?;
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::Json { path: p, source })
+    }
+
+    /// The current version number of an image, if it has one.
+    pub fn current(&self, name: &str) -> Result<Option<u32>> {
+        let p = self.image_dir(name).join("current");
+        match fs::read_to_string(&p) {
+            Ok(s) => s.trim().parse().map(Some).map_err(|_| ImageError::Corrupt(format!("{} is not a version number", p.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ImageError::Io { op: "read", path: p, source: e }),
+        }
+    }
+
+    /// The current version's record, or `NotBuilt`.
+    pub fn current_record(&self, name: &str) -> Result<VersionRecord> {
+        match self.current(name)? {
+            Some(v) => self.version(name, v),
+            None => Err(ImageError::NotBuilt(name.to_string())),
+        }
+    }
+
+    /// Writes a version record: the commit point of a build.
+    pub fn put_version(&self, rec: &VersionRecord) -> Result<()> {
+        let dir = self.image_dir(&rec.name);
+        fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        let bytes = serde_json::to_vec_pretty(rec).expect("record serializes");
+        self.write_atomic(&dir.join(format!("{}.json", rec.version)), &bytes)
+    }
+
+    pub fn set_current(&self, name: &str, version: u32) -> Result<()> {
+        self.write_atomic(&self.image_dir(name).join("current"), version.to_string().as_bytes())?;
+        self.sync_index()
+    }
+
+    pub fn remove_version(&self, name: &str, version: u32) -> Result<()> {
+        let p = self.image_dir(name).join(format!("{version}.json"));
+        fs::remove_file(&p).ctx("remove", p)
+    }
+
+    pub fn base(&self, key: &str) -> Result<Option<BaseRecord>> {
+        let p = self.root.join("bases").join(format!("{key}.json"));
+        match fs::read(&p) {
+            Ok(b) => {
+                let rec: BaseRecord = serde_json::from_slice(&b).map_err(|source| ImageError::Json { path: p, source })?;
+                let complete = rec.layers.iter().all(|l| self.has_blob(&l.digest)) && self.has_blob(&rec.seal);
+                Ok(complete.then_some(rec))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    pub fn bases(&self) -> Result<Vec<BaseRecord>> {
+        let dir = self.root.join("bases");
+        let mut out = Vec::new();
+        for item in fs::read_dir(&dir).ctx("read directory", &dir)? {
+            let p = item.ctx("read directory", &dir)?.path();
+            let b = fs::read(&p).ctx("read", &p)?;
+            out.push(serde_json::from_slice(&b).map_err(|source| ImageError::Json { path: p, source })?);
+        }
+        Ok(out)
+    }
+
+    pub fn put_base(&self, rec: &BaseRecord) -> Result<()> {
+        let p = self.root.join("bases").join(format!("{}.json", rec.key));
+        self.write_atomic(&p, &serde_json::to_vec_pretty(rec).expect("record serializes"))
+    }
+
+    /// Rewrites `index.json` so that it lists every successful version as
+    /// `name:N` and each current version also as `name:latest`.
+    pub fn sync_index(&self) -> Result<()> {
+        let mut refs = BTreeMap::new();
+        for name in self.image_names()? {
+            let current = self.current(&name)?;
+            for rec in self.versions(&name)? {
+                if rec.outcome != Outcome::Ok {
+                    continue;
+                }
+                let size = fs::metadata(self.blob_path(&rec.digest)).map(|m| m.len()).unwrap_or(0);
+                refs.insert(format!("{name}:{}", rec.version), (rec.digest.clone(), size));
+                if current == Some(rec.version) {
+                    refs.insert(format!("{name}:latest"), (rec.digest.clone(), size));
+                }
+            }
+        }
+        self.write_index(&refs)
+    }
+
+    fn write_index(&self, refs: &BTreeMap<String, (Digest, u64)>) -> Result<()> {
+        let manifests: Vec<_> = refs
+            .iter()
+            .map(|(name, (d, size))| {
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": d.0,
+                    "size": size,
+                    "annotations": { "org.opencontainers.image.ref.name": name },
+                })
+            })
+            .collect();
+        let index = serde_json::json!({ "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests });
+        self.write_atomic(&self.index_path(), &canonical_json(&index))
+    }
+}
+
+/// JSON with sorted object keys and no whitespace: the same value always
+/// gives the same bytes, so digests of configs and manifests are stable.
+pub fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // serde_json's Value keeps objects in a BTreeMap (no preserve_order), so
+    // a round trip through it sorts every key.
+    let v = serde_json::to_value(value).expect("value serializes");
+    serde_json::to_vec(&v).expect("value serializes")
+}
+
+fn fastrand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
