@@ -178,7 +178,7 @@ impl<'a> Baker<'a> {
             copy_files(name, &spec.files_dir, files, &root)?;
         }
         if !scripts.is_empty() {
-            self.run_scripts(spec, scripts, &root, work)?;
+            self.run_scripts(spec, &base.env, scripts, &root, work)?;
         }
         self.emit(Event::Step { image: name.clone(), step: "sealing".into() });
         let sealed = seal::seal_tree(&root)?;
@@ -249,7 +249,7 @@ impl<'a> Baker<'a> {
         env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 
-    fn run_scripts(&self, spec: &ImageSpec, scripts: &[(String, PathBuf, String)], root: &Path, work: &Path) -> Result<()> {
+    fn run_scripts(&self, spec: &ImageSpec, base_env: &[String], scripts: &[(String, PathBuf, String)], root: &Path, work: &Path) -> Result<()> {
         let name = &spec.name;
         let mount = root.join(SCRIPTS_MOUNT);
         if fs::symlink_metadata(&mount).is_ok() {
@@ -273,7 +273,7 @@ impl<'a> Baker<'a> {
                 id: format!("kiln-build-{name}-{}-{i}", std::process::id()),
                 rootfs: root.to_path_buf(),
                 args,
-                env: self.env_of(spec, &[]),
+                env: self.env_of(spec, base_env),
                 cwd: "/".into(),
                 readonly_root: false,
                 tmpfs: false,

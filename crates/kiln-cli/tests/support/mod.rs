@@ -1,0 +1,143 @@
+//! Helpers of the end-to-end tests: scratch projects in temporary
+//! directories, a busybox userland nobody here wrote, and a runner for the
+//! real `kiln` binary that prints the directory, stdout and stderr when an
+//! expectation fails.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BUSYBOX: &str = "/bin/busybox";
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub what: String,
+}
+
+impl Run {
+    fn from(out: Output, what: String) -> Run {
+        Run { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into(), what }
+    }
+
+    /// Panics with the whole context unless the exit code is `code`.
+    pub fn expect(self, code: i32) -> Run {
+        if self.code != code {
+            panic!("`{}` exited {} (wanted {code})\n--- stdout\n{}\n--- stderr\n{}", self.what, self.code, self.stdout, self.stderr);
+        }
+        self
+    }
+
+    pub fn ok(self) -> Run {
+        self.expect(0)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("`{}` printed no JSON ({e}):\n{}\n--- stderr\n{}", self.what, self.stdout, self.stderr))
+    }
+}
+
+impl Project {
+    pub fn new() -> Project {
+        Project { dir: tempfile::Builder::new().prefix("kiln-e2e-").tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, rel: &str, content: &str) -> PathBuf {
+        let p = self.path().join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, content).unwrap();
+        p
+    }
+
+    pub fn script(&self, image: &str, name: &str, body: &str) {
+        let p = self.write(&format!("images/{image}/scripts/{name}"), &format!("#!/bin/sh\nset -e\n{body}\n"));
+        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// Runs `kiln -C <project> ARGS` with colors off and no TTY.
+    pub fn kiln(&self, args: &[&str]) -> Run {
+        self.kiln_in(self.path(), args)
+    }
+
+    pub fn kiln_in(&self, dir: &Path, args: &[&str]) -> Run {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("-C").arg(dir).args(args).env("NO_COLOR", "1").output().expect("run kiln");
+        Run::from(out, format!("kiln -C {} {}", dir.display(), args.join(" ")))
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path().join(".kiln")
+    }
+
+    /// The unpacked root of an image's current version.
+    pub fn root_of(&self, image: &str) -> PathBuf {
+        let shown = self.kiln(&["image", "show", image, "--json"]).ok().json();
+        let digest = shown["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        self.store().join("roots").join(digest)
+    }
+
+    /// Writes `base.tar.gz`: a busybox userland with a few applet links.
+    pub fn busybox_tarball(&self, name: &str) -> PathBuf {
+        let staging = self.path().join(".rootfs-staging");
+        make_busybox_root(&staging);
+        let out = self.path().join(name);
+        let flag = if name.ends_with(".gz") { "-czf" } else { "-cf" };
+        let st = Command::new("tar").arg("-C").arg(&staging).arg("--numeric-owner").arg(flag).arg(&out).arg(".").status().unwrap();
+        assert!(st.success());
+        if name.ends_with(".zst") {
+            let plain = self.path().join(format!("{name}.tmp"));
+            fs::rename(&out, &plain).unwrap();
+            let st = Command::new("zstd").arg("-q").arg(&plain).arg("-o").arg(&out).status().unwrap();
+            assert!(st.success());
+            fs::remove_file(plain).unwrap();
+        }
+        fs::remove_dir_all(staging).unwrap();
+        out
+    }
+}
+
+/// A minimal root: /bin/busybox and applet symlinks.
+pub fn make_busybox_root(root: &Path) {
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::copy(BUSYBOX, root.join("bin/busybox")).expect("busybox-static is installed (apt-get install busybox-static)");
+    for applet in ["sh", "echo", "cat", "ls", "touch", "test", "mkdir", "rm", "sleep", "hostname", "id", "wc", "grep", "chmod", "true", "false", "env"] {
+        let link = root.join("bin").join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link).unwrap();
+        }
+    }
+    fs::write(root.join("etc/os-release"), "NAME=busybox\n").unwrap();
+}
+
+/// Writes a tarball whose entries are described to Python's tarfile, which
+/// (unlike Rust's tar writer) lets a test build hostile archives.
+pub fn python_tar(out: &Path, script: &str) {
+    let program = format!(
+        "import tarfile, io, sys\nt = tarfile.open(sys.argv[1], 'w')\ndef add(name, data=b'x', **kw):\n    i = tarfile.TarInfo(name)\n    for k, v in kw.items(): setattr(i, k, v)\n    i.size = len(data) if i.type == tarfile.REGTYPE else 0\n    t.addfile(i, io.BytesIO(data) if i.type == tarfile.REGTYPE else None)\n{script}\nt.close()\n"
+    );
+    let st = Command::new("python3").arg("-c").arg(program).arg(out).status().expect("python3");
+    assert!(st.success(), "python tar writer failed");
+}
+
+/// Files left under a directory (recursively), for "nothing left behind" checks.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(items) = fs::read_dir(dir) {
+        for i in items.flatten() {
+            out.push(i.path().display().to_string());
+        }
+    }
+    out
+}
