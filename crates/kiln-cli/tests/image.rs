@@ -302,3 +302,83 @@ fn scratch_image_with_a_static_binary() {
     names.sort();
     assert_eq!(names, ["busybox", "dev", "proc", "run", "sys", "tmp"]);
 }
+
+// ---- bad input -------------------------------------------------------------
+
+#[test]
+fn malformed_spec_points_at_file_line_column() {
+    let p = Project::new();
+    p.write("kiln.toml", "[project]\nname = \"x\"\n\n[images.app]\nfrom = \"scratch\"\nports = [\"http\"]\n");
+    let run = p.kiln(&["image", "build", "--all"]).expect(1);
+    assert!(run.stderr.contains("kiln.toml:6:10: invalid type: string \"http\", expected u16"), "{}", run.stderr);
+    p.write("kiln.toml", "[project]\nname = \"x\"\n[images.app]\nfrom = \"base\"\n[images.base]\nfrom = \"app\"\n");
+    let run = p.kiln(&["image", "build", "--all"]).expect(1);
+    assert!(run.stderr.contains("kiln.toml:4:8: image `app` is built from itself through a cycle"), "{}", run.stderr);
+    p.write("kiln.toml", "[project]\nname = \"x\"\n[images.app]\nfrom = { rootfs = \"missing.tar\" }\nwhat = 1\n");
+    let run = p.kiln(&["image", "build", "--all"]).expect(1);
+    assert!(run.stderr.contains("kiln.toml:5:1: unknown field `what`"), "{}", run.stderr);
+    assert!(!p.store().join("images").exists() || entries(&p.store().join("images")).is_empty());
+}
+
+/// Builds an image from a hostile tarball and checks it is refused, naming
+/// the entry, with nothing written outside the store and no version made.
+fn refuses(script: &str, entry: &str, reason: &str) {
+    let p = Project::new();
+    let outside = p.path().join("outside");
+    python_tar(&p.path().join("evil.tar"), &script.replace("OUTSIDE", outside.to_str().unwrap()));
+    p.write("kiln.toml", "[project]\nname = \"x\"\n[images.evil]\nfrom = { rootfs = \"evil.tar\" }\n");
+    let run = p.kiln(&["image", "build", "evil"]).expect(1);
+    let entry = entry.replace("OUTSIDE", outside.to_str().unwrap());
+    assert!(run.stderr.contains(&format!("entry `{entry}` {reason}")), "wanted entry `{entry}` {reason}:\n{}", run.stderr);
+    assert!(!outside.exists(), "something was written outside the root");
+    assert!(entries(&p.store().join("images")).is_empty(), "a version was recorded");
+    assert!(entries(&p.store().join("roots")).is_empty(), "a root was left");
+    assert!(entries(&p.store().join("tmp")).is_empty(), "temporary files were left");
+}
+
+#[test]
+fn hostile_tarballs_are_refused() {
+    refuses("add('ok')\nadd('../../outside/escape')", "../../outside/escape", "climbs out of the root with `..`");
+    refuses("add('OUTSIDE/abs')", "OUTSIDE/abs", "has an absolute path");
+    refuses("add('link', type=tarfile.SYMTYPE, linkname='OUTSIDE')\nadd('link/pwned')", "link/pwned", "would be written through the symlink `link`");
+    refuses("add('dev/sda', type=tarfile.BLKTYPE, devmajor=8, devminor=0)", "dev/sda", "is a device node");
+    refuses("add('etc/passwd')\nadd('hl', type=tarfile.LNKTYPE, linkname='../outside')", "hl", "links to a path that climbs out of the root with `..`");
+}
+
+#[test]
+fn failing_script_shows_status_and_tail_and_leaves_nothing() {
+    let p = chain_project();
+    p.kiln(&["image", "build", "base"]).ok();
+    p.script("app", "10_setup.sh", "echo step one\necho about to fail >&2\nexit 42");
+    let run = p.kiln(&["image", "build", "app"]).expect(1);
+    assert!(run.stderr.contains("script 10_setup.sh of image `app` exited with status 42"), "{}", run.stderr);
+    assert!(run.stderr.contains("step one") && run.stderr.contains("about to fail"), "{}", run.stderr);
+    assert!(p.kiln(&["image", "list", "app", "--json"]).ok().json().as_array().unwrap().is_empty(), "no version of app");
+    assert!(entries(&p.store().join("tmp")).is_empty(), "{:?}", entries(&p.store().join("tmp")));
+    assert_eq!(entries(&p.store().join("roots")).len(), 1, "only base's root");
+    assert!(entries(&p.store().join("sandbox/state")).is_empty(), "no sandbox left");
+}
+
+#[test]
+fn killed_build_reruns_to_a_correct_build() {
+    let p = chain_project();
+    p.script("app", "05_slow.sh", "echo slow; sleep 3");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("-C").arg(p.path()).args(["image", "build", "--all"])
+        .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null())
+        .spawn().unwrap();
+    // Wait until the slow script is running, then SIGKILL kiln.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while entries(&p.store().join("sandbox/state")).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the build never started its script");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(p.kiln(&["image", "list", "app", "--json"]).ok().json().as_array().unwrap().is_empty(), "a killed build made a version");
+    p.kiln(&["image", "build", "--all"]).ok();
+    p.kiln(&["image", "verify", "worker"]).ok();
+    p.kiln(&["image", "verify", "app"]).ok();
+    assert!(entries(&p.store().join("tmp")).is_empty());
+    assert!(entries(&p.store().join("sandbox/state")).is_empty());
+}

@@ -90,6 +90,11 @@ impl<'a> Baker<'a> {
         }
         let wanted: std::collections::BTreeSet<String> = names.iter().flat_map(|n| self.project.lineage(n)).collect();
         let _lock = self.store.lock()?;
+        // Build and test sandboxes only exist while a writer holds the lock:
+        // any found now were left by a killed build.
+        for stale in self.runtime.list().map_err(|source| ImageError::Sandbox { what: "stale build sandboxes".into(), source })? {
+            self.runtime.delete(&stale.id).map_err(|source| ImageError::Sandbox { what: format!("stale sandbox {}", stale.id), source })?;
+        }
         let mut out = Vec::new();
         for name in self.project.build_order() {
             if wanted.contains(&name) {

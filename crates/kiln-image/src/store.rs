@@ -9,7 +9,7 @@
 //! .kiln/roots/<hex>/         unpacked root of the version whose manifest is sha256:<hex>
 //! .kiln/bases/<key>.json     imported bases (rootfs, OCI, debootstrap) by source key
 //! .kiln/tmp/                 work in progress; emptied by the next writer
-//! .kiln/lock                 held (flock) by every writer
+//! .kiln/lock                 held (POSIX record lock) by every writer
 //! ```
 //!
 //! Invariant: every write is a temporary file or directory under `tmp/`
@@ -127,7 +127,7 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// Exclusive hold on the store for writers; released on drop.
+/// Exclusive hold on the store for writers; released on drop or death.
 pub struct StoreLock {
     _file: fs::File,
 }
@@ -171,9 +171,22 @@ impl Store {
     pub fn lock(&self) -> Result<StoreLock> {
         let path = self.root.join("lock");
         let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).ctx("open", &path)?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(ImageError::Io { op: "lock", path, source: io::Error::last_os_error() });
+        // A POSIX record lock, not flock(): sandbox processes are cloned from
+        // kiln and keep its descriptors until they exec, and an flock() would
+        // be shared with them, outliving a killed kiln. Record locks belong
+        // to the process alone and die with it.
+        let mut lk: libc::flock = unsafe { std::mem::zeroed() };
+        lk.l_type = libc::F_WRLCK as libc::c_short;
+        lk.l_whence = libc::SEEK_SET as libc::c_short;
+        loop {
+            // SAFETY: fcntl with a valid descriptor and a pointer to a live flock struct.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLKW, &lk) } == 0 {
+                break;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(ImageError::Io { op: "lock", path, source: err });
+            }
         }
         let tmp = self.tmp_dir();
         for item in fs::read_dir(&tmp).ctx("read directory", &tmp)? {
