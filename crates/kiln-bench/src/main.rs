@@ -1,0 +1,245 @@
+//! `kiln-bench`: measures the figures the issues name and prints them as
+//! Markdown rows for BENCHMARKS.md. It drives the real release `kiln`
+//! binary (process start included) and the real store; nothing is mocked.
+//!
+//! Usage: kiln-bench [--kiln PATH] [--tree-mib N] [--only NAME] [--debootstrap]
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+struct Opts {
+    kiln: PathBuf,
+    tree_mib: u64,
+    only: Option<String>,
+    debootstrap: bool,
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut o = Opts { kiln: default_kiln(), tree_mib: 1024, only: None, debootstrap: false };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--kiln" => o.kiln = args.next().context("--kiln PATH")?.into(),
+            "--tree-mib" => o.tree_mib = args.next().context("--tree-mib N")?.parse()?,
+            "--only" => o.only = Some(args.next().context("--only NAME")?),
+            "--debootstrap" => o.debootstrap = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if !o.kiln.is_file() {
+        bail!("no kiln binary at {}; build it with `cargo build --release`", o.kiln.display());
+    }
+    println!("# kiln-bench {}  ({} cores)", o.kiln.display(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let want = |n: &str| o.only.as_deref().is_none_or(|x| x == n);
+    if want("cache-hit") {
+        cache_hit(&o)?;
+    }
+    if want("seal") {
+        seal(&o)?;
+    }
+    if want("scratch") {
+        scratch(&o)?;
+    }
+    if want("debootstrap") && o.debootstrap {
+        debootstrap(&o)?;
+    }
+    Ok(())
+}
+
+fn default_kiln() -> PathBuf {
+    let me = std::env::current_exe().unwrap_or_default();
+    me.parent().map(|d| d.join("kiln")).unwrap_or_default()
+}
+
+fn kiln(o: &Opts, dir: &Path, args: &[&str]) -> Result<Duration> {
+    let t = Instant::now();
+    let out = Command::new(&o.kiln).arg("-C").arg(dir).args(args).env("NO_COLOR", "1").output()?;
+    let took = t.elapsed();
+    if !out.status.success() {
+        bail!("kiln {} failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(took)
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A three-image chain on a busybox rootfs tarball.
+fn chain_project(dir: &Path) -> Result<()> {
+    let rfs = dir.join("rfs");
+    fs::create_dir_all(rfs.join("bin"))?;
+    fs::copy("/bin/busybox", rfs.join("bin/busybox")).context("needs busybox-static")?;
+    std::os::unix::fs::symlink("busybox", rfs.join("bin/sh"))?;
+    let st = Command::new("tar").arg("-C").arg(&rfs).arg("-czf").arg(dir.join("base.tar.gz")).arg(".").status()?;
+    anyhow::ensure!(st.success());
+    fs::remove_dir_all(&rfs)?;
+    fs::write(
+        dir.join("kiln.toml"),
+        "[project]\nname = \"bench\"\n[images.base]\nfrom = { rootfs = \"base.tar.gz\" }\n[images.app]\nfrom = \"base\"\n[images.worker]\nfrom = \"app\"\n",
+    )?;
+    for (img, n) in [("app", 200), ("worker", 50)] {
+        let files = dir.join(format!("images/{img}/files/srv"));
+        fs::create_dir_all(&files)?;
+        for i in 0..n {
+            fs::write(files.join(format!("f{i}.txt")), format!("{img} file {i}\n").repeat(20))?;
+        }
+        let scripts = dir.join(format!("images/{img}/scripts"));
+        fs::create_dir_all(&scripts)?;
+        fs::write(scripts.join("10_setup.sh"), format!("#!/bin/sh\necho {img} > /etc/{img}\n"))?;
+    }
+    Ok(())
+}
+
+fn cache_hit(o: &Opts) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    chain_project(dir.path())?;
+    let cold = kiln(o, dir.path(), &["image", "build", "--all"])?;
+    let mut samples: Vec<Duration> = (0..30).map(|_| kiln(o, dir.path(), &["image", "build", "--all"])).collect::<Result<_>>()?;
+    println!("| cache-hit `kiln image build --all`, 3-image chain (250 files), wall incl. process start | p50 {} · p95 {} · max {} (30 runs; cold build {}) |", ms(percentile(&mut samples, 0.5)), ms(percentile(&mut samples, 0.95)), ms(percentile(&mut samples, 1.0)), ms(cold));
+    Ok(())
+}
+
+/// Many small files and a few large ones, about `mib` MiB in all.
+fn make_tree(root: &Path, mib: u64) -> Result<(u64, usize)> {
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let total = mib << 20;
+    let large = total / 2;
+    let mut written = 0u64;
+    let mut files = 0usize;
+    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i as u64).wrapping_mul(2654435761) as u8).collect();
+    // A few large files: half the bytes.
+    for i in 0..4 {
+        let p = root.join(format!("large/blob{i}.bin"));
+        fs::create_dir_all(p.parent().unwrap())?;
+        let mut f = fs::File::create(&p)?;
+        let size = large / 4;
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            std::io::Write::write_all(&mut f, &chunk[..n])?;
+            std::io::Write::write_all(&mut f, &next().to_le_bytes())?;
+            left = left.saturating_sub(n as u64 + 8);
+        }
+        written += size;
+        files += 1;
+    }
+    // Many small files (1–64 KiB) in nested directories: the other half.
+    while written < total {
+        let size = 1024 + (next() % (63 * 1024)) as usize;
+        let p = root.join(format!("small/d{}/e{}/f{files}.dat", files % 64, files % 7));
+        if files % 64 == 0 || !p.parent().unwrap().exists() {
+            fs::create_dir_all(p.parent().unwrap())?;
+        }
+        let mut data = chunk[..size].to_vec();
+        data[..8].copy_from_slice(&next().to_le_bytes());
+        fs::write(&p, &data)?;
+        written += size as u64;
+        files += 1;
+    }
+    Ok((written, files))
+}
+
+fn all_files(root: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in fs::read_dir(root)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            all_files(&e.path(), out)?;
+        } else {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}
+
+fn seal(o: &Opts) -> Result<()> {
+    let dir = tempfile::tempdir_in(std::env::var("KILN_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
+    let (bytes, files) = make_tree(dir.path(), o.tree_mib)?;
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    // Warm the page cache once, so every method reads from memory alike.
+    let _ = kiln_image::seal::seal_tree(dir.path())?;
+    let t = Instant::now();
+    let sealed = kiln_image::seal::seal_tree(dir.path())?;
+    let seal_t = t.elapsed();
+    let t = Instant::now();
+    let diffs = kiln_image::seal::verify_tree(dir.path(), &sealed)?;
+    let verify_t = t.elapsed();
+    anyhow::ensure!(diffs.is_empty());
+    let mut list = Vec::new();
+    all_files(dir.path(), &mut list)?;
+    list.sort();
+    let single = |f: &dyn Fn(&[u8]) -> Vec<u8>| -> Result<Duration> {
+        let t = Instant::now();
+        let mut buf = Vec::new();
+        for p in &list {
+            buf.clear();
+            fs::File::open(p)?.read_to_end(&mut buf)?;
+            std::hint::black_box(f(&buf));
+        }
+        Ok(t.elapsed())
+    };
+    let sha_t = single(&|b| {
+        use sha2::Digest;
+        sha2::Sha256::digest(b).to_vec()
+    })?;
+    let b3_t = single(&|b| blake3::hash(b).as_bytes().to_vec())?;
+    let rate = |d: Duration| format!("{:.2} GiB/s ({:.2} s)", gib / d.as_secs_f64(), d.as_secs_f64());
+    println!("| seal of {:.2} GiB tree ({files} files: 4 large, rest 1–64 KiB), parallel walk + BLAKE3 | {} |", gib, rate(seal_t));
+    println!("| verify of the same tree against its seal | {} |", rate(verify_t));
+    println!("| single-threaded sha256sum-style over the same files | {} |", rate(sha_t));
+    println!("| single-threaded b3sum-style (BLAKE3, one thread) over the same files | {} |", rate(b3_t));
+    Ok(())
+}
+
+fn scratch(o: &Opts) -> Result<()> {
+    let mut samples = Vec::new();
+    for _ in 0..10 {
+        let dir = tempfile::tempdir()?;
+        fs::create_dir_all(dir.path().join("images/tiny/files"))?;
+        fs::copy("/bin/busybox", dir.path().join("images/tiny/files/busybox"))?;
+        fs::write(dir.path().join("kiln.toml"), "[project]\nname = \"b\"\n[images.tiny]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\"]\n")?;
+        samples.push(kiln(o, dir.path(), &["image", "build", "tiny"])?);
+    }
+    let mut with_test = Vec::new();
+    for _ in 0..10 {
+        let dir = tempfile::tempdir()?;
+        fs::create_dir_all(dir.path().join("images/tiny/files"))?;
+        fs::copy("/bin/busybox", dir.path().join("images/tiny/files/busybox"))?;
+        fs::write(dir.path().join("kiln.toml"), "[project]\nname = \"b\"\n[images.tiny]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\"]\ntest = [[\"/busybox\", \"true\"]]\n")?;
+        with_test.push(kiln(o, dir.path(), &["image", "build", "tiny"])?);
+    }
+    println!("| bake `scratch` + one static binary (busybox, 2 MiB), fresh store, wall | p50 {} · max {} (10 runs) |", ms(percentile(&mut samples, 0.5)), ms(percentile(&mut samples, 1.0)));
+    println!("| the same with one image test in a read-only sandbox | p50 {} · max {} (10 runs) |", ms(percentile(&mut with_test, 0.5)), ms(percentile(&mut with_test, 1.0)));
+    Ok(())
+}
+
+fn debootstrap(o: &Opts) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    fs::write(dir.path().join("kiln.toml"), "[project]\nname = \"d\"\n[images.base]\nfrom = { debootstrap = \"bookworm\" }\n")?;
+    fs::create_dir_all(dir.path().join("images/base/files/etc"))?;
+    let cold = kiln(o, dir.path(), &["image", "build", "base"])?;
+    let mut warm = Vec::new();
+    for i in 0..3 {
+        fs::write(dir.path().join("images/base/files/etc/motd"), format!("rev {i}\n"))?;
+        warm.push(kiln(o, dir.path(), &["image", "build", "base"])?);
+    }
+    println!("| bake from `debootstrap` bookworm minbase, cold (debootstrap runs) | {} |", ms(cold));
+    println!("| bake from `debootstrap` bookworm, base cache warm (one file changed) | p50 {} (3 runs) |", ms(percentile(&mut warm, 0.5)));
+    Ok(())
+}
