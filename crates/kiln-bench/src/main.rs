@@ -81,6 +81,7 @@ fn chain_project(dir: &Path) -> Result<()> {
     fs::create_dir_all(rfs.join("bin"))?;
     fs::copy("/bin/busybox", rfs.join("bin/busybox")).context("needs busybox-static")?;
     std::os::unix::fs::symlink("busybox", rfs.join("bin/sh"))?;
+    fs::create_dir_all(rfs.join("etc"))?;
     let st = Command::new("tar").arg("-C").arg(&rfs).arg("-czf").arg(dir.join("base.tar.gz")).arg(".").status()?;
     anyhow::ensure!(st.success());
     fs::remove_dir_all(&rfs)?;

@@ -382,3 +382,24 @@ fn killed_build_reruns_to_a_correct_build() {
     assert!(entries(&p.store().join("tmp")).is_empty());
     assert!(entries(&p.store().join("sandbox/state")).is_empty());
 }
+
+#[test]
+fn init_scaffold_builds_from_debootstrap() {
+    // The scaffold's real base: debootstrap bookworm (about a minute), then
+    // apt-get inside the build sandbox, then the app layered on it.
+    let p = Project::new();
+    p.kiln(&["init", "--name", "shop"]).ok();
+    assert!(p.path().join("images/base/scripts/10_packages.sh").is_file());
+    let run = p.kiln(&["image", "build", "--all"]).ok();
+    assert!(run.stderr.contains("+ base v1") && run.stderr.contains("+ app v1"), "{}", run.stderr);
+    let app = p.root_of("app");
+    assert!(app.join("etc/kiln-base").is_file() && app.join("srv/www/healthz").is_file());
+    assert!(app.join("bin/busybox").exists(), "busybox was installed by the build script");
+    p.kiln(&["image", "verify", "app"]).ok();
+    // A second build is entirely cached, debootstrap included.
+    let again = p.kiln(&["image", "build", "--all"]).ok();
+    assert_eq!(again.stderr.matches("(cached)").count(), 2, "{}", again.stderr);
+    // Running init again refuses to overwrite.
+    let twice = p.kiln(&["init"]).expect(1);
+    assert!(twice.stderr.contains("already has a kiln.toml"), "{}", twice.stderr);
+}
