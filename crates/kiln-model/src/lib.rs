@@ -185,3 +185,136 @@ pub struct EnvSpec {
     pub alarm: Option<String>,
     pub roles: BTreeMap<String, RoleSpec>,
 }
+
+/// Lifecycle of a server as the state records it. A server row is written
+/// *before* its sandbox is created (`Creating`) and marked `Destroying`
+/// before it is torn down, so a crash at any point leaves a row that says
+/// what to finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerStatus {
+    Creating,
+    Running,
+    Destroying,
+}
+
+impl ServerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerStatus::Creating => "creating",
+            ServerStatus::Running => "running",
+            ServerStatus::Destroying => "destroying",
+        }
+    }
+    pub fn parse(s: &str) -> Option<ServerStatus> {
+        match s {
+            "creating" => Some(ServerStatus::Creating),
+            "running" => Some(ServerStatus::Running),
+            "destroying" => Some(ServerStatus::Destroying),
+            _ => None,
+        }
+    }
+}
+
+/// A server as the state knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    /// `app-3f9c`: role and four hex digits; also the hostname.
+    pub id: String,
+    pub env: String,
+    pub role: String,
+    /// Position within the role (0..servers); a replacement takes over the
+    /// slot, and with it the slot's volumes.
+    pub slot: u32,
+    /// `name@version` of the image.
+    pub image: String,
+    pub image_digest: String,
+    /// Hash of the role spec the server was created with.
+    pub spec_hash: String,
+    /// The server's own IP address.
+    pub address: String,
+    /// Creation time, seconds since the epoch.
+    pub created: i64,
+    pub status: ServerStatus,
+    /// Host pid of the server's first process, once started.
+    pub pid: Option<i32>,
+    /// Release that created it.
+    pub release: i64,
+}
+
+/// What a role should run, resolved from the spec and the image store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoleTarget {
+    pub role: String,
+    /// `name@version`.
+    pub image: String,
+    pub image_digest: String,
+    pub spec_hash: String,
+    pub servers: u32,
+    /// Destroy-then-create replacement (declared `cold_only`, or a role with volumes).
+    pub cold: bool,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Create,
+    Replace,
+    Destroy,
+}
+
+/// One change of a plan: fully decided (ids, slots, addresses) so that
+/// execution makes no choices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub action: Action,
+    pub role: String,
+    /// The server acted on: the new id for `create`, the old id for
+    /// `replace` and `destroy`.
+    pub server: String,
+    /// For `replace`: the id of the server that replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacement: Option<String>,
+    pub slot: u32,
+    /// Address of the new server (create and replace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// `name@version` of the new server's image (create and replace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Why: `new server`, `image changed (app@1 → app@2)`, `spec changed`, ...
+    pub reason: String,
+    /// Replacement destroys the old server before creating the new one.
+    #[serde(default)]
+    pub cold: bool,
+}
+
+/// A plan for one environment: the contract of `kiln plan -o` and `--json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Format version of this document.
+    pub format: u32,
+    pub env: String,
+    /// The environment's generation the plan was made against; a plan whose
+    /// generation is not the current one is stale and refused.
+    pub generation: i64,
+    /// When it was planned (seconds since the epoch).
+    pub created: i64,
+    /// Roles in start order (`depends_on` first).
+    pub order: Vec<String>,
+    pub targets: Vec<RoleTarget>,
+    pub changes: Vec<Change>,
+    /// Destroy everything first (`kiln deploy --cold`).
+    #[serde(default)]
+    pub cold: bool,
+}
+
+impl Plan {
+    pub fn count(&self, action: Action) -> usize {
+        self.changes.iter().filter(|c| c.action == action).count()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}

@@ -1,0 +1,234 @@
+//! The planner: a pure function from (desired environment, resolved role
+//! targets, observed servers, clock, randomness) to a [`Plan`].
+//!
+//! Invariants: no I/O, no clock or random source of its own (both are
+//! arguments), deterministic for the same inputs. Everything execution
+//! needs is decided here: new server ids, slots and addresses, so the
+//! engine makes no choices.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use kiln_model::{Action, Change, EnvSpec, Plan, RoleSpec, RoleTarget, Server, ServerStatus};
+
+/// Version of the plan file format written by this planner.
+pub const PLAN_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// The environment's subnet cannot hold the servers it declares.
+    #[error("subnet {subnet} of environment `{env}` has no free address for another server")]
+    SubnetFull { env: String, subnet: String },
+    /// The subnet is not an IPv4 CIDR.
+    #[error("subnet `{subnet}` of environment `{env}` is not an IPv4 network like 10.88.1.0/24")]
+    BadSubnet { env: String, subnet: String },
+    /// A role has no resolved target (its image was not built).
+    #[error("role `{role}` has no target; its image must be built first")]
+    NoTarget { role: String },
+}
+
+/// Everything the planner looks at.
+pub struct Input<'a> {
+    pub env: &'a EnvSpec,
+    /// One per role of `env`, resolved from the image store.
+    pub targets: &'a [RoleTarget],
+    /// Every server the state records for this environment, any status.
+    pub observed: &'a [Server],
+    /// Ids of observed servers that are not actually running (crashed).
+    pub dead: &'a BTreeSet<String>,
+    pub generation: i64,
+    pub now: i64,
+    /// `kiln deploy --cold`: destroy everything, then create afresh.
+    pub cold: bool,
+}
+
+/// Roles in start order: every role after the roles it depends on, ties by name.
+pub fn role_order(env: &EnvSpec) -> Vec<String> {
+    fn visit(r: &str, env: &EnvSpec, seen: &mut BTreeSet<String>, out: &mut Vec<String>) {
+        if !seen.insert(r.to_string()) {
+            return;
+        }
+        for d in &env.roles[r].depends_on {
+            visit(d, env, seen, out);
+        }
+        out.push(r.to_string());
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for r in env.roles.keys() {
+        visit(r, env, &mut seen, &mut out);
+    }
+    out
+}
+
+/// Hash of what a role's servers are made of, besides the image: size,
+/// ports, volumes and environment. Count, strategy and policies are not in
+/// it: changing them does not make existing servers wrong.
+pub fn spec_hash(role: &RoleSpec) -> String {
+    let v = serde_json::json!({
+        "cpus": role.size.cpus,
+        "memory": role.size.memory_bytes,
+        "ports": role.ports,
+        "volumes": role.volumes,
+        "env": role.env,
+    });
+    blake3::hash(v.to_string().as_bytes()).to_hex()[..16].to_string()
+}
+
+/// `10.88.1.0/24` → (network, prefix).
+pub fn parse_subnet(cidr: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, p) = cidr.split_once('/')?;
+    let addr: Ipv4Addr = a.parse().ok()?;
+    let prefix: u8 = p.parse().ok()?;
+    if !(8..=30).contains(&prefix) {
+        return None;
+    }
+    let mask = u32::MAX << (32 - prefix);
+    Some((Ipv4Addr::from(u32::from(addr) & mask), prefix))
+}
+
+/// Makes the plan. `random` supplies the 16-bit suffixes of new server ids.
+pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, PlanError> {
+    let env = input.env;
+    let order = role_order(env);
+    let (net, prefix) = parse_subnet(&env.subnet).ok_or_else(|| PlanError::BadSubnet { env: env.name.clone(), subnet: env.subnet.clone() })?;
+    let mut ids: BTreeSet<String> = input.observed.iter().map(|s| s.id.clone()).collect();
+    let mut used: BTreeSet<Ipv4Addr> = input.observed.iter().filter_map(|s| s.address.parse().ok()).collect();
+    let hosts = (1u32 << (32 - prefix)) - 2;
+    // .1 is the gateway; servers take the lowest free address from .2. The
+    // cursor only moves forward: addresses are handed out in one pass.
+    let mut cursor = 2u32;
+    let mut next_addr = || -> Result<String, PlanError> {
+        while cursor <= hosts {
+            let a = Ipv4Addr::from(u32::from(net) + cursor);
+            cursor += 1;
+            if used.insert(a) {
+                return Ok(a.to_string());
+            }
+        }
+        Err(PlanError::SubnetFull { env: env.name.clone(), subnet: env.subnet.clone() })
+    };
+    let had_slot: BTreeSet<(&str, u32)> = input.observed.iter().map(|s| (s.role.as_str(), s.slot)).collect();
+    let mut new_id = |role: &str| -> String {
+        loop {
+            let id = format!("{role}-{:04x}", random());
+            if ids.insert(id.clone()) {
+                return id;
+            }
+        }
+    };
+    let targets: BTreeMap<&str, &RoleTarget> = input.targets.iter().map(|t| (t.role.as_str(), t)).collect();
+    // Only running, live servers count as present; the engine cleans up
+    // the rest (half-created, half-destroyed, crashed) before it executes.
+    let live: Vec<&Server> = input.observed.iter().filter(|s| s.status == ServerStatus::Running && !input.dead.contains(&s.id)).collect();
+    let mut changes = Vec::new();
+
+    if input.cold {
+        for role in order.iter().rev() {
+            for s in live.iter().filter(|s| &s.role == role) {
+                changes.push(destroy(s, "cold deploy: every server is destroyed first"));
+            }
+        }
+        for s in live.iter().filter(|s| !env.roles.contains_key(&s.role)) {
+            changes.push(destroy(s, "role removed from the environment"));
+        }
+    }
+
+    for role in &order {
+        let t = targets.get(role.as_str()).ok_or_else(|| PlanError::NoTarget { role: role.clone() })?;
+        let mut by_slot: BTreeMap<u32, &Server> = BTreeMap::new();
+        let mut extra = Vec::new();
+        if !input.cold {
+            let mut mine: Vec<&&Server> = live.iter().filter(|s| &s.role == role).collect();
+            mine.sort_by_key(|s| (s.slot, s.created, s.id.clone()));
+            for s in mine {
+                if s.slot < t.servers && !by_slot.contains_key(&s.slot) {
+                    by_slot.insert(s.slot, s);
+                } else {
+                    extra.push(*s);
+                }
+            }
+        }
+        for slot in 0..t.servers {
+            match by_slot.get(&slot) {
+                None => {
+                    let id = new_id(role);
+                    let had = had_slot.contains(&(role.as_str(), slot));
+                    let reason = if input.cold {
+                        "cold deploy".to_string()
+                    } else if had {
+                        format!("slot {slot} has no running server")
+                    } else {
+                        "new server".to_string()
+                    };
+                    changes.push(Change { action: Action::Create, role: role.clone(), server: id, replacement: None, slot, address: Some(next_addr()?), image: Some(t.image.clone()), reason, cold: false });
+                }
+                Some(s) => {
+                    let reason = if s.image_digest != t.image_digest {
+                        Some(format!("image changed ({} → {})", s.image, t.image))
+                    } else if s.spec_hash != t.spec_hash {
+                        Some("spec changed".to_string())
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = reason {
+                        let id = new_id(role);
+                        let reason = if t.cold { format!("{reason}; cold-only: destroyed before its replacement starts") } else { reason };
+                        changes.push(Change { action: Action::Replace, role: role.clone(), server: s.id.clone(), replacement: Some(id), slot, address: Some(next_addr()?), image: Some(t.image.clone()), reason, cold: t.cold });
+                    }
+                }
+            }
+        }
+        for s in extra {
+            changes.push(destroy(s, &format!("scaled down to {} servers", t.servers)));
+        }
+    }
+    if !input.cold {
+        for s in live.iter().filter(|s| !env.roles.contains_key(&s.role)) {
+            changes.push(destroy(s, "role removed from the environment"));
+        }
+    }
+    Ok(Plan { format: PLAN_FORMAT, env: env.name.clone(), generation: input.generation, created: input.now, order, targets: input.targets.to_vec(), changes, cold: input.cold })
+}
+
+fn destroy(s: &Server, reason: &str) -> Change {
+    Change { action: Action::Destroy, role: s.role.clone(), server: s.id.clone(), replacement: None, slot: s.slot, address: None, image: None, reason: reason.to_string(), cold: false }
+}
+
+/// The plan as text, one line per change, Terraform-style markers (`+`
+/// create, `~` replace, `-` destroy) and a summary. Colours are the CLI's.
+pub fn render(plan: &Plan) -> String {
+    let mut out = String::new();
+    if plan.changes.is_empty() {
+        out.push_str(&format!("No changes. Environment `{}` matches its declaration.\n", plan.env));
+        return out;
+    }
+    out.push_str(&format!("kiln will make these changes to `{}`{}:\n\n", plan.env, if plan.cold { " (cold deploy: NOT zero-downtime)" } else { "" }));
+    for c in &plan.changes {
+        let line = match c.action {
+            Action::Create => format!("  + {:<10} create   {} at {}  ({})", c.server, c.image.as_deref().unwrap_or("?"), c.address.as_deref().unwrap_or("?"), c.reason),
+            Action::Replace => format!(
+                "  ~ {:<10} replace  by {} ({} at {}){}  ({})",
+                c.server,
+                c.replacement.as_deref().unwrap_or("?"),
+                c.image.as_deref().unwrap_or("?"),
+                c.address.as_deref().unwrap_or("?"),
+                if c.cold { ", destroy first" } else { ", create first" },
+                c.reason
+            ),
+            Action::Destroy => format!("  - {:<10} destroy  ({})", c.server, c.reason),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "\nPlan: {} to create, {} to replace, {} to destroy.\n",
+        plan.count(Action::Create),
+        plan.count(Action::Replace),
+        plan.count(Action::Destroy)
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests;
