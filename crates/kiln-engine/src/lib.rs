@@ -1,0 +1,365 @@
+//! The engine: turns a project and an environment into a plan (through the
+//! pure planner, with the clock and randomness it is handed), and carries a
+//! plan out exactly, step by step, through a [`Provider`].
+//!
+//! Invariants:
+//! - the engine executes the plan's changes in order and decides nothing
+//!   the plan did not (ids, slots, addresses, order are the plan's);
+//! - every write takes the environment's lock and checks the plan's
+//!   generation first: a stale plan is refused, nothing half-done;
+//! - a server row is written before its sandbox exists (`creating`) and
+//!   marked `destroying` before it is torn down; every step is journaled
+//!   before and after. A crash therefore leaves rows that say what to
+//!   finish, and [`Engine::converge_runtime`] (run before every apply)
+//!   removes half-created servers, finishes destroys and kills strays, so
+//!   a re-run converges with no orphan and no duplicate;
+//! - an image whose unpacked root no longer matches its seal is refused
+//!   before any server is launched from it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use kiln_image::Store;
+use kiln_model::{Action, Change, EnvSpec, HealthCheck, Plan, Project, RoleTarget, Server, ServerStatus};
+use kiln_planner::Input;
+use kiln_provider::{Provider, ServerRequest};
+use kiln_state::State;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The environment is not declared in `kiln.toml`.
+    #[error("unknown environment `{0}`")]
+    UnknownEnv(String),
+    /// A role's image has no current version.
+    #[error("role `{role}` runs image `{image}`, which has no current version; run `kiln image build {image}`")]
+    NotBuilt { role: String, image: String },
+    /// The plan was made against an older state of the environment.
+    #[error("the plan is stale: it was made at generation {planned} of `{env}`, which is now at generation {current}; plan again")]
+    Stale { env: String, planned: i64, current: i64 },
+    /// The plan belongs to another environment.
+    #[error("the plan is for environment `{plan}`, not `{env}`")]
+    WrongEnv { plan: String, env: String },
+    /// An image failed verification and cannot be launched.
+    #[error("image {image} does not match its seal ({count} differences, first: {first}); rebuild it with `kiln image build`")]
+    Tampered { image: String, count: usize, first: String },
+    /// A new server never passed its health check.
+    #[error("server {server} ({role}) did not become healthy within {secs}s; the previous servers of `{role}` are still running. last log lines:\n{tail}")]
+    Unhealthy { server: String, role: String, secs: u64, tail: String },
+    #[error(transparent)]
+    Plan(#[from] kiln_planner::PlanError),
+    #[error(transparent)]
+    State(#[from] kiln_state::StateError),
+    #[error(transparent)]
+    Image(#[from] kiln_image::ImageError),
+    #[error(transparent)]
+    Provider(#[from] kiln_provider::ProviderError),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// What the engine reports while it works, for progress display.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Cleanup before applying: what was found and done.
+    Converged { detail: String },
+    /// Step `index` of `total` starts.
+    Step { index: usize, total: usize, change: Change },
+    /// A new server is up and its health is being checked.
+    Waiting { server: String, address: String },
+    /// A server passed its health check.
+    Healthy { server: String, address: String, elapsed: Duration },
+    /// A server is gone.
+    Destroyed { server: String },
+}
+
+/// Knobs of execution (not of the plan).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub health_timeout: Duration,
+    pub health_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { health_timeout: Duration::from_secs(30), health_interval: Duration::from_millis(10) }
+    }
+}
+
+pub struct Engine<'a> {
+    pub project: &'a Project,
+    pub store: &'a Store,
+    pub state: &'a State,
+    pub provider: &'a dyn Provider,
+    pub progress: &'a dyn Fn(Progress),
+    /// Seconds since the epoch; injected so tests control time.
+    pub clock: &'a dyn Fn() -> i64,
+    pub options: Options,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub release: i64,
+    pub changes: usize,
+}
+
+impl<'a> Engine<'a> {
+    pub fn env(&self, name: &str) -> Result<&'a EnvSpec> {
+        self.project.envs.get(name).ok_or_else(|| EngineError::UnknownEnv(name.to_string()))
+    }
+
+    /// What each role should run, from the image store's current versions.
+    pub fn targets(&self, env: &EnvSpec) -> Result<Vec<RoleTarget>> {
+        env.roles
+            .values()
+            .map(|r| {
+                let rec = self.store.current_record(&r.image).map_err(|_| EngineError::NotBuilt { role: r.name.clone(), image: r.image.clone() })?;
+                Ok(RoleTarget {
+                    role: r.name.clone(),
+                    image: format!("{}@{}", rec.name, rec.version),
+                    image_digest: rec.digest.0.clone(),
+                    spec_hash: kiln_planner::spec_hash(r),
+                    servers: r.servers,
+                    cold: r.cold_only || !r.volumes.is_empty(),
+                })
+            })
+            .collect()
+    }
+
+    /// Servers the state records for `env`, and which of them are not alive.
+    pub fn observe(&self, env: &str) -> Result<(Vec<Server>, BTreeSet<String>)> {
+        let servers = self.state.servers(Some(env))?;
+        let alive: BTreeSet<String> = self.provider.inventory(env)?.into_iter().filter(|r| r.alive).map(|r| r.id).collect();
+        let dead = servers.iter().filter(|s| !alive.contains(&s.id)).map(|s| s.id.clone()).collect();
+        Ok((servers, dead))
+    }
+
+    /// Plans `env`. `random` gives new server id suffixes.
+    pub fn plan(&self, env_name: &str, cold: bool, random: &mut dyn FnMut() -> u16) -> Result<Plan> {
+        let env = self.env(env_name)?;
+        let targets = self.targets(env)?;
+        let (observed, dead) = self.observe(env_name)?;
+        let generation = self.state.generation(env_name)?;
+        let input = Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold };
+        Ok(kiln_planner::plan(&input, random)?)
+    }
+
+    /// A plan that destroys every server of `env`.
+    pub fn plan_destroy(&self, env_name: &str) -> Result<Plan> {
+        let (observed, _) = self.observe(env_name)?;
+        let generation = self.state.generation(env_name)?;
+        let changes = observed
+            .iter()
+            .map(|s| Change { action: Action::Destroy, role: s.role.clone(), server: s.id.clone(), replacement: None, slot: s.slot, address: None, image: None, reason: "environment destroyed".into(), cold: false })
+            .collect();
+        Ok(Plan { format: kiln_planner::PLAN_FORMAT, env: env_name.to_string(), generation, created: (self.clock)(), order: vec![], targets: vec![], changes, cold: false })
+    }
+
+    /// Brings the runtime and the state into agreement before an apply:
+    /// finishes half-done creates and destroys from a crashed run, removes
+    /// servers whose process died, and kills sandboxes labelled with this
+    /// environment that the state does not know (strays). Caller holds the lock.
+    pub fn converge_runtime(&self, env: &str) -> Result<Vec<String>> {
+        let actor = kiln_state::actor();
+        let mut done = Vec::new();
+        let running = self.provider.inventory(env)?;
+        let alive: BTreeSet<&str> = running.iter().filter(|r| r.alive).map(|r| r.id.as_str()).collect();
+        let known: BTreeSet<String> = self.state.servers(Some(env))?.into_iter().map(|s| s.id).collect();
+        for s in self.state.servers(Some(env))? {
+            let why = match s.status {
+                ServerStatus::Creating => Some("half-created by an interrupted apply"),
+                ServerStatus::Destroying => Some("half-destroyed by an interrupted apply"),
+                ServerStatus::Running if !alive.contains(s.id.as_str()) => Some("its process is gone"),
+                ServerStatus::Running => None,
+            };
+            if let Some(why) = why {
+                self.provider.destroy(env, &s.id)?;
+                self.state.remove_server(&s.id)?;
+                let detail = format!("removed server {} ({why})", s.id);
+                self.state.record_event(env, &actor, "cleanup", &detail)?;
+                (self.progress)(Progress::Converged { detail: detail.clone() });
+                done.push(detail);
+            }
+        }
+        for r in running.iter().filter(|r| !known.contains(&r.id)) {
+            self.provider.destroy(env, &r.id)?;
+            let detail = format!("removed stray server {} (labelled `{env}`, unknown to the state)", r.id);
+            self.state.record_event(env, &actor, "cleanup", &detail)?;
+            (self.progress)(Progress::Converged { detail: detail.clone() });
+            done.push(detail);
+        }
+        Ok(done)
+    }
+
+    /// Carries out `plan` exactly. `kind` names the release: `apply`,
+    /// `deploy --cold`, `destroy`.
+    pub fn apply(&self, plan: &Plan, kind: &str) -> Result<Applied> {
+        let env_name = plan.env.as_str();
+        let _lock = self.state.lock(env_name, kind)?;
+        let current = self.state.generation(env_name)?;
+        if current != plan.generation {
+            return Err(EngineError::Stale { env: env_name.into(), planned: plan.generation, current });
+        }
+        self.verify_images(plan)?;
+        self.converge_runtime(env_name)?;
+        let actor = kiln_state::actor();
+        let plan_json = serde_json::to_vec(plan).expect("plan serializes");
+        let plan_hash = blake3::hash(&plan_json).to_hex()[..16].to_string();
+        let summary = format!("{} to create, {} to replace, {} to destroy", plan.count(Action::Create), plan.count(Action::Replace), plan.count(Action::Destroy));
+        let roles_json = serde_json::to_string(&plan.targets).expect("targets serialize");
+        let release = self.state.begin_release(env_name, &actor, kind, &plan_hash, &summary, &roles_json)?;
+        let total = plan.changes.len();
+        for (i, change) in plan.changes.iter().enumerate() {
+            (self.progress)(Progress::Step { index: i + 1, total, change: change.clone() });
+            let what = format!("{:?} {}", change.action, change.reason).to_lowercase();
+            self.state.step_started(env_name, release, i as u32, &format!("{:?}", change.action).to_lowercase(), &change.server, &what)?;
+            if let Err(e) = self.step(plan, change, release) {
+                self.state.step_finished(env_name, release, i as u32, false, &e.to_string())?;
+                self.state.finish_release(env_name, release, "failed", &e.to_string())?;
+                return Err(e);
+            }
+            self.state.step_finished(env_name, release, i as u32, true, "")?;
+        }
+        self.state.finish_release(env_name, release, "succeeded", &summary)?;
+        Ok(Applied { release, changes: total })
+    }
+
+    fn verify_images(&self, plan: &Plan) -> Result<()> {
+        let mut seen = BTreeSet::new();
+        for c in plan.changes.iter().filter(|c| c.action != Action::Destroy) {
+            let image = c.image.clone().unwrap_or_default();
+            if !seen.insert(image.clone()) {
+                continue;
+            }
+            let v = kiln_image::ops::verify(self.store, &image)?;
+            if !v.ok() {
+                let first = v.differences.first().map(|d| d.to_string()).or_else(|| v.corrupt_blobs.first().map(|b| format!("corrupt blob {b}"))).unwrap_or_default();
+                return Err(EngineError::Tampered { image, count: v.differences.len() + v.corrupt_blobs.len(), first: first.split_whitespace().collect::<Vec<_>>().join(" ") });
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&self, plan: &Plan, c: &Change, release: i64) -> Result<()> {
+        match c.action {
+            Action::Create => self.create(plan, c, &c.server, release),
+            Action::Destroy => self.destroy(&plan.env, &c.server),
+            Action::Replace => {
+                let new_id = c.replacement.clone().unwrap_or_default();
+                if c.cold {
+                    self.destroy(&plan.env, &c.server)?;
+                    self.create(plan, c, &new_id, release)
+                } else {
+                    self.create(plan, c, &new_id, release)?;
+                    self.destroy(&plan.env, &c.server)
+                }
+            }
+        }
+    }
+
+    /// The full request for a new server of change `c`, from the plan's
+    /// target and the image's OCI config.
+    pub fn request(&self, env: &str, c: &Change, id: &str, release: i64) -> Result<ServerRequest> {
+        let spec = self.env(env)?;
+        let role = &spec.roles[&c.role];
+        let image = c.image.clone().unwrap_or_default();
+        let rec = kiln_image::ops::resolve(self.store, &image)?;
+        let cfg: oci_spec::image::ImageConfiguration = self.store.read_json_blob(&rec.config)?;
+        let conf = cfg.config().clone().unwrap_or_default();
+        let mut argv = conf.entrypoint().clone().unwrap_or_default();
+        argv.extend(conf.cmd().clone().unwrap_or_default());
+        let mut vars: BTreeMap<String, String> = conf.env().clone().unwrap_or_default().into_iter().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+        vars.extend(role.env.clone());
+        Ok(ServerRequest {
+            env: env.to_string(),
+            id: id.to_string(),
+            role: c.role.clone(),
+            release,
+            slot: c.slot,
+            address: c.address.clone().unwrap_or_default(),
+            subnet: spec.subnet.clone(),
+            root: self.store.root_path(&rec.digest),
+            image_digest: rec.digest.0.clone(),
+            argv,
+            env_vars: vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            workdir: conf.working_dir().clone().unwrap_or_else(|| "/".into()),
+            cpus: role.size.cpus,
+            memory_bytes: role.size.memory_bytes,
+            volumes: role.volumes.clone(),
+        })
+    }
+
+    fn create(&self, plan: &Plan, c: &Change, id: &str, release: i64) -> Result<()> {
+        let req = self.request(&plan.env, c, id, release)?;
+        let target = plan.targets.iter().find(|t| t.role == c.role);
+        let server = Server {
+            id: id.to_string(),
+            env: plan.env.clone(),
+            role: c.role.clone(),
+            slot: c.slot,
+            image: c.image.clone().unwrap_or_default(),
+            image_digest: req.image_digest.clone(),
+            spec_hash: target.map(|t| t.spec_hash.clone()).unwrap_or_default(),
+            address: req.address.clone(),
+            created: (self.clock)(),
+            status: ServerStatus::Creating,
+            pid: None,
+            release,
+        };
+        self.state.put_server(&server)?;
+        let pid = match self.provider.create(&req) {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = self.provider.destroy(&plan.env, id);
+                self.state.remove_server(id)?;
+                return Err(e.into());
+            }
+        };
+        self.state.set_server_status(id, ServerStatus::Creating, Some(pid))?;
+        let role = &self.env(&plan.env)?.roles[&c.role];
+        if let Err(e) = self.wait_healthy(&req, role.health.as_ref()) {
+            let _ = self.provider.destroy(&plan.env, id);
+            self.state.remove_server(id)?;
+            return Err(e);
+        }
+        self.state.set_server_status(id, ServerStatus::Running, Some(pid))?;
+        Ok(())
+    }
+
+    fn wait_healthy(&self, req: &ServerRequest, check: Option<&HealthCheck>) -> Result<()> {
+        (self.progress)(Progress::Waiting { server: req.id.clone(), address: req.address.clone() });
+        let started = Instant::now();
+        loop {
+            let alive = self.provider.inventory(&req.env)?.into_iter().any(|r| r.id == req.id && r.alive);
+            let healthy = alive && check.is_none_or(|c| self.provider.probe(req, c));
+            if healthy {
+                (self.progress)(Progress::Healthy { server: req.id.clone(), address: req.address.clone(), elapsed: started.elapsed() });
+                return Ok(());
+            }
+            if !alive || started.elapsed() > self.options.health_timeout {
+                let tail = tail(&self.provider.log_path(&req.env, &req.id), 15);
+                let tail = if alive { tail } else { format!("{tail}\n(the server's process exited)") };
+                return Err(EngineError::Unhealthy { server: req.id.clone(), role: req.role.clone(), secs: self.options.health_timeout.as_secs(), tail });
+            }
+            std::thread::sleep(self.options.health_interval);
+        }
+    }
+
+    fn destroy(&self, env: &str, id: &str) -> Result<()> {
+        if self.state.server(id)?.is_some() {
+            self.state.set_server_status(id, ServerStatus::Destroying, None)?;
+        }
+        self.provider.destroy(env, id)?;
+        self.state.remove_server(id)?;
+        (self.progress)(Progress::Destroyed { server: id.to_string() });
+        Ok(())
+    }
+}
+
+/// The last `n` lines of a log (empty if there is none).
+pub fn tail(path: &std::path::Path, n: usize) -> String {
+    kiln_image::bake::tail(path, n)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+//! Hermetic engine tests: a real SQLite state and a real image store on a
+//! temporary directory, images written by hand, and the in-memory provider.
+
+use std::cell::RefCell;
+
+use kiln_image::store::{Digest, Inputs, Outcome, VersionRecord};
+use kiln_provider::fake::Fake;
+
+use super::*;
+
+const SPEC: &str = r#"
+[project]
+name = "t"
+[images.base]
+from = "scratch"
+[images.app]
+from = "scratch"
+[env.staging]
+[env.staging.roles.db]
+image = "base"
+servers = 1
+[env.staging.roles.app]
+image = "app"
+servers = 2
+depends_on = ["db"]
+health = { tcp = 8080 }
+"#;
+
+struct World {
+    _dir: tempfile::TempDir,
+    project: Project,
+    store: Store,
+    state: State,
+    fake: Fake,
+    seq: RefCell<u16>,
+}
+
+/// Writes version `version` of `name` into the store: config, empty seal, root.
+fn image(store: &Store, name: &str, version: u32) {
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["/bin/app"], "Env": ["A=1"]}, "rootfs": {"type": "layers", "diff_ids": []}});
+    let (config, _) = store.put_json(&config).unwrap();
+    let seal = kiln_image::seal::Seal::from_entries(vec![]);
+    let (seal_digest, _) = store.put_json(&seal).unwrap();
+    let manifest = store.put_blob(format!("manifest {name} {version}").as_bytes()).unwrap();
+    std::fs::create_dir_all(store.root_path(&manifest)).unwrap();
+    let rec = VersionRecord {
+        name: name.into(),
+        version,
+        digest: manifest,
+        parent: None,
+        parent_digest: None,
+        created: "now".into(),
+        size: 0,
+        outcome: Outcome::Ok,
+        error: None,
+        seal_root: seal.root.clone(),
+        seal: seal_digest,
+        config,
+        layers: vec![],
+        inputs: Inputs { source: "scratch".into(), files: vec![], scripts: vec![], tests: 0, cache_key: format!("{name}{version}") },
+        build_ms: 0,
+    };
+    store.put_version(&rec).unwrap();
+    store.set_current(name, version).unwrap();
+}
+
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let project = kiln_spec::parse(SPEC, std::path::Path::new("kiln.toml"), dir.path()).unwrap();
+    let store = Store::open(dir.path().join(".kiln")).unwrap();
+    image(&store, "base", 1);
+    image(&store, "app", 1);
+    let state = State::open(&dir.path().join(".kiln/state.db")).unwrap();
+    World { _dir: dir, project, store, state, fake: Fake::default(), seq: RefCell::new(0) }
+}
+
+impl World {
+    fn engine(&self) -> Engine<'_> {
+        Engine { project: &self.project, store: &self.store, state: &self.state, provider: &self.fake, progress: &|_| {}, clock: &|| 1_000, options: Options { health_timeout: Duration::from_millis(50), health_interval: Duration::from_millis(1) } }
+    }
+    fn plan(&self) -> Plan {
+        let mut r = || {
+            *self.seq.borrow_mut() += 1;
+            *self.seq.borrow()
+        };
+        self.engine().plan("staging", false, &mut r).unwrap()
+    }
+    fn ids(&self) -> Vec<String> {
+        self.state.servers(Some("staging")).unwrap().into_iter().map(|s| format!("{} {} {}", s.id, s.image, s.status.as_str())).collect()
+    }
+}
+
+#[test]
+fn apply_creates_in_dependency_order_and_converges() {
+    let w = world();
+    let plan = w.plan();
+    w.engine().apply(&plan, "apply").unwrap();
+    assert_eq!(*w.fake.calls.borrow(), ["create db-0001", "create app-0002", "create app-0003"]);
+    assert_eq!(w.ids(), ["app-0002 app@1 running", "app-0003 app@1 running", "db-0001 base@1 running"]);
+    assert!(w.plan().is_empty(), "a second plan has nothing to do");
+    let releases = w.state.releases("staging").unwrap();
+    assert_eq!(releases.last().unwrap().outcome, "succeeded");
+    assert_eq!(w.state.steps("staging", releases.last().unwrap().id).unwrap().len(), 3);
+}
+
+#[test]
+fn new_image_replaces_create_first() {
+    let w = world();
+    w.engine().apply(&w.plan(), "apply").unwrap();
+    image(&w.store, "app", 2);
+    w.fake.calls.borrow_mut().clear();
+    w.engine().apply(&w.plan(), "apply").unwrap();
+    assert_eq!(*w.fake.calls.borrow(), ["create app-0004", "destroy app-0002", "create app-0005", "destroy app-0003"]);
+    assert_eq!(w.ids(), ["app-0004 app@2 running", "app-0005 app@2 running", "db-0001 base@1 running"]);
+}
+
+#[test]
+fn stale_plan_is_refused() {
+    let w = world();
+    let plan = w.plan();
+    w.engine().apply(&w.plan(), "apply").unwrap();
+    let err = w.engine().apply(&plan, "apply").unwrap_err();
+    assert!(matches!(err, EngineError::Stale { .. }), "{err}");
+}
+
+#[test]
+fn unhealthy_server_fails_and_keeps_the_old_ones() {
+    let w = world();
+    w.engine().apply(&w.plan(), "apply").unwrap();
+    image(&w.store, "app", 2);
+    let bad = w.store.current_record("app").unwrap().digest.0;
+    w.fake.unhealthy_images.borrow_mut().insert(bad);
+    let err = w.engine().apply(&w.plan(), "apply").unwrap_err();
+    assert!(matches!(err, EngineError::Unhealthy { ref role, .. } if role == "app"), "{err}");
+    assert_eq!(w.ids(), ["app-0002 app@1 running", "app-0003 app@1 running", "db-0001 base@1 running"]);
+    assert!(!w.fake.servers.borrow().contains_key("app-0004"), "the unhealthy server was removed");
+    assert_eq!(w.state.releases("staging").unwrap().last().unwrap().outcome, "failed");
+}
+
+#[test]
+fn crash_leftovers_are_cleaned_and_converged() {
+    let w = world();
+    w.engine().apply(&w.plan(), "apply").unwrap();
+    // A crash mid-create: a row in `creating` and its sandbox; a stray
+    // sandbox the state never heard of; a server whose process died.
+    let mut half = w.state.server("app-0002").unwrap().unwrap();
+    half.id = "app-dead".into();
+    half.status = ServerStatus::Creating;
+    half.address = "10.88.1.99".into();
+    w.state.put_server(&half).unwrap();
+    let req = w.engine().request("staging", &Change { action: Action::Create, role: "app".into(), server: "app-stray".into(), replacement: None, slot: 0, address: Some("10.88.1.98".into()), image: Some("app@1".into()), reason: String::new(), cold: false }, "app-stray", 1).unwrap();
+    w.fake.create(&req).unwrap();
+    w.fake.servers.borrow_mut().get_mut("app-0003").unwrap().alive = false;
+    let plan = w.plan();
+    assert_eq!(kiln_planner::render(&plan).lines().filter(|l| l.starts_with("  +")).count(), 1, "{}", kiln_planner::render(&plan));
+    w.engine().apply(&plan, "apply").unwrap();
+    let ids = w.ids();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids.iter().all(|s| s.ends_with("running")));
+    assert_eq!(w.fake.servers.borrow().len(), 3, "no orphan left in the runtime");
+    assert!(w.plan().is_empty());
+    let events: Vec<String> = w.state.events("staging").unwrap().into_iter().map(|e| e.detail).collect();
+    assert!(events.iter().any(|e| e.contains("stray server app-stray")), "{events:?}");
+}
+
+#[test]
+fn a_held_lock_refuses_a_second_writer() {
+    let w = world();
+    let _held = w.state.lock("staging", "apply").unwrap();
+    let other = State::open(w.state.path()).unwrap();
+    let engine = Engine { state: &other, ..w.engine() };
+    let err = engine.apply(&w.plan(), "apply").unwrap_err();
+    assert!(err.to_string().contains("is locked by"), "{err}");
+}
+
+#[test]
+fn tampered_image_is_refused_at_launch() {
+    let w = world();
+    let rec = w.store.current_record("app").unwrap();
+    std::fs::write(w.store.root_path(&rec.digest).join("implant"), "x").unwrap();
+    let err = w.engine().apply(&w.plan(), "apply").unwrap_err();
+    assert!(matches!(err, EngineError::Tampered { .. }), "{err}");
+    assert!(w.fake.calls.borrow().is_empty(), "nothing was launched");
+    let _ = Digest::of(b"");
+}

@@ -1,0 +1,185 @@
+//! The `local` provider, kiln's embedded default: each server is a
+//! libcontainer sandbox started in-process from its image's shared,
+//! read-only unpacked root, with new pid/mount/uts/ipc/cgroup namespaces, a
+//! network namespace of its own on the environment's bridge (its own
+//! address, reachable from the host), tmpfs `/tmp` and `/run`, only its
+//! declared volumes writable, cgroup limits from its size, hostname = its
+//! id, and the minimal capability set. Its stdout and stderr go to
+//! `<dir>/logs/<env>/<id>.log`, which outlives it. Servers outlive kiln.
+//!
+//! Layout under `<dir>` (the store, `.kiln/`): `servers/` (libcontainer
+//! state and bundles), `logs/`, `volumes/<env>/<role>-<slot>/<volume>/`.
+
+pub mod net;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_model::HealthCheck;
+use kiln_provider::{Provider, ProviderError, Running, ServerRequest};
+use kiln_sandbox::{Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
+
+/// Labels written on every server sandbox, so strays are found by what they claim to be.
+pub const LABEL_ENV: &str = "dev.kiln.env";
+pub const LABEL_ROLE: &str = "dev.kiln.role";
+pub const LABEL_RELEASE: &str = "dev.kiln.release";
+pub const LABEL_DIGEST: &str = "dev.kiln.image";
+
+pub struct Local {
+    dir: PathBuf,
+    runtime: Runtime,
+}
+
+impl Local {
+    pub fn new(dir: &Path) -> Local {
+        Local { dir: dir.to_path_buf(), runtime: Runtime::new(&dir.join("servers")) }
+    }
+
+    fn volume_dir(&self, env: &str, role: &str, slot: u32, name: &str) -> PathBuf {
+        self.dir.join("volumes").join(env).join(format!("{role}-{slot}")).join(name)
+    }
+
+    /// The sandbox runtime servers live in (for drift and stray detection).
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+}
+
+impl Provider for Local {
+    fn create(&self, req: &ServerRequest) -> Result<i32, ProviderError> {
+        let fail = |detail: String| ProviderError::Create { id: req.id.clone(), detail };
+        let envnet = net::ensure_env(&req.env, &req.subnet).map_err(|e| fail(e.to_string()))?;
+        let addr = req.address.parse().map_err(|_| fail(format!("bad address {}", req.address)))?;
+        let netns = net::attach(&envnet, &req.id, addr).map_err(|e| fail(e.to_string()))?;
+        let log = self.log_path(&req.env, &req.id);
+        std::fs::create_dir_all(log.parent().expect("log has a parent")).map_err(|e| fail(e.to_string()))?;
+        let mut binds = Vec::new();
+        for v in &req.volumes {
+            let host = self.volume_dir(&req.env, &req.role, req.slot, &v.name);
+            std::fs::create_dir_all(&host).map_err(|e| fail(format!("create volume {}: {e}", host.display())))?;
+            binds.push(Bind { source: host, destination: v.path.clone(), readonly: false });
+        }
+        let mut spec = SandboxSpec::readonly(&req.id, &req.root, req.argv.clone(), &log);
+        spec.env = req.env_vars.clone();
+        spec.cwd = req.workdir.clone();
+        spec.network = Network::Join(netns);
+        spec.binds = binds;
+        spec.privilege = Privilege::Minimal;
+        spec.limits = Some(Limits { memory_bytes: Some(req.memory_bytes as i64), cpus: Some(req.cpus), pids: Some(1024) });
+        spec.labels = vec![
+            (LABEL_ENV.into(), req.env.clone()),
+            (LABEL_ROLE.into(), req.role.clone()),
+            (LABEL_RELEASE.into(), req.release.to_string()),
+            (LABEL_DIGEST.into(), req.image_digest.clone()),
+        ];
+        match self.runtime.start(&spec) {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                let _ = net::detach(&req.id);
+                Err(fail(e.to_string()))
+            }
+        }
+    }
+
+    fn destroy(&self, _env: &str, id: &str) -> Result<(), ProviderError> {
+        let fail = |detail: String| ProviderError::Destroy { id: id.to_string(), detail };
+        let pid = self.runtime.list().ok().and_then(|l| l.into_iter().find(|f| f.id == id)).and_then(|f| f.pid);
+        self.runtime.delete(id).map_err(|e| fail(e.to_string()))?;
+        if let Some(pid) = pid {
+            reap(pid);
+        }
+        net::detach(id).map_err(|e| fail(e.to_string()))
+    }
+
+    fn inventory(&self, env: &str) -> Result<Vec<Running>, ProviderError> {
+        let found = self.runtime.list().map_err(|e| ProviderError::Other { what: "list servers".into(), detail: e.to_string() })?;
+        let mut out = Vec::new();
+        for f in found {
+            let label = |k: &str| f.labels.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            // Build and test sandboxes live elsewhere; anything here without
+            // an environment label is still reported under no environment.
+            if label(LABEL_ENV).as_deref() != Some(env) {
+                continue;
+            }
+            let alive = f.running && f.pid.is_some_and(alive);
+            out.push(Running {
+                id: f.id.clone(),
+                env: env.to_string(),
+                role: label(LABEL_ROLE).unwrap_or_default(),
+                release: label(LABEL_RELEASE).and_then(|r| r.parse().ok()).unwrap_or(0),
+                pid: f.pid,
+                alive,
+            });
+        }
+        Ok(out)
+    }
+
+    fn probe(&self, req: &ServerRequest, check: &HealthCheck) -> bool {
+        match check {
+            HealthCheck::Http { path, port } => http_ok(&req.address, *port, path),
+            HealthCheck::Tcp { port } => req.address.parse().ok().is_some_and(|ip| TcpStream::connect_timeout(&SocketAddr::new(ip, *port), Duration::from_millis(500)).is_ok()),
+            HealthCheck::Command { argv } => {
+                // The command runs in a sandbox of the same image, in the
+                // server's network namespace: never inside the server itself.
+                let log = self.dir.join("logs").join(&req.env).join(format!("{}.health.log", req.id));
+                let mut spec = SandboxSpec::readonly(&format!("kiln-probe-{}", req.id), &req.root, argv.clone(), &log);
+                spec.env = req.env_vars.clone();
+                spec.network = Network::Join(net::netns_path(&req.id));
+                let _ = std::fs::remove_file(&log);
+                matches!(self.runtime.run_to_exit(&spec, Some(Duration::from_secs(10))), Ok(0))
+            }
+        }
+    }
+
+    fn log_path(&self, env: &str, id: &str) -> PathBuf {
+        self.dir.join("logs").join(env).join(format!("{id}.log"))
+    }
+}
+
+/// One HTTP/1.0 GET; healthy on a 2xx or 3xx status line. Hand-written on
+/// purpose: a status line over a plain socket, with a hard per-attempt
+/// timeout, is all a health probe needs, and an HTTP client crate would
+/// bring TLS and a larger tree for nothing.
+pub fn http_ok(address: &str, port: u16, path: &str) -> bool {
+    let Ok(ip) = address.parse() else { return false };
+    let timeout = Duration::from_millis(500);
+    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(ip, port), timeout) else { return false };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\nUser-Agent: kiln-health\r\n\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while got < 12 {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..got]);
+    let code = line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
+    line.starts_with("HTTP/") && code.is_some_and(|c| (200..400).contains(&c))
+}
+
+/// Whether a pid is alive (a zombie is not).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Reaps a killed server if it is this process's child (servers started by
+/// this kiln process are); otherwise init does.
+fn reap(pid: i32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    for _ in 0..50 {
+        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(2)),
+            _ => return,
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Where servers run. The [`Provider`] trait is everything the engine may
+//! ask of a runtime: create a server from an unpacked, sealed image root,
+//! destroy it, list what runs (with the labels that tie each server to its
+//! environment, role and release), probe its health, and locate its logs.
+//! [`fake::Fake`] implements it in memory for hermetic engine tests.
+//!
+//! Invariant: there is no exec, attach or shell in this interface.
+
+pub mod fake;
+
+use std::path::PathBuf;
+
+use kiln_model::{HealthCheck, Volume};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// Creating a server failed.
+    #[error("cannot create server {id}: {detail}")]
+    Create { id: String, detail: String },
+    /// Destroying a server failed.
+    #[error("cannot destroy server {id}: {detail}")]
+    Destroy { id: String, detail: String },
+    /// Listing or probing failed.
+    #[error("{what}: {detail}")]
+    Other { what: String, detail: String },
+}
+
+/// Everything needed to create one server; fully decided by the plan.
+#[derive(Debug, Clone)]
+pub struct ServerRequest {
+    pub env: String,
+    pub id: String,
+    pub role: String,
+    pub release: i64,
+    pub slot: u32,
+    pub address: String,
+    /// The environment's subnet (CIDR).
+    pub subnet: String,
+    /// The unpacked root of the sealed image version (shared, read-only).
+    pub root: PathBuf,
+    pub image_digest: String,
+    /// Entrypoint followed by command.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE`, image environment then role environment.
+    pub env_vars: Vec<String>,
+    pub workdir: String,
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub volumes: Vec<Volume>,
+}
+
+/// A server the runtime knows about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub id: String,
+    pub env: String,
+    pub role: String,
+    pub release: i64,
+    pub pid: Option<i32>,
+    /// Whether its first process is alive.
+    pub alive: bool,
+}
+
+/// A runtime that runs servers.
+pub trait Provider {
+    /// Creates and starts a server; returns the host pid of its first process.
+    fn create(&self, req: &ServerRequest) -> Result<i32, ProviderError>;
+    /// Stops and removes a server and its network; idempotent. Logs stay.
+    fn destroy(&self, env: &str, id: &str) -> Result<(), ProviderError>;
+    /// Every server of `env` the runtime has, whether the state knows it or not.
+    fn inventory(&self, env: &str) -> Result<Vec<Running>, ProviderError>;
+    /// One health probe of a server at `address`.
+    fn probe(&self, req: &ServerRequest, check: &HealthCheck) -> bool;
+    /// Where the server's stdout and stderr are kept (they outlive it).
+    fn log_path(&self, env: &str, id: &str) -> PathBuf;
+}
