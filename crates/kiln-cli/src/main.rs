@@ -38,6 +38,29 @@ pub enum Command {
     /// Bake, list, inspect, verify and collect golden images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Show what would change in an environment, and why.
+    Plan(cmd::env::PlanArgs),
+    /// Make an environment match its declaration (or apply a saved plan).
+    Apply(cmd::env::ApplyArgs),
+    /// Destroy every server of an environment, then create it afresh.
+    Deploy(cmd::env::DeployArgs),
+    /// Destroy every server of an environment.
+    Destroy(cmd::env::EnvArgs),
+    /// Servers of one or every environment.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Logs of an environment's servers, including destroyed ones.
+    Logs(cmd::env::LogsArgs),
+    /// Releases and events of an environment.
+    History(cmd::env::EnvArgs),
+    /// Break an environment's lock whose holder died.
+    Unlock(cmd::env::EnvArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServerCommand {
+    /// id, role, image, address, age and health of each server.
+    List(cmd::env::ServerListArgs),
 }
 
 #[derive(Subcommand, Debug)]

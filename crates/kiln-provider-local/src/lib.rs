@@ -41,6 +41,17 @@ impl Local {
         self.dir.join("volumes").join(env).join(format!("{role}-{slot}")).join(name)
     }
 
+    /// The name an environment's network is derived from: the store's
+    /// path and the environment, so two projects' `staging` never share a bridge.
+    pub fn net_key(&self, env: &str) -> String {
+        format!("{}:{env}", self.dir.display())
+    }
+
+    /// Removes an environment's bridge (after its last server is gone).
+    pub fn remove_network(&self, env: &str) -> Result<(), net::NetError> {
+        net::remove_env(&self.net_key(env))
+    }
+
     /// The sandbox runtime servers live in (for drift and stray detection).
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
@@ -50,7 +61,7 @@ impl Local {
 impl Provider for Local {
     fn create(&self, req: &ServerRequest) -> Result<i32, ProviderError> {
         let fail = |detail: String| ProviderError::Create { id: req.id.clone(), detail };
-        let envnet = net::ensure_env(&req.env, &req.subnet).map_err(|e| fail(e.to_string()))?;
+        let envnet = net::ensure_env(&self.net_key(&req.env), &req.subnet).map_err(|e| fail(e.to_string()))?;
         let addr = req.address.parse().map_err(|_| fail(format!("bad address {}", req.address)))?;
         let netns = net::attach(&envnet, &req.id, addr).map_err(|e| fail(e.to_string()))?;
         let log = self.log_path(&req.env, &req.id);

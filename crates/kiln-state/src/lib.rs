@@ -398,6 +398,19 @@ pub fn actor() -> String {
         .iter()
         .filter_map(|k| std::env::var(k).ok())
         .find(|v| !v.is_empty())
-        // SAFETY: getuid cannot fail and touches no memory of ours.
-        .unwrap_or_else(|| unsafe { libc::getuid() }.to_string())
+        .unwrap_or_else(user_name)
+}
+
+/// The name of the real user from /etc/passwd, or the uid as a number.
+fn user_name() -> String {
+    // SAFETY: getuid cannot fail and touches no memory of ours.
+    let uid = unsafe { libc::getuid() }.to_string();
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| p.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == uid).then(|| name.to_string())
+        }))
+        .unwrap_or(uid)
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand; `run` dispatches and maps results to exit codes:
 //! 0 success, 1 error, 2 "found something" (differences, changes, drift).
 
+pub mod env;
 pub mod image;
 pub mod init;
 
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use crate::{Cli, Command, ImageCommand};
+use crate::{Cli, Command, ImageCommand, ServerCommand};
 
 /// Exit status for "the command worked and found differences".
 pub const FOUND: u8 = 2;
@@ -22,6 +23,14 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Image(ImageCommand::Show(a)) => image::show(cli, a),
         Command::Image(ImageCommand::Verify(a)) => image::verify(cli, a),
         Command::Image(ImageCommand::Gc(a)) => image::gc(cli, a),
+        Command::Plan(a) => env::plan(cli, a),
+        Command::Apply(a) => env::apply(cli, a),
+        Command::Deploy(a) => env::deploy(cli, a),
+        Command::Destroy(a) => env::destroy(cli, a),
+        Command::Server(ServerCommand::List(a)) => env::server_list(cli, a),
+        Command::Logs(a) => env::logs(cli, a),
+        Command::History(a) => env::history(cli, a),
+        Command::Unlock(a) => env::unlock(cli, a),
     }
 }
 

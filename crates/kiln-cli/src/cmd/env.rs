@@ -1,0 +1,445 @@
+//! Environment commands: plan, apply, deploy --cold, destroy, server list,
+//! logs, history, unlock. They assemble an [`Engine`] over the project, the
+//! store, the SQLite state and the local provider, and render its results.
+
+use std::io::{BufRead, IsTerminal, Read, Seek, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use console::style;
+use kiln_engine::{Engine, Options, Progress};
+use kiln_model::{Action, HealthCheck, Plan};
+use kiln_provider::Provider;
+use kiln_provider_local::Local;
+use kiln_state::State;
+
+use super::{print_json, FOUND};
+use crate::Cli;
+
+#[derive(Args, Debug)]
+pub struct EnvArgs {
+    /// The environment, e.g. `staging`.
+    pub env: String,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    pub env: String,
+    /// Save the plan to FILE, to apply exactly that later.
+    #[arg(short = 'o', long = "out", value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Exit 0 when there is nothing to do, 2 when there are changes, 1 on error.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    pub env: String,
+    /// A plan saved by `kiln plan -o`, applied exactly as saved.
+    pub plan: Option<PathBuf>,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    /// Destroy every server first, then create them afresh (not zero-downtime).
+    #[arg(long, required = true)]
+    pub cold: bool,
+    pub env: String,
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServerListArgs {
+    /// Only this environment.
+    pub env: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    pub env: String,
+    /// Only this server (destroyed servers too).
+    pub server: Option<String>,
+    /// Keep printing what is appended.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+/// Everything an environment command works with.
+struct Ctx {
+    project: kiln_model::Project,
+    store: kiln_image::Store,
+    state: State,
+    local: Local,
+}
+
+fn ctx(cli: &Cli) -> Result<Ctx> {
+    let project = super::project(cli)?;
+    let store = super::store(cli)?;
+    let state_path = store.root().join("state.db");
+    let state = State::open(&state_path)?;
+    let local = Local::new(store.root());
+    Ok(Ctx { project, store, state, local })
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// 16 random bits from the kernel, for new server ids.
+fn random() -> u16 {
+    let mut b = [0u8; 2];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        return (n ^ std::process::id()) as u16;
+    }
+    u16::from_le_bytes(b)
+}
+
+fn health_timeout() -> Duration {
+    std::env::var("KILN_HEALTH_TIMEOUT").ok().and_then(|s| kiln_spec::parse_duration(&s).ok()).unwrap_or(Duration::from_secs(30))
+}
+
+impl Ctx {
+    fn engine<'a>(&'a self, progress: &'a dyn Fn(Progress)) -> Engine<'a> {
+        Engine {
+            project: &self.project,
+            store: &self.store,
+            state: &self.state,
+            provider: &self.local,
+            progress,
+            clock: &now,
+            options: Options { health_timeout: health_timeout(), ..Options::default() },
+        }
+    }
+}
+
+/// Prints a plan with Terraform's colours: green `+`, yellow `~`, red `-`.
+fn print_plan(plan: &Plan) {
+    for line in kiln_planner::render(plan).lines() {
+        let styled = match line.trim_start().chars().next() {
+            Some('+') => style(line).green().to_string(),
+            Some('~') => style(line).yellow().to_string(),
+            Some('-') => style(line).red().to_string(),
+            _ if line.starts_with("Plan:") => style(line).bold().to_string(),
+            _ => line.to_string(),
+        };
+        println!("{styled}");
+    }
+}
+
+fn confirm(env: &str, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to change `{env}` without confirmation; pass --yes");
+    }
+    print!("\nDo you want to perform these actions on `{env}`? Only 'yes' will be accepted: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        bail!("cancelled; nothing was changed");
+    }
+    Ok(())
+}
+
+pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let engine = c.engine(&|_| {});
+    let plan = engine.plan(&args.env, false, &mut random)?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_vec_pretty(&plan)?).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    if cli.json {
+        print_json(&plan)?;
+    } else {
+        print_plan(&plan);
+        if let Some(out) = &args.out {
+            println!("\nSaved the plan to {}. Apply exactly this plan with: kiln apply {} {}", out.display(), args.env, out.display());
+        }
+    }
+    Ok(if args.detailed_exitcode && !plan.is_empty() { ExitCode::from(FOUND) } else { ExitCode::SUCCESS })
+}
+
+pub fn apply(cli: &Cli, args: &ApplyArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let progress = progress_printer(cli.json);
+    let engine = c.engine(&progress);
+    let plan: Plan = match &args.plan {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read plan {}", path.display()))?;
+            let plan: Plan = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a kiln plan", path.display()))?;
+            if plan.env != args.env {
+                bail!("{} is a plan for `{}`, not `{}`", path.display(), plan.env, args.env);
+            }
+            plan
+        }
+        None => engine.plan(&args.env, false, &mut random)?,
+    };
+    run_plan(cli, &c, &engine, &plan, "apply", args.yes || args.plan.is_some())
+}
+
+fn run_plan(cli: &Cli, c: &Ctx, engine: &Engine, plan: &Plan, kind: &str, yes: bool) -> Result<ExitCode> {
+    if !cli.json {
+        print_plan(plan);
+    }
+    if plan.is_empty() {
+        if cli.json {
+            print_json(&serde_json::json!({"env": plan.env, "changes": 0, "servers": servers_json(c, &plan.env)?}))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    confirm(&plan.env, yes || cli.json)?;
+    let applied = engine.apply(plan, kind)?;
+    if cli.json {
+        print_json(&serde_json::json!({"env": plan.env, "release": applied.release, "changes": applied.changes, "servers": servers_json(c, &plan.env)?}))?;
+    } else {
+        println!("\n{} release #{} of `{}`: {} changes applied.", style("Done:").green().bold(), applied.release, plan.env, applied.changes);
+        print_addresses(c, &plan.env)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_addresses(c: &Ctx, env: &str) -> Result<()> {
+    let spec = c.project.envs.get(env);
+    for s in c.state.servers(Some(env))? {
+        let port = spec.and_then(|e| e.roles.get(&s.role)).and_then(|r| r.ports.first().copied());
+        match port {
+            Some(p) => println!("  {} {:<10} http://{}:{}/", style("●").green(), s.id, s.address, p),
+            None => println!("  {} {:<10} {}", style("●").green(), s.id, s.address),
+        }
+    }
+    Ok(())
+}
+
+/// Renders engine progress: plain lines (one per event) to stderr.
+fn progress_printer(quiet: bool) -> impl Fn(Progress) {
+    move |p| {
+        if quiet {
+            return;
+        }
+        match p {
+            Progress::Converged { detail } => eprintln!("{} {detail}", style("cleanup:").yellow()),
+            Progress::Step { index, total, change } => {
+                let (mark, verb) = match change.action {
+                    Action::Create => (style("+").green(), "creating"),
+                    Action::Replace => (style("~").yellow(), "replacing"),
+                    Action::Destroy => (style("-").red(), "destroying"),
+                };
+                let extra = change.replacement.as_ref().map(|r| format!(" by {r}")).unwrap_or_default();
+                eprintln!("[{index}/{total}] {mark} {verb} {}{extra} ({})", change.server, change.reason);
+            }
+            Progress::Waiting { server, address } => eprintln!("        waiting for {server} at {address} to be healthy"),
+            Progress::Healthy { server, elapsed, .. } => eprintln!("        {} {server} healthy after {} ms", style("✓").green(), elapsed.as_millis()),
+            Progress::Destroyed { server } => eprintln!("        {} {server} destroyed", style("✗").red()),
+        }
+    }
+}
+
+pub fn deploy(cli: &Cli, args: &DeployArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let progress = progress_printer(cli.json);
+    let engine = c.engine(&progress);
+    let plan = engine.plan(&args.env, args.cold, &mut random)?;
+    if !cli.json {
+        eprintln!("{} a cold deploy destroys every server of `{}` before creating new ones: it is NOT zero-downtime.", style("warning:").yellow().bold(), args.env);
+    }
+    run_plan(cli, &c, &engine, &plan, "deploy --cold", args.yes)
+}
+
+pub fn destroy(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let progress = progress_printer(cli.json);
+    let engine = c.engine(&progress);
+    let plan = engine.plan_destroy(&args.env)?;
+    let code = run_plan(cli, &c, &engine, &plan, "destroy", args.yes)?;
+    // The environment's bridge goes with its last server.
+    if c.state.servers(Some(&args.env))?.is_empty() {
+        c.local.remove_network(&args.env)?;
+    }
+    Ok(code)
+}
+
+fn health_of(c: &Ctx, s: &kiln_model::Server, alive: bool) -> &'static str {
+    if s.status != kiln_model::ServerStatus::Running {
+        return s.status.as_str();
+    }
+    if !alive {
+        return "down";
+    }
+    let check = c.project.envs.get(&s.env).and_then(|e| e.roles.get(&s.role)).and_then(|r| r.health.clone());
+    let ok = match check {
+        Some(HealthCheck::Http { path, port }) => kiln_provider_local::http_ok(&s.address, port, &path),
+        Some(HealthCheck::Tcp { port }) => s.address.parse().ok().is_some_and(|ip| std::net::TcpStream::connect_timeout(&std::net::SocketAddr::new(ip, port), Duration::from_millis(300)).is_ok()),
+        Some(HealthCheck::Command { .. }) | None => true,
+    };
+    if ok { "healthy" } else { "unhealthy" }
+}
+
+fn servers_json(c: &Ctx, env: &str) -> Result<serde_json::Value> {
+    let alive: std::collections::BTreeSet<String> = c.local.inventory(env)?.into_iter().filter(|r| r.alive).map(|r| r.id).collect();
+    let rows: Vec<_> = c
+        .state
+        .servers(Some(env))?
+        .into_iter()
+        .map(|s| {
+            let ports = c.project.envs.get(env).and_then(|e| e.roles.get(&s.role)).map(|r| r.ports.clone()).unwrap_or_default();
+            serde_json::json!({
+                "id": s.id, "env": s.env, "role": s.role, "image": s.image, "image_digest": s.image_digest,
+                "address": s.address, "ports": ports,
+                "created": chrono::DateTime::from_timestamp(s.created, 0).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "health": health_of(c, &s, alive.contains(&s.id)), "pid": s.pid, "status": s.status.as_str(), "release": s.release,
+            })
+        })
+        .collect();
+    Ok(serde_json::Value::Array(rows))
+}
+
+pub fn server_list(cli: &Cli, args: &ServerListArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let envs = match &args.env {
+        Some(e) => vec![e.clone()],
+        None => c.state.envs()?,
+    };
+    let mut all = Vec::new();
+    for e in &envs {
+        if let serde_json::Value::Array(rows) = servers_json(&c, e)? {
+            all.extend(rows);
+        }
+    }
+    if cli.json {
+        print_json(&all)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|s| {
+            let created = chrono::DateTime::parse_from_rfc3339(s["created"].as_str().unwrap_or("")).map(|t| t.timestamp()).unwrap_or(0);
+            let health = s["health"].as_str().unwrap_or("").to_string();
+            let health = match health.as_str() {
+                "healthy" => style(health).green().to_string(),
+                "unhealthy" | "down" => style(health).red().to_string(),
+                _ => style(health).yellow().to_string(),
+            };
+            vec![
+                s["id"].as_str().unwrap_or("").into(),
+                s["env"].as_str().unwrap_or("").into(),
+                s["role"].as_str().unwrap_or("").into(),
+                s["image"].as_str().unwrap_or("").into(),
+                s["address"].as_str().unwrap_or("").into(),
+                kiln_spec::format_duration((now() - created).max(0) as u64),
+                health,
+            ]
+        })
+        .collect();
+    crate::output::table(&["ID", "ENV", "ROLE", "IMAGE", "ADDRESS", "AGE", "HEALTH"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let dir = c.store.root().join("logs").join(&args.env);
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    if let Ok(items) = std::fs::read_dir(&dir) {
+        for i in items.flatten() {
+            let name = i.file_name().to_string_lossy().to_string();
+            if let Some(id) = name.strip_suffix(".log") {
+                if !id.ends_with(".health") && args.server.as_deref().is_none_or(|s| s == id) {
+                    files.push((id.to_string(), i.path()));
+                }
+            }
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        match &args.server {
+            Some(s) => bail!("no logs for server `{s}` in `{}`", args.env),
+            None => bail!("no logs in `{}` yet", args.env),
+        }
+    }
+    let prefix = args.server.is_none();
+    let mut offsets = vec![0u64; files.len()];
+    loop {
+        for (i, (id, path)) in files.iter().enumerate() {
+            let Ok(mut f) = std::fs::File::open(path) else { continue };
+            f.seek(std::io::SeekFrom::Start(offsets[i]))?;
+            let mut text = String::new();
+            f.read_to_string(&mut text)?;
+            offsets[i] += text.len() as u64;
+            for line in text.lines() {
+                if prefix {
+                    println!("{} {line}", style(format!("{id:<10} |")).dim());
+                } else {
+                    println!("{line}");
+                }
+            }
+        }
+        if !args.follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::io::stdout().flush()?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn history(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let releases = c.state.releases(&args.env)?;
+    let events = c.state.events(&args.env)?;
+    if cli.json {
+        print_json(&serde_json::json!({"env": args.env, "releases": releases, "events": events}))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ts = |t: i64| chrono::DateTime::from_timestamp(t, 0).unwrap_or_default().format("%Y-%m-%d %H:%M:%S").to_string();
+    let mut lines: Vec<(i64, String)> = Vec::new();
+    for r in &releases {
+        let outcome = match r.outcome.as_str() {
+            "succeeded" => style(&r.outcome).green().to_string(),
+            "failed" => style(&r.outcome).red().to_string(),
+            _ => style(&r.outcome).yellow().to_string(),
+        };
+        let detail = if r.outcome == "failed" { format!("\n      {}", r.detail.lines().next().unwrap_or("")) } else { String::new() };
+        lines.push((r.created, format!("{}  #{:<3} {:<14} by {:<10} {outcome}: {}{detail}", ts(r.created), r.id, r.kind, r.actor, r.summary)));
+    }
+    for e in &events {
+        lines.push((e.time, format!("{}  {:<4} {:<14} by {:<10} {}", ts(e.time), "", e.action, e.actor, e.detail)));
+    }
+    lines.sort_by_key(|l| l.0);
+    if lines.is_empty() {
+        println!("No history for `{}` yet.", args.env);
+    }
+    for (_, l) in lines {
+        println!("{l}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn unlock(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    match c.state.lock_info(&args.env)? {
+        None => {
+            println!("`{}` is not locked.", args.env);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(info) => {
+            if info.holder_alive() && !args.yes {
+                bail!("the lock on `{}` is held by a live process (pid {} on {}); stop it, or pass --yes to break the lock anyway", args.env, info.pid, info.host);
+            }
+            c.state.unlock(&args.env, &kiln_state::actor())?;
+            println!("Broke the lock on `{}` held by {} (pid {}) since {}.", args.env, info.holder, info.pid, chrono::DateTime::from_timestamp(info.since, 0).unwrap_or_default().to_rfc3339());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
