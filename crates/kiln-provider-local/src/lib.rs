@@ -61,6 +61,13 @@ impl Local {
 impl Provider for Local {
     fn create(&self, req: &ServerRequest) -> Result<i32, ProviderError> {
         let fail = |detail: String| ProviderError::Create { id: req.id.clone(), detail };
+        // The runtime would create a missing mount point inside the shared,
+        // sealed image root: refuse instead, the image must provide it.
+        for v in &req.volumes {
+            if !req.root.join(v.path.trim_start_matches('/')).is_dir() {
+                return Err(fail(format!("the image has no directory {} for volume `{}`; create it in the image (files/ or a script)", v.path, v.name)));
+            }
+        }
         let envnet = net::ensure_env(&self.net_key(&req.env), &req.subnet).map_err(|e| fail(e.to_string()))?;
         let addr = req.address.parse().map_err(|_| fail(format!("bad address {}", req.address)))?;
         let netns = net::attach(&envnet, &req.id, addr).map_err(|e| fail(e.to_string()))?;
