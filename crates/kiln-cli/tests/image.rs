@@ -399,6 +399,15 @@ fn init_scaffold_builds_from_debootstrap() {
     // A second build is entirely cached, debootstrap included.
     let again = p.kiln(&["image", "build", "--all"]).ok();
     assert_eq!(again.stderr.matches("(cached)").count(), 2, "{}", again.stderr);
+    // The scaffold's staging environment deploys and serves.
+    let applied = p.kiln(&["apply", "staging", "--yes"]).ok();
+    let list = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
+    let _ = applied;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    for s in list.as_array().unwrap() {
+        assert_eq!(s["health"], "healthy", "{s}");
+    }
+    p.kiln(&["destroy", "staging", "--yes"]).ok();
     // Running init again refuses to overwrite.
     let twice = p.kiln(&["init"]).expect(1);
     assert!(twice.stderr.contains("already has a kiln.toml"), "{}", twice.stderr);
