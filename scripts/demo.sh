@@ -14,7 +14,7 @@ kiln="$here/target/release/kiln"
 "$kiln" -C "$dir" image verify app
 "$kiln" -C "$dir" apply staging --yes
 "$kiln" -C "$dir" server list staging
-addr=$("$kiln" -C "$dir" server list staging --json | python3 -c 'import json,sys; s=json.load(sys.stdin)[0]; print(f"{s[\"address\"]}:{s[\"ports\"][0]}")')
+addr=$("$kiln" -C "$dir" server list staging --json | python3 -c 'import json,sys; s=json.load(sys.stdin)[0]; print("%s:%s" % (s["address"], s["ports"][0]))')
 echo
 echo "curl http://$addr/"
 curl -fsS "http://$addr/" || python3 -c "import urllib.request; print(urllib.request.urlopen('http://$addr/').read().decode())"

@@ -224,11 +224,17 @@ fn print_addresses(c: &Ctx, env: &str) -> Result<()> {
     Ok(())
 }
 
-/// Renders engine progress: plain lines (one per event) to stderr.
+/// Renders engine progress to stderr: plain lines, plus a spinner while a
+/// server's health is awaited when stderr is a terminal.
 fn progress_printer(quiet: bool) -> impl Fn(Progress) {
+    let spinner: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+    let tty = crate::output::stderr_is_tty();
     move |p| {
         if quiet {
             return;
+        }
+        if let Some(bar) = spinner.lock().expect("spinner lock").take() {
+            bar.finish_and_clear();
         }
         match p {
             Progress::Converged { detail } => eprintln!("{} {detail}", style("cleanup:").yellow()),
@@ -240,6 +246,13 @@ fn progress_printer(quiet: bool) -> impl Fn(Progress) {
                 };
                 let extra = change.replacement.as_ref().map(|r| format!(" by {r}")).unwrap_or_default();
                 eprintln!("[{index}/{total}] {mark} {verb} {}{extra} ({})", change.server, change.reason);
+            }
+            Progress::Waiting { server, address } if tty => {
+                let bar = indicatif::ProgressBar::new_spinner();
+                bar.set_style(indicatif::ProgressStyle::with_template("        {spinner:.cyan} {msg} [{elapsed}]").expect("template"));
+                bar.set_message(format!("waiting for {server} at {address} to be healthy"));
+                bar.enable_steady_tick(Duration::from_millis(80));
+                *spinner.lock().expect("spinner lock") = Some(bar);
             }
             Progress::Waiting { server, address } => eprintln!("        waiting for {server} at {address} to be healthy"),
             Progress::Healthy { server, elapsed, .. } => eprintln!("        {} {server} healthy after {} ms", style("✓").green(), elapsed.as_millis()),
