@@ -70,6 +70,8 @@ pub struct Status {
     pub backends: Vec<BackendStatus>,
     /// Client connections that found no backend to take them.
     pub rejected: u64,
+    /// Increases with every write, so a reader can wait for a fresh one.
+    pub seq: u64,
 }
 
 #[derive(Default)]
@@ -86,6 +88,7 @@ struct Shared {
     counters: Mutex<BTreeMap<SocketAddr, Arc<Counters>>>,
     next: AtomicUsize,
     rejected: AtomicU64,
+    seq: AtomicU64,
 }
 
 pub fn backends_path(dir: &Path) -> PathBuf {
@@ -140,9 +143,13 @@ pub fn wait_generation(dir: &Path, generation: u64, timeout: Duration) -> Result
 /// draining is bounded). Returns whether it drained fully.
 pub fn wait_drained(dir: &Path, addr: &str, timeout: Duration) -> bool {
     let start = std::time::Instant::now();
+    // Only a status written after this call started counts: counters in an
+    // older one may predate the last connections to `addr`.
+    let from = read_status(dir).map(|s| s.seq).unwrap_or(0);
     loop {
-        let open = read_status(dir).and_then(|s| s.backends.into_iter().find(|b| b.addr == addr)).map(|b| b.open).unwrap_or(0);
-        if open == 0 {
+        let status = read_status(dir).filter(|s| s.seq >= from + 2);
+        let open = status.as_ref().map(|s| s.backends.iter().find(|b| b.addr == addr).map(|b| b.open).unwrap_or(0));
+        if open == Some(0) {
             return true;
         }
         if start.elapsed() > timeout {
@@ -161,6 +168,7 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
         counters: Mutex::new(BTreeMap::new()),
         next: AtomicUsize::new(0),
         rejected: AtomicU64::new(0),
+        seq: AtomicU64::new(0),
     });
     std::fs::write(dir.join("pid"), std::process::id().to_string()).map_err(|source| BalancerError::Io { op: "write", path: dir.join("pid"), source })?;
     load(&shared, &dir, listen);
@@ -178,8 +186,8 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
                 if mtime != last_mtime {
                     last_mtime = mtime;
                     load(&shared, &dir, &listen);
-                } else if ticks % 10 == 0 {
-                    // Counters change with traffic: refresh them ten times a second.
+                } else if ticks % 2 == 0 {
+                    // Counters change with traffic: refresh them every 20 ms.
                     write_status(&shared, &dir, &listen);
                 }
             }
@@ -236,7 +244,8 @@ fn write_status(shared: &Shared, dir: &Path, listen: &str) {
             errors: c.errors.load(Ordering::SeqCst),
         })
         .collect();
-    let status = Status { pid: std::process::id(), listen: listen.to_string(), generation: shared.generation.load(Ordering::SeqCst), backends, rejected: shared.rejected.load(Ordering::SeqCst) };
+    let seq = shared.seq.fetch_add(1, Ordering::SeqCst) + 1;
+    let status = Status { pid: std::process::id(), listen: listen.to_string(), generation: shared.generation.load(Ordering::SeqCst), backends, rejected: shared.rejected.load(Ordering::SeqCst), seq };
     let _ = write_atomic(&status_path(dir), &serde_json::to_vec(&status).expect("serializes"));
 }
 

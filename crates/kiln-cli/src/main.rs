@@ -55,6 +55,15 @@ pub enum Command {
     History(cmd::env::EnvArgs),
     /// Break an environment's lock whose holder died.
     Unlock(cmd::env::EnvArgs),
+    /// The balancer process (started and supervised by kiln itself).
+    #[command(subcommand, hide = true)]
+    Balancer(BalancerCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BalancerCommand {
+    /// Run a balancer in the foreground.
+    Serve(cmd::env::BalancerArgs),
 }
 
 #[derive(Subcommand, Debug)]

@@ -181,6 +181,12 @@ impl<'a> Engine<'a> {
                 done.push(detail);
             }
         }
+        // Whatever happened before, balancers route only to live servers.
+        if let Ok(spec) = self.env(env) {
+            for role in spec.roles.values().filter(|r| r.balancer.is_some()) {
+                self.rebalance(env, &role.name, None)?;
+            }
+        }
         for r in running.iter().filter(|r| !known.contains(&r.id)) {
             self.provider.destroy(env, &r.id)?;
             let detail = format!("removed stray server {} (labelled `{env}`, unknown to the state)", r.id);
@@ -323,6 +329,22 @@ impl<'a> Engine<'a> {
             return Err(e);
         }
         self.state.set_server_status(id, ServerStatus::Running, Some(pid))?;
+        self.rebalance(&plan.env, &c.role, None)?;
+        Ok(())
+    }
+
+    /// Points the role's balancer (if it has one) at its running servers,
+    /// leaving out `without`; returns once the switch is in effect.
+    fn rebalance(&self, env: &str, role: &str, without: Option<&str>) -> Result<()> {
+        let Some(b) = self.env(env)?.roles.get(role).and_then(|r| r.balancer.clone()) else { return Ok(()) };
+        let backends: Vec<String> = self
+            .state
+            .servers(Some(env))?
+            .into_iter()
+            .filter(|s| s.role == role && s.status == ServerStatus::Running && Some(s.id.as_str()) != without)
+            .map(|s| format!("{}:{}", s.address, b.port))
+            .collect();
+        self.provider.balance(env, role, &b, &backends)?;
         Ok(())
     }
 
@@ -346,7 +368,14 @@ impl<'a> Engine<'a> {
     }
 
     fn destroy(&self, env: &str, id: &str) -> Result<()> {
-        if self.state.server(id)?.is_some() {
+        if let Some(s) = self.state.server(id)? {
+            // Take it out of the balancer and let its connections finish
+            // before anything stops it.
+            let balancer = self.env(env).ok().and_then(|e| e.roles.get(&s.role)).and_then(|r| r.balancer.clone());
+            if let (Some(b), ServerStatus::Running) = (balancer, s.status) {
+                self.rebalance(env, &s.role, Some(id))?;
+                self.provider.drain(env, &s.role, &format!("{}:{}", s.address, b.port), Duration::from_secs(b.drain_timeout_secs));
+            }
             self.state.set_server_status(id, ServerStatus::Destroying, None)?;
         }
         self.provider.destroy(env, id)?;

@@ -17,7 +17,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_model::HealthCheck;
+use kiln_model::{Balancer, HealthCheck};
 use kiln_provider::{Provider, ProviderError, Running, ServerRequest};
 use kiln_sandbox::{Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
 
@@ -154,6 +154,83 @@ impl Provider for Local {
     fn log_path(&self, env: &str, id: &str) -> PathBuf {
         self.dir.join("logs").join(env).join(format!("{id}.log"))
     }
+
+    fn balance(&self, env: &str, role: &str, b: &Balancer, backends: &[String]) -> Result<(), ProviderError> {
+        let fail = |detail: String| ProviderError::Other { what: format!("balancer of {env}/{role}"), detail };
+        let dir = self.balancer_dir(env, role);
+        let generation = kiln_balancer::set_backends(&dir, backends).map_err(|e| fail(e.to_string()))?;
+        self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
+        kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5)).map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
+    fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool {
+        kiln_balancer::wait_drained(&self.balancer_dir(env, role), backend, timeout)
+    }
+
+    fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError> {
+        let dir = self.balancer_dir(env, role);
+        if let Some(pid) = balancer_pid(&dir) {
+            // SAFETY: kill(2) on a pid we verified runs our balancer.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            for _ in 0..200 {
+                if !alive(pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            reap(pid);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}
+
+impl Local {
+    /// `.kiln/balancers/<env>-<role>/`: the balancer's control directory.
+    pub fn balancer_dir(&self, env: &str, role: &str) -> PathBuf {
+        self.dir.join("balancers").join(format!("{env}-{role}"))
+    }
+
+    /// Starts the role's balancer unless it runs. It is `kiln balancer
+    /// serve` in a session of its own, so it outlives this process; any
+    /// kiln command that needs it restarts it if it died.
+    fn ensure_balancer(&self, dir: &Path, listen: &str) -> Result<(), String> {
+        if balancer_pid(dir).is_some() {
+            return Ok(());
+        }
+        let exe = std::env::var_os("KILN_EXE").map(PathBuf::from).or_else(|| std::env::current_exe().ok()).ok_or("cannot find the kiln executable")?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("balancer.log")).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(dir.join("pid"));
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("balancer").arg("serve").arg("--listen").arg(listen).arg("--dir").arg(dir);
+        cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone().map_err(|e| e.to_string())?).stderr(log);
+        // SAFETY: setsid is async-signal-safe; it detaches the balancer
+        // from kiln's session so it survives the terminal and kiln.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start the balancer: {e}"))?;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if kiln_balancer::read_status(dir).is_some_and(|s| s.pid == child.id()) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Err(format!("the balancer did not start; see {}", dir.join("balancer.log").display()))
+    }
+}
+
+/// The pid of a live balancer for `dir`, if one runs.
+fn balancer_pid(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (alive(pid) && cmdline.windows(8).any(|w| w == b"balancer")).then_some(pid)
 }
 
 /// One HTTP/1.0 GET; healthy on a 2xx or 3xx status line. Hand-written on

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use kiln_model::HealthCheck;
+use kiln_model::{Balancer, HealthCheck};
 
 use crate::{Provider, ProviderError, Running, ServerRequest};
 
@@ -47,5 +47,20 @@ impl Provider for Fake {
 
     fn log_path(&self, env: &str, id: &str) -> PathBuf {
         PathBuf::from(format!("/nonexistent/{env}/{id}.log"))
+    }
+
+    fn balance(&self, _env: &str, role: &str, _b: &Balancer, backends: &[String]) -> Result<(), ProviderError> {
+        self.calls.borrow_mut().push(format!("balance {role} [{}]", backends.join(" ")));
+        Ok(())
+    }
+
+    fn drain(&self, _env: &str, _role: &str, backend: &str, _timeout: std::time::Duration) -> bool {
+        self.calls.borrow_mut().push(format!("drain {backend}"));
+        true
+    }
+
+    fn remove_balancer(&self, _env: &str, role: &str) -> Result<(), ProviderError> {
+        self.calls.borrow_mut().push(format!("remove balancer {role}"));
+        Ok(())
     }
 }

@@ -10,7 +10,9 @@ pub mod fake;
 
 use std::path::PathBuf;
 
-use kiln_model::{HealthCheck, Volume};
+use std::time::Duration;
+
+use kiln_model::{Balancer, HealthCheck, Volume};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -73,4 +75,11 @@ pub trait Provider {
     fn probe(&self, req: &ServerRequest, check: &HealthCheck) -> bool;
     /// Where the server's stdout and stderr are kept (they outlive it).
     fn log_path(&self, env: &str, id: &str) -> PathBuf;
+    /// Makes the role's balancer run and send new connections only to
+    /// `backends` (`address:port`), returning once the switch is in effect.
+    fn balance(&self, env: &str, role: &str, balancer: &Balancer, backends: &[String]) -> Result<(), ProviderError>;
+    /// Waits (bounded) until the balancer has no open connection to `backend`.
+    fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool;
+    /// Stops and removes a role's balancer.
+    fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError>;
 }

@@ -278,8 +278,13 @@ pub fn destroy(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
     let engine = c.engine(&progress);
     let plan = engine.plan_destroy(&args.env)?;
     let code = run_plan(cli, &c, &engine, &plan, "destroy", args.yes)?;
-    // The environment's bridge goes with its last server.
+    // The environment's balancers and bridge go with its last server.
     if c.state.servers(Some(&args.env))?.is_empty() {
+        if let Some(spec) = c.project.envs.get(&args.env) {
+            for role in spec.roles.keys() {
+                c.local.remove_balancer(&args.env, role)?;
+            }
+        }
         c.local.remove_network(&args.env)?;
     }
     Ok(code)
@@ -455,4 +460,19 @@ pub fn unlock(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct BalancerArgs {
+    #[arg(long)]
+    pub listen: String,
+    #[arg(long)]
+    pub dir: PathBuf,
+}
+
+/// `kiln balancer serve`: the balancer process itself (started by kiln).
+pub fn balancer_serve(args: &BalancerArgs) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(kiln_balancer::run(&args.listen, args.dir.clone()))?;
+    Ok(ExitCode::SUCCESS)
 }

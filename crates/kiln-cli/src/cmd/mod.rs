@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use crate::{Cli, Command, ImageCommand, ServerCommand};
+use crate::{BalancerCommand, Cli, Command, ImageCommand, ServerCommand};
 
 /// Exit status for "the command worked and found differences".
 pub const FOUND: u8 = 2;
@@ -31,6 +31,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Logs(a) => env::logs(cli, a),
         Command::History(a) => env::history(cli, a),
         Command::Unlock(a) => env::unlock(cli, a),
+        Command::Balancer(BalancerCommand::Serve(a)) => env::balancer_serve(a),
     }
 }
 

@@ -1,0 +1,161 @@
+//! Zero downtime under load: a real client keeps sending HTTP requests
+//! through the role's balancer while kiln replaces every server behind it.
+//! Every request must succeed; the count proves the load was real.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn project(subnet: &str, port: u16) -> Project {
+    let p = Project::new();
+    p.busybox_tarball("base.tar.gz");
+    p.write("images/web/files/srv/www/index.html", "v1\n");
+    p.write("images/web/files/srv/www/healthz", "ok\n");
+    p.write(
+        "kiln.toml",
+        &format!(
+            r#"
+[project]
+name = "zd"
+[images.base]
+from = {{ rootfs = "base.tar.gz" }}
+[images.web]
+from = "base"
+entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]
+health = {{ http = "/healthz", port = 8080 }}
+[env.staging]
+subnet = "{subnet}"
+[env.staging.roles.web]
+image = "web"
+servers = 3
+ports = [8080]
+balancer = {{ listen = "127.0.0.1:{port}", port = 8080, drain_timeout = "5s" }}
+"#
+        ),
+    );
+    p.kiln(&["image", "build", "--all"]).ok();
+    p
+}
+
+/// Steady load through the balancer until stopped: (ok, failed, bodies seen).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let handles = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let mut errors = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match request(port) {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                errors.push(e);
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                    errors
+                })
+            })
+            .collect();
+        Load { stop, ok, failed, handles }
+    }
+
+    fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
+    }
+}
+
+fn request(port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+    if !out.starts_with("HTTP/1.") || !out.contains(" 200 ") {
+        return Err(format!("bad response: {:?}", out.lines().next()));
+    }
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+#[test]
+fn rolling_replacement_under_load_drops_nothing() {
+    let port = free_port();
+    let p = project("10.77.20.0/24", port);
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    assert_eq!(request(port).unwrap(), "v1\n");
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    p.write("images/web/files/srv/www/index.html", "v2\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 100, "only {ok} requests were sent");
+    assert_eq!(request(port).unwrap(), "v2\n");
+    eprintln!("rolling: {ok} requests, 0 failed");
+}
+
+#[test]
+fn sigkill_mid_rollout_then_rerun_drops_nothing() {
+    let port = free_port();
+    let p = project("10.77.21.0/24", port);
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let load = Load::start(port, 4);
+    p.write("images/web/files/srv/www/index.html", "v2\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    for delay in [60u64, 200] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("-C").arg(p.path()).args(["apply", "staging", "--yes"])
+            .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null())
+            .spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = p.kiln(&["unlock", "staging"]);
+    }
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 50, "only {ok} requests were sent");
+    assert_eq!(request(port).unwrap(), "v2\n");
+    // The balancer routes only to servers that exist.
+    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(p.store().join("balancers/staging-web/status.json")).unwrap()).unwrap();
+    let servers = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
+    let mut live: Vec<String> = servers.as_array().unwrap().iter().map(|s| format!("{}:8080", s["address"].as_str().unwrap())).collect();
+    let mut routed: Vec<String> = status["backends"].as_array().unwrap().iter().filter(|b| b["active"] == true).map(|b| b["addr"].as_str().unwrap().to_string()).collect();
+    live.sort();
+    routed.sort();
+    assert_eq!(routed, live);
+}
+
+struct Teardown<'a>(&'a Project);
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kiln(&["destroy", "staging", "--yes"]);
+    }
+}
