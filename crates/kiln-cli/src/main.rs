@@ -46,6 +46,8 @@ pub enum Command {
     Deploy(cmd::env::DeployArgs),
     /// Destroy every server of an environment.
     Destroy(cmd::env::EnvArgs),
+    /// Return an environment to a previous release's images, with zero downtime.
+    Rollback(cmd::env::RollbackArgs),
     /// Servers of one or every environment.
     #[command(subcommand)]
     Server(ServerCommand),

@@ -153,6 +153,64 @@ fn sigkill_mid_rollout_then_rerun_drops_nothing() {
     assert_eq!(routed, live);
 }
 
+#[test]
+fn manual_rollback_under_load_drops_nothing() {
+    let port = free_port();
+    let p = project("10.77.22.0/24", port);
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    p.write("images/web/files/srv/www/index.html", "v2\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    assert_eq!(request(port).unwrap(), "v2\n");
+    let load = Load::start(port, 4);
+    let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
+    assert!(run.stdout.contains("back to the images of release #1") && run.stdout.contains("image changed (web@2 → web@1)"), "{}", run.stdout);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 50, "only {ok} requests were sent");
+    assert_eq!(request(port).unwrap(), "v1\n");
+    let history = p.kiln(&["history", "staging"]).ok().stdout;
+    assert!(history.contains("rollback"), "{history}");
+    // gc keeps what releases ran, so a rollback always has its images.
+    let gc = p.kiln(&["image", "gc", "--keep", "0", "--json"]).ok().json();
+    assert!(gc["versions"].as_array().unwrap().is_empty(), "{gc}");
+}
+
+#[test]
+fn failed_rollout_rolls_back_automatically_under_load() {
+    let port = free_port();
+    let p = project("10.77.23.0/24", port);
+    let _t = Teardown(&p);
+    // A second role, started after `web`, whose next image never gets healthy.
+    p.write("images/api/files/srv/www/healthz", "ok\n");
+    let spec = std::fs::read_to_string(p.path().join("kiln.toml")).unwrap();
+    p.write("kiln.toml", &format!("{spec}\n[images.api]\nfrom = \"base\"\nentrypoint = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"9090\", \"-h\", \"/srv/www\"]\nhealth = {{ http = \"/healthz\", port = 9090 }}\n[env.staging.roles.api]\nimage = \"api\"\nservers = 1\ndepends_on = [\"web\"]\n"));
+    p.kiln(&["image", "build", "--all"]).ok();
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let load = Load::start(port, 4);
+    p.write("images/web/files/srv/www/index.html", "v2\n");
+    std::fs::remove_file(p.path().join("images/api/files/srv/www/healthz")).unwrap();
+    p.write("images/api/files/srv/www/other", "x\n");
+    p.kiln(&["image", "build", "--all"]).ok();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("-C").arg(p.path()).args(["apply", "staging", "--yes"]).env("KILN_HEALTH_TIMEOUT", "2s").env("NO_COLOR", "1")
+        .output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not become healthy") && stderr.contains("rolled back automatically to the images of release #1"), "{stderr}");
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 50, "only {ok} requests were sent");
+    assert_eq!(request(port).unwrap(), "v1\n", "web is back on its previous image");
+    let servers = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
+    for s in servers.as_array().unwrap() {
+        assert!(s["image"] == "web@1" || s["image"] == "api@1", "{s}");
+    }
+    let history = p.kiln(&["history", "staging"]).ok().stdout;
+    assert!(history.contains("failed") && history.contains("rollback (automatic)"), "{history}");
+}
+
 struct Teardown<'a>(&'a Project);
 impl Drop for Teardown<'_> {
     fn drop(&mut self) {

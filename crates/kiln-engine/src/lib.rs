@@ -45,6 +45,12 @@ pub enum EngineError {
     /// A new server never passed its health check.
     #[error("server {server} ({role}) did not become healthy within {secs}s; the previous servers of `{role}` are still running. last log lines:\n{tail}")]
     Unhealthy { server: String, role: String, secs: u64, tail: String },
+    /// There is nothing to roll back to.
+    #[error("cannot roll back `{env}`: {reason}")]
+    NoRollback { env: String, reason: String },
+    /// The apply failed and the environment was returned to a previous release.
+    #[error("{cause}\nrolled back automatically to the images of release #{to} (as release #{release})")]
+    RolledBack { cause: Box<EngineError>, to: i64, release: i64 },
     #[error(transparent)]
     Plan(#[from] kiln_planner::PlanError),
     #[error(transparent)]
@@ -70,6 +76,8 @@ pub enum Progress {
     Healthy { server: String, address: String, elapsed: Duration },
     /// A server is gone.
     Destroyed { server: String },
+    /// The apply failed; the environment goes back to release `to`.
+    RollingBack { to: i64, reason: String },
 }
 
 /// Knobs of execution (not of the plan).
@@ -136,12 +144,77 @@ impl<'a> Engine<'a> {
 
     /// Plans `env`. `random` gives new server id suffixes.
     pub fn plan(&self, env_name: &str, cold: bool, random: &mut dyn FnMut() -> u16) -> Result<Plan> {
+        let targets = self.targets(self.env(env_name)?)?;
+        self.plan_targets(env_name, targets, cold, random)
+    }
+
+    /// Plans `env` towards the given role targets (a previous release's, for a rollback).
+    pub fn plan_targets(&self, env_name: &str, targets: Vec<RoleTarget>, cold: bool, random: &mut dyn FnMut() -> u16) -> Result<Plan> {
         let env = self.env(env_name)?;
-        let targets = self.targets(env)?;
         let (observed, dead) = self.observe(env_name)?;
         let generation = self.state.generation(env_name)?;
         let input = Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold };
         Ok(kiln_planner::plan(&input, random)?)
+    }
+
+    /// The role targets a past release applied, for rolling back to it:
+    /// release `to`, or else the last successful release before the last
+    /// successful one.
+    pub fn rollback_targets(&self, env: &str, to: Option<i64>) -> Result<(i64, Vec<RoleTarget>)> {
+        let releases = self.state.releases(env)?;
+        let ok: Vec<&kiln_state::Release> = releases.iter().filter(|r| r.outcome == "succeeded" && r.kind != "destroy").collect();
+        let pick = match to {
+            Some(n) => releases.iter().find(|r| r.id == n).ok_or(EngineError::NoRollback { env: env.into(), reason: format!("there is no release #{n}") })?,
+            None => {
+                let latest = ok.last().ok_or(EngineError::NoRollback { env: env.into(), reason: "no release succeeded yet".into() })?;
+                let before = ok.iter().rev().find(|r| r.roles_json != latest.roles_json);
+                before.copied().ok_or(EngineError::NoRollback { env: env.into(), reason: "no earlier release runs different images".into() })?
+            }
+        };
+        let targets: Vec<RoleTarget> = serde_json::from_str(&pick.roles_json).map_err(|e| EngineError::NoRollback { env: env.into(), reason: format!("release #{} has unreadable targets: {e}", pick.id) })?;
+        if targets.is_empty() {
+            return Err(EngineError::NoRollback { env: env.into(), reason: format!("release #{} ran no servers", pick.id) });
+        }
+        // Roles declared since then keep their current target.
+        let spec = self.env(env)?;
+        let mut merged = self.targets(spec)?;
+        for t in merged.iter_mut() {
+            if let Some(old) = targets.iter().find(|o| o.role == t.role) {
+                *t = RoleTarget { servers: t.servers, ..old.clone() };
+            }
+        }
+        for t in &merged {
+            if kiln_image::ops::resolve(self.store, &t.image).is_err() {
+                return Err(EngineError::NoRollback { env: env.into(), reason: format!("image {} of release #{} is no longer in the store", t.image, pick.id) });
+            }
+        }
+        Ok((pick.id, merged))
+    }
+
+    /// Applies `plan`; if a step fails after the environment started
+    /// changing, returns it by itself to the last release that succeeded
+    /// (through the same zero-downtime path) and reports both.
+    pub fn apply_or_roll_back(&self, plan: &Plan, kind: &str, random: &mut dyn FnMut() -> u16) -> Result<Applied> {
+        let before = self.state.releases(&plan.env)?.into_iter().rev().find(|r| r.outcome == "succeeded" && r.kind != "destroy");
+        match self.apply(plan, kind) {
+            Ok(a) => Ok(a),
+            Err(e @ (EngineError::Unhealthy { .. } | EngineError::Provider(_))) => {
+                let Some(prev) = before else { return Err(e) };
+                let targets: Vec<RoleTarget> = serde_json::from_str(&prev.roles_json).unwrap_or_default();
+                if targets.is_empty() {
+                    return Err(e);
+                }
+                (self.progress)(Progress::RollingBack { to: prev.id, reason: e.to_string().lines().next().unwrap_or("").to_string() });
+                let back = self.plan_targets(&plan.env, targets, false, random)?;
+                if back.is_empty() {
+                    // The failure came before anything changed.
+                    return Err(e);
+                }
+                let applied = self.apply(&back, "rollback (automatic)")?;
+                Err(EngineError::RolledBack { cause: Box::new(e), to: prev.id, release: applied.release })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A plan that destroys every server of `env`.

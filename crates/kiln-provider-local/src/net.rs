@@ -119,7 +119,13 @@ pub fn attach(net: &EnvNet, server_id: &str, addr: Ipv4Addr) -> Result<PathBuf, 
     let mut host = cleanup_script(server_id, &veth)?;
     // The peer is created inside the namespace, already named eth0, so it
     // never appears (or clashes with a name) on the host.
-    writeln!(host, "netns add {ns}\nlink add {veth} type veth peer name eth0 netns {ns}").unwrap();
+    // eth0's MAC is derived from its address (as Docker does): a server
+    // that takes over an address a destroyed server had answers with the
+    // same MAC, so the host's and the balancer's ARP entries stay right
+    // instead of pointing at a dead veth for seconds.
+    let o = addr.octets();
+    let mac = format!("02:4b:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+    writeln!(host, "netns add {ns}\nlink add {veth} type veth peer name eth0 address {mac} netns {ns}").unwrap();
     writeln!(host, "link set dev {veth} master {} up", net.bridge).unwrap();
     // Addresses and link state do not survive a move between namespaces, so
     // the inside is configured from inside, by a second process.

@@ -202,7 +202,7 @@ fn run_plan(cli: &Cli, c: &Ctx, engine: &Engine, plan: &Plan, kind: &str, yes: b
         return Ok(ExitCode::SUCCESS);
     }
     confirm(&plan.env, yes || cli.json)?;
-    let applied = engine.apply(plan, kind)?;
+    let applied = if kind == "apply" { engine.apply_or_roll_back(plan, kind, &mut random)? } else { engine.apply(plan, kind)? };
     if cli.json {
         print_json(&serde_json::json!({"env": plan.env, "release": applied.release, "changes": applied.changes, "servers": servers_json(c, &plan.env)?}))?;
     } else {
@@ -257,8 +257,32 @@ fn progress_printer(quiet: bool) -> impl Fn(Progress) {
             Progress::Waiting { server, address } => eprintln!("        waiting for {server} at {address} to be healthy"),
             Progress::Healthy { server, elapsed, .. } => eprintln!("        {} {server} healthy after {} ms", style("✓").green(), elapsed.as_millis()),
             Progress::Destroyed { server } => eprintln!("        {} {server} destroyed", style("✗").red()),
+            Progress::RollingBack { to, reason } => eprintln!("{} {reason}\n{} returning to the images of release #{to}", style("failed:").red().bold(), style("rollback:").yellow().bold()),
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    pub env: String,
+    /// The release whose images to return to [default: the previous one].
+    #[arg(long, value_name = "RELEASE")]
+    pub to: Option<i64>,
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+/// `kiln rollback`: a zero-downtime rollout of a previous release's images.
+pub fn rollback(cli: &Cli, args: &RollbackArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let progress = progress_printer(cli.json);
+    let engine = c.engine(&progress);
+    let (release, targets) = engine.rollback_targets(&args.env, args.to)?;
+    if !cli.json {
+        println!("Rolling `{}` back to the images of release #{release}:", args.env);
+    }
+    let plan = engine.plan_targets(&args.env, targets, false, &mut random)?;
+    run_plan(cli, &c, &engine, &plan, "rollback", args.yes)
 }
 
 pub fn deploy(cli: &Cli, args: &DeployArgs) -> Result<ExitCode> {

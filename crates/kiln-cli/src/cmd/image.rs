@@ -131,7 +131,8 @@ pub fn verify(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
 
 pub fn gc(cli: &Cli, args: &GcArgs) -> Result<ExitCode> {
     let store = super::store(cli)?;
-    let collected = ops::gc(&store, args.keep, &BTreeSet::new())?;
+    let in_use = in_use(&store)?;
+    let collected = ops::gc(&store, args.keep, &in_use)?;
     if cli.json {
         print_json(&collected)?;
     } else {
@@ -145,4 +146,25 @@ pub fn gc(cli: &Cli, args: &GcArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Image digests that environments run, or that their last releases ran
+/// (the rollback window): gc keeps them whatever their age.
+fn in_use(store: &kiln_image::Store) -> Result<BTreeSet<kiln_image::Digest>> {
+    let mut out = BTreeSet::new();
+    let path = store.root().join("state.db");
+    if !path.exists() {
+        return Ok(out);
+    }
+    let state = kiln_state::State::open(&path)?;
+    for s in state.servers(None)? {
+        out.insert(kiln_image::Digest(s.image_digest));
+    }
+    for env in state.envs()? {
+        for r in state.releases(&env)?.iter().rev().take(5) {
+            let targets: Vec<kiln_model::RoleTarget> = serde_json::from_str(&r.roles_json).unwrap_or_default();
+            out.extend(targets.into_iter().map(|t| kiln_image::Digest(t.image_digest)));
+        }
+    }
+    Ok(out)
 }

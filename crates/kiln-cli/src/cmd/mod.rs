@@ -27,6 +27,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Apply(a) => env::apply(cli, a),
         Command::Deploy(a) => env::deploy(cli, a),
         Command::Destroy(a) => env::destroy(cli, a),
+        Command::Rollback(a) => env::rollback(cli, a),
         Command::Server(ServerCommand::List(a)) => env::server_list(cli, a),
         Command::Logs(a) => env::logs(cli, a),
         Command::History(a) => env::history(cli, a),
