@@ -333,7 +333,7 @@ fn plan_10k() -> Result<()> {
     let t = Instant::now();
     for i in 0..10_000u32 {
         let a = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 2)) + i);
-        state.put_server(&Server { id: format!("app-{i:04x}"), env: "big".into(), role: "app".into(), slot: i, image: "app@1".into(), image_digest: "sha256:1".into(), spec_hash: hash.clone(), address: a.to_string(), created: 0, status: ServerStatus::Running, pid: Some(1), release: 1 })?;
+        state.put_server(&Server { id: format!("app-{i:04x}"), env: "big".into(), role: "app".into(), slot: i, image: "app@1".into(), image_digest: "sha256:1".into(), spec_hash: hash.clone(), address: a.to_string(), created: 0, status: ServerStatus::Running, pid: Some(1), release: 1, standby_until: None })?;
     }
     let insert = t.elapsed();
     let mut load = Vec::new();

@@ -45,6 +45,9 @@ pub enum EngineError {
     /// A new server never passed its health check.
     #[error("server {server} ({role}) did not become healthy within {secs}s; the previous servers of `{role}` are still running. last log lines:\n{tail}")]
     Unhealthy { server: String, role: String, secs: u64, tail: String },
+    /// The canary gate failed.
+    #[error("canary of `{role}` failed: {reason}")]
+    CanaryFailed { role: String, reason: String },
     /// There is nothing to roll back to.
     #[error("cannot roll back `{env}`: {reason}")]
     NoRollback { env: String, reason: String },
@@ -78,6 +81,12 @@ pub enum Progress {
     Destroyed { server: String },
     /// The apply failed; the environment goes back to release `to`.
     RollingBack { to: i64, reason: String },
+    /// The balancer of these roles switched to the batch's new servers.
+    Switched { roles: Vec<String> },
+    /// A server left the balancer and stays warm for `secs`.
+    Standby { server: String, secs: u64 },
+    /// Canary servers of `role` are watched for `secs`.
+    Baking { role: String, secs: u64 },
 }
 
 /// Knobs of execution (not of the plan).
@@ -198,7 +207,7 @@ impl<'a> Engine<'a> {
         let before = self.state.releases(&plan.env)?.into_iter().rev().find(|r| r.outcome == "succeeded" && r.kind != "destroy");
         match self.apply(plan, kind) {
             Ok(a) => Ok(a),
-            Err(e @ (EngineError::Unhealthy { .. } | EngineError::Provider(_))) => {
+            Err(e @ (EngineError::Unhealthy { .. } | EngineError::CanaryFailed { .. } | EngineError::Provider(_))) => {
                 let Some(prev) = before else { return Err(e) };
                 let targets: Vec<RoleTarget> = serde_json::from_str(&prev.roles_json).unwrap_or_default();
                 if targets.is_empty() {
@@ -223,7 +232,8 @@ impl<'a> Engine<'a> {
         let generation = self.state.generation(env_name)?;
         let changes = observed
             .iter()
-            .map(|s| Change { action: Action::Destroy, role: s.role.clone(), server: s.id.clone(), replacement: None, slot: s.slot, address: None, image: None, reason: "environment destroyed".into(), cold: false })
+            .enumerate()
+            .map(|(i, s)| Change { batch: i as u32 + 1, ..Change::new(Action::Destroy, &s.role, &s.id, s.slot, "environment destroyed") })
             .collect();
         Ok(Plan { format: kiln_planner::PLAN_FORMAT, env: env_name.to_string(), generation, created: (self.clock)(), order: vec![], targets: vec![], changes, cold: false })
     }
@@ -242,8 +252,8 @@ impl<'a> Engine<'a> {
             let why = match s.status {
                 ServerStatus::Creating => Some("half-created by an interrupted apply"),
                 ServerStatus::Destroying => Some("half-destroyed by an interrupted apply"),
-                ServerStatus::Running if !alive.contains(s.id.as_str()) => Some("its process is gone"),
-                ServerStatus::Running => None,
+                ServerStatus::Running | ServerStatus::Standby if !alive.contains(s.id.as_str()) => Some("its process is gone"),
+                ServerStatus::Running | ServerStatus::Standby => None,
             };
             if let Some(why) = why {
                 self.provider.destroy(env, &s.id)?;
@@ -288,16 +298,29 @@ impl<'a> Engine<'a> {
         let roles_json = serde_json::to_string(&plan.targets).expect("targets serialize");
         let release = self.state.begin_release(env_name, &actor, kind, &plan_hash, &summary, &roles_json)?;
         let total = plan.changes.len();
-        for (i, change) in plan.changes.iter().enumerate() {
-            (self.progress)(Progress::Step { index: i + 1, total, change: change.clone() });
-            let what = format!("{:?} {}", change.action, change.reason).to_lowercase();
-            self.state.step_started(env_name, release, i as u32, &format!("{:?}", change.action).to_lowercase(), &change.server, &what)?;
-            if let Err(e) = self.step(plan, change, release) {
-                self.state.step_finished(env_name, release, i as u32, false, &e.to_string())?;
+        let mut i = 0;
+        while i < total {
+            let batch = plan.changes[i].batch;
+            let n = plan.changes[i..].iter().take_while(|c| c.batch == batch).count();
+            let group = &plan.changes[i..i + n];
+            for (k, change) in group.iter().enumerate() {
+                (self.progress)(Progress::Step { index: i + k + 1, total, change: change.clone() });
+                let what = format!("{:?} {}", change.action, change.reason).to_lowercase();
+                self.state.step_started(env_name, release, (i + k) as u32, &format!("{:?}", change.action).to_lowercase(), &change.server, &what)?;
+            }
+            let single = n == 1 && !group[0].promote && group[0].keep_warm_secs.is_none() && group[0].bake_secs.is_none();
+            let result = if single || batch == 0 { group.iter().try_for_each(|c| self.step(plan, c, release)) } else { self.batch(plan, group, release) };
+            if let Err(e) = result {
+                for k in 0..n {
+                    self.state.step_finished(env_name, release, (i + k) as u32, false, &e.to_string())?;
+                }
                 self.state.finish_release(env_name, release, "failed", &e.to_string())?;
                 return Err(e);
             }
-            self.state.step_finished(env_name, release, i as u32, true, "")?;
+            for k in 0..n {
+                self.state.step_finished(env_name, release, (i + k) as u32, true, "")?;
+            }
+            i += n;
         }
         self.state.finish_release(env_name, release, "succeeded", &summary)?;
         Ok(Applied { release, changes: total })
@@ -316,6 +339,118 @@ impl<'a> Engine<'a> {
                 return Err(EngineError::Tampered { image, count: v.differences.len() + v.corrupt_blobs.len(), first: first.split_whitespace().collect::<Vec<_>>().join(" ") });
             }
         }
+        Ok(())
+    }
+
+    /// Carries out a batch: every new server up and healthy (or a warm
+    /// standby promoted), then one balancer switch per role, an optional
+    /// canary bake, then the old servers drained and destroyed (or kept
+    /// warm). A failure before the switch removes the batch's new servers,
+    /// so the balancer never saw them.
+    fn batch(&self, plan: &Plan, group: &[Change], release: i64) -> Result<()> {
+        let env = plan.env.as_str();
+        let mut fresh: Vec<String> = Vec::new();
+        let mut result = Ok(());
+        for c in group {
+            let r = match (c.action, c.promote) {
+                (Action::Create, _) => self.create_quiet(plan, c, &c.server, release).map(|_| fresh.push(c.server.clone())),
+                (Action::Replace, true) => self.promote(plan, c, release),
+                (Action::Replace, false) => {
+                    let id = c.replacement.clone().unwrap_or_default();
+                    self.create_quiet(plan, c, &id, release).map(|_| fresh.push(id))
+                }
+                (Action::Destroy, _) => Ok(()),
+            };
+            if r.is_err() {
+                result = r;
+                break;
+            }
+        }
+        if let Err(e) = result {
+            for id in &fresh {
+                let _ = self.provider.destroy(env, id);
+                let _ = self.state.remove_server(id);
+            }
+            return Err(e);
+        }
+        let old: Vec<String> = group.iter().filter(|c| c.action != Action::Create).map(|c| c.server.clone()).collect();
+        let roles: BTreeSet<&str> = group.iter().map(|c| c.role.as_str()).collect();
+        for role in &roles {
+            self.rebalance_without(env, role, &old)?;
+        }
+        (self.progress)(Progress::Switched { roles: roles.iter().map(|r| r.to_string()).collect() });
+        if let Some(c) = group.iter().find(|c| c.bake_secs.is_some()) {
+            let new_ids: Vec<String> = group.iter().filter_map(|c| c.replacement.clone()).collect();
+            if let Err(e) = self.bake(plan, c, &new_ids, release) {
+                // Back to the old servers at once, then the canaries go.
+                self.rebalance_without(env, &c.role, &new_ids)?;
+                for id in &new_ids {
+                    self.destroy_quiet(env, id)?;
+                }
+                return Err(e);
+            }
+        }
+        for c in group.iter().filter(|c| c.action != Action::Create) {
+            self.drain(env, &c.server)?;
+            match c.keep_warm_secs {
+                Some(secs) => {
+                    self.state.set_standby(&c.server, (self.clock)() + secs as i64)?;
+                    (self.progress)(Progress::Standby { server: c.server.clone(), secs });
+                }
+                None => self.destroy_quiet(env, &c.server)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches freshly switched canary servers for `bake_secs`: each must
+    /// stay healthy, and the balancer's error rate to them must stay at or
+    /// under `max_error_rate`.
+    fn bake(&self, plan: &Plan, c: &Change, ids: &[String], release: i64) -> Result<()> {
+        let secs = c.bake_secs.unwrap_or(0);
+        let max = c.max_error_rate.unwrap_or(0.0);
+        let role = &self.env(&plan.env)?.roles[&c.role];
+        let port = role.balancer.as_ref().map(|b| b.port);
+        let backends: Vec<String> = ids.iter().filter_map(|id| self.state.server(id).ok().flatten()).filter_map(|s| port.map(|p| format!("{}:{p}", s.address))).collect();
+        let base = self.provider.backend_stats(&plan.env, &c.role);
+        let start = Instant::now();
+        (self.progress)(Progress::Baking { role: c.role.clone(), secs });
+        loop {
+            for id in ids {
+                let req = self.request(&plan.env, c, id, release)?;
+                let alive = self.provider.inventory(&plan.env)?.into_iter().any(|r| &r.id == id && r.alive);
+                if !alive || role.health.as_ref().is_some_and(|h| !self.provider.probe(&req, h)) {
+                    return Err(EngineError::CanaryFailed { role: c.role.clone(), reason: format!("canary {id} failed its health check") });
+                }
+            }
+            let now = self.provider.backend_stats(&plan.env, &c.role);
+            let (mut total, mut errors) = (0u64, 0u64);
+            for (addr, t, e) in &now {
+                if backends.contains(addr) {
+                    let (bt, be) = base.iter().find(|b| &b.0 == addr).map(|b| (b.1, b.2)).unwrap_or((0, 0));
+                    total += t - bt.min(*t);
+                    errors += e - be.min(*e);
+                }
+            }
+            let attempts = total + errors;
+            if attempts > 0 && errors as f64 / attempts as f64 > max {
+                return Err(EngineError::CanaryFailed { role: c.role.clone(), reason: format!("error rate {errors}/{attempts} at the balancer is above {max}") });
+            }
+            if start.elapsed() >= Duration::from_secs(secs) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Brings a warm standby server back into service.
+    fn promote(&self, plan: &Plan, c: &Change, release: i64) -> Result<()> {
+        let id = c.replacement.clone().unwrap_or_default();
+        let req = self.request(&plan.env, c, &id, release)?;
+        let role = &self.env(&plan.env)?.roles[&c.role];
+        self.wait_healthy(&req, role.health.as_ref())?;
+        let pid = self.state.server(&id)?.and_then(|s| s.pid);
+        self.state.set_server_status(&id, ServerStatus::Running, pid)?;
         Ok(())
     }
 
@@ -369,6 +504,12 @@ impl<'a> Engine<'a> {
     }
 
     fn create(&self, plan: &Plan, c: &Change, id: &str, release: i64) -> Result<()> {
+        self.create_quiet(plan, c, id, release)?;
+        self.rebalance(&plan.env, &c.role, None)
+    }
+
+    /// Creates a server and waits for its health, without touching the balancer.
+    fn create_quiet(&self, plan: &Plan, c: &Change, id: &str, release: i64) -> Result<()> {
         let req = self.request(&plan.env, c, id, release)?;
         let target = plan.targets.iter().find(|t| t.role == c.role);
         let server = Server {
@@ -384,6 +525,7 @@ impl<'a> Engine<'a> {
             status: ServerStatus::Creating,
             pid: None,
             release,
+            standby_until: None,
         };
         self.state.put_server(&server)?;
         let pid = match self.provider.create(&req) {
@@ -402,19 +544,23 @@ impl<'a> Engine<'a> {
             return Err(e);
         }
         self.state.set_server_status(id, ServerStatus::Running, Some(pid))?;
-        self.rebalance(&plan.env, &c.role, None)?;
         Ok(())
     }
 
     /// Points the role's balancer (if it has one) at its running servers,
     /// leaving out `without`; returns once the switch is in effect.
     fn rebalance(&self, env: &str, role: &str, without: Option<&str>) -> Result<()> {
+        let without: Vec<String> = without.map(|w| vec![w.to_string()]).unwrap_or_default();
+        self.rebalance_without(env, role, &without)
+    }
+
+    fn rebalance_without(&self, env: &str, role: &str, without: &[String]) -> Result<()> {
         let Some(b) = self.env(env)?.roles.get(role).and_then(|r| r.balancer.clone()) else { return Ok(()) };
         let backends: Vec<String> = self
             .state
             .servers(Some(env))?
             .into_iter()
-            .filter(|s| s.role == role && s.status == ServerStatus::Running && Some(s.id.as_str()) != without)
+            .filter(|s| s.role == role && s.status == ServerStatus::Running && !without.contains(&s.id))
             .map(|s| format!("{}:{}", s.address, b.port))
             .collect();
         self.provider.balance(env, role, &b, &backends)?;
@@ -438,6 +584,27 @@ impl<'a> Engine<'a> {
             }
             std::thread::sleep(self.options.health_interval);
         }
+    }
+
+    /// Waits for a server's open connections at its balancer to finish.
+    fn drain(&self, env: &str, id: &str) -> Result<()> {
+        if let Some(s) = self.state.server(id)? {
+            if let Some(b) = self.env(env).ok().and_then(|e| e.roles.get(&s.role)).and_then(|r| r.balancer.clone()) {
+                self.provider.drain(env, &s.role, &format!("{}:{}", s.address, b.port), Duration::from_secs(b.drain_timeout_secs));
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys a server already out of its balancer.
+    fn destroy_quiet(&self, env: &str, id: &str) -> Result<()> {
+        if self.state.server(id)?.is_some() {
+            self.state.set_server_status(id, ServerStatus::Destroying, None)?;
+        }
+        self.provider.destroy(env, id)?;
+        self.state.remove_server(id)?;
+        (self.progress)(Progress::Destroyed { server: id.to_string() });
+        Ok(())
     }
 
     fn destroy(&self, env: &str, id: &str) -> Result<()> {

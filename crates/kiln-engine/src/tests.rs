@@ -148,7 +148,7 @@ fn crash_leftovers_are_cleaned_and_converged() {
     half.status = ServerStatus::Creating;
     half.address = "10.88.1.99".into();
     w.state.put_server(&half).unwrap();
-    let req = w.engine().request("staging", &Change { action: Action::Create, role: "app".into(), server: "app-stray".into(), replacement: None, slot: 0, address: Some("10.88.1.98".into()), image: Some("app@1".into()), reason: String::new(), cold: false }, "app-stray", 1).unwrap();
+    let req = w.engine().request("staging", &Change { address: Some("10.88.1.98".into()), image: Some("app@1".into()), ..Change::new(Action::Create, "app", "app-stray", 0, "") }, "app-stray", 1).unwrap();
     w.fake.create(&req).unwrap();
     w.fake.servers.borrow_mut().get_mut("app-0003").unwrap().alive = false;
     let plan = w.plan();

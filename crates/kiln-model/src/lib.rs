@@ -196,6 +196,9 @@ pub enum ServerStatus {
     Creating,
     Running,
     Destroying,
+    /// Out of the balancer but kept running: the previous set of a
+    /// blue-green rollout, kept warm for an instant switch back.
+    Standby,
 }
 
 impl ServerStatus {
@@ -204,6 +207,7 @@ impl ServerStatus {
             ServerStatus::Creating => "creating",
             ServerStatus::Running => "running",
             ServerStatus::Destroying => "destroying",
+            ServerStatus::Standby => "standby",
         }
     }
     pub fn parse(s: &str) -> Option<ServerStatus> {
@@ -211,6 +215,7 @@ impl ServerStatus {
             "creating" => Some(ServerStatus::Creating),
             "running" => Some(ServerStatus::Running),
             "destroying" => Some(ServerStatus::Destroying),
+            "standby" => Some(ServerStatus::Standby),
             _ => None,
         }
     }
@@ -240,6 +245,9 @@ pub struct Server {
     pub pid: Option<i32>,
     /// Release that created it.
     pub release: i64,
+    /// For a `standby` server: when its rollback window ends (epoch seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_until: Option<i64>,
 }
 
 /// What a role should run, resolved from the spec and the image store.
@@ -266,7 +274,7 @@ pub enum Action {
 
 /// One change of a plan: fully decided (ids, slots, addresses) so that
 /// execution makes no choices.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub action: Action,
     pub role: String,
@@ -288,6 +296,48 @@ pub struct Change {
     /// Replacement destroys the old server before creating the new one.
     #[serde(default)]
     pub cold: bool,
+    /// Changes with the same batch number are carried out together: their
+    /// new servers come up and pass health checks, the balancer switches to
+    /// them in one step, then the old servers are drained.
+    #[serde(default)]
+    pub batch: u32,
+    /// For `replace`: the replacement already exists (a warm standby server
+    /// of a blue-green rollout) and is switched back to, not created.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub promote: bool,
+    /// For `replace`: keep the old server warm, out of the balancer, for
+    /// this many seconds instead of destroying it (blue-green).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_warm_secs: Option<u64>,
+    /// After this batch switches, watch it for this many seconds (canary
+    /// bake) before going on; a failed health check or an error rate above
+    /// `max_error_rate` at the balancer rolls the release back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+}
+
+impl Change {
+    /// A change with nothing but its action, role, server, slot and reason set.
+    pub fn new(action: Action, role: &str, server: &str, slot: u32, reason: &str) -> Change {
+        Change {
+            action,
+            role: role.to_string(),
+            server: server.to_string(),
+            replacement: None,
+            slot,
+            address: None,
+            image: None,
+            reason: reason.to_string(),
+            cold: false,
+            batch: 0,
+            promote: false,
+            keep_warm_secs: None,
+            bake_secs: None,
+            max_error_rate: None,
+        }
+    }
 }
 
 /// A plan for one environment: the contract of `kiln plan -o` and `--json`.

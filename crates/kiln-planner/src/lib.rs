@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use kiln_model::{Action, Change, EnvSpec, Plan, RoleSpec, RoleTarget, Server, ServerStatus};
+use kiln_model::{Action, Change, EnvSpec, Plan, RoleSpec, RoleTarget, Server, ServerStatus, Strategy};
 
 /// Version of the plan file format written by this planner.
 pub const PLAN_FORMAT: u32 = 1;
@@ -123,19 +123,25 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
     let live: Vec<&Server> = input.observed.iter().filter(|s| s.status == ServerStatus::Running && !input.dead.contains(&s.id)).collect();
     let mut changes = Vec::new();
 
+    let mut batch = 0u32;
     if input.cold {
         for role in order.iter().rev() {
             for s in live.iter().filter(|s| &s.role == role) {
-                changes.push(destroy(s, "cold deploy: every server is destroyed first"));
+                let mut d = destroy(s, "cold deploy: every server is destroyed first");
+                d.batch = next(&mut batch);
+                changes.push(d);
             }
         }
         for s in live.iter().filter(|s| !env.roles.contains_key(&s.role)) {
-            changes.push(destroy(s, "role removed from the environment"));
+            let mut d = destroy(s, "role removed from the environment");
+            d.batch = next(&mut batch);
+            changes.push(d);
         }
     }
 
     for role in &order {
         let t = targets.get(role.as_str()).ok_or_else(|| PlanError::NoTarget { role: role.clone() })?;
+        let spec = &env.roles[role];
         let mut by_slot: BTreeMap<u32, &Server> = BTreeMap::new();
         let mut extra = Vec::new();
         if !input.cold {
@@ -149,6 +155,19 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                 }
             }
         }
+        // Warm standby servers of a blue-green rollout: destroyed once their
+        // window is over, otherwise available for an instant switch back.
+        let mut standby: Vec<&Server> = Vec::new();
+        for s in input.observed.iter().filter(|s| &s.role == role && s.status == ServerStatus::Standby && !input.dead.contains(&s.id)) {
+            if input.cold || s.standby_until.is_none_or(|u| u <= input.now) {
+                let mut d = destroy(s, "blue-green rollback window is over");
+                d.batch = next(&mut batch);
+                changes.push(d);
+            } else {
+                standby.push(s);
+            }
+        }
+        let mut replaces = Vec::new();
         for slot in 0..t.servers {
             match by_slot.get(&slot) {
                 None => {
@@ -161,7 +180,11 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                     } else {
                         "new server".to_string()
                     };
-                    changes.push(Change { action: Action::Create, role: role.clone(), server: id, replacement: None, slot, address: Some(next_addr()?), image: Some(t.image.clone()), reason, cold: false });
+                    let mut c = Change::new(Action::Create, role, &id, slot, &reason);
+                    c.address = Some(next_addr()?);
+                    c.image = Some(t.image.clone());
+                    c.batch = next(&mut batch);
+                    changes.push(c);
                 }
                 Some(s) => {
                     let reason = if s.image_digest != t.image_digest {
@@ -172,27 +195,103 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                         None
                     };
                     if let Some(reason) = reason {
-                        let id = new_id(role);
-                        let reason = if t.cold { format!("{reason}; cold-only: destroyed before its replacement starts") } else { reason };
-                        changes.push(Change { action: Action::Replace, role: role.clone(), server: s.id.clone(), replacement: Some(id), slot, address: Some(next_addr()?), image: Some(t.image.clone()), reason, cold: t.cold });
+                        let mut c = Change::new(Action::Replace, role, &s.id, slot, &reason);
+                        c.image = Some(t.image.clone());
+                        c.cold = t.cold;
+                        if t.cold {
+                            c.reason = format!("{reason}; cold-only: destroyed before its replacement starts");
+                        }
+                        replaces.push(c);
                     }
                 }
             }
         }
+        // Batches of replacements, by strategy.
+        let strategy = if t.cold { Strategy::Rolling { max_surge: 1, max_unavailable: 0, min_healthy_secs: 0 } } else { spec.strategy.clone() };
+        let promotable: Vec<&Server> = standby.iter().copied().filter(|s| s.image_digest == t.image_digest && s.spec_hash == t.spec_hash).collect();
+        match strategy {
+            Strategy::BlueGreen { rollback_window_secs } if !replaces.is_empty() => {
+                let b = next(&mut batch);
+                let switch_back = promotable.len() >= replaces.len();
+                for (i, mut c) in replaces.into_iter().enumerate() {
+                    c.batch = b;
+                    if switch_back {
+                        let s = promotable[i];
+                        c.replacement = Some(s.id.clone());
+                        c.address = Some(s.address.clone());
+                        c.promote = true;
+                        c.reason = format!("{}; blue-green: switch back to warm {}", c.reason, s.id);
+                    } else {
+                        c.replacement = Some(new_id(role));
+                        c.address = Some(next_addr()?);
+                        c.keep_warm_secs = Some(rollback_window_secs);
+                        c.reason = format!("{}; blue-green: new set, one switch, old set warm for {}s", c.reason, rollback_window_secs);
+                    }
+                    changes.push(c);
+                }
+                // Standby servers that are not switched back to are of no further use.
+                if !switch_back {
+                    for s in &standby {
+                        let mut d = destroy(s, "superseded standby server");
+                        d.batch = b;
+                        changes.push(d);
+                    }
+                }
+            }
+            Strategy::Canary { share_percent, bake_secs, max_error_rate } if !replaces.is_empty() => {
+                let first = ((replaces.len() as u64 * share_percent as u64).div_ceil(100)).max(1) as usize;
+                let b = next(&mut batch);
+                for (i, mut c) in replaces.into_iter().enumerate() {
+                    c.replacement = Some(new_id(role));
+                    c.address = Some(next_addr()?);
+                    if i < first {
+                        c.batch = b;
+                        c.bake_secs = Some(bake_secs);
+                        c.max_error_rate = Some(max_error_rate);
+                        c.reason = format!("{}; canary ({share_percent}%), baked {bake_secs}s", c.reason);
+                    } else {
+                        c.batch = next(&mut batch);
+                    }
+                    changes.push(c);
+                }
+            }
+            Strategy::Rolling { max_surge, .. } => {
+                let surge = if t.cold { 1 } else { max_surge.max(1) as usize };
+                for (i, mut c) in replaces.into_iter().enumerate() {
+                    c.replacement = Some(new_id(role));
+                    c.address = Some(next_addr()?);
+                    if i % surge == 0 {
+                        next(&mut batch);
+                    }
+                    c.batch = batch;
+                    changes.push(c);
+                }
+            }
+            _ => {}
+        }
         for s in extra {
-            changes.push(destroy(s, &format!("scaled down to {} servers", t.servers)));
+            let mut d = destroy(s, &format!("scaled down to {} servers", t.servers));
+            d.batch = next(&mut batch);
+            changes.push(d);
         }
     }
     if !input.cold {
-        for s in live.iter().filter(|s| !env.roles.contains_key(&s.role)) {
-            changes.push(destroy(s, "role removed from the environment"));
+        for s in input.observed.iter().filter(|s| !env.roles.contains_key(&s.role) && !input.dead.contains(&s.id) && matches!(s.status, ServerStatus::Running | ServerStatus::Standby)) {
+            let mut d = destroy(s, "role removed from the environment");
+            d.batch = next(&mut batch);
+            changes.push(d);
         }
     }
     Ok(Plan { format: PLAN_FORMAT, env: env.name.clone(), generation: input.generation, created: input.now, order, targets: input.targets.to_vec(), changes, cold: input.cold })
 }
 
 fn destroy(s: &Server, reason: &str) -> Change {
-    Change { action: Action::Destroy, role: s.role.clone(), server: s.id.clone(), replacement: None, slot: s.slot, address: None, image: None, reason: reason.to_string(), cold: false }
+    Change::new(Action::Destroy, &s.role, &s.id, s.slot, reason)
+}
+
+fn next(batch: &mut u32) -> u32 {
+    *batch += 1;
+    *batch
 }
 
 /// The plan as text, one line per change, Terraform-style markers (`+`
@@ -204,7 +303,24 @@ pub fn render(plan: &Plan) -> String {
         return out;
     }
     out.push_str(&format!("kiln will make these changes to `{}`{}:\n\n", plan.env, if plan.cold { " (cold deploy: NOT zero-downtime)" } else { "" }));
+    let mut sizes: BTreeMap<u32, usize> = BTreeMap::new();
     for c in &plan.changes {
+        *sizes.entry(c.batch).or_default() += 1;
+    }
+    let mut shown = BTreeSet::new();
+    for c in &plan.changes {
+        if sizes[&c.batch] > 1 && shown.insert(c.batch) {
+            let what = if c.promote {
+                "switch back in one step"
+            } else if c.keep_warm_secs.is_some() {
+                "blue-green: all up and healthy, then one switch"
+            } else if c.bake_secs.is_some() {
+                "canary: up, switched, then baked before the rest"
+            } else {
+                "together: up and healthy, then one switch"
+            };
+            out.push_str(&format!("  batch {} ({} servers, {what}):\n", c.batch, sizes[&c.batch]));
+        }
         let line = match c.action {
             Action::Create => format!("  + {:<10} create   {} at {}  ({})", c.server, c.image.as_deref().unwrap_or("?"), c.address.as_deref().unwrap_or("?"), c.reason),
             Action::Replace => format!(
@@ -213,7 +329,7 @@ pub fn render(plan: &Plan) -> String {
                 c.replacement.as_deref().unwrap_or("?"),
                 c.image.as_deref().unwrap_or("?"),
                 c.address.as_deref().unwrap_or("?"),
-                if c.cold { ", destroy first" } else { ", create first" },
+                if c.promote { ", switch back" } else if c.cold { ", destroy first" } else { ", create first" },
                 c.reason
             ),
             Action::Destroy => format!("  - {:<10} destroy  ({})", c.server, c.reason),

@@ -39,7 +39,7 @@ fn targets(env: &EnvSpec, app: (&str, &str)) -> Vec<RoleTarget> {
 }
 
 fn server(id: &str, role: &str, slot: u32, image: &str, digest: &str, hash: &str, addr: &str) -> Server {
-    Server { id: id.into(), env: "staging".into(), role: role.into(), slot, image: image.into(), image_digest: digest.into(), spec_hash: hash.into(), address: addr.into(), created: 100 + slot as i64, status: ServerStatus::Running, pid: Some(1), release: 1 }
+    Server { id: id.into(), env: "staging".into(), role: role.into(), slot, image: image.into(), image_digest: digest.into(), spec_hash: hash.into(), address: addr.into(), created: 100 + slot as i64, status: ServerStatus::Running, pid: Some(1), release: 1, standby_until: None }
 }
 
 /// A deterministic "random" source: 0x1000, 0x1001, ...
@@ -167,7 +167,7 @@ fn ids_never_collide_and_subnet_exhaustion_is_an_error() {
     let t = targets(&env, ("app@1", "sha256:app1"));
     let dead = BTreeSet::new();
     // A random source that repeats itself still yields distinct ids.
-    let mut same = || 7u16;
+    let same = || 7u16;
     let mut calls = 0;
     let mut flaky = move || {
         calls += 1;
@@ -204,4 +204,112 @@ fn plan_of_ten_thousand_servers_is_complete() {
     .unwrap();
     assert_eq!(p.count(Action::Replace), 10_000);
     assert_eq!(p.count(Action::Create), 1, "the db");
+}
+
+fn with_strategy(strategy: kiln_model::Strategy) -> EnvSpec {
+    let mut e = env();
+    e.roles.get_mut("app").unwrap().strategy = strategy;
+    e
+}
+
+fn check_env(env: &EnvSpec, observed: &[Server], now: i64, app: (&str, &str), expect: &str) -> Plan {
+    let t = targets(env, app);
+    let dead = BTreeSet::new();
+    let input = Input { env, targets: &t, observed, dead: &dead, generation: 7, now, cold: false };
+    let plan = plan(&input, &mut seq()).unwrap();
+    let got = render(&plan);
+    assert_eq!(got, expect, "\n--- got\n{got}");
+    plan
+}
+
+#[test]
+fn blue_green_brings_up_a_full_set_and_keeps_the_old_one_warm() {
+    let env = with_strategy(kiln_model::Strategy::BlueGreen { rollback_window_secs: 300 });
+    let plan = check_env(&env, &fleet(), 1000, ("app@2", "sha256:app2"), "\
+kiln will make these changes to `staging`:
+
+  batch 1 (3 servers, blue-green: all up and healthy, then one switch):
+  ~ app-0001   replace  by app-1000 (app@2 at 10.88.1.6), create first  (image changed (app@1 → app@2); blue-green: new set, one switch, old set warm for 300s)
+  ~ app-0002   replace  by app-1001 (app@2 at 10.88.1.7), create first  (image changed (app@1 → app@2); blue-green: new set, one switch, old set warm for 300s)
+  ~ app-0003   replace  by app-1002 (app@2 at 10.88.1.8), create first  (image changed (app@1 → app@2); blue-green: new set, one switch, old set warm for 300s)
+
+Plan: 0 to create, 3 to replace, 0 to destroy.
+");
+    assert!(plan.changes.iter().all(|c| c.keep_warm_secs == Some(300) && c.batch == 1));
+}
+
+fn after_blue_green(until: i64) -> Vec<Server> {
+    // app@2 serves; the app@1 set waits on standby until `until`.
+    let mut f = fleet();
+    for s in f.iter_mut().filter(|s| s.role == "app") {
+        s.status = ServerStatus::Standby;
+        s.standby_until = Some(until);
+    }
+    let hash = f[1].spec_hash.clone();
+    for i in 0..3u32 {
+        f.push(server(&format!("app-100{i}"), "app", i, "app@2", "sha256:app2", &hash, &format!("10.88.1.{}", 6 + i)));
+    }
+    f
+}
+
+#[test]
+fn blue_green_rollback_inside_the_window_switches_back() {
+    let env = with_strategy(kiln_model::Strategy::BlueGreen { rollback_window_secs: 300 });
+    let plan = check_env(&env, &after_blue_green(1300), 1100, ("app@1", "sha256:app1"), "\
+kiln will make these changes to `staging`:
+
+  batch 1 (3 servers, switch back in one step):
+  ~ app-1000   replace  by app-0001 (app@1 at 10.88.1.3), switch back  (image changed (app@2 → app@1); blue-green: switch back to warm app-0001)
+  ~ app-1001   replace  by app-0002 (app@1 at 10.88.1.4), switch back  (image changed (app@2 → app@1); blue-green: switch back to warm app-0002)
+  ~ app-1002   replace  by app-0003 (app@1 at 10.88.1.5), switch back  (image changed (app@2 → app@1); blue-green: switch back to warm app-0003)
+
+Plan: 0 to create, 3 to replace, 0 to destroy.
+");
+    assert!(plan.changes.iter().all(|c| c.promote));
+}
+
+#[test]
+fn blue_green_standby_is_destroyed_after_the_window() {
+    let env = with_strategy(kiln_model::Strategy::BlueGreen { rollback_window_secs: 300 });
+    check_env(&env, &after_blue_green(1300), 1300, ("app@2", "sha256:app2"), "\
+kiln will make these changes to `staging`:
+
+  - app-0001   destroy  (blue-green rollback window is over)
+  - app-0002   destroy  (blue-green rollback window is over)
+  - app-0003   destroy  (blue-green rollback window is over)
+
+Plan: 0 to create, 0 to replace, 3 to destroy.
+");
+}
+
+#[test]
+fn canary_goes_first_and_bakes_then_the_rest_rolls() {
+    let env = with_strategy(kiln_model::Strategy::Canary { share_percent: 34, bake_secs: 30, max_error_rate: 0.01 });
+    let plan = check_env(&env, &fleet(), 1000, ("app@2", "sha256:app2"), "\
+kiln will make these changes to `staging`:
+
+  batch 1 (2 servers, canary: up, switched, then baked before the rest):
+  ~ app-0001   replace  by app-1000 (app@2 at 10.88.1.6), create first  (image changed (app@1 → app@2); canary (34%), baked 30s)
+  ~ app-0002   replace  by app-1001 (app@2 at 10.88.1.7), create first  (image changed (app@1 → app@2); canary (34%), baked 30s)
+  ~ app-0003   replace  by app-1002 (app@2 at 10.88.1.8), create first  (image changed (app@1 → app@2))
+
+Plan: 0 to create, 3 to replace, 0 to destroy.
+");
+    assert_eq!(plan.changes.iter().map(|c| c.batch).collect::<Vec<_>>(), [1, 1, 2]);
+}
+
+#[test]
+fn rolling_surge_batches_replacements() {
+    let env = with_strategy(kiln_model::Strategy::Rolling { max_surge: 2, max_unavailable: 0, min_healthy_secs: 0 });
+    let plan = check_env(&env, &fleet(), 1000, ("app@2", "sha256:app2"), "\
+kiln will make these changes to `staging`:
+
+  batch 1 (2 servers, together: up and healthy, then one switch):
+  ~ app-0001   replace  by app-1000 (app@2 at 10.88.1.6), create first  (image changed (app@1 → app@2))
+  ~ app-0002   replace  by app-1001 (app@2 at 10.88.1.7), create first  (image changed (app@1 → app@2))
+  ~ app-0003   replace  by app-1002 (app@2 at 10.88.1.8), create first  (image changed (app@1 → app@2))
+
+Plan: 0 to create, 3 to replace, 0 to destroy.
+");
+    assert_eq!(plan.changes.iter().map(|c| c.batch).collect::<Vec<_>>(), [1, 1, 2]);
 }

@@ -168,6 +168,10 @@ impl Provider for Local {
         kiln_balancer::wait_drained(&self.balancer_dir(env, role), backend, timeout)
     }
 
+    fn backend_stats(&self, env: &str, role: &str) -> Vec<(String, u64, u64)> {
+        kiln_balancer::read_status(&self.balancer_dir(env, role)).map(|s| s.backends.into_iter().map(|b| (b.addr, b.total, b.errors)).collect()).unwrap_or_default()
+    }
+
     fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError> {
         let dir = self.balancer_dir(env, role);
         if let Some(pid) = balancer_pid(&dir) {

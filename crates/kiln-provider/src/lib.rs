@@ -80,6 +80,10 @@ pub trait Provider {
     fn balance(&self, env: &str, role: &str, balancer: &Balancer, backends: &[String]) -> Result<(), ProviderError>;
     /// Waits (bounded) until the balancer has no open connection to `backend`.
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool;
+    /// Per backend of a role's balancer: (address, connections, failed connections) so far.
+    fn backend_stats(&self, _env: &str, _role: &str) -> Vec<(String, u64, u64)> {
+        Vec::new()
+    }
     /// Stops and removes a role's balancer.
     fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError>;
 }

@@ -74,7 +74,7 @@ pub struct Event {
 }
 
 const SERVER_COLUMNS: &str =
-    "id, env, role, slot, image, image_digest, spec_hash, address, created, status, pid, release_id";
+    "id, env, role, slot, image, image_digest, spec_hash, address, created, status, pid, release_id, standby_until";
 const RELEASE_COLUMNS: &str =
     "env, id, created, finished, actor, kind, plan_hash, summary, roles_json, outcome, detail";
 
@@ -141,12 +141,22 @@ impl State {
         let err = self.fail("write", format!("server `{}`", s.id));
         let tx = self.write_tx().map_err(&err)?;
         tx.execute(
-            &format!("INSERT OR REPLACE INTO servers ({SERVER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            &format!("INSERT OR REPLACE INTO servers ({SERVER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
             params![s.id, s.env, s.role, s.slot, s.image, s.image_digest, s.spec_hash, s.address,
-                s.created, s.status.as_str(), s.pid, s.release],
+                s.created, s.status.as_str(), s.pid, s.release, s.standby_until],
         )
         .map_err(&err)?;
         bump(&tx, &s.env).map_err(&err)?;
+        tx.commit().map_err(&err)
+    }
+
+    /// Puts a running server on standby (out of its balancer, kept warm) until `until`.
+    pub fn set_standby(&self, id: &str, until: i64) -> Result<()> {
+        let err = self.fail("put on standby", format!("server `{id}`"));
+        let tx = self.write_tx().map_err(&err)?;
+        let env = server_env(&tx, id).map_err(&err)?.ok_or_else(|| self.missing(format!("server `{id}`")))?;
+        tx.execute("UPDATE servers SET status = 'standby', standby_until = ?2 WHERE id = ?1", params![id, until]).map_err(&err)?;
+        bump(&tx, &env).map_err(&err)?;
         tx.commit().map_err(&err)
     }
 
@@ -363,6 +373,7 @@ fn server_row(r: &Row<'_>) -> rusqlite::Result<Server> {
         status,
         pid: r.get(10)?,
         release: r.get(11)?,
+        standby_until: r.get(12)?,
     })
 }
 

@@ -31,6 +31,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, env TEXT NOT NULL,
          time INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL);
      CREATE INDEX events_by_env ON events (env, seq);",
+    // 2: blue-green standby servers and the end of their rollback window.
+    "ALTER TABLE servers ADD COLUMN standby_until INTEGER;",
 ];
 
 /// Opens (creating) the database at `path`, configures it and brings its

@@ -20,6 +20,7 @@ fn server(id: &str, env: &str, role: &str, slot: u32) -> Server {
         status: ServerStatus::Creating,
         pid: None,
         release: 3,
+        standby_until: None,
     }
 }
 

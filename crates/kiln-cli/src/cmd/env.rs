@@ -257,6 +257,9 @@ fn progress_printer(quiet: bool) -> impl Fn(Progress) {
             Progress::Waiting { server, address } => eprintln!("        waiting for {server} at {address} to be healthy"),
             Progress::Healthy { server, elapsed, .. } => eprintln!("        {} {server} healthy after {} ms", style("✓").green(), elapsed.as_millis()),
             Progress::Destroyed { server } => eprintln!("        {} {server} destroyed", style("✗").red()),
+            Progress::Switched { roles } => eprintln!("        {} balancer of {} switched to the new servers", style("⇄").cyan(), roles.join(", ")),
+            Progress::Standby { server, secs } => eprintln!("        {} {server} kept warm out of the balancer for {} (rollback window)", style("◐").yellow(), kiln_spec::format_duration(secs)),
+            Progress::Baking { role, secs } => eprintln!("        {} canary of {role} baking for {}", style("…").cyan(), kiln_spec::format_duration(secs)),
             Progress::RollingBack { to, reason } => eprintln!("{} {reason}\n{} returning to the images of release #{to}", style("failed:").red().bold(), style("rollback:").yellow().bold()),
         }
     }
