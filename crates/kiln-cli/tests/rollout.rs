@@ -15,6 +15,11 @@ fn free_port() -> u16 {
 }
 
 fn project(subnet: &str, port: u16) -> Project {
+    project_with(subnet, port, "")
+}
+
+/// `strategy` is extra TOML for the `web` role (e.g. a `strategy = ...` line).
+fn project_with(subnet: &str, port: u16, strategy: &str) -> Project {
     let p = Project::new();
     p.busybox_tarball("base.tar.gz");
     p.write("images/web/files/srv/www/index.html", "v1\n");
@@ -38,6 +43,7 @@ image = "web"
 servers = 3
 ports = [8080]
 balancer = {{ listen = "127.0.0.1:{port}", port = 8080, drain_timeout = "5s" }}
+{strategy}
 "#
         ),
     );
@@ -209,6 +215,83 @@ fn failed_rollout_rolls_back_automatically_under_load() {
     }
     let history = p.kiln(&["history", "staging"]).ok().stdout;
     assert!(history.contains("failed") && history.contains("rollback (automatic)"), "{history}");
+}
+
+#[test]
+fn blue_green_switches_in_one_step_and_switches_back_instantly() {
+    let port = free_port();
+    let p = project_with("10.77.24.0/24", port, "strategy = { kind = \"blue_green\", rollback_window = \"10m\" }");
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let blue: Vec<String> = ids(&p);
+    let load = Load::start(port, 4);
+    p.write("images/web/files/srv/www/index.html", "v2\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    let plan = p.kiln(&["plan", "staging"]).ok();
+    assert!(plan.stdout.contains("batch 1 (3 servers, blue-green: all up and healthy, then one switch)"), "{}", plan.stdout);
+    let run = p.kiln(&["apply", "staging", "--yes"]).ok();
+    assert_eq!(run.stderr.matches("switched to the new servers").count(), 1, "one switch: {}", run.stderr);
+    assert_eq!(request(port).unwrap(), "v2\n");
+    // The blue set is warm, out of the balancer.
+    let list = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
+    let standby: Vec<String> = list.as_array().unwrap().iter().filter(|s| s["status"] == "standby").map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(standby.len(), 3, "{list}");
+    assert!(standby.iter().all(|id| blue.contains(id)));
+    // Rollback inside the window: a switch back to the warm servers, no new server.
+    let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
+    assert!(run.stdout.contains("switch back"), "{}", run.stdout);
+    assert!(!run.stderr.contains("creating"), "{}", run.stderr);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 50, "only {ok} requests were sent");
+    assert_eq!(request(port).unwrap(), "v1\n");
+    let mut now: Vec<String> = p.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().iter().filter(|s| s["status"] == "running").map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    now.sort();
+    assert_eq!(now, blue, "the very same blue servers serve again");
+}
+
+#[test]
+fn failing_canary_is_rolled_back_without_a_failed_request() {
+    let port = free_port();
+    let p = project_with("10.77.25.0/24", port, "strategy = { kind = \"canary\", share = 34, bake = \"3s\" }");
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let before = ids(&p);
+    let load = Load::start(port, 4);
+    // v2 serves for a second, passes its health check, then dies.
+    let spec = std::fs::read_to_string(p.path().join("kiln.toml")).unwrap();
+    p.write("kiln.toml", &spec.replace(r#"entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]"#, r#"entrypoint = ["/bin/sh", "-c", "/bin/busybox httpd -f -p 8080 -h /srv/www & sleep 1; kill $!; sleep 600"]"#));
+    p.kiln(&["image", "build", "web"]).ok();
+    let run = p.kiln(&["apply", "staging", "--yes"]).expect(1);
+    assert!(run.stderr.contains("canary of `web` failed"), "{}", run.stderr);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 50, "only {ok} requests were sent");
+    assert_eq!(ids(&p), before, "the old servers never left");
+    assert_eq!(request(port).unwrap(), "v1\n");
+}
+
+#[test]
+fn passing_canary_bakes_then_rolls_on() {
+    let port = free_port();
+    let p = project_with("10.77.26.0/24", port, "strategy = { kind = \"canary\", share = 34, bake = \"1s\" }");
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let load = Load::start(port, 4);
+    p.write("images/web/files/srv/www/index.html", "v2\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    let run = p.kiln(&["apply", "staging", "--yes"]).ok();
+    assert!(run.stderr.contains("canary of web baking for 1s"), "{}", run.stderr);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 50);
+    assert_eq!(request(port).unwrap(), "v2\n");
+}
+
+fn ids(p: &Project) -> Vec<String> {
+    let mut v: Vec<String> = p.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    v.sort();
+    v
 }
 
 struct Teardown<'a>(&'a Project);
