@@ -57,6 +57,9 @@ fn main() -> Result<()> {
     if want("rebuild") {
         rebuild(&o)?;
     }
+    if want("rollout") {
+        rollout(&o)?;
+    }
     Ok(())
 }
 
@@ -377,5 +380,151 @@ fn rebuild(o: &Opts) -> Result<()> {
         ms(first),
         ms(cold)
     );
+    Ok(())
+}
+
+/// Closed-loop HTTP/1.0 load from `clients` threads; latencies by phase.
+struct LoadGen {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    phase: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    handles: Vec<std::thread::JoinHandle<(Vec<Vec<Duration>>, u64)>>,
+    started: Instant,
+}
+
+fn http_get(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = Vec::with_capacity(512);
+    s.read_to_end(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") && buf.windows(5).any(|w| w == b" 200 ")
+}
+
+impl LoadGen {
+    fn start(addr: &str, clients: usize) -> LoadGen {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let phase = std::sync::Arc::new(AtomicUsize::new(0));
+        let handles = (0..clients)
+            .map(|_| {
+                let (stop, phase, addr) = (stop.clone(), phase.clone(), addr.to_string());
+                std::thread::spawn(move || {
+                    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); 3];
+                    let mut failed = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        if http_get(&addr) {
+                            lat[phase.load(Ordering::Relaxed)].push(t.elapsed());
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                    (lat, failed)
+                })
+            })
+            .collect();
+        LoadGen { stop, phase, handles, started: Instant::now() }
+    }
+    fn next_phase(&self) {
+        self.phase.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn finish(self) -> (Vec<Vec<Duration>>, u64, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let took = self.started.elapsed();
+        let mut lat = vec![Vec::new(); 3];
+        let mut failed = 0;
+        for h in self.handles {
+            let (l, f) = h.join().expect("load thread");
+            for (i, v) in l.into_iter().enumerate() {
+                lat[i].extend(v);
+            }
+            failed += f;
+        }
+        (lat, failed, took)
+    }
+}
+
+fn lat_summary(v: &mut [Duration]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    format!("p50 {} · p99 {}", ms(percentile(v, 0.5)), ms(percentile(v, 0.99)))
+}
+
+/// Requests per second and latency of `secs` of load at `addr`.
+fn measure(addr: &str, clients: usize, secs: u64) -> (f64, String, u64) {
+    let load = LoadGen::start(addr, clients);
+    std::thread::sleep(Duration::from_secs(secs));
+    let (mut lat, failed, took) = load.finish();
+    let n = lat[0].len();
+    (n as f64 / took.as_secs_f64(), lat_summary(&mut lat[0]), failed)
+}
+
+/// Blue-green rollout of 10 servers under load, switch latency, balancer overhead.
+fn rollout(o: &Opts) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    static_web_project(dir.path(), &[("web", 10)], "10.77.92.0/24")?;
+    let toml = fs::read_to_string(dir.path().join("kiln.toml"))?;
+    fs::write(dir.path().join("kiln.toml"), format!("{toml}ports = [8080]\nstrategy = {{ kind = \"blue_green\", rollback_window = \"1m\" }}\nbalancer = {{ listen = \"127.0.0.1:{port}\", port = 8080 }}\n"))?;
+    fs::write(dir.path().join("images/web/files/www/index.html"), "v1\n")?;
+    kiln(o, dir.path(), &["image", "build", "web"])?;
+    kiln(o, dir.path(), &["apply", "bench", "--yes"])?;
+    let front = format!("127.0.0.1:{port}");
+    let clients = 8;
+
+    // Overhead: the same load straight at one server, then through the balancer.
+    let store = kiln_image::Store::open(dir.path().join(".kiln"))?;
+    let state = kiln_state::State::open(&store.root().join("state.db"))?;
+    let one = format!("{}:8080", state.servers(Some("bench"))?[0].address);
+    let (direct_rps, direct_lat, _) = measure(&one, clients, 3);
+    let bdir = store.root().join("balancers/bench-web");
+    let all = kiln_balancer::read_backends(&bdir).context("balancer backends")?.backends;
+    let g = kiln_balancer::set_backends(&bdir, std::slice::from_ref(&one))?;
+    kiln_balancer::wait_generation(&bdir, g, Duration::from_secs(5))?;
+    let (one_rps, one_lat, _) = measure(&front, clients, 3);
+    let g = kiln_balancer::set_backends(&bdir, &all)?;
+    kiln_balancer::wait_generation(&bdir, g, Duration::from_secs(5))?;
+    let (lb_rps, lb_lat, _) = measure(&front, clients, 3);
+    println!("| balancer overhead, {clients} closed-loop clients, HTTP/1.0 (a connection per request); each server capped at 0.2 CPU | straight to one server: {direct_rps:.0} req/s, {direct_lat} · balancer → that one server: {one_rps:.0} req/s, {one_lat} · balancer → 10 servers: {lb_rps:.0} req/s, {lb_lat} |");
+
+    // Blue-green rollout of all 10 servers under that load.
+    fs::write(dir.path().join("images/web/files/www/index.html"), "v2\n")?;
+    kiln(o, dir.path(), &["image", "build", "web"])?;
+    let load = LoadGen::start(&front, clients);
+    std::thread::sleep(Duration::from_secs(2));
+    load.next_phase();
+    let t = Instant::now();
+    kiln(o, dir.path(), &["apply", "bench", "--yes"])?;
+    let rollout = t.elapsed();
+    load.next_phase();
+    std::thread::sleep(Duration::from_secs(2));
+    let (mut lat, failed, took) = load.finish();
+    let total: usize = lat.iter().map(|v| v.len()).sum();
+    println!(
+        "| blue-green rollout of 10 servers under load ({clients} clients, {:.0} req/s overall, {total} requests) | {failed} failed · rollout {} · before {} · during {} · after {} |",
+        total as f64 / took.as_secs_f64(),
+        ms(rollout),
+        lat_summary(&mut lat[0]),
+        lat_summary(&mut lat[1]),
+        lat_summary(&mut lat[2])
+    );
+
+    // Switch latency: from writing the new backend set to the balancer
+    // serving it (after which every new connection goes to the new set).
+    let bdir = store.root().join("balancers/bench-web");
+    let current = kiln_balancer::read_backends(&bdir).context("balancer backends")?.backends;
+    let mut samples = Vec::new();
+    for i in 0..20 {
+        let set: Vec<String> = if i % 2 == 0 { current[..5].to_vec() } else { current.clone() };
+        let t = Instant::now();
+        let g = kiln_balancer::set_backends(&bdir, &set)?;
+        kiln_balancer::wait_generation(&bdir, g, Duration::from_secs(5))?;
+        samples.push(t.elapsed());
+    }
+    println!("| switch decision → balancer serving the new set (all new connections on it) | p50 {} · max {} (20 switches) |", ms(percentile(&mut samples, 0.5)), ms(percentile(&mut samples, 1.0)));
+    kiln(o, dir.path(), &["destroy", "bench", "--yes"])?;
     Ok(())
 }
