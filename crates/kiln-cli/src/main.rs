@@ -53,6 +53,8 @@ pub enum Command {
     Server(ServerCommand),
     /// Logs of an environment's servers, including destroyed ones.
     Logs(cmd::env::LogsArgs),
+    /// What differs from the declaration: files, processes, config, stale, expired, unmanaged.
+    Drift(cmd::env::EnvArgs),
     /// Releases and events of an environment.
     History(cmd::env::EnvArgs),
     /// Break an environment's lock whose holder died.

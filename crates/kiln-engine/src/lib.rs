@@ -16,6 +16,8 @@
 //! - an image whose unpacked root no longer matches its seal is refused
 //!   before any server is launched from it.
 
+pub mod drift;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_model::{Balancer, HealthCheck};
-use kiln_provider::{Provider, ProviderError, Running, ServerRequest};
+use kiln_provider::{Inspection, Provider, ProviderError, Running, ServerRequest};
 use kiln_sandbox::{Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
 
 /// Labels written on every server sandbox, so strays are found by what they claim to be.
@@ -168,6 +168,23 @@ impl Provider for Local {
         kiln_balancer::wait_drained(&self.balancer_dir(env, role), backend, timeout)
     }
 
+    fn inspect(&self, _env: &str, id: &str, volumes: &[(String, PathBuf)]) -> Inspection {
+        let Some(found) = self.runtime.list().ok().and_then(|l| l.into_iter().find(|f| f.id == id)) else { return Inspection::default() };
+        let mut out = Inspection { image_label: found.labels.iter().find(|(k, _)| k == LABEL_DIGEST).map(|(_, v)| v.clone()), ..Default::default() };
+        let Some(pid) = found.pid else { return out };
+        out.foreign_processes = foreign_processes(pid);
+        // tmpfs areas are seen through the server's own root.
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        for area in ["tmp", "run"] {
+            walk_files(&root.join(area), &format!("/{area}"), &mut out.writable);
+        }
+        for (inside, host) in volumes {
+            walk_files(host, inside, &mut out.writable);
+        }
+        out.memory_limit = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/kiln/{id}/memory.limit_in_bytes")).ok().and_then(|s| s.trim().parse().ok());
+        out
+    }
+
     fn backend_stats(&self, env: &str, role: &str) -> Vec<(String, u64, u64)> {
         kiln_balancer::read_status(&self.balancer_dir(env, role)).map(|s| s.backends.into_iter().map(|b| (b.addr, b.total, b.errors)).collect()).unwrap_or_default()
     }
@@ -279,6 +296,65 @@ fn reap(pid: i32) {
         match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
             Ok(nix::sys::wait::WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(2)),
             _ => return,
+        }
+    }
+}
+
+/// Processes in `pid`'s pid namespace that are not `pid` or its descendants.
+fn foreign_processes(pid: i32) -> Vec<String> {
+    let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let Some(target) = ns(pid) else { return Vec::new() };
+    let mut parents = std::collections::BTreeMap::new();
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let ppid = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|s| s.parse::<i32>().ok()).unwrap_or(0);
+        parents.insert(p, ppid);
+        if ns(p).as_ref() == Some(&target) {
+            members.push(p);
+        }
+    }
+    let mut out = Vec::new();
+    for p in members {
+        let mut cur = p;
+        let mut descends = false;
+        for _ in 0..64 {
+            if cur == pid {
+                descends = true;
+                break;
+            }
+            match parents.get(&cur) {
+                Some(&pp) if pp > 0 => cur = pp,
+                _ => break,
+            }
+        }
+        if !descends {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let cmd: Vec<String> = cmd.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+            out.push(format!("{p}: {}", cmd.join(" ")));
+        }
+    }
+    out
+}
+
+/// Every non-directory below `dir`, shown as `shown/...`, flagging executables.
+fn walk_files(dir: &Path, shown: &str, out: &mut Vec<(String, bool)>) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(items) = std::fs::read_dir(dir) else { return };
+    for item in items.flatten() {
+        let name = item.file_name().to_string_lossy().into_owned();
+        let path = format!("{}/{name}", shown.trim_end_matches('/'));
+        match item.metadata() {
+            Ok(m) if m.is_dir() => walk_files(&item.path(), &path, out),
+            Ok(m) => {
+                let exec = m.permissions().mode() & 0o111 != 0 || std::fs::File::open(item.path()).ok().and_then(|mut f| {
+                    let mut magic = [0u8; 4];
+                    std::io::Read::read_exact(&mut f, &mut magic).ok().map(|_| &magic == b"\x7fELF")
+                }).unwrap_or(false);
+                out.push((path, exec));
+            }
+            Err(_) => {}
         }
     }
 }

@@ -63,6 +63,21 @@ pub struct Running {
     pub alive: bool,
 }
 
+/// What a provider can see inside a running server, for drift detection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inspection {
+    /// Processes in the server that do not descend from its first process
+    /// (someone entered its namespaces), as `pid: command line`.
+    pub foreign_processes: Vec<String>,
+    /// Files in its writable areas (tmpfs and volumes): path inside the
+    /// server and whether it is executable.
+    pub writable: Vec<(String, bool)>,
+    /// The memory limit its cgroup enforces.
+    pub memory_limit: Option<u64>,
+    /// The image digest its sandbox is labelled with.
+    pub image_label: Option<String>,
+}
+
 /// A runtime that runs servers.
 pub trait Provider {
     /// Creates and starts a server; returns the host pid of its first process.
@@ -80,6 +95,10 @@ pub trait Provider {
     fn balance(&self, env: &str, role: &str, balancer: &Balancer, backends: &[String]) -> Result<(), ProviderError>;
     /// Waits (bounded) until the balancer has no open connection to `backend`.
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool;
+    /// Looks inside a running server (read-only).
+    fn inspect(&self, _env: &str, _id: &str, _volumes: &[(String, PathBuf)]) -> Inspection {
+        Inspection::default()
+    }
     /// Per backend of a role's balancer: (address, connections, failed connections) so far.
     fn backend_stats(&self, _env: &str, _role: &str) -> Vec<(String, u64, u64)> {
         Vec::new()

@@ -92,8 +92,10 @@ fn ctx(cli: &Cli) -> Result<Ctx> {
     Ok(Ctx { project, store, state, local })
 }
 
+/// The clock: wall time, or `KILN_NOW` (epoch seconds) when set, so that
+/// TTLs and rollback windows can be exercised with an injected time.
 fn now() -> i64 {
-    chrono::Utc::now().timestamp()
+    std::env::var("KILN_NOW").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| chrono::Utc::now().timestamp())
 }
 
 /// 16 random bits from the kernel, for new server ids.
@@ -502,4 +504,31 @@ pub fn balancer_serve(args: &BalancerArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(kiln_balancer::run(&args.listen, args.dir.clone()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln drift ENV`: exit 0 when clean, 2 when drift is found, 1 on error.
+pub fn drift(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let engine = c.engine(&|_| {});
+    let report = engine.drift(&args.env)?;
+    if cli.json {
+        print_json(&report)?;
+    } else if report.findings.is_empty() {
+        println!("{} `{}`: {} servers match their declaration ({} image versions verified{}).", style("no drift").green().bold(), report.env, report.servers, report.images_verified.len(), if report.ignored > 0 { format!(", {} findings ignored", report.ignored) } else { String::new() });
+    } else {
+        println!("{} in `{}`: {} findings on {} servers{}", style("DRIFT").red().bold(), report.env, report.findings.len(), report.findings.iter().map(|f| &f.server).collect::<std::collections::BTreeSet<_>>().len(), if report.ignored > 0 { format!(" ({} ignored)", report.ignored) } else { String::new() });
+        let mut last = "";
+        for f in &report.findings {
+            if f.server != last {
+                println!("  {}", style(&f.server).bold());
+                last = &f.server;
+            }
+            let kind = match f.kind.as_str() {
+                "files" | "process" | "unmanaged" => style(format!("{:<9}", f.kind)).red(),
+                _ => style(format!("{:<9}", f.kind)).yellow(),
+            };
+            println!("    {kind} {}", f.detail);
+        }
+    }
+    Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(FOUND) })
 }

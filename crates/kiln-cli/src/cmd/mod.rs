@@ -31,6 +31,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Server(ServerCommand::List(a)) => env::server_list(cli, a),
         Command::Logs(a) => env::logs(cli, a),
         Command::History(a) => env::history(cli, a),
+        Command::Drift(a) => env::drift(cli, a),
         Command::Unlock(a) => env::unlock(cli, a),
         Command::Balancer(BalancerCommand::Serve(a)) => env::balancer_serve(a),
     }
