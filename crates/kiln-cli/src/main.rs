@@ -55,6 +55,10 @@ pub enum Command {
     Logs(cmd::env::LogsArgs),
     /// What differs from the declaration: files, processes, config, stale, expired, unmanaged.
     Drift(cmd::env::EnvArgs),
+    /// Heal crashed servers, rotate expired ones, replace stale and drifted ones.
+    Reconcile(cmd::env::ReconcileArgs),
+    /// The tamper-evident log of every write; `kiln audit verify` checks it.
+    Audit(cmd::env::AuditArgs),
     /// Releases and events of an environment.
     History(cmd::env::EnvArgs),
     /// Break an environment's lock whose holder died.

@@ -17,6 +17,7 @@
 //!   before any server is launched from it.
 
 pub mod drift;
+pub mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -164,7 +165,7 @@ impl<'a> Engine<'a> {
         let env = self.env(env_name)?;
         let (observed, dead) = self.observe(env_name)?;
         let generation = self.state.generation(env_name)?;
-        let input = Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold };
+        let input = Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold, force: &Default::default() };
         Ok(kiln_planner::plan(&input, random)?)
     }
 
@@ -285,6 +286,47 @@ impl<'a> Engine<'a> {
     /// Carries out `plan` exactly. `kind` names the release: `apply`,
     /// `deploy --cold`, `destroy`.
     pub fn apply(&self, plan: &Plan, kind: &str) -> Result<Applied> {
+        let result = self.apply_inner(plan, kind);
+        let outcome = match &result {
+            Ok(_) => "succeeded".to_string(),
+            Err(e) => format!("failed: {}", e.to_string().lines().next().unwrap_or("")),
+        };
+        // Refusals before anything was touched (lock held, stale plan) are audited too.
+        let plan_hash = blake3::hash(&serde_json::to_vec(plan).expect("plan serializes")).to_hex()[..16].to_string();
+        self.audit(&plan.env, kind, &plan_hash, &outcome)?;
+        result
+    }
+
+    /// Appends a write to the audit chain; a write by an actor that is not
+    /// one of the environment's pipeline identities fires its alarm.
+    pub fn audit(&self, env: &str, action: &str, plan_hash: &str, outcome: &str) -> Result<()> {
+        let actor = kiln_state::actor();
+        let ids = self.project.envs.get(env).map(|e| e.pipeline_identities.clone()).unwrap_or_default();
+        let pipeline = ids.is_empty() || ids.contains(&actor);
+        let entry = self.state.append_audit(env, &actor, action, plan_hash, outcome, pipeline)?;
+        if !pipeline {
+            self.alarm(env, "non_pipeline_write", serde_json::to_value(&entry).unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// Calls the environment's alarm hook, if it has one, with a JSON body:
+    /// an `http://` URL gets a POST, anything else runs as a shell command
+    /// with the body on stdin. A failing hook is logged, never fatal.
+    pub fn alarm(&self, env: &str, kind: &str, detail: serde_json::Value) {
+        let Some(hook) = self.project.envs.get(env).and_then(|e| e.alarm.clone()) else { return };
+        let body = serde_json::json!({ "env": env, "kind": kind, "time": (self.clock)(), "detail": detail }).to_string();
+        let sent = if let Some(rest) = hook.strip_prefix("http://") {
+            post(rest, &body)
+        } else {
+            run_hook(&hook, &body)
+        };
+        if let Err(e) = sent {
+            tracing::warn!(env, kind, error = %e, "alarm hook failed");
+        }
+    }
+
+    fn apply_inner(&self, plan: &Plan, kind: &str) -> Result<Applied> {
         let env_name = plan.env.as_str();
         let _lock = self.state.lock(env_name, kind)?;
         let current = self.state.generation(env_name)?;
@@ -625,6 +667,29 @@ impl<'a> Engine<'a> {
         (self.progress)(Progress::Destroyed { server: id.to_string() });
         Ok(())
     }
+}
+
+/// POSTs `body` to `host:port/path` over plain HTTP/1.0 (loopback hooks).
+fn post(rest: &str, body: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let (hostport, path) = match rest.split_once('/') {
+        Some((h, p)) => (h, format!("/{p}")),
+        None => (rest, "/".to_string()),
+    };
+    let mut s = std::net::TcpStream::connect(hostport)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    Ok(())
+}
+
+fn run_hook(cmd: &str, body: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sh").arg("-c").arg(cmd).stdin(std::process::Stdio::piped()).spawn()?;
+    child.stdin.take().expect("piped").write_all(body.as_bytes())?;
+    let status = child.wait()?;
+    if status.success() { Ok(()) } else { Err(std::io::Error::other(format!("hook exited with {status}"))) }
 }
 
 /// The last `n` lines of a log (empty if there is none).

@@ -168,6 +168,9 @@ pub struct RoleSpec {
     pub strategy: Strategy,
     pub balancer: Option<Balancer>,
     pub ttl_secs: Option<u64>,
+    /// At most this share (percent) of the role is replaced at once by
+    /// reconcile for drift or TTL (at least one server).
+    pub replace_share: u32,
     pub drift: DriftPolicy,
     pub unmanaged: UnmanagedPolicy,
     pub env: BTreeMap<String, String>,

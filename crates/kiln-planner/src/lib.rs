@@ -40,6 +40,9 @@ pub struct Input<'a> {
     pub now: i64,
     /// `kiln deploy --cold`: destroy everything, then create afresh.
     pub cold: bool,
+    /// Servers to replace although their image and spec are current, with
+    /// why (reconcile: drift policy, TTL).
+    pub force: &'a BTreeMap<String, String>,
 }
 
 /// Roles in start order: every role after the roles it depends on, ties by name.
@@ -192,7 +195,7 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                     } else if s.spec_hash != t.spec_hash {
                         Some("spec changed".to_string())
                     } else {
-                        None
+                        input.force.get(&s.id).cloned()
                     };
                     if let Some(reason) = reason {
                         let mut c = Change::new(Action::Replace, role, &s.id, slot, &reason);

@@ -353,6 +353,7 @@ impl Validator<'_> {
             strategy,
             balancer,
             ttl_secs,
+            replace_share: r.replace_share.or(env.replace_share).unwrap_or(25).clamp(1, 100),
             drift,
             unmanaged,
             env: r.env.clone().unwrap_or_default(),

@@ -69,6 +69,7 @@ pub(crate) struct RawEnv {
     pub ttl: Option<Spanned<String>>,
     pub drift: Option<Spanned<String>>,
     pub unmanaged: Option<Spanned<String>>,
+    pub replace_share: Option<u32>,
     #[serde(default)]
     pub roles: BTreeMap<String, RawRole>,
 }
@@ -86,6 +87,7 @@ impl RawEnv {
         self.ttl = self.ttl.or(p.ttl);
         self.drift = self.drift.or(p.drift);
         self.unmanaged = self.unmanaged.or(p.unmanaged);
+        self.replace_share = self.replace_share.or(p.replace_share);
         for (name, prole) in p.roles {
             match self.roles.remove(&name) {
                 Some(mine) => {
@@ -117,6 +119,7 @@ pub(crate) struct RawRole {
     pub drift: Option<Spanned<String>>,
     pub unmanaged: Option<Spanned<String>>,
     pub env: Option<BTreeMap<String, String>>,
+    pub replace_share: Option<u32>,
 }
 
 impl RawRole {
@@ -136,6 +139,7 @@ impl RawRole {
             drift: self.drift.or(p.drift),
             unmanaged: self.unmanaged.or(p.unmanaged),
             env: self.env.or(p.env),
+            replace_share: self.replace_share.or(p.replace_share),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! the same transaction, so a plan made against an older generation is
 //! stale. Other writers (the CLI after a release, say) call `bump_generation`.
 
+mod audit;
 mod error;
 mod lock;
 mod schema;
@@ -21,6 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use serde::{Deserialize, Serialize};
 
 pub use error::{Result, StateError};
+pub use audit::AuditEntry;
 pub use lock::{EnvLock, LockInfo};
 
 /// An open state database. Cheap calls, each its own transaction.

@@ -33,6 +33,10 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX events_by_env ON events (env, seq);",
     // 2: blue-green standby servers and the end of their rollback window.
     "ALTER TABLE servers ADD COLUMN standby_until INTEGER;",
+    // 3: the hash-chained audit log.
+    "CREATE TABLE audit (seq INTEGER PRIMARY KEY, time INTEGER NOT NULL, actor TEXT NOT NULL,
+         env TEXT NOT NULL, action TEXT NOT NULL, plan_hash TEXT NOT NULL, outcome TEXT NOT NULL,
+         pipeline INTEGER NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL);",
 ];
 
 /// Opens (creating) the database at `path`, configures it and brings its

@@ -485,6 +485,7 @@ pub fn unlock(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
                 bail!("the lock on `{}` is held by a live process (pid {} on {}); stop it, or pass --yes to break the lock anyway", args.env, info.pid, info.host);
             }
             c.state.unlock(&args.env, &kiln_state::actor())?;
+            c.engine(&|_| {}).audit(&args.env, "unlock", "-", &format!("broke the lock of {} (pid {})", info.holder, info.pid))?;
             println!("Broke the lock on `{}` held by {} (pid {}) since {}.", args.env, info.holder, info.pid, chrono::DateTime::from_timestamp(info.since, 0).unwrap_or_default().to_rfc3339());
             Ok(ExitCode::SUCCESS)
         }
@@ -531,4 +532,118 @@ pub fn drift(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
         }
     }
     Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(FOUND) })
+}
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// `verify` checks the chain; an environment name filters the log.
+    pub what: Option<String>,
+}
+
+/// `kiln audit [ENV]` shows the log; `kiln audit verify` checks the chain.
+pub fn audit(cli: &Cli, args: &AuditArgs) -> Result<ExitCode> {
+    let store = super::store(cli)?;
+    let state = State::open(&store.root().join("state.db"))?;
+    if args.what.as_deref() == Some("verify") {
+        let entries = state.audit(None)?.len();
+        return match state.verify_audit()? {
+            None => {
+                if cli.json {
+                    print_json(&serde_json::json!({"ok": true, "entries": entries}))?;
+                } else {
+                    println!("{} the audit chain holds ({entries} entries).", style("ok").green().bold());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Some((seq, why)) => {
+                if cli.json {
+                    print_json(&serde_json::json!({"ok": false, "entries": entries, "first_bad": seq, "reason": why}))?;
+                } else {
+                    println!("{} audit entry #{seq} {why}.", style("TAMPERED").red().bold());
+                }
+                Ok(ExitCode::from(FOUND))
+            }
+        };
+    }
+    let entries = state.audit(args.what.as_deref())?;
+    if cli.json {
+        print_json(&entries)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                format!("#{}", e.seq),
+                chrono::DateTime::from_timestamp(e.time, 0).unwrap_or_default().format("%Y-%m-%d %H:%M:%S").to_string(),
+                e.env.clone(),
+                if e.pipeline { e.actor.clone() } else { style(format!("{} (not a pipeline)", e.actor)).red().to_string() },
+                e.action.clone(),
+                e.plan_hash.clone(),
+                e.outcome.clone(),
+            ]
+        })
+        .collect();
+    crate::output::table(&["SEQ", "TIME", "ENV", "ACTOR", "ACTION", "PLAN", "OUTCOME"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub struct ReconcileArgs {
+    pub env: String,
+    /// Print what would be done, do nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep reconciling, every --interval.
+    #[arg(long)]
+    pub watch: bool,
+    #[arg(long, default_value = "60s")]
+    pub interval: String,
+    /// Do not ask for confirmation on a terminal.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+/// `kiln reconcile ENV`: heal, rotate, replace stale, enforce drift policy.
+pub fn reconcile(cli: &Cli, args: &ReconcileArgs) -> Result<ExitCode> {
+    let interval = kiln_spec::parse_duration(&args.interval).map_err(anyhow::Error::msg)?;
+    loop {
+        let c = ctx(cli)?;
+        let progress = progress_printer(cli.json);
+        let engine = c.engine(&progress);
+        // On a terminal, show what would be done and ask first (unless --yes or --watch).
+        let interactive = !args.yes && !args.watch && !args.dry_run && std::io::stdin().is_terminal();
+        if interactive {
+            let preview = engine.reconcile(&args.env, true, &mut random)?;
+            if preview.plan.is_empty() {
+                println!("`{}` needs nothing.", args.env);
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_plan(&preview.plan);
+            confirm(&args.env, false)?;
+        }
+        let pass = engine.reconcile(&args.env, args.dry_run, &mut random)?;
+        if cli.json {
+            print_json(&pass)?;
+        } else {
+            for (id, why) in &pass.forced {
+                println!("{} {id}: {why}", style("replace").yellow());
+            }
+            for f in pass.report.findings.iter().filter(|f| !pass.forced.contains_key(&f.server)) {
+                println!("{} {}: {} {}", style("found").dim(), f.server, f.kind, f.detail);
+            }
+            if pass.plan.is_empty() {
+                println!("`{}` needs nothing.", args.env);
+            } else if args.dry_run {
+                println!("Would carry out (dry run, nothing changed):");
+                print_plan(&pass.plan);
+            } else if let Some(r) = pass.release {
+                println!("{} reconciled `{}` as release #{r}.", style("Done:").green().bold(), args.env);
+            }
+        }
+        if !args.watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(interval);
+    }
 }

@@ -32,6 +32,8 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Logs(a) => env::logs(cli, a),
         Command::History(a) => env::history(cli, a),
         Command::Drift(a) => env::drift(cli, a),
+        Command::Audit(a) => env::audit(cli, a),
+        Command::Reconcile(a) => env::reconcile(cli, a),
         Command::Unlock(a) => env::unlock(cli, a),
         Command::Balancer(BalancerCommand::Serve(a)) => env::balancer_serve(a),
     }

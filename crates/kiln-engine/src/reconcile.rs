@@ -1,0 +1,109 @@
+//! Reconcile: one pass of keeping an environment honest. It checks drift,
+//! raises alarms, and turns findings into replacements through the same
+//! plan-and-apply path as everything else: crashed or vanished servers are
+//! recreated (self-healing), servers past their TTL are rotated (phoenix),
+//! servers on stale images are replaced, and drifted servers are replaced
+//! or quarantined and replaced according to the role's `drift` policy. No
+//! more than the role's `replace_share` is replaced for drift or TTL at once.
+
+use std::collections::BTreeMap;
+
+use kiln_model::{DriftPolicy, Plan, ServerStatus};
+use serde::Serialize;
+
+use crate::drift::{Finding, Report};
+use crate::{Applied, Engine, Result};
+
+/// What one reconcile pass found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pass {
+    pub report: Report,
+    /// Servers replaced on purpose, with why.
+    pub forced: BTreeMap<String, String>,
+    /// Servers quarantined (`drift = "kill"`): forensics kept under
+    /// `.kiln/quarantine/<env>/<server>/`.
+    pub quarantined: Vec<String>,
+    pub plan: Plan,
+    /// The release made, unless it was a dry run or there was nothing to do.
+    pub release: Option<i64>,
+}
+
+impl Engine<'_> {
+    pub fn reconcile(&self, env_name: &str, dry_run: bool, random: &mut dyn FnMut() -> u16) -> Result<Pass> {
+        let env = self.env(env_name)?;
+        let report = self.drift(env_name)?;
+        if !report.findings.is_empty() {
+            let unmanaged: Vec<&Finding> = report.findings.iter().filter(|f| f.kind == "unmanaged").collect();
+            if !unmanaged.is_empty() {
+                self.alarm(env_name, "unmanaged", serde_json::to_value(&unmanaged).unwrap_or_default());
+            }
+            self.alarm(env_name, "drift", serde_json::to_value(&report.findings).unwrap_or_default());
+        }
+        let servers = self.state.servers(Some(env_name))?;
+        let mut forced: BTreeMap<String, String> = BTreeMap::new();
+        let mut quarantine: Vec<(String, Vec<Finding>)> = Vec::new();
+        let mut budget: BTreeMap<String, usize> = env.roles.values().map(|r| (r.name.clone(), (r.servers as usize * r.replace_share as usize).div_ceil(100).max(1))).collect();
+        for s in servers.iter().filter(|s| s.status == ServerStatus::Running) {
+            let Some(role) = env.roles.get(&s.role) else { continue };
+            let mine: Vec<Finding> = report.findings.iter().filter(|f| f.server == s.id).cloned().collect();
+            let drifted: Vec<&Finding> = mine.iter().filter(|f| matches!(f.kind.as_str(), "files" | "process" | "config") || (f.kind == "writable" && f.detail.contains("executable"))).collect();
+            let expired = mine.iter().find(|f| f.kind == "expired");
+            let reason = match (drifted.first(), role.drift, expired) {
+                (Some(f), DriftPolicy::Replace, _) => Some(format!("drift ({}: {})", f.kind, f.detail)),
+                (Some(f), DriftPolicy::Kill, _) => {
+                    quarantine.push((s.id.clone(), mine.clone()));
+                    Some(format!("quarantined for drift ({}: {})", f.kind, f.detail))
+                }
+                (_, _, Some(f)) => Some(format!("phoenix: past its ttl ({})", f.detail)),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                let left = budget.entry(s.role.clone()).or_default();
+                if *left > 0 {
+                    *left -= 1;
+                    forced.insert(s.id.clone(), reason);
+                }
+            }
+        }
+        quarantine.retain(|(id, _)| forced.contains_key(id));
+        let targets = self.targets(env)?;
+        let (observed, dead) = self.observe(env_name)?;
+        let generation = self.state.generation(env_name)?;
+        let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced };
+        let plan = kiln_planner::plan(&input, random)?;
+        let mut pass = Pass { report, forced, quarantined: quarantine.iter().map(|q| q.0.clone()).collect(), plan, release: None };
+        if dry_run || pass.plan.is_empty() {
+            return Ok(pass);
+        }
+        for (id, findings) in &quarantine {
+            self.quarantine(env_name, id, findings)?;
+        }
+        let applied: Result<Applied> = self.apply_or_roll_back(&pass.plan, "reconcile", random);
+        match applied {
+            Ok(a) => pass.release = Some(a.release),
+            Err(e) => {
+                self.alarm(env_name, "self_heal_failed", serde_json::json!({ "error": e.to_string() }));
+                return Err(e);
+            }
+        }
+        Ok(pass)
+    }
+
+    /// Keeps a drifted server's evidence before it is replaced: its
+    /// findings, its log, and a copy of what its writable areas hold.
+    fn quarantine(&self, env: &str, id: &str, findings: &[Finding]) -> Result<()> {
+        let dir = self.store.root().join("quarantine").join(env).join(id);
+        let _ = std::fs::create_dir_all(&dir);
+        let record = serde_json::json!({ "server": id, "quarantined_at": (self.clock)(), "findings": findings });
+        let _ = std::fs::write(dir.join("findings.json"), serde_json::to_vec_pretty(&record).unwrap_or_default());
+        let _ = std::fs::copy(self.provider.log_path(env, id), dir.join("server.log"));
+        if let Some(pid) = self.state.server(id)?.and_then(|s| s.pid) {
+            for area in ["tmp", "run"] {
+                let _ = std::process::Command::new("cp").arg("-a").arg(format!("/proc/{pid}/root/{area}")).arg(dir.join(area)).status();
+            }
+        }
+        self.state.record_event(env, &kiln_state::actor(), "quarantine", &format!("server {id} quarantined; evidence in {}", dir.display()))?;
+        self.audit(env, "quarantine", "-", &format!("server {id}"))?;
+        Ok(())
+    }
+}
