@@ -95,6 +95,7 @@ impl<'a> Baker<'a> {
         for stale in self.runtime.list().map_err(|source| ImageError::Sandbox { what: "stale build sandboxes".into(), source })? {
             self.runtime.delete(&stale.id).map_err(|source| ImageError::Sandbox { what: format!("stale sandbox {}", stale.id), source })?;
         }
+        self.store.clear_tmp()?;
         let mut out = Vec::new();
         for name in self.project.build_order() {
             if wanted.contains(&name) {

@@ -188,6 +188,7 @@ pub struct Collected {
 /// and base that nothing kept refers to.
 pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Collected> {
     let _lock = store.lock()?;
+    store.clear_tmp()?;
     let mut out = Collected::default();
     let mut live_blobs = BTreeSet::new();
     let mut live_roots = BTreeSet::new();

@@ -166,8 +166,7 @@ impl Store {
         self.root.join("oci/index.json")
     }
 
-    /// Takes the writers' lock, waiting for another writer to finish, and
-    /// clears what killed writers left in `tmp/`.
+    /// Takes the writers' lock, waiting for another writer to finish.
     pub fn lock(&self) -> Result<StoreLock> {
         let path = self.root.join("lock");
         let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).ctx("open", &path)?;
@@ -188,12 +187,26 @@ impl Store {
                 return Err(ImageError::Io { op: "lock", path, source: err });
             }
         }
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Removes what killed writers left in `tmp/`. Call it holding the lock,
+    /// after stopping any sandbox a killed build left running over it.
+    pub fn clear_tmp(&self) -> Result<()> {
         let tmp = self.tmp_dir();
         for item in fs::read_dir(&tmp).ctx("read directory", &tmp)? {
             let p = item.ctx("read directory", &tmp)?.path();
-            crate::layer::remove_any(&p)?;
+            // A process killed a moment ago may still be finishing a write.
+            let mut tries = 0;
+            while let Err(e) = crate::layer::remove_any(&p) {
+                tries += 1;
+                if tries > 20 {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
-        Ok(StoreLock { _file: file })
+        Ok(())
     }
 
     /// A fresh directory under `tmp/`, removed by the next writer if left.

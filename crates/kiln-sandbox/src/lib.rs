@@ -223,6 +223,14 @@ impl Runtime {
                 Ok(mut c) => {
                     if c.can_kill() {
                         let _ = c.kill(nix::sys::signal::Signal::SIGKILL, true);
+                        // Wait until the process is really gone (or a zombie):
+                        // callers remove what it was writing right after.
+                        if let Some(pid) = c.pid() {
+                            let start = Instant::now();
+                            while start.elapsed() < Duration::from_secs(2) && running(pid.as_raw()) {
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                        }
                     }
                     // Right after the process is reaped its cgroup can still be
                     // busy for a moment; retry before giving up.
@@ -272,6 +280,14 @@ impl Runtime {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+}
+
+/// Whether a pid exists and is not a zombie.
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
     }
 }
 
