@@ -54,7 +54,7 @@ pub enum Command {
     /// Logs of an environment's servers, including destroyed ones.
     Logs(cmd::env::LogsArgs),
     /// What differs from the declaration: files, processes, config, stale, expired, unmanaged.
-    Drift(cmd::env::EnvArgs),
+    Drift(cmd::env::DriftArgs),
     /// Heal crashed servers, rotate expired ones, replace stale and drifted ones.
     Reconcile(cmd::env::ReconcileArgs),
     /// The tamper-evident log of every write; `kiln audit verify` checks it.

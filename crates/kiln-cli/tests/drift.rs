@@ -142,3 +142,18 @@ fn stale_and_expired_servers_are_reported() {
 fn chrono_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
+
+#[test]
+fn warm_scan_still_catches_an_edit_with_its_mtime_restored() {
+    let p = fleet("10.77.33.0/24");
+    let _t = Teardown(&p);
+    p.kiln(&["drift", "staging"]).expect(0); // fills the per-file cache
+    let file = p.root_of("web").join("srv/www/index.html");
+    let mtime = fs::metadata(&file).unwrap().modified().unwrap();
+    fs::write(&file, "v9\n").unwrap(); // same size
+    fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+    let (code, f) = findings(&p, &[]);
+    assert_eq!(code, 2);
+    assert!(f.iter().any(|(_, k, d)| k == "files" && d == "changed /srv/www/index.html (content)"), "{f:?}");
+    p.kiln(&["drift", "staging", "--full"]).expect(2);
+}

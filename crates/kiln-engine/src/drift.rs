@@ -80,8 +80,10 @@ impl Ignore {
 }
 
 impl Engine<'_> {
-    /// Checks `env` for drift. Read-only: changes nothing.
-    pub fn drift(&self, env_name: &str) -> Result<Report> {
+    /// Checks `env` for drift. Read-only: changes nothing. With `full`,
+    /// every file is re-hashed; otherwise files whose size, times and inode
+    /// did not change since the last scan keep their hash.
+    pub fn drift(&self, env_name: &str, full: bool) -> Result<Report> {
         let env = self.env(env_name)?;
         let now = (self.clock)();
         let servers = self.state.servers(Some(env_name))?;
@@ -105,7 +107,7 @@ impl Engine<'_> {
             by_image.entry(s.image.as_str()).or_default().push(s);
         }
         for (image, on) in &by_image {
-            match kiln_image::ops::verify(self.store, image) {
+            match kiln_image::ops::verify_with(self.store, image, full) {
                 Ok(v) => {
                     verified.push(image.to_string());
                     for s in on {

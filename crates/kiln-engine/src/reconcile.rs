@@ -31,7 +31,7 @@ pub struct Pass {
 impl Engine<'_> {
     pub fn reconcile(&self, env_name: &str, dry_run: bool, random: &mut dyn FnMut() -> u16) -> Result<Pass> {
         let env = self.env(env_name)?;
-        let report = self.drift(env_name)?;
+        let report = self.drift(env_name, false)?;
         if !report.findings.is_empty() {
             let unmanaged: Vec<&Finding> = report.findings.iter().filter(|f| f.kind == "unmanaged").collect();
             if !unmanaged.is_empty() {

@@ -143,6 +143,13 @@ impl Verified {
 
 /// Re-hashes a version's root and blobs and compares them with its seal and digests.
 pub fn verify(store: &Store, reference: &str) -> Result<Verified> {
+    verify_with(store, reference, true)
+}
+
+/// Like [`verify`]; with `full = false`, files whose size, times and inode
+/// are unchanged since the last verification keep their last hash (warm
+/// drift scans), and blobs are not re-hashed.
+pub fn verify_with(store: &Store, reference: &str, full: bool) -> Result<Verified> {
     let r = resolve(store, reference)?;
     let sealed: Seal = store.read_json_blob(&r.seal)?;
     if Digest::of(&store.read_blob(&r.seal)?) != r.seal {
@@ -152,10 +159,22 @@ pub fn verify(store: &Store, reference: &str) -> Result<Verified> {
         return Err(ImageError::Corrupt(format!("the seal root of {}@{} does not match its entries", r.name, r.version)));
     }
     let root = store.root_path(&r.digest);
-    let differences = if root.is_dir() { seal::verify_tree(&root, &sealed)? } else { vec![Difference::Removed { path: String::new() }] };
+    let cache_path = store.root().join("cache/stat").join(format!("{}.json", r.digest.hex()));
+    let cache: Option<seal::StatCache> = if full { None } else { fs::read(&cache_path).ok().and_then(|b| serde_json::from_slice(&b).ok()) };
+    let differences = if root.is_dir() {
+        let (actual, next) = seal::seal_tree_cached(&root, cache.as_ref())?;
+        let diffs = seal::diff(&sealed, &actual);
+        if let Some(dir) = cache_path.parent() {
+            let _ = fs::create_dir_all(dir);
+            let _ = fs::write(&cache_path, serde_json::to_vec(&next).unwrap_or_default());
+        }
+        diffs
+    } else {
+        vec![Difference::Removed { path: String::new() }]
+    };
     let mut corrupt_blobs = Vec::new();
     let blobs: Vec<&Digest> = std::iter::once(&r.digest).chain(std::iter::once(&r.config)).chain(r.layers.iter().map(|l| &l.digest)).collect();
-    for d in blobs {
+    for d in blobs.into_iter().filter(|_| full) {
         if !blob_ok(store, d) {
             corrupt_blobs.push(d.clone());
         }

@@ -112,9 +112,42 @@ impl Seal {
 
 /// Seals the tree below `root` (the root directory itself is not an entry).
 pub fn seal_tree(root: &Path) -> Result<Seal> {
+    Ok(seal_tree_cached(root, None)?.0)
+}
+
+/// What a file looked like when it was last hashed: if size, mtime, ctime
+/// and inode are all unchanged, its content hash is reused. ctime is in
+/// the key because nobody can set it back: touching a file's mtime back
+/// after editing it still changes its ctime.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatCache {
+    pub files: BTreeMap<String, (u64, i64, i64, u64, String)>,
+}
+
+fn stat_key(m: &fs::Metadata) -> (u64, i64, i64, u64) {
+    (m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec(), m.ctime() * 1_000_000_000 + m.ctime_nsec(), m.ino())
+}
+
+/// Seals `root`, re-hashing only files whose stat differs from `cache`
+/// (all of them without a cache). Returns the seal and the new cache.
+pub fn seal_tree_cached(root: &Path, cache: Option<&StatCache>) -> Result<(Seal, StatCache)> {
     let found = walk(root, "")?;
-    let entries = found.into_par_iter().map(|(path, meta)| entry(root, path, &meta)).collect::<Result<Vec<_>>>()?;
-    Ok(Seal::from_entries(entries))
+    let done = found
+        .into_par_iter()
+        .map(|(path, meta)| {
+            let key = stat_key(&meta);
+            let cached = cache.and_then(|c| c.files.get(&path)).filter(|c| (c.0, c.1, c.2, c.3) == key).map(|c| c.4.clone());
+            let e = entry_with(root, path, &meta, cached)?;
+            Ok((e, key))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut next = StatCache::default();
+    for (e, k) in &done {
+        if let Some(h) = &e.hash {
+            next.files.insert(e.path.clone(), (k.0, k.1, k.2, k.3, h.clone()));
+        }
+    }
+    Ok((Seal::from_entries(done.into_iter().map(|d| d.0).collect()), next))
 }
 
 /// Every path below `dir` (relative to the walk's root) with its metadata.
@@ -138,7 +171,7 @@ fn walk(root: &Path, rel: &str) -> Result<Vec<(String, fs::Metadata)>> {
     Ok(here)
 }
 
-fn entry(root: &Path, path: String, meta: &fs::Metadata) -> Result<Entry> {
+fn entry_with(root: &Path, path: String, meta: &fs::Metadata, cached_hash: Option<String>) -> Result<Entry> {
     let ft = meta.file_type();
     let kind = if ft.is_file() {
         Kind::File
@@ -157,7 +190,10 @@ fn entry(root: &Path, path: String, meta: &fs::Metadata) -> Result<Entry> {
     };
     let full = root.join(&path);
     let (hash, target, size) = match kind {
-        Kind::File => (Some(hash_file(&full, meta.len())?), None, meta.len()),
+        Kind::File => (Some(match cached_hash {
+            Some(h) => h,
+            None => hash_file(&full, meta.len())?,
+        }), None, meta.len()),
         Kind::Symlink => {
             let t = fs::read_link(&full).ctx("read link", &full)?;
             (None, Some(t.to_string_lossy().into_owned()), 0)

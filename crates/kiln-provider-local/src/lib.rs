@@ -309,9 +309,12 @@ fn foreign_processes(pid: i32) -> Vec<String> {
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        let ppid = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|s| s.parse::<i32>().ok()).unwrap_or(0);
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        let ppid = rest.split_whitespace().nth(1).and_then(|s| s.parse::<i32>().ok()).unwrap_or(0);
         parents.insert(p, ppid);
-        if ns(p).as_ref() == Some(&target) {
+        // A zombie runs nothing: it is only waiting to be reaped.
+        let zombie = rest.starts_with('Z') || rest.starts_with('X');
+        if !zombie && ns(p).as_ref() == Some(&target) {
             members.push(p);
         }
     }

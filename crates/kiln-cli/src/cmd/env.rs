@@ -507,11 +507,19 @@ pub fn balancer_serve(args: &BalancerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Args, Debug)]
+pub struct DriftArgs {
+    pub env: String,
+    /// Re-hash every file, ignoring what the last scan saw unchanged.
+    #[arg(long)]
+    pub full: bool,
+}
+
 /// `kiln drift ENV`: exit 0 when clean, 2 when drift is found, 1 on error.
-pub fn drift(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
+pub fn drift(cli: &Cli, args: &DriftArgs) -> Result<ExitCode> {
     let c = ctx(cli)?;
     let engine = c.engine(&|_| {});
-    let report = engine.drift(&args.env)?;
+    let report = engine.drift(&args.env, args.full)?;
     if cli.json {
         print_json(&report)?;
     } else if report.findings.is_empty() {
