@@ -152,6 +152,22 @@ fn corrupt_image_is_not_used_to_replace_drifted_servers() {
     assert_eq!(drift.stdout.matches("changed /srv/www/index.html").count(), 2, "{}", drift.stdout);
     let run = p.kiln(&["reconcile", "staging"]).expect(1);
     assert!(run.stderr.contains("does not match its seal") && run.stderr.contains("rebuild"), "{}", run.stderr);
+    // Repair: rebuild the image ignoring the cache; the same digest gets a
+    // fresh root; servers still on the old one are drift until replaced.
+    p.kiln(&["image", "build", "--no-cache", "web"]).ok();
+    p.kiln(&["image", "verify", "web"]).ok();
+    let drift = p.kiln(&["drift", "staging"]).expect(2);
+    assert_eq!(drift.stdout.matches("was replaced after tampering").count(), 2, "{}", drift.stdout);
+    // replace_share (25% by default) lets one of the two go per pass.
+    let first = p.kiln(&["reconcile", "staging"]).ok();
+    assert_eq!(first.stdout.matches("replace web-").count(), 1, "{}", first.stdout);
+    p.kiln(&["reconcile", "staging"]).ok();
+    p.kiln(&["drift", "staging"]).expect(0);
+    for s in servers(&p) {
+        let addr = s["address"].as_str().unwrap();
+        let body = std::process::Command::new("python3").arg("-c").arg(format!("import urllib.request; print(urllib.request.urlopen('http://{addr}:8080/').read().decode(), end='')")).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&body.stdout), "v1\n");
+    }
 }
 
 #[test]
@@ -184,4 +200,41 @@ fn audit_chain_detects_an_edited_byte_and_alarms_non_pipeline_writes() {
     assert!(st.success());
     let bad = p.kiln(&["audit", "verify"]).expect(2);
     assert!(bad.stdout.contains("audit entry #1 its content does not match its hash"), "{}", bad.stdout);
+}
+
+#[test]
+fn drift_alarm_is_posted_to_a_loopback_webhook() {
+    // A real HTTP listener on loopback receives the alarm's JSON body.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = format!("alarm = \"http://{}/hooks/kiln\"", listener.local_addr().unwrap());
+    let received = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                if body.len() >= len {
+                    break;
+                }
+            }
+        }
+        let _ = s.write_all(b"HTTP/1.0 204 No Content\r\n\r\n");
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let (p, _) = fleet("10.77.45.0/24", "drift = \"alarm\"", &hook);
+    let _t = Teardown(&p);
+    std::fs::write(p.root_of("web").join("srv/www/index.html"), "defaced\n").unwrap();
+    let run = p.kiln(&["reconcile", "staging"]).ok();
+    assert!(run.stdout.contains("needs nothing"), "alarm policy replaces nothing: {}", run.stdout);
+    let got = received.join().unwrap();
+    assert!(got.starts_with("POST /hooks/kiln HTTP/1.0"), "{got}");
+    assert!(got.contains("\"kind\":\"drift\"") && got.contains("changed /srv/www/index.html"), "{got}");
 }

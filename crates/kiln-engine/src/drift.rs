@@ -145,6 +145,14 @@ impl Engine<'_> {
                     push(&s.id, "writable", format!("new file {path}"));
                 }
             }
+            if let (Some(running), Ok(rec)) = (seen.root_inode, kiln_image::ops::resolve(self.store, &s.image)) {
+                use std::os::unix::fs::MetadataExt;
+                if let Ok(m) = std::fs::metadata(self.store.root_path(&rec.digest)) {
+                    if (m.dev(), m.ino()) != running {
+                        push(&s.id, "files", format!("runs a root of {} that was replaced after tampering; it must be replaced", s.image));
+                    }
+                }
+            }
             if let Some(label) = &seen.image_label {
                 if label != &s.image_digest {
                     push(&s.id, "config", format!("runs image {label}, its release says {}", s.image_digest));

@@ -60,6 +60,9 @@ pub struct Baker<'a> {
     pub events: &'a (dyn Fn(Event) + Sync),
     /// Time limit of each image test.
     pub test_timeout: Duration,
+    /// Rebuild the named images even when the cache has them (repairs a
+    /// root that no longer matches its seal).
+    pub no_cache: bool,
 }
 
 /// Environment every build script and test gets unless the image overrides it.
@@ -78,7 +81,7 @@ const SCRIPTS_MOUNT: &str = ".kiln-build";
 
 impl<'a> Baker<'a> {
     pub fn new(project: &'a Project, store: &'a Store, events: &'a (dyn Fn(Event) + Sync)) -> Baker<'a> {
-        Baker { project, store, runtime: Runtime::new(&store.root().join("sandbox")), events, test_timeout: Duration::from_secs(120) }
+        Baker { project, store, runtime: Runtime::new(&store.root().join("sandbox")), events, test_timeout: Duration::from_secs(120), no_cache: false }
     }
 
     /// Builds `names` and every image they are built from, parents first.
@@ -99,7 +102,8 @@ impl<'a> Baker<'a> {
         let mut out = Vec::new();
         for name in self.project.build_order() {
             if wanted.contains(&name) {
-                out.push(self.build_one(&self.project.images[&name])?);
+                let fresh = self.no_cache && names.contains(&name);
+                out.push(self.build_one(&self.project.images[&name], fresh)?);
             }
         }
         Ok(out)
@@ -109,7 +113,7 @@ impl<'a> Baker<'a> {
         (self.events)(e)
     }
 
-    fn build_one(&self, spec: &ImageSpec) -> Result<Baked> {
+    fn build_one(&self, spec: &ImageSpec, no_cache: bool) -> Result<Baked> {
         let name = &spec.name;
         self.emit(Event::Begin { image: name.clone() });
         let started = Instant::now();
@@ -118,7 +122,7 @@ impl<'a> Baker<'a> {
         let scripts = list_scripts(&spec.scripts_dir)?;
         let key = cache_key(spec, &base.key_part, &files, &scripts);
 
-        if let Some(hit) = self.cached(name, &key)? {
+        if let Some(hit) = if no_cache { None } else { self.cached(name, &key)? } {
             if self.store.current(name)? != Some(hit.version) {
                 self.store.set_current(name, hit.version)?;
             }
@@ -200,7 +204,19 @@ impl<'a> Baker<'a> {
         let (config, manifest) = self.write_manifest(spec, base, &layers, &sealed, &seal_digest)?;
 
         let final_root = self.store.root_path(&manifest);
-        if final_root.exists() {
+        if final_root.exists() && !seal::verify_tree(&final_root, &sealed)?.is_empty() {
+            // The stored root of these very bytes was tampered with: put the
+            // fresh one in its place. Running servers keep the old one (they
+            // hold its mount), so it is retired, not deleted; drift reports
+            // them until they are replaced.
+            let retired = self.store.root().join("retired");
+            fs::create_dir_all(&retired).ctx("create directory", &retired)?;
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let to = retired.join(format!("{}-{nanos}", manifest.hex()));
+            fs::rename(&final_root, &to).ctx("retire", &final_root)?;
+            fs::rename(&root, &final_root).ctx("move root into", &final_root)?;
+            self.emit(Event::Step { image: name.clone(), step: format!("replaced a tampered root; the old one is kept at {}", to.display()) });
+        } else if final_root.exists() {
             // Same bytes built before (a different cache key with the same result).
             fs::remove_dir_all(&root).ctx("remove", &root)?;
         } else {

@@ -173,6 +173,10 @@ impl Provider for Local {
         let mut out = Inspection { image_label: found.labels.iter().find(|(k, _)| k == LABEL_DIGEST).map(|(_, v)| v.clone()), ..Default::default() };
         let Some(pid) = found.pid else { return out };
         out.foreign_processes = foreign_processes(pid);
+        out.root_inode = std::fs::metadata(format!("/proc/{pid}/root")).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
         // tmpfs areas are seen through the server's own root.
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         for area in ["tmp", "run"] {

@@ -76,6 +76,8 @@ pub struct Inspection {
     pub memory_limit: Option<u64>,
     /// The image digest its sandbox is labelled with.
     pub image_label: Option<String>,
+    /// Device and inode of the root directory it runs from.
+    pub root_inode: Option<(u64, u64)>,
 }
 
 /// A runtime that runs servers.

@@ -20,6 +20,10 @@ pub struct BuildArgs {
     /// Build every image of the project.
     #[arg(long, conflicts_with = "names")]
     pub all: bool,
+    /// Rebuild the named images even if the cache has them (repairs a
+    /// tampered root; parents still come from the cache).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Args, Debug)]
@@ -47,7 +51,8 @@ pub fn build(cli: &Cli, args: &BuildArgs) -> Result<ExitCode> {
     };
     let progress = BuildProgress::new();
     let events = |e| progress.event(e);
-    let baker = Baker::new(&project, &store, &events);
+    let mut baker = Baker::new(&project, &store, &events);
+    baker.no_cache = args.no_cache;
     let built = baker.build(&names).inspect_err(|_| progress.abandon())?;
     if cli.json {
         let rows: Vec<_> = built
