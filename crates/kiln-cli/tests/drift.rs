@@ -10,33 +10,7 @@ use std::time::Duration;
 use support::*;
 
 fn fleet(subnet: &str) -> Project {
-    let p = Project::new();
-    p.busybox_tarball("base.tar.gz");
-    p.write("images/web/files/srv/www/healthz", "ok\n");
-    p.write("images/web/files/srv/www/index.html", "v1\n");
-    p.write(
-        "kiln.toml",
-        &format!(
-            r#"
-[project]
-name = "drift"
-[images.base]
-from = {{ rootfs = "base.tar.gz" }}
-[images.web]
-from = "base"
-entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]
-health = {{ http = "/healthz", port = 8080 }}
-[env.staging]
-subnet = "{subnet}"
-ttl = "1d"
-[env.staging.roles.web]
-image = "web"
-servers = 2
-size = {{ cpus = 0.5, memory = "64M" }}
-"#
-        ),
-    );
-    p.kiln(&["image", "build", "--all"]).ok();
+    let p = web_fleet(subnet, 2, "ttl = \"1d\"", "size = { cpus = 0.5, memory = \"64M\" }");
     p.kiln(&["apply", "staging", "--yes"]).ok();
     p
 }
@@ -49,16 +23,7 @@ fn findings(p: &Project, envs: &[(&str, String)]) -> (i32, Vec<(String, String, 
     (code, f)
 }
 
-fn servers(p: &Project) -> Vec<serde_json::Value> {
-    p.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().clone()
-}
 
-struct Teardown<'a>(&'a Project);
-impl Drop for Teardown<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kiln(&["destroy", "staging", "--yes"]);
-    }
-}
 
 #[test]
 fn clean_fleet_has_no_drift_and_tampering_is_named_on_every_server() {
@@ -69,7 +34,7 @@ fn clean_fleet_has_no_drift_and_tampering_is_named_on_every_server() {
     fs::write(p.root_of("web").join("srv/www/index.html"), "defaced\n").unwrap();
     let (code, f) = findings(&p, &[]);
     assert_eq!(code, 2);
-    let ids: Vec<String> = servers(&p).iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = p.servers().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
     for id in &ids {
         assert!(f.contains(&(id.clone(), "files".into(), "changed /srv/www/index.html (content)".into())), "{f:?}");
     }
@@ -88,7 +53,7 @@ fn clean_fleet_has_no_drift_and_tampering_is_named_on_every_server() {
 fn entered_processes_strays_and_dead_servers_are_found() {
     let p = fleet("10.77.31.0/24");
     let _t = Teardown(&p);
-    let list = servers(&p);
+    let list = p.servers();
     let (a, b) = (&list[0], &list[1]);
     // Someone enters a server's namespaces from the host and starts a process.
     let pid = a["pid"].as_i64().unwrap().to_string();
@@ -97,7 +62,9 @@ fn entered_processes_strays_and_dead_servers_are_found() {
     // A sandbox started by hand in kiln's runtime space, claiming the environment.
     let runtime = kiln_sandbox::Runtime::new(&p.store().join("servers"));
     let log = p.path().join("stray.log");
-    let mut stray = kiln_sandbox::SandboxSpec::readonly("web-stray", &p.root_of("web"), vec!["/bin/sleep".into(), "300".into()], &log);
+    // Unique on the host: cgroups and sandbox ids are host-wide.
+    let stray_id = format!("web-stray{}", std::process::id());
+    let mut stray = kiln_sandbox::SandboxSpec::readonly(&stray_id, &p.root_of("web"), vec!["/bin/sleep".into(), "300".into()], &log);
     stray.labels = vec![("dev.kiln.env".into(), "staging".into()), ("dev.kiln.role".into(), "web".into())];
     runtime.start(&stray).unwrap();
     // And a server's process is killed from outside.
@@ -108,7 +75,7 @@ fn entered_processes_strays_and_dead_servers_are_found() {
     assert_eq!(code, 2);
     let id_a = a["id"].as_str().unwrap();
     assert!(f.iter().any(|(s, k, d)| s == id_a && k == "process" && d.contains("sleep 300")), "{f:?}");
-    assert!(f.iter().any(|(s, k, _)| s == "web-stray" && k == "unmanaged"), "{f:?}");
+    assert!(f.iter().any(|(s, k, _)| s == &stray_id && k == "unmanaged"), "{f:?}");
     assert!(f.iter().any(|(s, k, d)| s == b["id"].as_str().unwrap() && k == "unmanaged" && d.contains("process is gone")), "{f:?}");
     // The intruder outlives nsenter inside the server: stop it by its pid.
     for (_, _, d) in f.iter().filter(|(_, k, _)| k == "process") {
@@ -119,7 +86,7 @@ fn entered_processes_strays_and_dead_servers_are_found() {
     intruder.wait().ok();
     // An apply heals: the stray is removed, the dead server replaced.
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let _ = runtime.delete("web-stray");
+    let _ = runtime.delete(&stray_id);
     std::thread::sleep(Duration::from_millis(200));
     let (code, f) = findings(&p, &[]);
     assert_eq!(code, 0, "{f:?}");

@@ -10,73 +10,23 @@ use std::time::Duration;
 use support::*;
 
 fn fleet(subnet: &str, extra_role: &str, extra_env: &str) -> (Project, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let p = Project::new();
-    p.busybox_tarball("base.tar.gz");
-    p.write("images/web/files/srv/www/healthz", "ok\n");
-    p.write("images/web/files/srv/www/index.html", "v1\n");
-    p.write(
-        "kiln.toml",
-        &format!(
-            r#"
-[project]
-name = "honest"
-[images.base]
-from = {{ rootfs = "base.tar.gz" }}
-[images.web]
-from = "base"
-entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]
-health = {{ http = "/healthz", port = 8080 }}
-[env.staging]
-subnet = "{subnet}"
-{extra_env}
-[env.staging.roles.web]
-image = "web"
-servers = 2
-ports = [8080]
-balancer = {{ listen = "127.0.0.1:{port}", port = 8080 }}
-{extra_role}
-"#
-        ),
-    );
-    p.kiln(&["image", "build", "--all"]).ok();
+    let port = free_port();
+    let p = web_fleet(subnet, 2, extra_env, &format!("balancer = {{ listen = \"127.0.0.1:{port}\", port = 8080 }}\n{extra_role}"));
     p.kiln(&["apply", "staging", "--yes"]).ok();
     (p, port)
-}
-
-fn servers(p: &Project) -> Vec<serde_json::Value> {
-    p.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().clone()
-}
-
-fn ids(p: &Project) -> Vec<String> {
-    let mut v: Vec<String> = servers(p).iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
-    v.sort();
-    v
-}
-
-struct Teardown<'a>(&'a Project);
-impl Drop for Teardown<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kiln(&["destroy", "staging", "--yes"]);
-    }
-}
-
-fn kiln_env(p: &Project, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).arg("-C").arg(p.path()).args(args).envs(env.iter().copied()).env("NO_COLOR", "1").output().unwrap();
-    Run { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into(), what: args.join(" ") }
 }
 
 #[test]
 fn reconcile_heals_a_killed_server() {
     let (p, _) = fleet("10.77.40.0/24", "", "");
     let _t = Teardown(&p);
-    let victim = &servers(&p)[0];
+    let victim = &p.servers()[0];
     unsafe { libc::kill(victim["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(200));
     let dry = p.kiln(&["reconcile", "staging", "--dry-run"]).ok();
     assert!(dry.stdout.contains("has no running server"), "{}", dry.stdout);
     p.kiln(&["reconcile", "staging", "--yes"]).ok();
-    let now = servers(&p);
+    let now = p.servers();
     assert_eq!(now.len(), 2);
     assert!(now.iter().all(|s| s["health"] == "healthy" && s["id"] != victim["id"]), "{now:?}");
     p.kiln(&["drift", "staging"]).expect(0);
@@ -86,15 +36,15 @@ fn reconcile_heals_a_killed_server() {
 fn phoenix_rotation_respects_the_share() {
     let (p, _) = fleet("10.77.41.0/24", "ttl = \"7d\"\nreplace_share = 50", "");
     let _t = Teardown(&p);
-    let first = ids(&p);
+    let first = p.ids();
     let later = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 8 * 86_400).to_string();
-    let run = kiln_env(&p, &["reconcile", "staging"], &[("KILN_NOW", &later)]).expect(0);
+    let run = p.kiln_env(&["reconcile", "staging"], &[("KILN_NOW", &later)]).expect(0);
     assert_eq!(run.stdout.matches("phoenix: past its ttl").count(), 1, "one of two at a time: {}", run.stdout);
-    let second = ids(&p);
+    let second = p.ids();
     assert_eq!(second.iter().filter(|id| first.contains(id)).count(), 1, "{first:?} → {second:?}");
-    let run = kiln_env(&p, &["reconcile", "staging"], &[("KILN_NOW", &later)]).expect(0);
+    let run = p.kiln_env(&["reconcile", "staging"], &[("KILN_NOW", &later)]).expect(0);
     assert_eq!(run.stdout.matches("phoenix").count(), 1, "{}", run.stdout);
-    let third = ids(&p);
+    let third = p.ids();
     assert!(third.iter().all(|id| !first.contains(id)), "both rotated after two passes: {first:?} → {third:?}");
 }
 
@@ -102,7 +52,7 @@ fn phoenix_rotation_respects_the_share() {
 fn drift_kill_quarantines_and_replaces_without_a_failed_request() {
     let (p, port) = fleet("10.77.42.0/24", "drift = \"kill\"", "");
     let _t = Teardown(&p);
-    let target = servers(&p)[0].clone();
+    let target = p.servers()[0].clone();
     let pid = target["pid"].as_i64().unwrap().to_string();
     let mut intruder = std::process::Command::new("nsenter").args(["--target", &pid, "--pid", "--mount", "--", "/bin/sleep", "300"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -136,7 +86,7 @@ fn drift_kill_quarantines_and_replaces_without_a_failed_request() {
     assert!(run.stdout.contains(&format!("{id}: quarantined for drift (process")), "{}", run.stdout);
     assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the kill");
     assert!(ok.load(Ordering::Relaxed) > 50);
-    assert!(!ids(&p).contains(&id.to_string()), "the server was replaced");
+    assert!(!p.ids().contains(&id.to_string()), "the server was replaced");
     let record = std::fs::read_to_string(p.store().join(format!("quarantine/staging/{id}/findings.json"))).unwrap();
     assert!(record.contains("sleep 300"), "{record}");
     let audit = p.kiln(&["audit", "staging"]).ok().stdout;
@@ -163,7 +113,7 @@ fn corrupt_image_is_not_used_to_replace_drifted_servers() {
     assert_eq!(first.stdout.matches("replace web-").count(), 1, "{}", first.stdout);
     p.kiln(&["reconcile", "staging"]).ok();
     p.kiln(&["drift", "staging"]).expect(0);
-    for s in servers(&p) {
+    for s in p.servers() {
         let addr = s["address"].as_str().unwrap();
         let body = std::process::Command::new("python3").arg("-c").arg(format!("import urllib.request; print(urllib.request.urlopen('http://{addr}:8080/').read().decode(), end='')")).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&body.stdout), "v1\n");
@@ -181,7 +131,7 @@ fn audit_chain_detects_an_edited_byte_and_alarms_non_pipeline_writes() {
     assert!(got.contains("\"kind\":\"non_pipeline_write\""), "{got}");
     // A write by the pipeline identity raises no alarm.
     let before = std::fs::read_to_string(alarms.path()).unwrap().len();
-    kiln_env(&p, &["deploy", "--cold", "staging", "--yes"], &[("KILN_ACTOR", "ci-bot")]).ok();
+    p.kiln_env(&["deploy", "--cold", "staging", "--yes"], &[("KILN_ACTOR", "ci-bot")]).ok();
     assert_eq!(std::fs::read_to_string(alarms.path()).unwrap().len(), before);
     let log = p.kiln(&["audit", "--json"]).ok().json();
     let entries = log.as_array().unwrap();

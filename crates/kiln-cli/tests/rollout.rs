@@ -10,45 +10,13 @@ use std::time::Duration;
 
 use support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn project(subnet: &str, port: u16) -> Project {
     project_with(subnet, port, "")
 }
 
-/// `strategy` is extra TOML for the `web` role (e.g. a `strategy = ...` line).
+/// Three `web` servers behind a balancer on `port`; `strategy` is more TOML for the role.
 fn project_with(subnet: &str, port: u16, strategy: &str) -> Project {
-    let p = Project::new();
-    p.busybox_tarball("base.tar.gz");
-    p.write("images/web/files/srv/www/index.html", "v1\n");
-    p.write("images/web/files/srv/www/healthz", "ok\n");
-    p.write(
-        "kiln.toml",
-        &format!(
-            r#"
-[project]
-name = "zd"
-[images.base]
-from = {{ rootfs = "base.tar.gz" }}
-[images.web]
-from = "base"
-entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]
-health = {{ http = "/healthz", port = 8080 }}
-[env.staging]
-subnet = "{subnet}"
-[env.staging.roles.web]
-image = "web"
-servers = 3
-ports = [8080]
-balancer = {{ listen = "127.0.0.1:{port}", port = 8080, drain_timeout = "5s" }}
-{strategy}
-"#
-        ),
-    );
-    p.kiln(&["image", "build", "--all"]).ok();
-    p
+    web_fleet(subnet, 3, "", &format!("balancer = {{ listen = \"127.0.0.1:{port}\", port = 8080, drain_timeout = \"5s\" }}\n{strategy}"))
 }
 
 /// Steady load through the balancer until stopped: (ok, failed, bodies seen).
@@ -223,7 +191,7 @@ fn blue_green_switches_in_one_step_and_switches_back_instantly() {
     let p = project_with("10.77.24.0/24", port, "strategy = { kind = \"blue_green\", rollback_window = \"10m\" }");
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let blue: Vec<String> = ids(&p);
+    let blue: Vec<String> = p.ids();
     let load = Load::start(port, 4);
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
@@ -256,18 +224,20 @@ fn failing_canary_is_rolled_back_without_a_failed_request() {
     let p = project_with("10.77.25.0/24", port, "strategy = { kind = \"canary\", share = 34, bake = \"3s\" }");
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let before = ids(&p);
+    let before = p.ids();
     let load = Load::start(port, 4);
-    // v2 serves for a second, passes its health check, then dies.
+    // v2 keeps serving traffic, but its health endpoint (a second listener)
+    // passes at first and goes away a second later, during the bake.
     let spec = std::fs::read_to_string(p.path().join("kiln.toml")).unwrap();
-    p.write("kiln.toml", &spec.replace(r#"entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]"#, r#"entrypoint = ["/bin/sh", "-c", "/bin/busybox httpd -f -p 8080 -h /srv/www & sleep 1; kill $!; sleep 600"]"#));
+    let spec = spec.replace(r#"entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]"#, r#"entrypoint = ["/bin/sh", "-c", "/bin/busybox httpd -f -p 8081 -h /srv/www & H=$!; /bin/busybox httpd -f -p 8080 -h /srv/www & sleep 1; kill $H; wait"]"#);
+    p.write("kiln.toml", &spec.replace(r#"health = { http = "/healthz", port = 8080 }"#, r#"health = { http = "/healthz", port = 8081 }"#));
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).expect(1);
     assert!(run.stderr.contains("canary of `web` failed"), "{}", run.stderr);
     let (ok, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
     assert!(ok > 50, "only {ok} requests were sent");
-    assert_eq!(ids(&p), before, "the old servers never left");
+    assert_eq!(p.ids(), before, "the old servers never left");
     assert_eq!(request(port).unwrap(), "v1\n");
 }
 
@@ -288,15 +258,4 @@ fn passing_canary_bakes_then_rolls_on() {
     assert_eq!(request(port).unwrap(), "v2\n");
 }
 
-fn ids(p: &Project) -> Vec<String> {
-    let mut v: Vec<String> = p.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
-    v.sort();
-    v
-}
 
-struct Teardown<'a>(&'a Project);
-impl Drop for Teardown<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kiln(&["destroy", "staging", "--yes"]);
-    }
-}

@@ -141,3 +141,73 @@ pub fn entries(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// A free TCP port on loopback (for a balancer's listen address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A busybox base, a `web` image serving `/srv/www` (with `/healthz`) on
+/// 8080 with busybox httpd, and a `staging` environment on `subnet` with a
+/// `web` role of `servers` servers; `env_extra` and `role_extra` are more
+/// TOML lines for the environment and the role. Images are built.
+pub fn web_fleet(subnet: &str, servers: u32, env_extra: &str, role_extra: &str) -> Project {
+    let p = Project::new();
+    p.busybox_tarball("base.tar.gz");
+    p.write("images/web/files/srv/www/index.html", "v1\n");
+    p.write("images/web/files/srv/www/healthz", "ok\n");
+    p.write(
+        "kiln.toml",
+        &format!(
+            r#"
+[project]
+name = "fleet"
+[images.base]
+from = {{ rootfs = "base.tar.gz" }}
+[images.web]
+from = "base"
+entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]
+health = {{ http = "/healthz", port = 8080 }}
+[env.staging]
+subnet = "{subnet}"
+{env_extra}
+[env.staging.roles.web]
+image = "web"
+servers = {servers}
+ports = [8080]
+{role_extra}
+"#
+        ),
+    );
+    p.kiln(&["image", "build", "--all"]).ok();
+    p
+}
+
+/// Destroys `staging` when dropped, so a failed test leaves no servers.
+pub struct Teardown<'a>(pub &'a Project);
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kiln(&["destroy", "staging", "--yes"]);
+    }
+}
+
+impl Project {
+    /// `kiln server list staging --json`.
+    pub fn servers(&self) -> Vec<serde_json::Value> {
+        self.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().clone()
+    }
+
+    /// Sorted ids of staging's servers.
+    pub fn ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.servers().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+        v.sort();
+        v
+    }
+
+    /// Runs kiln with extra environment variables.
+    pub fn kiln_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("-C").arg(self.path()).args(args).envs(env.iter().copied()).env("NO_COLOR", "1").output().expect("run kiln");
+        Run::from(out, format!("kiln {}", args.join(" ")))
+    }
+}
