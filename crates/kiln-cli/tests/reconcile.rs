@@ -188,3 +188,31 @@ fn drift_alarm_is_posted_to_a_loopback_webhook() {
     assert!(got.starts_with("POST /hooks/kiln HTTP/1.0"), "{got}");
     assert!(got.contains("\"kind\":\"drift\"") && got.contains("changed /srv/www/index.html"), "{got}");
 }
+
+fn start_stray(p: &Project) -> String {
+    let runtime = kiln_sandbox::Runtime::new(&p.store().join("servers"));
+    let id = format!("web-stray{}", std::process::id());
+    let mut stray = kiln_sandbox::SandboxSpec::readonly(&id, &p.root_of("web"), vec!["/bin/sleep".into(), "300".into()], &p.path().join("stray.log"));
+    stray.labels = vec![("dev.kiln.env".into(), "staging".into()), ("dev.kiln.role".into(), "web".into())];
+    runtime.start(&stray).unwrap();
+    id
+}
+
+#[test]
+fn unmanaged_servers_are_alarmed_or_killed_by_policy() {
+    let (p, _) = fleet("10.77.46.0/24", "", "");
+    let _t = Teardown(&p);
+    let stray = start_stray(&p);
+    // Default policy: alarm only. Reconcile leaves it running.
+    let run = p.kiln(&["reconcile", "staging"]).ok();
+    assert!(run.stdout.contains(&format!("found {stray}: unmanaged")), "{}", run.stdout);
+    assert!(p.store().join("servers/state").join(&stray).exists());
+    // With `unmanaged = "kill"`, reconcile removes it.
+    let spec = std::fs::read_to_string(p.path().join("kiln.toml")).unwrap();
+    p.write("kiln.toml", &format!("{spec}unmanaged = \"kill\"\n"));
+    p.kiln(&["reconcile", "staging"]).ok();
+    assert!(!p.store().join("servers/state").join(&stray).exists(), "the stray is gone");
+    p.kiln(&["drift", "staging"]).expect(0);
+    let events = p.kiln(&["history", "staging"]).ok().stdout;
+    assert!(events.contains(&format!("removed stray server {stray}")), "{events}");
+}

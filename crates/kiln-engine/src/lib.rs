@@ -582,7 +582,12 @@ impl<'a> Engine<'a> {
         };
         self.state.set_server_status(id, ServerStatus::Creating, Some(pid))?;
         let role = &self.env(&plan.env)?.roles[&c.role];
-        if let Err(e) = self.wait_healthy(&req, role.health.as_ref()) {
+        let min_healthy = match role.strategy {
+            kiln_model::Strategy::Rolling { min_healthy_secs, .. } => min_healthy_secs,
+            _ => 0,
+        };
+        let healthy = self.wait_healthy(&req, role.health.as_ref()).and_then(|_| self.stay_healthy(&req, role.health.as_ref(), min_healthy));
+        if let Err(e) = healthy {
             let _ = self.provider.destroy(&plan.env, id);
             self.state.remove_server(id)?;
             return Err(e);
@@ -648,6 +653,21 @@ impl<'a> Engine<'a> {
         self.provider.destroy(env, id)?;
         self.state.remove_server(id)?;
         (self.progress)(Progress::Destroyed { server: id.to_string() });
+        Ok(())
+    }
+
+    /// Keeps probing a healthy new server for `secs` (rolling `min_healthy`)
+    /// before anything old is drained.
+    fn stay_healthy(&self, req: &ServerRequest, check: Option<&HealthCheck>, secs: u64) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(secs) {
+            let alive = self.provider.inventory(&req.env)?.into_iter().any(|r| r.id == req.id && r.alive);
+            if !alive || check.is_some_and(|c| !self.provider.probe(req, c)) {
+                let tail = tail(&self.provider.log_path(&req.env, &req.id), 15);
+                return Err(EngineError::Unhealthy { server: req.id.clone(), role: req.role.clone(), secs, tail: format!("(healthy at first, then failed within min_healthy)\n{tail}") });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use kiln_model::{DriftPolicy, Plan, ServerStatus};
+use kiln_model::{DriftPolicy, Plan, ServerStatus, UnmanagedPolicy};
 use serde::Serialize;
 
 use crate::drift::{Finding, Report};
@@ -72,7 +72,24 @@ impl Engine<'_> {
         let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced };
         let plan = kiln_planner::plan(&input, random)?;
         let mut pass = Pass { report, forced, quarantined: quarantine.iter().map(|q| q.0.clone()).collect(), plan, release: None };
-        if dry_run || pass.plan.is_empty() {
+        // Strays go when their role's policy says `kill`; state entries
+        // whose process is gone are handled by the plan (recreated).
+        let kill_strays = pass.report.findings.iter().any(|f| {
+            f.kind == "unmanaged" && !servers.iter().any(|s| s.id == f.server) && {
+                let role = f.detail.split('`').nth(3).unwrap_or("");
+                env.roles.get(role).map(|r| r.unmanaged).unwrap_or_else(|| env.roles.values().next().map(|r| r.unmanaged).unwrap_or(UnmanagedPolicy::Alarm)) == UnmanagedPolicy::Kill
+            }
+        });
+        if !dry_run {
+            self.expire_quarantine(env_name)?;
+        }
+        if dry_run || (pass.plan.is_empty() && !kill_strays) {
+            return Ok(pass);
+        }
+        if pass.plan.is_empty() {
+            let _lock = self.state.lock(env_name, "reconcile")?;
+            let done = self.converge_runtime(env_name)?;
+            self.audit(env_name, "reconcile", "-", &format!("removed unmanaged: {}", done.join("; ")))?;
             return Ok(pass);
         }
         for (id, findings) in &quarantine {
@@ -87,6 +104,24 @@ impl Engine<'_> {
             }
         }
         Ok(pass)
+    }
+
+    /// Deletes quarantine records older than the environment's `quarantine` keep time.
+    fn expire_quarantine(&self, env: &str) -> Result<()> {
+        let keep = self.env(env)?.quarantine_secs;
+        let dir = self.store.root().join("quarantine").join(env);
+        let now = (self.clock)();
+        for item in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let at = std::fs::read(item.path().join("findings.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["quarantined_at"].as_i64());
+            if at.is_some_and(|t| now - t > keep as i64) {
+                let _ = std::fs::remove_dir_all(item.path());
+                self.state.record_event(env, &kiln_state::actor(), "quarantine expired", &format!("deleted the evidence of {}", item.file_name().to_string_lossy()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Keeps a drifted server's evidence before it is replaced: its

@@ -186,6 +186,8 @@ pub struct EnvSpec {
     pub approvals: u32,
     pub pipeline_identities: Vec<String>,
     pub alarm: Option<String>,
+    /// How long a quarantined server's evidence is kept (seconds).
+    pub quarantine_secs: u64,
     pub roles: BTreeMap<String, RoleSpec>,
 }
 

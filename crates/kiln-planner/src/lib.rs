@@ -258,9 +258,15 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                     changes.push(c);
                 }
             }
-            Strategy::Rolling { max_surge, .. } => {
+            Strategy::Rolling { max_surge, max_unavailable, .. } => {
                 let surge = if t.cold { 1 } else { max_surge.max(1) as usize };
+                // No surge allowed: capacity may drop instead, one server at a time.
+                let shrink = max_surge == 0 && max_unavailable > 0;
                 for (i, mut c) in replaces.into_iter().enumerate() {
+                    if shrink && !c.cold {
+                        c.cold = true;
+                        c.reason = format!("{}; max_surge = 0: destroyed before its replacement starts", c.reason);
+                    }
                     c.replacement = Some(new_id(role));
                     c.address = Some(next_addr()?);
                     if i % surge == 0 {

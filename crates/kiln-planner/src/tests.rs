@@ -313,3 +313,18 @@ Plan: 0 to create, 3 to replace, 0 to destroy.
 ");
     assert_eq!(plan.changes.iter().map(|c| c.batch).collect::<Vec<_>>(), [1, 1, 2]);
 }
+
+#[test]
+fn rolling_without_surge_replaces_destroy_first() {
+    let env = with_strategy(kiln_model::Strategy::Rolling { max_surge: 0, max_unavailable: 1, min_healthy_secs: 0 });
+    let plan = check_env(&env, &fleet()[..2], 1000, ("app@2", "sha256:app2"), "\
+kiln will make these changes to `staging`:
+
+  + app-1000   create   app@2 at 10.88.1.4  (new server)
+  + app-1001   create   app@2 at 10.88.1.5  (new server)
+  ~ app-0001   replace  by app-1002 (app@2 at 10.88.1.6), destroy first  (image changed (app@1 → app@2); max_surge = 0: destroyed before its replacement starts)
+
+Plan: 2 to create, 1 to replace, 0 to destroy.
+");
+    assert!(plan.changes[2].cold);
+}

@@ -272,6 +272,10 @@ impl Validator<'_> {
             approvals: env.approvals.unwrap_or(0),
             pipeline_identities: env.pipeline_identities.clone().unwrap_or_default(),
             alarm: env.alarm.clone(),
+            quarantine_secs: match &env.quarantine {
+                Some(q) => parse_duration(q.get_ref()).map_err(|e| self.cx.err(q.span(), e))?.as_secs(),
+                None => 7 * 86_400,
+            },
             roles,
         })
     }

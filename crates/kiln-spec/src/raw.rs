@@ -70,6 +70,7 @@ pub(crate) struct RawEnv {
     pub drift: Option<Spanned<String>>,
     pub unmanaged: Option<Spanned<String>>,
     pub replace_share: Option<u32>,
+    pub quarantine: Option<Spanned<String>>,
     #[serde(default)]
     pub roles: BTreeMap<String, RawRole>,
 }
@@ -88,6 +89,7 @@ impl RawEnv {
         self.drift = self.drift.or(p.drift);
         self.unmanaged = self.unmanaged.or(p.unmanaged);
         self.replace_share = self.replace_share.or(p.replace_share);
+        self.quarantine = self.quarantine.or(p.quarantine);
         for (name, prole) in p.roles {
             match self.roles.remove(&name) {
                 Some(mine) => {
