@@ -107,7 +107,7 @@ impl Engine<'_> {
             by_image.entry(s.image.as_str()).or_default().push(s);
         }
         for (image, on) in &by_image {
-            match kiln_image::ops::verify_with(self.store, image, full) {
+            match kiln_image::ops::verify_with(self.store, image, full, false) {
                 Ok(v) => {
                     verified.push(image.to_string());
                     for s in on {

@@ -143,13 +143,14 @@ impl Verified {
 
 /// Re-hashes a version's root and blobs and compares them with its seal and digests.
 pub fn verify(store: &Store, reference: &str) -> Result<Verified> {
-    verify_with(store, reference, true)
+    verify_with(store, reference, true, true)
 }
 
 /// Like [`verify`]; with `full = false`, files whose size, times and inode
 /// are unchanged since the last verification keep their last hash (warm
-/// drift scans), and blobs are not re-hashed.
-pub fn verify_with(store: &Store, reference: &str, full: bool) -> Result<Verified> {
+/// drift scans); with `blobs = false` only the unpacked root is checked
+/// (what servers run), not the store's blobs.
+pub fn verify_with(store: &Store, reference: &str, full: bool, blobs: bool) -> Result<Verified> {
     let r = resolve(store, reference)?;
     let sealed: Seal = store.read_json_blob(&r.seal)?;
     if Digest::of(&store.read_blob(&r.seal)?) != r.seal {
@@ -173,13 +174,18 @@ pub fn verify_with(store: &Store, reference: &str, full: bool) -> Result<Verifie
         vec![Difference::Removed { path: String::new() }]
     };
     let mut corrupt_blobs = Vec::new();
-    let blobs: Vec<&Digest> = std::iter::once(&r.digest).chain(std::iter::once(&r.config)).chain(r.layers.iter().map(|l| &l.digest)).collect();
-    for d in blobs.into_iter().filter(|_| full) {
+    let check_blobs = blobs;
+    let blobs: Vec<&Digest> = if check_blobs { blobs_of(&r) } else { Vec::new() };
+    for d in blobs {
         if !blob_ok(store, d) {
             corrupt_blobs.push(d.clone());
         }
     }
     Ok(Verified { name: r.name, version: r.version, digest: r.digest, entries: sealed.entries.len(), bytes: sealed.content_size(), differences, corrupt_blobs })
+}
+
+fn blobs_of(r: &VersionRecord) -> Vec<&Digest> {
+    std::iter::once(&r.digest).chain(std::iter::once(&r.config)).chain(r.layers.iter().map(|l| &l.digest)).collect()
 }
 
 fn blob_ok(store: &Store, d: &Digest) -> bool {

@@ -30,11 +30,39 @@ pub const LABEL_DIGEST: &str = "dev.kiln.image";
 pub struct Local {
     dir: PathBuf,
     runtime: Runtime,
+    /// One reading of /proc shared by the inspections of a drift scan.
+    procs: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Procs>)>>,
+}
+
+/// Every process on the host: parent, pid namespace, whether a zombie.
+struct Procs {
+    parent: std::collections::BTreeMap<i32, i32>,
+    ns: std::collections::BTreeMap<i32, PathBuf>,
+    zombie: std::collections::BTreeSet<i32>,
+}
+
+impl Procs {
+    fn read() -> Procs {
+        let mut p = Procs { parent: Default::default(), ns: Default::default(), zombie: Default::default() };
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+            p.parent.insert(pid, rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0));
+            if rest.starts_with('Z') || rest.starts_with('X') {
+                p.zombie.insert(pid);
+            }
+            if let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/pid")) {
+                p.ns.insert(pid, ns);
+            }
+        }
+        p
+    }
 }
 
 impl Local {
     pub fn new(dir: &Path) -> Local {
-        Local { dir: dir.to_path_buf(), runtime: Runtime::new(&dir.join("servers")) }
+        Local { dir: dir.to_path_buf(), runtime: Runtime::new(&dir.join("servers")), procs: std::sync::Mutex::new(None) }
     }
 
     fn volume_dir(&self, env: &str, role: &str, slot: u32, name: &str) -> PathBuf {
@@ -172,7 +200,18 @@ impl Provider for Local {
         let Some(found) = self.runtime.list().ok().and_then(|l| l.into_iter().find(|f| f.id == id)) else { return Inspection::default() };
         let mut out = Inspection { image_label: found.labels.iter().find(|(k, _)| k == LABEL_DIGEST).map(|(_, v)| v.clone()), ..Default::default() };
         let Some(pid) = found.pid else { return out };
-        out.foreign_processes = foreign_processes(pid);
+        let procs = {
+            let mut cached = self.procs.lock().expect("procs lock");
+            match cached.as_ref() {
+                Some((at, p)) if at.elapsed() < Duration::from_millis(500) => p.clone(),
+                _ => {
+                    let p = std::sync::Arc::new(Procs::read());
+                    *cached = Some((std::time::Instant::now(), p.clone()));
+                    p
+                }
+            }
+        };
+        out.foreign_processes = foreign_processes(pid, &procs);
         out.root_inode = std::fs::metadata(format!("/proc/{pid}/root")).ok().map(|m| {
             use std::os::unix::fs::MetadataExt;
             (m.dev(), m.ino())
@@ -305,25 +344,14 @@ fn reap(pid: i32) {
 }
 
 /// Processes in `pid`'s pid namespace that are not `pid` or its descendants.
-fn foreign_processes(pid: i32) -> Vec<String> {
-    let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
-    let Some(target) = ns(pid) else { return Vec::new() };
-    let mut parents = std::collections::BTreeMap::new();
-    let mut members = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-        let ppid = rest.split_whitespace().nth(1).and_then(|s| s.parse::<i32>().ok()).unwrap_or(0);
-        parents.insert(p, ppid);
-        // A zombie runs nothing: it is only waiting to be reaped.
-        let zombie = rest.starts_with('Z') || rest.starts_with('X');
-        if !zombie && ns(p).as_ref() == Some(&target) {
-            members.push(p);
-        }
-    }
+fn foreign_processes(pid: i32, procs: &Procs) -> Vec<String> {
+    let Some(target) = procs.ns.get(&pid) else { return Vec::new() };
     let mut out = Vec::new();
-    for p in members {
+    for (&p, ns) in &procs.ns {
+        // A zombie runs nothing: it is only waiting to be reaped.
+        if ns != target || procs.zombie.contains(&p) {
+            continue;
+        }
         let mut cur = p;
         let mut descends = false;
         for _ in 0..64 {
@@ -331,7 +359,7 @@ fn foreign_processes(pid: i32) -> Vec<String> {
                 descends = true;
                 break;
             }
-            match parents.get(&cur) {
+            match procs.parent.get(&cur) {
                 Some(&pp) if pp > 0 => cur = pp,
                 _ => break,
             }
