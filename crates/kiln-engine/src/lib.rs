@@ -74,7 +74,7 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 pub enum Progress {
     /// Cleanup before applying: what was found and done.
     Converged { detail: String },
-    /// Step `index` of `total` starts.
+    /// Step `index` of `total` starts (batch `change.batch`).
     Step { index: usize, total: usize, change: Change },
     /// A new server is up and its health is being checked.
     Waiting { server: String, address: String },
@@ -84,8 +84,10 @@ pub enum Progress {
     Destroyed { server: String },
     /// The apply failed; the environment goes back to release `to`.
     RollingBack { to: i64, reason: String },
-    /// The balancer of these roles switched to the batch's new servers.
-    Switched { roles: Vec<String> },
+    /// The balancer of these roles switched to the batch's new servers;
+    /// `share` is, per role, (servers in the balancer on the plan's image,
+    /// servers in the balancer).
+    Switched { roles: Vec<String>, share: Vec<(String, usize, usize)> },
     /// A server left the balancer and stays warm for `secs`.
     Standby { server: String, secs: u64 },
     /// Canary servers of `role` are watched for `secs`.
@@ -422,7 +424,13 @@ impl<'a> Engine<'a> {
         for role in &roles {
             self.rebalance_without(env, role, &old)?;
         }
-        (self.progress)(Progress::Switched { roles: roles.iter().map(|r| r.to_string()).collect() });
+        let mut share = Vec::new();
+        for role in &roles {
+            let image = group.iter().find(|c| c.role == *role).and_then(|c| c.image.clone()).unwrap_or_default();
+            let serving: Vec<kiln_model::Server> = self.state.servers(Some(env))?.into_iter().filter(|s| s.role == *role && s.status == ServerStatus::Running && !old.contains(&s.id)).collect();
+            share.push((role.to_string(), serving.iter().filter(|s| s.image == image).count(), serving.len()));
+        }
+        (self.progress)(Progress::Switched { roles: roles.iter().map(|r| r.to_string()).collect(), share });
         if let Some(c) = group.iter().find(|c| c.bake_secs.is_some()) {
             let new_ids: Vec<String> = group.iter().filter_map(|c| c.replacement.clone()).collect();
             if let Err(e) = self.bake(plan, c, &new_ids, release) {

@@ -247,7 +247,7 @@ fn progress_printer(quiet: bool) -> impl Fn(Progress) {
                     Action::Destroy => (style("-").red(), "destroying"),
                 };
                 let extra = change.replacement.as_ref().map(|r| format!(" by {r}")).unwrap_or_default();
-                eprintln!("[{index}/{total}] {mark} {verb} {}{extra} ({})", change.server, change.reason);
+                eprintln!("[{index}/{total}] batch {} {mark} {verb} {}{extra} ({})", change.batch, change.server, change.reason);
             }
             Progress::Waiting { server, address } if tty => {
                 let bar = indicatif::ProgressBar::new_spinner();
@@ -259,8 +259,25 @@ fn progress_printer(quiet: bool) -> impl Fn(Progress) {
             Progress::Waiting { server, address } => eprintln!("        waiting for {server} at {address} to be healthy"),
             Progress::Healthy { server, elapsed, .. } => eprintln!("        {} {server} healthy after {} ms", style("✓").green(), elapsed.as_millis()),
             Progress::Destroyed { server } => eprintln!("        {} {server} destroyed", style("✗").red()),
-            Progress::Switched { roles } => eprintln!("        {} balancer of {} switched to the new servers", style("⇄").cyan(), roles.join(", ")),
+            Progress::Switched { roles, share } => {
+                let traffic: Vec<String> = share.iter().filter(|(_, _, total)| *total > 0).map(|(role, new, total)| format!("{role}: {new}/{total} servers on the new image, {}% of new connections", new * 100 / total)).collect();
+                eprintln!("        {} balancer of {} switched to the new servers ({})", style("⇄").cyan(), roles.join(", "), traffic.join("; "));
+            }
             Progress::Standby { server, secs } => eprintln!("        {} {server} kept warm out of the balancer for {} (rollback window)", style("◐").yellow(), kiln_spec::format_duration(secs)),
+            Progress::Baking { role, secs } if tty => {
+                let bar = indicatif::ProgressBar::new(secs.max(1));
+                bar.set_style(indicatif::ProgressStyle::with_template("        {spinner:.cyan} canary of {msg} baking [{bar:20}] {eta} left").expect("template"));
+                bar.set_message(role);
+                bar.enable_steady_tick(Duration::from_millis(200));
+                let ticker = bar.clone();
+                std::thread::spawn(move || {
+                    while !ticker.is_finished() && ticker.position() < ticker.length().unwrap_or(0) {
+                        std::thread::sleep(Duration::from_secs(1));
+                        ticker.inc(1);
+                    }
+                });
+                *spinner.lock().expect("spinner lock") = Some(bar);
+            }
             Progress::Baking { role, secs } => eprintln!("        {} canary of {role} baking for {}", style("…").cyan(), kiln_spec::format_duration(secs)),
             Progress::RollingBack { to, reason } => eprintln!("{} {reason}\n{} returning to the images of release #{to}", style("failed:").red().bold(), style("rollback:").yellow().bold()),
         }
