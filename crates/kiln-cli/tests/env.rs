@@ -72,9 +72,6 @@ fn get(addr: &str, path: &str) -> Option<String> {
     out.split("\r\n\r\n").nth(1).map(|b| b.to_string())
 }
 
-fn servers(p: &Project) -> Vec<serde_json::Value> {
-    p.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().clone()
-}
 
 /// Sandboxes in the runtime's state: must equal the servers the state knows.
 fn sandboxes(p: &Project) -> Vec<String> {
@@ -83,18 +80,7 @@ fn sandboxes(p: &Project) -> Vec<String> {
     v
 }
 
-fn ids(p: &Project) -> Vec<String> {
-    let mut v: Vec<String> = servers(p).iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
-    v.sort();
-    v
-}
 
-struct Teardown<'a>(&'a Project);
-impl Drop for Teardown<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kiln(&["destroy", "staging", "--yes"]);
-    }
-}
 
 #[test]
 fn apply_fires_read_only_servers_reachable_over_http() {
@@ -112,7 +98,7 @@ fn apply_fires_read_only_servers_reachable_over_http() {
     let run = p.kiln(&["apply", "staging", "--yes"]).ok();
     assert!(run.stdout.contains("http://10.77.1."), "addresses to curl are printed: {}", run.stdout);
     // The servers outlive the kiln process that started them, and answer.
-    let list = servers(&p);
+    let list = p.servers();
     assert_eq!(list.len(), 3);
     for s in &list {
         for field in ["id", "env", "role", "image", "image_digest", "address", "ports", "created", "health", "pid"] {
@@ -139,7 +125,7 @@ fn apply_fires_read_only_servers_reachable_over_http() {
     // Memory limit from the role's size, in the server's cgroup.
     let limit = fs::read_to_string(format!("/sys/fs/cgroup/memory/kiln/{web}/memory.limit_in_bytes")).unwrap_or_default();
     assert_eq!(limit.trim(), (64u64 << 20).to_string());
-    assert_eq!(sandboxes(&p), ids(&p));
+    assert_eq!(sandboxes(&p), p.ids());
 }
 
 #[test]
@@ -147,7 +133,7 @@ fn new_image_replaces_servers_and_volumes_survive() {
     let p = web_project("10.77.2.0/24");
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let before = ids(&p);
+    let before = p.ids();
     p.write("images/web/files/srv/www/index.html", "hello v2\n");
     p.kiln(&["image", "build", "web"]).ok();
     p.write("images/store/files/srv/www/index.html", "store v2\n");
@@ -157,10 +143,10 @@ fn new_image_replaces_servers_and_volumes_survive() {
     assert!(plan.stdout.contains("destroy first  (image changed (store@1 → store@2); cold-only"), "db has a volume: cold replacement: {}", plan.stdout);
     assert!(plan.stdout.contains("create first  (image changed (web@1 → web@2))"), "{}", plan.stdout);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let after = ids(&p);
+    let after = p.ids();
     assert_eq!(after.len(), 3);
     assert!(after.iter().all(|id| !before.contains(id)), "every server was replaced: {before:?} → {after:?}");
-    for s in servers(&p) {
+    for s in p.servers() {
         let want = if s["role"] == "db" { "store v2\n" } else { "hello v2\n" };
         assert_eq!(get(s["address"].as_str().unwrap(), "/").as_deref(), Some(want));
     }
@@ -187,7 +173,7 @@ fn saved_plans_apply_exactly_and_stale_plans_are_refused() {
     let mut planned: Vec<String> = saved["changes"].as_array().unwrap().iter().map(|c| c["server"].as_str().unwrap().to_string()).collect();
     planned.sort();
     p.kiln(&["apply", "staging", plan_file.to_str().unwrap()]).ok();
-    assert_eq!(ids(&p), planned, "the saved plan's server ids are the ones created");
+    assert_eq!(p.ids(), planned, "the saved plan's server ids are the ones created");
     let run = p.kiln(&["apply", "staging", plan_file.to_str().unwrap()]).expect(1);
     assert!(run.stderr.contains("the plan is stale"), "{}", run.stderr);
     // Without --yes and without a TTY, apply refuses to act.
@@ -195,7 +181,7 @@ fn saved_plans_apply_exactly_and_stale_plans_are_refused() {
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging"]).expect(1);
     assert!(run.stderr.contains("without confirmation; pass --yes"), "{}", run.stderr);
-    assert_eq!(ids(&p), planned);
+    assert_eq!(p.ids(), planned);
 }
 
 #[test]
@@ -203,7 +189,7 @@ fn unhealthy_release_fails_and_keeps_the_old_servers() {
     let p = web_project("10.77.4.0/24");
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let before = ids(&p);
+    let before = p.ids();
     fs::remove_file(p.path().join("images/web/files/srv/www/healthz")).unwrap();
     p.kiln(&["image", "build", "web"]).ok();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -213,8 +199,8 @@ fn unhealthy_release_fails_and_keeps_the_old_servers() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("did not become healthy within 2s"), "{stderr}");
     assert!(stderr.contains("root=READONLY"), "the log tail is shown: {stderr}");
-    assert_eq!(ids(&p), before, "the previous servers still run");
-    for s in servers(&p).iter().filter(|s| s["role"] == "web") {
+    assert_eq!(p.ids(), before, "the previous servers still run");
+    for s in p.servers().iter().filter(|s| s["role"] == "web") {
         assert_eq!(get(s["address"].as_str().unwrap(), "/").as_deref(), Some("hello v1\n"));
     }
     assert_eq!(sandboxes(&p), before, "the unhealthy server is gone");
@@ -237,10 +223,10 @@ fn cold_deploy_replaces_everything() {
     let p = web_project("10.77.6.0/24");
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let before = ids(&p);
+    let before = p.ids();
     let run = p.kiln(&["deploy", "--cold", "staging", "--yes"]).ok();
     assert!(run.stderr.contains("NOT zero-downtime"), "{}", run.stderr);
-    let after = ids(&p);
+    let after = p.ids();
     assert_eq!(after.len(), 3);
     assert!(after.iter().all(|id| !before.contains(id)));
     assert_eq!(sandboxes(&p), after);
@@ -267,10 +253,10 @@ fn sigkill_mid_apply_then_rerun_converges_without_orphans() {
             p.kiln(&["unlock", "staging"]).ok();
             p.kiln(&["apply", "staging", "--yes"]).ok();
         }
-        let now = ids(&p);
+        let now = p.ids();
         assert_eq!(now.len(), 3, "after a kill at {delay_ms} ms: {now:?}");
         assert_eq!(sandboxes(&p), now, "runtime and state agree after a kill at {delay_ms} ms");
-        for s in servers(&p) {
+        for s in p.servers() {
             assert_eq!(s["health"], "healthy");
         }
         p.kiln(&["plan", "staging", "--detailed-exitcode"]).expect(0);
@@ -298,16 +284,16 @@ fn concurrent_apply_fails_at_once_naming_the_holder() {
     };
     assert!(second.stderr.contains("for apply"), "{}", second.stderr);
     assert!(first.wait().unwrap().success());
-    assert_eq!(ids(&p).len(), 3);
+    assert_eq!(p.ids().len(), 3);
 }
 
 #[test]
 fn destroy_removes_every_server_and_keeps_logs() {
     let p = web_project("10.77.9.0/24");
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let before = ids(&p);
+    let before = p.ids();
     p.kiln(&["destroy", "staging", "--yes"]).ok();
-    assert!(ids(&p).is_empty());
+    assert!(p.ids().is_empty());
     assert!(sandboxes(&p).is_empty());
     let netns: Vec<String> = fs::read_dir("/var/run/netns").map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into()).collect()).unwrap_or_default();
     for id in &before {
