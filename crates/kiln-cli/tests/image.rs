@@ -373,6 +373,9 @@ fn killed_build_reruns_to_a_correct_build() {
         assert!(std::time::Instant::now() < deadline, "the build never started its script");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // The state directory appears before libcontainer writes state.json, so
+    // the kill lands anywhere from half-created to mid-script.
+    let killed = child.id();
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(p.kiln(&["image", "list", "app", "--json"]).ok().json().as_array().unwrap().is_empty(), "a killed build made a version");
@@ -381,6 +384,12 @@ fn killed_build_reruns_to_a_correct_build() {
     p.kiln(&["image", "verify", "app"]).ok();
     assert!(entries(&p.store().join("tmp")).is_empty());
     assert!(entries(&p.store().join("sandbox/state")).is_empty());
+    // Nor any cgroup of the killed build's sandboxes (their ids carry its pid).
+    let prefix = format!("kiln-build-app-{killed}-");
+    let mut cgroups: Vec<std::path::PathBuf> = vec!["/sys/fs/cgroup/kiln".into()];
+    cgroups.extend(std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten().map(|c| c.path().join("kiln")));
+    let left: Vec<String> = cgroups.iter().flat_map(|d| entries(d)).filter(|n| std::path::Path::new(n).file_name().is_some_and(|f| f.to_string_lossy().starts_with(&prefix))).collect();
+    assert!(left.is_empty(), "cgroups left by the killed build: {left:?}");
 }
 
 #[test]

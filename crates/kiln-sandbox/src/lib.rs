@@ -246,12 +246,18 @@ impl Runtime {
                     }
                     if let Err(e) = result {
                         tracing::warn!(id, error = %chain(&e), "libcontainer delete failed; removing state");
+                        sweep_cgroup(id);
                         if dir.exists() {
                             std::fs::remove_dir_all(&dir).map_err(|e| ctl(format!("remove {}: {e}", dir.display())))?;
                         }
                     }
                 }
-                Err(_) => std::fs::remove_dir_all(&dir).map_err(|e| ctl(format!("remove {}: {e}", dir.display())))?,
+                Err(_) => {
+                    // No state to drive libcontainer with: kill what the
+                    // sandbox's cgroup holds and remove the cgroup by hand.
+                    sweep_cgroup(id);
+                    std::fs::remove_dir_all(&dir).map_err(|e| ctl(format!("remove {}: {e}", dir.display())))?
+                }
             }
         }
         let bundle = self.bundles.join(id);
@@ -267,19 +273,58 @@ impl Runtime {
         let Ok(items) = std::fs::read_dir(&self.state) else { return Ok(out) };
         for item in items.flatten() {
             let id = item.file_name().to_string_lossy().into_owned();
-            let Ok(mut c) = Container::load(item.path()) else { continue };
-            let _ = c.refresh_status();
-            let running = matches!(c.status(), ContainerStatus::Running | ContainerStatus::Paused);
+            // A process killed while libcontainer was creating a container
+            // leaves a directory without a readable state.json: it is still
+            // listed (not running, no pid) so that callers can delete it.
+            let (pid, running) = match Container::load(item.path()) {
+                Ok(mut c) => {
+                    let _ = c.refresh_status();
+                    (c.pid().map(|p| p.as_raw()), matches!(c.status(), ContainerStatus::Running | ContainerStatus::Paused))
+                }
+                Err(_) => (None, false),
+            };
             let labels = std::fs::read(self.bundles.join(&id).join("config.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Spec>(&b).ok())
                 .and_then(|s| s.annotations().clone())
                 .map(|a| a.into_iter().collect())
                 .unwrap_or_default();
-            out.push(Found { id, pid: c.pid().map(|p| p.as_raw()), running, labels });
+            out.push(Found { id, pid, running, labels });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+}
+
+/// Where a sandbox's cgroup lives (see `cgroups_path` in `oci_spec`): one
+/// directory per v1 controller, or one under the v2 unified hierarchy.
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.join("kiln").join(id)];
+    if let Ok(controllers) = std::fs::read_dir(root) {
+        dirs.extend(controllers.flatten().map(|c| c.path().join("kiln").join(id)));
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
+/// SIGKILLs every process in a sandbox's cgroups and removes them.
+fn sweep_cgroup(id: &str) {
+    let dirs = cgroup_dirs(id);
+    for dir in &dirs {
+        for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    for dir in &dirs {
+        let mut pause = Duration::from_millis(2);
+        for _ in 0..10 {
+            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
     }
 }
 
@@ -431,4 +476,26 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_container_killed_while_being_created_is_listed_and_deleted() {
+        let dir = std::env::temp_dir().join(format!("kiln-sandbox-test-{}", std::process::id()));
+        let runtime = Runtime::new(&dir);
+        // What a SIGKILL during libcontainer's create leaves: a state
+        // directory with no state.json, and the bundle written before it.
+        std::fs::create_dir_all(runtime.state.join("half")).unwrap();
+        std::fs::create_dir_all(runtime.bundles.join("half")).unwrap();
+        let found = runtime.list().unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].id.as_str(), found[0].pid, found[0].running), ("half", None, false));
+        runtime.delete("half").unwrap();
+        assert!(runtime.list().unwrap().is_empty());
+        assert!(!runtime.bundles.join("half").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
