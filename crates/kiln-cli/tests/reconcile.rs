@@ -111,8 +111,16 @@ fn corrupt_image_is_not_used_to_replace_drifted_servers() {
     // replace_share (25% by default) lets one of the two go per pass.
     let first = p.kiln(&["reconcile", "staging"]).ok();
     assert_eq!(first.stdout.matches("replace web-").count(), 1, "{}", first.stdout);
+    // The retired root is still mounted by the other server: gc keeps it.
+    let gc = p.kiln(&["image", "gc", "--json"]).ok().json();
+    assert_eq!((gc["retired"].as_u64(), gc["retired_in_use"].as_u64()), (Some(0), Some(1)), "{gc}");
+    assert_eq!(entries(&p.store().join("retired")).len(), 1);
     p.kiln(&["reconcile", "staging"]).ok();
     p.kiln(&["drift", "staging"]).expect(0);
+    // Nothing mounts it any more: gc removes it.
+    let gc = p.kiln(&["image", "gc", "--json"]).ok().json();
+    assert_eq!((gc["retired"].as_u64(), gc["retired_in_use"].as_u64()), (Some(1), Some(0)), "{gc}");
+    assert!(entries(&p.store().join("retired")).is_empty());
     for s in p.servers() {
         let addr = s["address"].as_str().unwrap();
         let body = std::process::Command::new("python3").arg("-c").arg(format!("import urllib.request; print(urllib.request.urlopen('http://{addr}:8080/').read().decode(), end='')")).output().unwrap();

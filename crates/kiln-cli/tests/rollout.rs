@@ -94,6 +94,30 @@ fn rolling_replacement_under_load_drops_nothing() {
 }
 
 #[test]
+fn rolling_with_max_unavailable_under_load_drops_nothing() {
+    // Batches of two: one old server drained and destroyed first, one new
+    // server surged; the balancer only ever points at live servers.
+    let port = free_port();
+    let p = project_with("10.77.27.0/24", port, "strategy = { kind = \"rolling\", max_surge = 1, max_unavailable = 1 }");
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    p.write("images/web/files/srv/www/index.html", "v2\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    let plan = p.kiln(&["plan", "staging", "--detailed-exitcode"]).expect(2);
+    assert!(plan.stdout.contains("batch 1 (2 servers") && plan.stdout.matches("destroy first").count() == 2 && plan.stdout.matches("create first").count() == 1, "{}", plan.stdout);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 100, "only {ok} requests were sent");
+    assert_eq!(request(port).unwrap(), "v2\n");
+    let servers = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
+    assert_eq!(servers.as_array().unwrap().len(), 3, "{servers}");
+}
+
+#[test]
 fn sigkill_mid_rollout_then_rerun_drops_nothing() {
     let port = free_port();
     let p = project("10.77.21.0/24", port);

@@ -395,6 +395,11 @@ impl<'a> Engine<'a> {
     /// so the balancer never saw them.
     fn batch(&self, plan: &Plan, group: &[Change], release: i64) -> Result<()> {
         let env = plan.env.as_str();
+        // Destroy-first replacements (rolling `max_unavailable`) leave the
+        // balancer, drain and stop before anything of the batch starts.
+        for c in group.iter().filter(|c| c.action == Action::Replace && c.cold && !c.promote) {
+            self.destroy(env, &c.server)?;
+        }
         let mut fresh: Vec<String> = Vec::new();
         let mut result = Ok(());
         for c in group {
@@ -419,7 +424,7 @@ impl<'a> Engine<'a> {
             }
             return Err(e);
         }
-        let old: Vec<String> = group.iter().filter(|c| c.action != Action::Create).map(|c| c.server.clone()).collect();
+        let old: Vec<String> = group.iter().filter(|c| c.action != Action::Create && !(c.action == Action::Replace && c.cold && !c.promote)).map(|c| c.server.clone()).collect();
         let roles: BTreeSet<&str> = group.iter().map(|c| c.role.as_str()).collect();
         for role in &roles {
             self.rebalance_without(env, role, &old)?;
@@ -442,7 +447,7 @@ impl<'a> Engine<'a> {
                 return Err(e);
             }
         }
-        for c in group.iter().filter(|c| c.action != Action::Create) {
+        for c in group.iter().filter(|c| old.contains(&c.server)) {
             self.drain(env, &c.server)?;
             match c.keep_warm_secs {
                 Some(secs) => {

@@ -204,6 +204,11 @@ pub struct Collected {
     pub versions: Vec<String>,
     pub blobs: usize,
     pub roots: usize,
+    /// Retired roots (replaced after tampering) removed: no process mounts
+    /// them any more.
+    pub retired: usize,
+    /// Retired roots kept because a running server still has them mounted.
+    pub retired_in_use: usize,
     pub bytes: u64,
 }
 
@@ -251,6 +256,49 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
             out.roots += 1;
         }
     }
+    // A retired root goes once no mount namespace on the host still has it
+    // mounted (the servers started from it have all been replaced).
+    let retired = store.root().join("retired");
+    if let Ok(items) = fs::read_dir(&retired) {
+        let mounted = mounted_roots();
+        for item in items.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            let suffix = format!("/retired/{}", mountinfo_escape(&name));
+            if mounted.iter().any(|m| m.ends_with(&suffix) || m.contains(&format!("{suffix}/"))) {
+                out.retired_in_use += 1;
+                continue;
+            }
+            let p = item.path();
+            fs::remove_dir_all(&p).map_err(|source| ImageError::Io { op: "remove", path: p, source })?;
+            out.retired += 1;
+        }
+    }
     store.sync_index()?;
     Ok(out)
+}
+
+/// The source path (field 4 of `/proc/PID/mountinfo`) of every mount in
+/// every mount namespace on the host, each namespace read once. Paths are
+/// as mountinfo escapes them.
+fn mounted_roots() -> BTreeSet<String> {
+    let mut namespaces = BTreeSet::new();
+    let mut out = BTreeSet::new();
+    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    for p in procs.flatten() {
+        if !p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(ns) = fs::read_link(p.path().join("ns/mnt")) else { continue };
+        if !namespaces.insert(ns) {
+            continue;
+        }
+        let Ok(info) = fs::read_to_string(p.path().join("mountinfo")) else { continue };
+        out.extend(info.lines().filter_map(|l| l.split(' ').nth(3)).map(str::to_string));
+    }
+    out
+}
+
+/// mountinfo's octal escapes for space, tab, newline and backslash.
+fn mountinfo_escape(s: &str) -> String {
+    s.replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012")
 }

@@ -259,17 +259,20 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                 }
             }
             Strategy::Rolling { max_surge, max_unavailable, .. } => {
-                let surge = if t.cold { 1 } else { max_surge.max(1) as usize };
-                // No surge allowed: capacity may drop instead, one server at a time.
-                let shrink = max_surge == 0 && max_unavailable > 0;
+                // Kubernetes' reading: a batch replaces `max_surge +
+                // max_unavailable` servers; `max_unavailable` of them are
+                // destroyed before their replacements start (capacity may
+                // drop by that much), the rest are surged (created first).
+                let (surge, unavailable) = if t.cold { (1, 0) } else { (max_surge as usize, max_unavailable as usize) };
+                let size = (surge + unavailable).max(1);
                 for (i, mut c) in replaces.into_iter().enumerate() {
-                    if shrink && !c.cold {
+                    if i % size < unavailable && !c.cold {
                         c.cold = true;
-                        c.reason = format!("{}; max_surge = 0: destroyed before its replacement starts", c.reason);
+                        c.reason = format!("{}; max_unavailable = {unavailable}: destroyed before its replacement starts", c.reason);
                     }
                     c.replacement = Some(new_id(role));
                     c.address = Some(next_addr()?);
-                    if i % surge == 0 {
+                    if i % size == 0 {
                         next(&mut batch);
                     }
                     c.batch = batch;
@@ -325,6 +328,8 @@ pub fn render(plan: &Plan) -> String {
                 "blue-green: all up and healthy, then one switch"
             } else if c.bake_secs.is_some() {
                 "canary: up, switched, then baked before the rest"
+            } else if plan.changes.iter().any(|o| o.batch == c.batch && o.cold) {
+                "together: destroy-first ones drained and destroyed, then all up and healthy, then one switch"
             } else {
                 "together: up and healthy, then one switch"
             };

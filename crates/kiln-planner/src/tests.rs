@@ -322,9 +322,27 @@ kiln will make these changes to `staging`:
 
   + app-1000   create   app@2 at 10.88.1.4  (new server)
   + app-1001   create   app@2 at 10.88.1.5  (new server)
-  ~ app-0001   replace  by app-1002 (app@2 at 10.88.1.6), destroy first  (image changed (app@1 → app@2); max_surge = 0: destroyed before its replacement starts)
+  ~ app-0001   replace  by app-1002 (app@2 at 10.88.1.6), destroy first  (image changed (app@1 → app@2); max_unavailable = 1: destroyed before its replacement starts)
 
 Plan: 2 to create, 1 to replace, 0 to destroy.
 ");
     assert!(plan.changes[2].cold);
+}
+
+#[test]
+fn rolling_surge_and_unavailable_share_batches() {
+    // max_surge = 1, max_unavailable = 1: batches of two, one destroyed first
+    // and one created first, so capacity never drops by more than one.
+    let env = with_strategy(kiln_model::Strategy::Rolling { max_surge: 1, max_unavailable: 1, min_healthy_secs: 0 });
+    let plan = check_env(&env, &fleet(), 1000, ("app@2", "sha256:app2"), "\
+kiln will make these changes to `staging`:
+
+  batch 1 (2 servers, together: destroy-first ones drained and destroyed, then all up and healthy, then one switch):
+  ~ app-0001   replace  by app-1000 (app@2 at 10.88.1.6), destroy first  (image changed (app@1 → app@2); max_unavailable = 1: destroyed before its replacement starts)
+  ~ app-0002   replace  by app-1001 (app@2 at 10.88.1.7), create first  (image changed (app@1 → app@2))
+  ~ app-0003   replace  by app-1002 (app@2 at 10.88.1.8), destroy first  (image changed (app@1 → app@2); max_unavailable = 1: destroyed before its replacement starts)
+
+Plan: 0 to create, 3 to replace, 0 to destroy.
+");
+    assert_eq!(plan.changes.iter().map(|c| (c.batch, c.cold)).collect::<Vec<_>>(), [(1, true), (1, false), (2, true)]);
 }

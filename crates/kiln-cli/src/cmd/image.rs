@@ -142,13 +142,17 @@ pub fn gc(cli: &Cli, args: &GcArgs) -> Result<ExitCode> {
         print_json(&collected)?;
     } else {
         println!(
-            "removed {} versions ({}), {} blobs, {} roots; freed {}",
+            "removed {} versions ({}), {} blobs, {} roots, {} retired roots; freed {}",
             collected.versions.len(),
             if collected.versions.is_empty() { "-".into() } else { collected.versions.join(", ") },
             collected.blobs,
             collected.roots,
+            collected.retired,
             output::bytes(collected.bytes)
         );
+        if collected.retired_in_use > 0 {
+            println!("kept {} retired roots that running servers still use (replace them: `kiln reconcile ENV`)", collected.retired_in_use);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
