@@ -487,11 +487,12 @@ fn rollout(o: &Opts) -> Result<()> {
     let one = format!("{}:8080", state.servers(Some("bench"))?[0].address);
     let (direct_rps, direct_lat, _) = measure(&one, clients, 3);
     let bdir = store.root().join("balancers/bench-web");
-    let all = kiln_balancer::read_backends(&bdir).context("balancer backends")?.backends;
-    let g = kiln_balancer::set_backends(&bdir, std::slice::from_ref(&one))?;
+    let wanted = kiln_balancer::read_backends(&bdir).context("balancer backends")?;
+    let (all, check) = (wanted.backends, wanted.check);
+    let g = kiln_balancer::set_backends(&bdir, std::slice::from_ref(&one), check.as_ref())?;
     kiln_balancer::wait_generation(&bdir, g, Duration::from_secs(5))?;
     let (one_rps, one_lat, _) = measure(&front, clients, 3);
-    let g = kiln_balancer::set_backends(&bdir, &all)?;
+    let g = kiln_balancer::set_backends(&bdir, &all, check.as_ref())?;
     kiln_balancer::wait_generation(&bdir, g, Duration::from_secs(5))?;
     let (lb_rps, lb_lat, _) = measure(&front, clients, 3);
     println!("| balancer overhead, {clients} closed-loop clients, HTTP/1.0 (a connection per request); each server capped at 0.2 CPU | straight to one server: {direct_rps:.0} req/s, {direct_lat} · balancer → that one server: {one_rps:.0} req/s, {one_lat} · balancer → 10 servers: {lb_rps:.0} req/s, {lb_lat} |");
@@ -521,12 +522,13 @@ fn rollout(o: &Opts) -> Result<()> {
     // Switch latency: from writing the new backend set to the balancer
     // serving it (after which every new connection goes to the new set).
     let bdir = store.root().join("balancers/bench-web");
-    let current = kiln_balancer::read_backends(&bdir).context("balancer backends")?.backends;
+    let wanted = kiln_balancer::read_backends(&bdir).context("balancer backends")?;
+    let (current, check) = (wanted.backends, wanted.check);
     let mut samples = Vec::new();
     for i in 0..20 {
         let set: Vec<String> = if i % 2 == 0 { current[..5].to_vec() } else { current.clone() };
         let t = Instant::now();
-        let g = kiln_balancer::set_backends(&bdir, &set)?;
+        let g = kiln_balancer::set_backends(&bdir, &set, check.as_ref())?;
         kiln_balancer::wait_generation(&bdir, g, Duration::from_secs(5))?;
         samples.push(t.elapsed());
     }

@@ -283,3 +283,56 @@ fn passing_canary_bakes_then_rolls_on() {
 }
 
 
+
+#[test]
+fn balancer_takes_a_failing_server_out_of_rotation_and_back() {
+    // Each server serves /srv/www from its own volume, so one can be made
+    // to fail (404 on everything) from the host without touching the others.
+    let port = free_port();
+    let p = web_fleet(
+        "10.77.28.0/24",
+        3,
+        "",
+        &format!("balancer = {{ listen = \"127.0.0.1:{port}\", port = 8080, check_interval = \"100ms\", fall = 2, rise = 2 }}\nvolumes = {{ www = \"/srv/www\" }}"),
+    );
+    let www = |slot: u32| p.store().join(format!("volumes/staging/web-{slot}/www"));
+    for slot in 0..3 {
+        std::fs::create_dir_all(www(slot)).unwrap();
+        std::fs::write(www(slot).join("index.html"), format!("slot-{slot}\n")).unwrap();
+        std::fs::write(www(slot).join("healthz"), "ok\n").unwrap();
+    }
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let status_file = p.store().join("balancers/staging-web/status.json");
+    let status = || serde_json::from_slice::<serde_json::Value>(&std::fs::read(&status_file).unwrap()).unwrap();
+    let unhealthy = || status()["backends"].as_array().unwrap().iter().filter(|b| b["healthy"] == false).count();
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "{what} never happened: {}", status());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("every backend healthy", &|| status()["backends"].as_array().unwrap().len() == 3 && unhealthy() == 0);
+
+    // Slot 1 starts failing: the balancer's own checks take it out.
+    std::fs::remove_file(www(1).join("healthz")).unwrap();
+    std::fs::remove_file(www(1).join("index.html")).unwrap();
+    wait_for("slot 1 taken out", &|| unhealthy() == 1);
+    let listed = p.servers();
+    assert_eq!(listed.iter().filter(|s| s["balancer"] == "failing checks").count(), 1, "{listed:?}");
+    assert_eq!(listed.iter().filter(|s| s["balancer"] == "in rotation").count(), 2, "{listed:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..150 {
+        let body = request(port).expect("every request is served by a passing server");
+        seen.insert(body);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["slot-0\n", "slot-2\n"]);
+
+    // It recovers: back in rotation after `rise` passing checks.
+    std::fs::write(www(1).join("index.html"), "slot-1\n").unwrap();
+    std::fs::write(www(1).join("healthz"), "ok\n").unwrap();
+    wait_for("slot 1 back", &|| unhealthy() == 0);
+    let back = (0..150).filter_map(|_| request(port).ok()).filter(|b| b == "slot-1\n").count();
+    assert!(back > 0, "slot 1 never served again");
+}

@@ -151,6 +151,21 @@ pub struct Balancer {
     pub listen: String,
     pub port: u16,
     pub drain_timeout_secs: u64,
+    /// The balancer's own active health check of its backends: the role's
+    /// HTTP or TCP health check (a command check is kiln's alone).
+    #[serde(default)]
+    pub check: Option<BalancerCheck>,
+}
+
+/// How the balancer checks its backends between kiln's own probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalancerCheck {
+    pub health: HealthCheck,
+    pub interval_ms: u64,
+    /// Consecutive failures that take a backend out of rotation.
+    pub fall: u32,
+    /// Consecutive passes that put it back.
+    pub rise: u32,
 }
 
 /// One role of an environment: `app`, `lb`, `db`.

@@ -186,7 +186,15 @@ impl Provider for Local {
     fn balance(&self, env: &str, role: &str, b: &Balancer, backends: &[String]) -> Result<(), ProviderError> {
         let fail = |detail: String| ProviderError::Other { what: format!("balancer of {env}/{role}"), detail };
         let dir = self.balancer_dir(env, role);
-        let generation = kiln_balancer::set_backends(&dir, backends).map_err(|e| fail(e.to_string()))?;
+        let check = b.check.as_ref().and_then(|c| {
+            let probe = match &c.health {
+                HealthCheck::Http { path, port } => kiln_balancer::Probe::Http { path: path.clone(), port: *port },
+                HealthCheck::Tcp { port } => kiln_balancer::Probe::Tcp { port: *port },
+                HealthCheck::Command { .. } => return None,
+            };
+            Some(kiln_balancer::Check { probe, interval_ms: c.interval_ms, fall: c.fall, rise: c.rise })
+        });
+        let generation = kiln_balancer::set_backends(&dir, backends, check.as_ref()).map_err(|e| fail(e.to_string()))?;
         self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
         kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5)).map_err(|e| fail(e.to_string()))?;
         Ok(())

@@ -334,7 +334,17 @@ impl Validator<'_> {
                 if rb.listen.parse::<std::net::SocketAddr>().is_err() {
                     return Err(self.cx.err(b.span(), format!("balancer listen `{}` is not an address; expected \"IP:PORT\"", rb.listen)));
                 }
-                Some(Balancer { listen: rb.listen.clone(), port, drain_timeout_secs: drain.map(|d| d.as_secs()).unwrap_or(30) })
+                let interval = rb.check_interval.as_ref().map(|d| parse_duration(d).map_err(|e| self.cx.err(b.span(), e))).transpose()?.unwrap_or(std::time::Duration::from_secs(1));
+                let check = match &health {
+                    Some(h @ (HealthCheck::Http { .. } | HealthCheck::Tcp { .. })) if !interval.is_zero() => Some(BalancerCheck {
+                        health: h.clone(),
+                        interval_ms: interval.as_millis() as u64,
+                        fall: rb.fall.unwrap_or(2).max(1),
+                        rise: rb.rise.unwrap_or(2).max(1),
+                    }),
+                    _ => None,
+                };
+                Some(Balancer { listen: rb.listen.clone(), port, drain_timeout_secs: drain.map(|d| d.as_secs()).unwrap_or(30), check })
             }
         };
         let mut volumes = Vec::new();

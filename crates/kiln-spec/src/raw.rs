@@ -172,4 +172,8 @@ pub(crate) struct RawBalancer {
     pub listen: String,
     pub port: Option<u16>,
     pub drain_timeout: Option<String>,
+    /// Active health checks by the balancer: `"0s"` turns them off.
+    pub check_interval: Option<String>,
+    pub fall: Option<u32>,
+    pub rise: Option<u32>,
 }

@@ -352,8 +352,26 @@ fn health_of(c: &Ctx, s: &kiln_model::Server, alive: bool) -> &'static str {
     if ok { "healthy" } else { "unhealthy" }
 }
 
+/// Where a server stands at its role's balancer: `in rotation`, `failing
+/// checks` (taken out by the balancer's own health check), `draining`, or
+/// nothing when the balancer does not know it (standby, or no balancer).
+fn balancer_state(c: &Ctx, s: &kiln_model::Server, fronts: &mut std::collections::BTreeMap<String, Option<kiln_balancer::Status>>) -> Option<&'static str> {
+    let port = c.project.envs.get(&s.env).and_then(|e| e.roles.get(&s.role)).and_then(|r| r.balancer.as_ref()).map(|b| b.port)?;
+    let status = fronts.entry(s.role.clone()).or_insert_with(|| kiln_balancer::read_status(&c.local.balancer_dir(&s.env, &s.role))).as_ref()?;
+    let me = format!("{}:{port}", s.address);
+    let b = status.backends.iter().find(|b| b.addr == me)?;
+    Some(if !b.active {
+        "draining"
+    } else if !b.healthy {
+        "failing checks"
+    } else {
+        "in rotation"
+    })
+}
+
 fn servers_json(c: &Ctx, env: &str) -> Result<serde_json::Value> {
     let alive: std::collections::BTreeSet<String> = c.local.inventory(env)?.into_iter().filter(|r| r.alive).map(|r| r.id).collect();
+    let mut fronts = std::collections::BTreeMap::new();
     let rows: Vec<_> = c
         .state
         .servers(Some(env))?
@@ -365,6 +383,7 @@ fn servers_json(c: &Ctx, env: &str) -> Result<serde_json::Value> {
                 "address": s.address, "ports": ports,
                 "created": chrono::DateTime::from_timestamp(s.created, 0).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 "health": health_of(c, &s, alive.contains(&s.id)), "pid": s.pid, "status": s.status.as_str(), "release": s.release,
+                "balancer": balancer_state(c, &s, &mut fronts),
             })
         })
         .collect();
@@ -405,10 +424,16 @@ pub fn server_list(cli: &Cli, args: &ServerListArgs) -> Result<ExitCode> {
                 s["address"].as_str().unwrap_or("").into(),
                 kiln_spec::format_duration((now() - created).max(0) as u64),
                 health,
+                match s["balancer"].as_str() {
+                    Some(b @ "in rotation") => style(b).green().to_string(),
+                    Some(b @ "failing checks") => style(b).red().to_string(),
+                    Some(b) => style(b).yellow().to_string(),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
-    crate::output::table(&["ID", "ENV", "ROLE", "IMAGE", "ADDRESS", "AGE", "HEALTH"], &rows);
+    crate::output::table(&["ID", "ENV", "ROLE", "IMAGE", "ADDRESS", "AGE", "HEALTH", "BALANCER"], &rows);
     Ok(ExitCode::SUCCESS)
 }
 
