@@ -367,7 +367,9 @@ async fn check_loop(shared: Arc<Shared>) {
             let mut counters = shared.counters.lock().expect("counters");
             set.iter().map(|a| (*a, counters.entry(*a).or_default().clone())).collect()
         };
-        let timeout = interval.min(Duration::from_secs(2));
+        // A check may take up to a second (two for long intervals): a busy
+        // machine answering slowly is not a dead backend.
+        let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(2));
         let probes = targets.into_iter().map(|(addr, counters)| {
             let check = check.clone();
             tokio::spawn(async move {
