@@ -354,7 +354,7 @@ fn plan_10k() -> Result<()> {
         load.push(t.elapsed());
         let targets = vec![kiln_model::RoleTarget { role: "app".into(), image: "app@2".into(), image_digest: "sha256:2".into(), spec_hash: hash.clone(), servers: 10_000, cold: false }];
         let dead = Default::default();
-        let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation: 0, now: 0, cold: false, force: &Default::default() };
+        let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation: 0, now: 0, cold: false, force: &Default::default(), taken: &Default::default() };
         let mut n = 0u16;
         let t = Instant::now();
         let p = kiln_planner::plan(&input, &mut || {

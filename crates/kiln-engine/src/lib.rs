@@ -156,6 +156,14 @@ impl<'a> Engine<'a> {
         Ok((servers, dead))
     }
 
+    /// Server ids new servers must not take: every server the state knows
+    /// in any environment, and whatever the provider's host already uses.
+    pub fn taken_ids(&self) -> Result<BTreeSet<String>> {
+        let mut out = self.provider.taken_ids();
+        out.extend(self.state.servers(None)?.into_iter().map(|s| s.id));
+        Ok(out)
+    }
+
     /// Plans `env`. `random` gives new server id suffixes.
     pub fn plan(&self, env_name: &str, cold: bool, random: &mut dyn FnMut() -> u16) -> Result<Plan> {
         let targets = self.targets(self.env(env_name)?)?;
@@ -167,7 +175,8 @@ impl<'a> Engine<'a> {
         let env = self.env(env_name)?;
         let (observed, dead) = self.observe(env_name)?;
         let generation = self.state.generation(env_name)?;
-        let input = Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold, force: &Default::default() };
+        let taken = self.taken_ids()?;
+        let input = Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold, force: &Default::default(), taken: &taken };
         Ok(kiln_planner::plan(&input, random)?)
     }
 

@@ -69,7 +69,8 @@ impl Engine<'_> {
         let targets = self.targets(env)?;
         let (observed, dead) = self.observe(env_name)?;
         let generation = self.state.generation(env_name)?;
-        let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced };
+        let taken = self.taken_ids()?;
+        let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced, taken: &taken };
         let plan = kiln_planner::plan(&input, random)?;
         let mut pass = Pass { report, forced, quarantined: quarantine.iter().map(|q| q.0.clone()).collect(), plan, release: None };
         // Strays go when their role's policy says `kill`; state entries

@@ -43,6 +43,9 @@ pub struct Input<'a> {
     /// Servers to replace although their image and spec are current, with
     /// why (reconcile: drift policy, TTL).
     pub force: &'a BTreeMap<String, String>,
+    /// Server ids in use outside this environment (other environments,
+    /// other projects on the same host): new ids avoid them.
+    pub taken: &'a BTreeSet<String>,
 }
 
 /// Roles in start order: every role after the roles it depends on, ties by name.
@@ -95,7 +98,7 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
     let env = input.env;
     let order = role_order(env);
     let (net, prefix) = parse_subnet(&env.subnet).ok_or_else(|| PlanError::BadSubnet { env: env.name.clone(), subnet: env.subnet.clone() })?;
-    let mut ids: BTreeSet<String> = input.observed.iter().map(|s| s.id.clone()).collect();
+    let mut ids: BTreeSet<String> = input.observed.iter().map(|s| s.id.clone()).chain(input.taken.iter().cloned()).collect();
     let mut used: BTreeSet<Ipv4Addr> = input.observed.iter().filter_map(|s| s.address.parse().ok()).collect();
     let hosts = (1u32 << (32 - prefix)) - 2;
     // .1 is the gateway; servers take the lowest free address from .2. The

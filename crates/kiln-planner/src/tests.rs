@@ -55,7 +55,7 @@ fn check(observed: &[Server], dead: &[&str], app: (&str, &str), cold: bool, expe
     let env = env();
     let t = targets(&env, app);
     let dead: BTreeSet<String> = dead.iter().map(|s| s.to_string()).collect();
-    let input = Input { env: &env, targets: &t, observed, dead: &dead, generation: 7, now: 1000, cold, force: &Default::default() };
+    let input = Input { env: &env, targets: &t, observed, dead: &dead, generation: 7, now: 1000, cold, force: &Default::default(), taken: &Default::default() };
     let plan = plan(&input, &mut seq()).unwrap();
     let got = render(&plan);
     assert_eq!(got, expect, "\n--- got\n{got}");
@@ -173,14 +173,26 @@ fn ids_never_collide_and_subnet_exhaustion_is_an_error() {
         calls += 1;
         if calls < 3 { same() } else { calls as u16 }
     };
-    let input = Input { env: &env, targets: &t, observed: &[], dead: &dead, generation: 0, now: 0, cold: false, force: &Default::default() };
+    let input = Input { env: &env, targets: &t, observed: &[], dead: &dead, generation: 0, now: 0, cold: false, force: &Default::default(), taken: &Default::default() };
     let p = plan(&input, &mut flaky).unwrap();
     let ids: BTreeSet<_> = p.changes.iter().map(|c| c.server.clone()).collect();
     assert_eq!(ids.len(), 4);
+    // Ids taken elsewhere on the host (another environment or project) are
+    // never handed out.
+    let taken: BTreeSet<String> = ["app-0001".to_string(), "app-0002".to_string()].into();
+    let input = Input { taken: &taken, ..input };
+    let mut counter = 0u16;
+    let p = plan(&input, &mut || {
+        counter += 1;
+        counter
+    })
+    .unwrap();
+    let ids: Vec<_> = p.changes.iter().map(|c| c.server.as_str()).collect();
+    assert_eq!(ids, ["db-0001", "app-0003", "app-0004", "app-0005"]);
     let mut e2 = env.clone();
     e2.roles.get_mut("app").unwrap().servers = 9;
     let t2 = targets(&e2, ("app@1", "sha256:app1"));
-    let input = Input { env: &e2, targets: &t2, observed: &[], dead: &dead, generation: 0, now: 0, cold: false, force: &Default::default() };
+    let input = Input { env: &e2, targets: &t2, observed: &[], dead: &dead, generation: 0, now: 0, cold: false, force: &Default::default(), taken: &Default::default() };
     assert_eq!(plan(&input, &mut seq()).unwrap_err(), PlanError::SubnetFull { env: "staging".into(), subnet: "10.88.1.0/29".into() });
 }
 
@@ -195,7 +207,7 @@ fn plan_of_ten_thousand_servers_is_complete() {
         .map(|i| server(&format!("app-{i:05}"), "app", i, "app@1", "sha256:app1", &hash, &Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 2)) + i).to_string()))
         .collect();
     let dead = BTreeSet::new();
-    let input = Input { env: &e, targets: &t, observed: &observed, dead: &dead, generation: 1, now: 0, cold: false, force: &Default::default() };
+    let input = Input { env: &e, targets: &t, observed: &observed, dead: &dead, generation: 1, now: 0, cold: false, force: &Default::default(), taken: &Default::default() };
     let mut n = 0u16;
     let p = plan(&input, &mut || {
         n = n.wrapping_add(1);
@@ -215,7 +227,7 @@ fn with_strategy(strategy: kiln_model::Strategy) -> EnvSpec {
 fn check_env(env: &EnvSpec, observed: &[Server], now: i64, app: (&str, &str), expect: &str) -> Plan {
     let t = targets(env, app);
     let dead = BTreeSet::new();
-    let input = Input { env, targets: &t, observed, dead: &dead, generation: 7, now, cold: false, force: &Default::default() };
+    let input = Input { env, targets: &t, observed, dead: &dead, generation: 7, now, cold: false, force: &Default::default(), taken: &Default::default() };
     let plan = plan(&input, &mut seq()).unwrap();
     let got = render(&plan);
     assert_eq!(got, expect, "\n--- got\n{got}");

@@ -240,6 +240,16 @@ impl Provider for Local {
         kiln_balancer::read_status(&self.balancer_dir(env, role)).map(|s| s.backends.into_iter().map(|b| (b.addr, b.total, b.errors)).collect()).unwrap_or_default()
     }
 
+    fn taken_ids(&self) -> std::collections::BTreeSet<String> {
+        // Network namespaces and cgroups are host-wide: ids used by any
+        // project's servers (and this project's containers) are taken.
+        let mut out: std::collections::BTreeSet<String> = net::netns_ids().into_iter().collect();
+        if let Ok(items) = std::fs::read_dir(&self.runtime.state) {
+            out.extend(items.flatten().map(|i| i.file_name().to_string_lossy().into_owned()));
+        }
+        out
+    }
+
     fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError> {
         let dir = self.balancer_dir(env, role);
         if let Some(pid) = balancer_pid(&dir) {

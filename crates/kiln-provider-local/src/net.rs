@@ -102,6 +102,13 @@ pub fn remove_env(env: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Server ids that have a network namespace on this host, whichever
+/// project made them.
+pub fn netns_ids() -> Vec<String> {
+    let Ok(items) = std::fs::read_dir(NETNS_DIR) else { return Vec::new() };
+    items.flatten().filter_map(|i| i.file_name().to_str().and_then(|n| n.strip_prefix(NETNS_PREFIX)).map(str::to_string)).collect()
+}
+
 /// The namespace a server's container joins: `/var/run/netns/kiln-<id>`.
 pub fn netns_path(server_id: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(format!("{NETNS_PREFIX}{server_id}"))

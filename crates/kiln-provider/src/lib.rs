@@ -12,6 +12,8 @@ use std::path::PathBuf;
 
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
 use kiln_model::{Balancer, HealthCheck, Volume};
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,11 @@ pub trait Provider {
     /// Per backend of a role's balancer: (address, connections, failed connections) so far.
     fn backend_stats(&self, _env: &str, _role: &str) -> Vec<(String, u64, u64)> {
         Vec::new()
+    }
+    /// Server ids this provider's host already uses for anything (other
+    /// environments, other projects): new servers must not take them.
+    fn taken_ids(&self) -> BTreeSet<String> {
+        BTreeSet::new()
     }
     /// Stops and removes a role's balancer.
     fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError>;
