@@ -5,7 +5,6 @@
 mod support;
 
 use std::fs;
-use std::time::Duration;
 
 use support::*;
 
@@ -58,7 +57,7 @@ fn entered_processes_strays_and_dead_servers_are_found() {
     // Someone enters a server's namespaces from the host and starts a process.
     let pid = a["pid"].as_i64().unwrap().to_string();
     let mut intruder = std::process::Command::new("nsenter").args(["--target", &pid, "--pid", "--mount", "--", "/bin/sleep", "300"]).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the intruder inside the server", || runs_in(pid.parse().unwrap(), "/bin/sleep 300"));
     // A sandbox started by hand in kiln's runtime space, claiming the environment.
     let runtime = kiln_sandbox::Runtime::new(&p.store().join("servers"));
     let log = p.path().join("stray.log");
@@ -70,7 +69,7 @@ fn entered_processes_strays_and_dead_servers_are_found() {
     // And a server's process is killed from outside.
     let victim = b["pid"].as_i64().unwrap() as i32;
     unsafe { libc::kill(victim, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the killed server's process to die", || dead(victim));
     let (code, f) = findings(&p, &[]);
     assert_eq!(code, 2);
     let id_a = a["id"].as_str().unwrap();
@@ -87,7 +86,6 @@ fn entered_processes_strays_and_dead_servers_are_found() {
     // An apply heals: the stray is removed, the dead server replaced.
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let _ = runtime.delete(&stray_id);
-    std::thread::sleep(Duration::from_millis(200));
     let (code, f) = findings(&p, &[]);
     assert_eq!(code, 0, "{f:?}");
 }

@@ -21,8 +21,9 @@ fn reconcile_heals_a_killed_server() {
     let (p, _) = fleet("10.77.40.0/24", "", "");
     let _t = Teardown(&p);
     let victim = &p.servers()[0];
-    unsafe { libc::kill(victim["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(200));
+    let victim_pid = victim["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(victim_pid, libc::SIGKILL) };
+    wait_until("the killed server's process to die", || dead(victim_pid));
     let dry = p.kiln(&["reconcile", "staging", "--dry-run"]).ok();
     assert!(dry.stdout.contains("has no running server"), "{}", dry.stdout);
     p.kiln(&["reconcile", "staging", "--yes"]).ok();
@@ -55,7 +56,7 @@ fn drift_kill_quarantines_and_replaces_without_a_failed_request() {
     let target = p.servers()[0].clone();
     let pid = target["pid"].as_i64().unwrap().to_string();
     let mut intruder = std::process::Command::new("nsenter").args(["--target", &pid, "--pid", "--mount", "--", "/bin/sleep", "300"]).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the intruder inside the server", || runs_in(pid.parse().unwrap(), "/bin/sleep 300"));
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let load: Vec<_> = (0..3)

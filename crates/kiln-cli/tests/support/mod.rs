@@ -211,3 +211,32 @@ impl Project {
         Run::from(out, format!("kiln {}", args.join(" ")))
     }
 }
+
+/// Polls `cond` every 20 ms until it holds; fails naming `what` after 30 s.
+/// Tests wait for events this way, never for a fixed time.
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "waited 30 s for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` is gone or a zombie.
+pub fn dead(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => true,
+    }
+}
+
+/// Whether a process in the pid namespace of `server_pid` runs `cmdline`
+/// (arguments joined by spaces): someone who entered the server.
+pub fn runs_in(server_pid: i32, cmdline: &str) -> bool {
+    let Ok(ns) = fs::read_link(format!("/proc/{server_pid}/ns/pid")) else { return false };
+    let Ok(procs) = fs::read_dir("/proc") else { return false };
+    procs.flatten().any(|p| {
+        fs::read_link(p.path().join("ns/pid")).is_ok_and(|n| n == ns)
+            && fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" ") == cmdline)
+    })
+}
