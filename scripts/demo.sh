@@ -19,4 +19,7 @@ echo
 echo "curl http://$addr/"
 curl -fsS "http://$addr/" || python3 -c "import urllib.request; print(urllib.request.urlopen('http://$addr/').read().decode())"
 echo
+echo "curl http://127.0.0.1:8080/   (through the role's balancer)"
+curl -fsS "http://127.0.0.1:8080/" || python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/').read().decode())"
+echo
 echo "Tear it down with: $kiln -C $dir destroy staging --yes"

@@ -53,6 +53,16 @@ impl Load {
         Load { stop, ok, failed, handles }
     }
 
+    /// Stops the load and asserts that every request succeeded and that
+    /// more than `min` were sent (so zero failures means something).
+    fn finish_clean(self, min: u64) -> u64 {
+        let (ok, failed, errors) = self.finish();
+        assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+        assert!(ok > min, "only {ok} requests were sent");
+        eprintln!("{ok} requests, 0 failed");
+        ok
+    }
+
     fn finish(self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         let errors = self.handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
@@ -86,11 +96,8 @@ fn rolling_replacement_under_load_drops_nothing() {
     p.kiln(&["image", "build", "web"]).ok();
     p.kiln(&["apply", "staging", "--yes"]).ok();
     std::thread::sleep(Duration::from_millis(300));
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 100, "only {ok} requests were sent");
+    load.finish_clean(100);
     assert_eq!(request(port).unwrap(), "v2\n");
-    eprintln!("rolling: {ok} requests, 0 failed");
 }
 
 #[test]
@@ -109,9 +116,7 @@ fn rolling_with_max_unavailable_under_load_drops_nothing() {
     assert!(plan.stdout.contains("batch 1 (2 servers") && plan.stdout.matches("destroy first").count() == 2 && plan.stdout.matches("create first").count() == 1, "{}", plan.stdout);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     std::thread::sleep(Duration::from_millis(300));
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 100, "only {ok} requests were sent");
+    load.finish_clean(100);
     assert_eq!(request(port).unwrap(), "v2\n");
     let servers = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
     assert_eq!(servers.as_array().unwrap().len(), 3, "{servers}");
@@ -137,9 +142,7 @@ fn sigkill_mid_rollout_then_rerun_drops_nothing() {
         let _ = p.kiln(&["unlock", "staging"]);
     }
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 50, "only {ok} requests were sent");
+    load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v2\n");
     // The balancer routes only to servers that exist.
     let status: serde_json::Value = serde_json::from_slice(&std::fs::read(p.store().join("balancers/staging-web/status.json")).unwrap()).unwrap();
@@ -164,9 +167,7 @@ fn manual_rollback_under_load_drops_nothing() {
     let load = Load::start(port, 4);
     let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
     assert!(run.stdout.contains("back to the images of release #1") && run.stdout.contains("image changed (web@2 → web@1)"), "{}", run.stdout);
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 50, "only {ok} requests were sent");
+    load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v1\n");
     let history = p.kiln(&["history", "staging"]).ok().stdout;
     assert!(history.contains("rollback"), "{history}");
@@ -197,9 +198,7 @@ fn failed_rollout_rolls_back_automatically_under_load() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("did not become healthy") && stderr.contains("rolled back automatically to the images of release #1"), "{stderr}");
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 50, "only {ok} requests were sent");
+    load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v1\n", "web is back on its previous image");
     let servers = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
     for s in servers.as_array().unwrap() {
@@ -233,9 +232,7 @@ fn blue_green_switches_in_one_step_and_switches_back_instantly() {
     let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
     assert!(run.stdout.contains("switch back"), "{}", run.stdout);
     assert!(!run.stderr.contains("creating"), "{}", run.stderr);
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 50, "only {ok} requests were sent");
+    load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v1\n");
     let mut now: Vec<String> = p.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().iter().filter(|s| s["status"] == "running").map(|s| s["id"].as_str().unwrap().to_string()).collect();
     now.sort();
@@ -258,9 +255,7 @@ fn failing_canary_is_rolled_back_without_a_failed_request() {
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).expect(1);
     assert!(run.stderr.contains("canary of `web` failed"), "{}", run.stderr);
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 50, "only {ok} requests were sent");
+    load.finish_clean(50);
     assert_eq!(p.ids(), before, "the old servers never left");
     assert_eq!(request(port).unwrap(), "v1\n");
 }
@@ -276,9 +271,7 @@ fn passing_canary_bakes_then_rolls_on() {
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).ok();
     assert!(run.stderr.contains("canary of web baking for 1s"), "{}", run.stderr);
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 50);
+    load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v2\n");
 }
 
