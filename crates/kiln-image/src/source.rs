@@ -112,8 +112,16 @@ fn unpack_oci(dir: &Path, tag: &str, root: &Path) -> Result<Vec<String>> {
     Ok(env)
 }
 
+/// The time debootstrap's tools see as "now" (shadow's `lastchg` in
+/// `/etc/shadow` is the only date a minbase root records): a fixed day, so
+/// that the same mirror state (a snapshot.debian.org URL, or the same day)
+/// gives the same bytes. Day 1, not day 0: `lastchg = 0` means "must change
+/// password at next login".
+const DEBOOTSTRAP_EPOCH: &str = "86400";
+
 /// Runs `debootstrap` on the host into `root`, then strips what makes a
-/// root host-specific (device nodes, logs, package caches).
+/// root host-specific (device nodes, logs, package caches, ldconfig's
+/// inode cache).
 fn debootstrap(baker: &Baker, image: &str, suite: &str, mirror: &str, variant: &str, root: &Path, work: &Path) -> Result<()> {
     let fail = |detail: String| ImageError::Debootstrap { suite: suite.into(), mirror: mirror.into(), detail };
     let log_path = work.join("debootstrap.log");
@@ -122,6 +130,7 @@ fn debootstrap(baker: &Baker, image: &str, suite: &str, mirror: &str, variant: &
         .arg(suite)
         .arg(root)
         .arg(mirror)
+        .env("SOURCE_DATE_EPOCH", DEBOOTSTRAP_EPOCH)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -153,6 +162,11 @@ fn debootstrap(baker: &Baker, image: &str, suite: &str, mirror: &str, variant: &
                 }
             }
         }
+    }
+    // ldconfig's cache of inode numbers and times: rebuilt when missing.
+    let aux = root.join("var/cache/ldconfig/aux-cache");
+    if aux.exists() {
+        layer::remove_any(&aux)?;
     }
     Ok(())
 }
