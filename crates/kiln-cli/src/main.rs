@@ -40,6 +40,8 @@ pub enum Command {
     Image(ImageCommand),
     /// Show what would change in an environment, and why.
     Plan(cmd::env::PlanArgs),
+    /// Approve a saved plan (environments with `approvals = N` need N, not by its author).
+    Approve(cmd::env::ApproveArgs),
     /// Make an environment match its declaration (or apply a saved plan).
     Apply(cmd::env::ApplyArgs),
     /// Destroy every server of an environment, then create it afresh.

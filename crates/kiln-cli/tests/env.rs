@@ -303,3 +303,41 @@ fn destroy_removes_every_server_and_keeps_logs() {
     let all = p.kiln(&["logs", "staging"]).ok().stdout;
     assert_eq!(all.matches("host=").count(), 3, "{all}");
 }
+
+#[test]
+fn approvals_gate_apply_and_destroy_of_a_guarded_environment() {
+    let p = web_fleet("10.77.11.0/24", 2, "approvals = 1", "");
+    let _t = Teardown(&p);
+    let as_ = |who: &str, args: &[&str]| p.kiln_env(args, &[("KILN_ACTOR", who)]);
+    // No approved plan: refused before anything starts, with the way out.
+    let refused = p.kiln(&["apply", "staging", "--yes"]).expect(1);
+    assert!(refused.stderr.contains("`staging` needs 1 approval(s)") && refused.stderr.contains("kiln approve staging plan.json"), "{}", refused.stderr);
+    assert!(p.servers().is_empty());
+    // alice plans; she cannot approve her own plan; bob can.
+    let plan = p.path().join("plan.json");
+    let planned = as_("alice", &["plan", "staging", "-o", plan.to_str().unwrap()]).ok();
+    assert!(planned.stdout.contains("needs 1 approval(s) first, by someone other than alice"), "{}", planned.stdout);
+    let own = as_("alice", &["approve", "staging", plan.to_str().unwrap()]).expect(1);
+    assert!(own.stderr.contains("alice made plan") && own.stderr.contains("someone else must approve it"), "{}", own.stderr);
+    let ok = as_("bob", &["--json", "approve", "staging", plan.to_str().unwrap()]).ok().json();
+    assert_eq!((ok["approvers"].clone(), ok["ready"].clone(), ok["author"].clone()), (serde_json::json!(["bob"]), serde_json::json!(true), serde_json::json!("alice")));
+    // An edited copy of the approved plan is not approved.
+    let edited = p.path().join("edited.json");
+    fs::write(&edited, fs::read_to_string(&plan).unwrap().replace("new server", "new server (edited)")).unwrap();
+    let refused = p.kiln(&["apply", "staging", edited.to_str().unwrap()]).expect(1);
+    assert!(refused.stderr.contains("has 0"), "{}", refused.stderr);
+    // The approved plan applies, by anyone (the pipeline).
+    as_("ci-bot", &["apply", "staging", plan.to_str().unwrap()]).ok();
+    assert_eq!(p.servers().len(), 2);
+    let audit = p.kiln(&["--json", "audit", "staging"]).ok().json();
+    let actions: Vec<(String, String)> = audit.as_array().unwrap().iter().map(|e| (e["actor"].as_str().unwrap().to_string(), e["action"].as_str().unwrap().to_string())).collect();
+    assert!(actions.contains(&("bob".into(), "approve".into())) && actions.contains(&("ci-bot".into(), "apply".into())), "{actions:?}");
+    // Destroying it takes an approved destroy plan too.
+    p.kiln(&["destroy", "staging", "--yes"]).expect(1);
+    assert_eq!(p.servers().len(), 2);
+    let down = p.path().join("down.json");
+    as_("alice", &["plan", "staging", "--destroy", "-o", down.to_str().unwrap()]).ok();
+    as_("bob", &["approve", "staging", down.to_str().unwrap()]).ok();
+    p.kiln(&["apply", "staging", down.to_str().unwrap()]).ok();
+    assert!(p.servers().is_empty());
+}

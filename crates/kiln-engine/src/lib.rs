@@ -54,6 +54,12 @@ pub enum EngineError {
     /// There is nothing to roll back to.
     #[error("cannot roll back `{env}`: {reason}")]
     NoRollback { env: String, reason: String },
+    /// The environment requires approvals this plan does not have.
+    #[error("`{env}` needs {required} approval(s) of the exact plan it applies, by someone other than its author; plan {hash} has {have}.\nSave a plan with `kiln plan {env} -o plan.json`, have it approved with `kiln approve {env} plan.json`, then run `kiln apply {env} plan.json`")]
+    NotApproved { env: String, required: u32, have: usize, hash: String },
+    /// The author of a plan tried to approve it.
+    #[error("{actor} made plan {hash}: someone else must approve it")]
+    SelfApproval { actor: String, hash: String },
     /// The apply failed and the environment was returned to a previous release.
     #[error("{cause}\nrolled back automatically to the images of release #{to} (as release #{release})")]
     RolledBack { cause: Box<EngineError>, to: i64, release: i64 },
@@ -68,6 +74,12 @@ pub enum EngineError {
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// A plan's identity in the audit chain and for approvals: the first 16 hex
+/// digits of the BLAKE3 hash of its JSON. Any edit to a saved plan changes it.
+pub fn plan_hash(plan: &Plan) -> String {
+    blake3::hash(&serde_json::to_vec(plan).expect("plan serializes")).to_hex()[..16].to_string()
+}
 
 /// What the engine reports while it works, for progress display.
 #[derive(Debug, Clone)]
@@ -249,7 +261,7 @@ impl<'a> Engine<'a> {
             .enumerate()
             .map(|(i, s)| Change { batch: i as u32 + 1, ..Change::new(Action::Destroy, &s.role, &s.id, s.slot, "environment destroyed") })
             .collect();
-        Ok(Plan { format: kiln_planner::PLAN_FORMAT, env: env_name.to_string(), generation, created: (self.clock)(), order: vec![], targets: vec![], changes, cold: false })
+        Ok(Plan { format: kiln_planner::PLAN_FORMAT, env: env_name.to_string(), generation, created: (self.clock)(), order: vec![], targets: vec![], changes, cold: false, destroy: true, author: String::new() })
     }
 
     /// Brings the runtime and the state into agreement before an apply:
@@ -302,16 +314,66 @@ impl<'a> Engine<'a> {
             Ok(_) => "succeeded".to_string(),
             Err(e) => format!("failed: {}", e.to_string().lines().next().unwrap_or("")),
         };
-        // Refusals before anything was touched (lock held, stale plan) are audited too.
-        let plan_hash = blake3::hash(&serde_json::to_vec(plan).expect("plan serializes")).to_hex()[..16].to_string();
-        self.audit(&plan.env, kind, &plan_hash, &outcome)?;
+        // Refusals before anything was touched (lock held, stale plan, no
+        // approval) are audited too.
+        self.audit(&plan.env, kind, &plan_hash(plan), &outcome)?;
         result
+    }
+
+    /// Records `actor`'s approval of a saved plan, as an entry of the audit
+    /// chain (so approvals are as tamper-evident as the writes they allow).
+    /// Returns everyone who has approved it so far.
+    pub fn approve(&self, plan: &Plan, actor: &str) -> Result<Vec<String>> {
+        self.env(&plan.env)?;
+        let current = self.state.generation(&plan.env)?;
+        if current != plan.generation {
+            return Err(EngineError::Stale { env: plan.env.clone(), planned: plan.generation, current });
+        }
+        let hash = plan_hash(plan);
+        if actor == plan.author {
+            return Err(EngineError::SelfApproval { actor: actor.to_string(), hash });
+        }
+        self.audit_as(&plan.env, actor, "approve", &hash, "approved")?;
+        self.approvers(plan)
+    }
+
+    /// Distinct actors, other than its author, who approved this exact plan.
+    pub fn approvers(&self, plan: &Plan) -> Result<Vec<String>> {
+        let hash = plan_hash(plan);
+        let mut out: Vec<String> = Vec::new();
+        for e in self.state.audit(Some(&plan.env))? {
+            if e.action == "approve" && e.plan_hash == hash && e.outcome == "approved" && e.actor != plan.author && !out.contains(&e.actor) {
+                out.push(e.actor);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a plan may be carried out as `kind`: environments with
+    /// `approvals = N` need N approvals for apply, cold deploy and destroy.
+    /// Rollbacks (to a release that was itself approved) and reconcile (the
+    /// policies of the reviewed kiln.toml) need none: they must work when
+    /// nobody is awake.
+    pub fn check_approved(&self, plan: &Plan, kind: &str) -> Result<()> {
+        let required = self.env(&plan.env)?.approvals;
+        if required == 0 || !matches!(kind, "apply" | "deploy --cold" | "destroy") || plan.is_empty() {
+            return Ok(());
+        }
+        let have = self.approvers(plan)?.len();
+        if have < required as usize {
+            return Err(EngineError::NotApproved { env: plan.env.clone(), required, have, hash: plan_hash(plan) });
+        }
+        Ok(())
     }
 
     /// Appends a write to the audit chain; a write by an actor that is not
     /// one of the environment's pipeline identities fires its alarm.
     pub fn audit(&self, env: &str, action: &str, plan_hash: &str, outcome: &str) -> Result<()> {
-        let actor = kiln_state::actor();
+        self.audit_as(env, &kiln_state::actor(), action, plan_hash, outcome)
+    }
+
+    fn audit_as(&self, env: &str, actor: &str, action: &str, plan_hash: &str, outcome: &str) -> Result<()> {
+        let actor = actor.to_string();
         let ids = self.project.envs.get(env).map(|e| e.pipeline_identities.clone()).unwrap_or_default();
         let pipeline = ids.is_empty() || ids.contains(&actor);
         let entry = self.state.append_audit(env, &actor, action, plan_hash, outcome, pipeline)?;
@@ -344,11 +406,11 @@ impl<'a> Engine<'a> {
         if current != plan.generation {
             return Err(EngineError::Stale { env: env_name.into(), planned: plan.generation, current });
         }
+        self.check_approved(plan, kind)?;
         self.verify_images(plan)?;
         self.converge_runtime(env_name)?;
         let actor = kiln_state::actor();
-        let plan_json = serde_json::to_vec(plan).expect("plan serializes");
-        let plan_hash = blake3::hash(&plan_json).to_hex()[..16].to_string();
+        let plan_hash = plan_hash(plan);
         let summary = format!("{} to create, {} to replace, {} to destroy", plan.count(Action::Create), plan.count(Action::Replace), plan.count(Action::Destroy));
         let roles_json = serde_json::to_string(&plan.targets).expect("targets serialize");
         let release = self.state.begin_release(env_name, &actor, kind, &plan_hash, &summary, &roles_json)?;

@@ -183,3 +183,42 @@ fn tampered_image_is_refused_at_launch() {
     assert!(w.fake.calls.borrow().is_empty(), "nothing was launched");
     let _ = Digest::of(b"");
 }
+
+#[test]
+fn approvals_gate_apply_but_not_rollback_or_reconcile() {
+    let mut w = world();
+    w.project.envs.get_mut("staging").unwrap().approvals = 1;
+    let mut plan = w.plan();
+    plan.author = "alice".into();
+    // Unapproved: refused before anything runs, and the refusal is audited.
+    let err = w.engine().apply(&plan, "apply").unwrap_err();
+    assert!(matches!(err, EngineError::NotApproved { required: 1, have: 0, .. }), "{err}");
+    assert!(w.fake.calls.borrow().is_empty());
+    let last = w.state.audit(Some("staging")).unwrap().pop().unwrap();
+    assert!(last.outcome.starts_with("failed: `staging` needs 1 approval"), "{}", last.outcome);
+    // The author cannot approve their own plan.
+    assert!(matches!(w.engine().approve(&plan, "alice").unwrap_err(), EngineError::SelfApproval { .. }));
+    // An edited plan is another plan: approving the original does not cover it.
+    assert_eq!(w.engine().approve(&plan, "bob").unwrap(), ["bob"]);
+    let mut edited = plan.clone();
+    edited.changes.pop();
+    assert!(matches!(w.engine().apply(&edited, "apply").unwrap_err(), EngineError::NotApproved { have: 0, .. }));
+    // A second approval by the same person counts once.
+    assert_eq!(w.engine().approve(&plan, "bob").unwrap(), ["bob"]);
+    w.engine().apply(&plan, "apply").unwrap();
+    assert_eq!(w.state.servers(Some("staging")).unwrap().len(), 3);
+    // Once applied, the generation moved: the plan cannot be approved again.
+    assert!(matches!(w.engine().approve(&plan, "carol").unwrap_err(), EngineError::Stale { .. }));
+    // Rollbacks and reconcile passes are not gated; apply, cold deploys
+    // and destroys are.
+    assert!(w.engine().check_approved(&w.plan(), "apply").is_ok(), "an empty plan needs nothing");
+    image(&w.store, "app", 2);
+    let next = w.plan();
+    assert!(!next.is_empty());
+    for kind in ["apply", "deploy --cold", "destroy"] {
+        assert!(w.engine().check_approved(&next, kind).is_err(), "{kind}");
+    }
+    for kind in ["rollback", "rollback (automatic)", "reconcile"] {
+        assert!(w.engine().check_approved(&next, kind).is_ok(), "{kind}");
+    }
+}

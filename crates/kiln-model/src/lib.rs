@@ -378,6 +378,12 @@ pub struct Plan {
     /// Destroy everything first (`kiln deploy --cold`).
     #[serde(default)]
     pub cold: bool,
+    /// Destroys the whole environment (`kiln destroy`, `kiln plan --destroy`).
+    #[serde(default)]
+    pub destroy: bool,
+    /// Who made the plan: an approval must come from someone else.
+    #[serde(default)]
+    pub author: String,
 }
 
 impl Plan {

@@ -297,7 +297,7 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
             changes.push(d);
         }
     }
-    Ok(Plan { format: PLAN_FORMAT, env: env.name.clone(), generation: input.generation, created: input.now, order, targets: input.targets.to_vec(), changes, cold: input.cold })
+    Ok(Plan { format: PLAN_FORMAT, env: env.name.clone(), generation: input.generation, created: input.now, order, targets: input.targets.to_vec(), changes, cold: input.cold, destroy: false, author: String::new() })
 }
 
 fn destroy(s: &Server, reason: &str) -> Change {

@@ -37,6 +37,19 @@ pub struct PlanArgs {
     /// Exit 0 when there is nothing to do, 2 when there are changes, 1 on error.
     #[arg(long)]
     pub detailed_exitcode: bool,
+    /// Plan the destruction of every server (what `kiln destroy` does).
+    #[arg(long, conflicts_with = "cold")]
+    pub destroy: bool,
+    /// Plan a cold deploy (what `kiln deploy --cold` does).
+    #[arg(long)]
+    pub cold: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ApproveArgs {
+    pub env: String,
+    /// A plan saved by `kiln plan -o`.
+    pub plan: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -157,10 +170,37 @@ fn confirm(env: &str, yes: bool) -> Result<()> {
     Ok(())
 }
 
+/// A fresh plan of `env`, signed with its author.
+fn make_plan(engine: &Engine, env: &str, cold: bool, destroy: bool) -> Result<Plan> {
+    let mut plan = if destroy { engine.plan_destroy(env)? } else { engine.plan(env, cold, &mut random)? };
+    plan.author = kiln_state::actor();
+    Ok(plan)
+}
+
+fn read_plan(path: &std::path::Path, env: &str) -> Result<Plan> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read plan {}", path.display()))?;
+    let plan: Plan = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a kiln plan", path.display()))?;
+    if plan.env != env {
+        bail!("{} is a plan for `{}`, not `{}`", path.display(), plan.env, env);
+    }
+    Ok(plan)
+}
+
+/// What carrying out a plan is, for locks, approvals and the audit log.
+fn kind_of(plan: &Plan) -> &'static str {
+    if plan.destroy {
+        "destroy"
+    } else if plan.cold {
+        "deploy --cold"
+    } else {
+        "apply"
+    }
+}
+
 pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<ExitCode> {
     let c = ctx(cli)?;
     let engine = c.engine(&|_| {});
-    let plan = engine.plan(&args.env, false, &mut random)?;
+    let plan = make_plan(&engine, &args.env, args.cold, args.destroy)?;
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_vec_pretty(&plan)?).with_context(|| format!("cannot write {}", out.display()))?;
     }
@@ -169,7 +209,11 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<ExitCode> {
     } else {
         print_plan(&plan);
         if let Some(out) = &args.out {
-            println!("\nSaved the plan to {}. Apply exactly this plan with: kiln apply {} {}", out.display(), args.env, out.display());
+            println!("\nSaved the plan to {} (plan {}). Apply exactly this plan with: kiln apply {} {}", out.display(), kiln_engine::plan_hash(&plan), args.env, out.display());
+            let required = c.project.envs.get(&args.env).map(|e| e.approvals).unwrap_or(0);
+            if required > 0 && !plan.is_empty() {
+                println!("`{}` needs {required} approval(s) first, by someone other than {}: kiln approve {} {}", args.env, plan.author, args.env, out.display());
+            }
         }
     }
     Ok(if args.detailed_exitcode && !plan.is_empty() { ExitCode::from(FOUND) } else { ExitCode::SUCCESS })
@@ -180,17 +224,35 @@ pub fn apply(cli: &Cli, args: &ApplyArgs) -> Result<ExitCode> {
     let progress = progress_printer(cli.json);
     let engine = c.engine(&progress);
     let plan: Plan = match &args.plan {
-        Some(path) => {
-            let bytes = std::fs::read(path).with_context(|| format!("cannot read plan {}", path.display()))?;
-            let plan: Plan = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a kiln plan", path.display()))?;
-            if plan.env != args.env {
-                bail!("{} is a plan for `{}`, not `{}`", path.display(), plan.env, args.env);
-            }
-            plan
-        }
-        None => engine.plan(&args.env, false, &mut random)?,
+        Some(path) => read_plan(path, &args.env)?,
+        None => make_plan(&engine, &args.env, false, false)?,
     };
-    run_plan(cli, &c, &engine, &plan, "apply", args.yes || args.plan.is_some())
+    let code = run_plan(cli, &c, &engine, &plan, kind_of(&plan), args.yes || args.plan.is_some())?;
+    if plan.destroy {
+        remove_fronts(&c, &args.env)?;
+    }
+    Ok(code)
+}
+
+/// `kiln approve ENV PLAN`: one approval of a saved plan, in the audit chain.
+pub fn approve(cli: &Cli, args: &ApproveArgs) -> Result<ExitCode> {
+    let c = ctx(cli)?;
+    let engine = c.engine(&|_| {});
+    let plan = read_plan(&args.plan, &args.env)?;
+    let actor = kiln_state::actor();
+    let approvers = engine.approve(&plan, &actor)?;
+    let required = c.project.envs.get(&args.env).map(|e| e.approvals).unwrap_or(0);
+    let hash = kiln_engine::plan_hash(&plan);
+    if cli.json {
+        print_json(&serde_json::json!({"env": args.env, "plan": hash, "author": plan.author, "approvers": approvers, "required": required, "ready": approvers.len() >= required as usize}))?;
+    } else {
+        print_plan(&plan);
+        println!("\n{} plan {hash} of `{}` (made by {}) as {actor}: {} of {required} approval(s): {}.", style("Approved").green().bold(), args.env, plan.author, approvers.len(), approvers.join(", "));
+        if approvers.len() >= required as usize {
+            println!("Apply it with: kiln apply {} {}", args.env, args.plan.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_plan(cli: &Cli, c: &Ctx, engine: &Engine, plan: &Plan, kind: &str, yes: bool) -> Result<ExitCode> {
@@ -203,6 +265,8 @@ fn run_plan(cli: &Cli, c: &Ctx, engine: &Engine, plan: &Plan, kind: &str, yes: b
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // Refused before asking, not after.
+    engine.check_approved(plan, kind)?;
     confirm(&plan.env, yes || cli.json)?;
     let applied = if kind == "apply" { engine.apply_or_roll_back(plan, kind, &mut random)? } else { engine.apply(plan, kind)? };
     if cli.json {
@@ -311,7 +375,7 @@ pub fn deploy(cli: &Cli, args: &DeployArgs) -> Result<ExitCode> {
     let c = ctx(cli)?;
     let progress = progress_printer(cli.json);
     let engine = c.engine(&progress);
-    let plan = engine.plan(&args.env, args.cold, &mut random)?;
+    let plan = make_plan(&engine, &args.env, args.cold, false)?;
     if !cli.json {
         eprintln!("{} a cold deploy destroys every server of `{}` before creating new ones: it is NOT zero-downtime.", style("warning:").yellow().bold(), args.env);
     }
@@ -322,18 +386,23 @@ pub fn destroy(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
     let c = ctx(cli)?;
     let progress = progress_printer(cli.json);
     let engine = c.engine(&progress);
-    let plan = engine.plan_destroy(&args.env)?;
+    let plan = make_plan(&engine, &args.env, false, true)?;
     let code = run_plan(cli, &c, &engine, &plan, "destroy", args.yes)?;
-    // The environment's balancers and bridge go with its last server.
-    if c.state.servers(Some(&args.env))?.is_empty() {
-        if let Some(spec) = c.project.envs.get(&args.env) {
+    remove_fronts(&c, &args.env)?;
+    Ok(code)
+}
+
+/// The environment's balancers and bridge go with its last server.
+fn remove_fronts(c: &Ctx, env: &str) -> Result<()> {
+    if c.state.servers(Some(env))?.is_empty() {
+        if let Some(spec) = c.project.envs.get(env) {
             for role in spec.roles.keys() {
-                c.local.remove_balancer(&args.env, role)?;
+                c.local.remove_balancer(env, role)?;
             }
         }
-        c.local.remove_network(&args.env)?;
+        c.local.remove_network(env)?;
     }
-    Ok(code)
+    Ok(())
 }
 
 fn health_of(c: &Ctx, s: &kiln_model::Server, alive: bool) -> &'static str {

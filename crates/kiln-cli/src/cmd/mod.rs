@@ -25,6 +25,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Image(ImageCommand::Gc(a)) => image::gc(cli, a),
         Command::Plan(a) => env::plan(cli, a),
         Command::Apply(a) => env::apply(cli, a),
+        Command::Approve(a) => env::approve(cli, a),
         Command::Deploy(a) => env::deploy(cli, a),
         Command::Destroy(a) => env::destroy(cli, a),
         Command::Rollback(a) => env::rollback(cli, a),
