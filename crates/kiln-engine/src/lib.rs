@@ -254,8 +254,13 @@ impl<'a> Engine<'a> {
 
     /// A plan that destroys every server of `env`.
     pub fn plan_destroy(&self, env_name: &str) -> Result<Plan> {
-        let (observed, _) = self.observe(env_name)?;
+        let (mut observed, _) = self.observe(env_name)?;
         let generation = self.state.generation(env_name)?;
+        // Dependents go first: `app` before the `db` it depends on. Roles no
+        // longer declared go before everything.
+        let order = self.project.envs.get(env_name).map(kiln_planner::role_order).unwrap_or_default();
+        let rank = |role: &str| order.iter().position(|r| r == role).unwrap_or(usize::MAX);
+        observed.sort_by(|a, b| rank(&b.role).cmp(&rank(&a.role)).then(a.id.cmp(&b.id)));
         let changes = observed
             .iter()
             .enumerate()

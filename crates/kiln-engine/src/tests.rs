@@ -222,3 +222,23 @@ fn approvals_gate_apply_but_not_rollback_or_reconcile() {
         assert!(w.engine().check_approved(&next, kind).is_ok(), "{kind}");
     }
 }
+
+#[test]
+fn destroy_takes_dependents_down_first() {
+    let w = world();
+    w.engine().apply(&w.plan(), "apply").unwrap();
+    let plan = w.engine().plan_destroy("staging").unwrap();
+    let order: Vec<&str> = plan.changes.iter().map(|c| c.server.as_str()).collect();
+    assert_eq!(order, ["app-0002", "app-0003", "db-0001"], "app depends on db: it goes first");
+    w.fake.calls.borrow_mut().clear();
+    w.engine().apply(&plan, "destroy").unwrap();
+    assert_eq!(*w.fake.calls.borrow(), ["destroy app-0002", "destroy app-0003", "destroy db-0001"]);
+    // The order follows depends_on, not names: make db depend on app.
+    let mut w = world();
+    let staging = w.project.envs.get_mut("staging").unwrap();
+    staging.roles.get_mut("app").unwrap().depends_on.clear();
+    staging.roles.get_mut("db").unwrap().depends_on = vec!["app".into()];
+    w.engine().apply(&w.plan(), "apply").unwrap();
+    let plan = w.engine().plan_destroy("staging").unwrap();
+    assert_eq!(plan.changes.iter().map(|c| c.role.as_str()).collect::<Vec<_>>(), ["db", "app", "app"]);
+}
