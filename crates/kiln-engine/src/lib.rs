@@ -172,7 +172,7 @@ impl<'a> Engine<'a> {
     /// in any environment, and whatever the provider's host already uses.
     pub fn taken_ids(&self) -> Result<BTreeSet<String>> {
         let mut out = self.provider.taken_ids();
-        out.extend(self.state.servers(None)?.into_iter().map(|s| s.id));
+        out.extend(self.state.server_ids()?);
         Ok(out)
     }
 

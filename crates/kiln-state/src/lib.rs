@@ -133,6 +133,14 @@ impl State {
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
 
+    /// The id of every server of every environment.
+    pub fn server_ids(&self) -> Result<Vec<String>> {
+        let err = self.fail("read", "server ids".to_string());
+        let mut stmt = self.conn.prepare_cached("SELECT id FROM servers").map_err(&err)?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(&err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(&err)
+    }
+
     pub fn server(&self, id: &str) -> Result<Option<Server>> {
         let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE id = ?1");
         self.conn.query_row(&sql, [id], server_row).optional().map_err(self.fail("read", format!("server `{id}`")))
