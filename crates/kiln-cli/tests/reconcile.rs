@@ -17,6 +17,27 @@ fn fleet(subnet: &str, extra_role: &str, extra_env: &str) -> (Project, u16) {
 }
 
 #[test]
+fn reconcile_replaces_a_hung_server() {
+    // A server whose process is alive but answers nothing (SIGSTOP: a
+    // wedged process) is not "crashed"; reconcile finds it by its health
+    // checks failing in a row, and replaces it.
+    let (p, _) = fleet("10.77.47.0/24", "replace_share = 100", "");
+    let _t = Teardown(&p);
+    let victim = p.servers()[0].clone();
+    let pid = victim["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let dry = p.kiln(&["reconcile", "staging", "--dry-run"]).ok();
+    let id = victim["id"].as_str().unwrap();
+    assert!(dry.stdout.contains(id) && dry.stdout.contains("self-heal: failed 3 health checks in a row"), "{}", dry.stdout);
+    assert_eq!(dry.stdout.matches("  ~ web-").count(), 1, "only the hung one: {}", dry.stdout);
+    p.kiln(&["reconcile", "staging", "--yes"]).ok();
+    let now = p.servers();
+    assert_eq!(now.len(), 2);
+    assert!(now.iter().all(|s| s["health"] == "healthy" && s["id"] != victim["id"]), "{now:?}");
+    assert!(dead(pid), "the hung process was stopped for good");
+}
+
+#[test]
 fn reconcile_heals_a_killed_server() {
     let (p, _) = fleet("10.77.40.0/24", "", "");
     let _t = Teardown(&p);

@@ -111,11 +111,15 @@ pub enum Progress {
 pub struct Options {
     pub health_timeout: Duration,
     pub health_interval: Duration,
+    /// Reconcile replaces a live server that fails this many health checks
+    /// in a row, `heal_spacing` apart ("persistently unhealthy").
+    pub heal_probes: u32,
+    pub heal_spacing: Duration,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { health_timeout: Duration::from_secs(30), health_interval: Duration::from_millis(10) }
+        Options { health_timeout: Duration::from_secs(30), health_interval: Duration::from_millis(10), heal_probes: 3, heal_spacing: Duration::from_secs(1) }
     }
 }
 

@@ -65,9 +65,26 @@ impl Engine<'_> {
                 }
             }
         }
+        // Self-healing beyond crashes: a live server that fails its health
+        // check on every probe of a short series (hung, wedged, serving
+        // errors) is replaced, within the same share as drift and TTL.
+        let (observed, dead) = self.observe(env_name)?;
+        for s in observed.iter().filter(|s| s.status == ServerStatus::Running && !dead.contains(&s.id)) {
+            if forced.contains_key(&s.id) {
+                continue;
+            }
+            let Some(check) = env.roles.get(&s.role).and_then(|r| r.health.as_ref()) else { continue };
+            if self.persistently_unhealthy(env_name, s, check) {
+                let left = budget.entry(s.role.clone()).or_default();
+                if *left > 0 {
+                    *left -= 1;
+                    let over = self.options.heal_spacing * self.options.heal_probes.saturating_sub(1);
+                    forced.insert(s.id.clone(), format!("self-heal: failed {} health checks in a row over {:.1}s", self.options.heal_probes, over.as_secs_f64()));
+                }
+            }
+        }
         quarantine.retain(|(id, _)| forced.contains_key(id));
         let targets = self.targets(env)?;
-        let (observed, dead) = self.observe(env_name)?;
         let generation = self.state.generation(env_name)?;
         let taken = self.taken_ids()?;
         let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced, taken: &taken };
@@ -105,6 +122,26 @@ impl Engine<'_> {
             }
         }
         Ok(pass)
+    }
+
+    /// Whether a running server fails each of `heal_probes` health checks.
+    /// One pass stops it from counting: a slow moment is not a failure.
+    fn persistently_unhealthy(&self, env: &str, s: &kiln_model::Server, check: &kiln_model::HealthCheck) -> bool {
+        let mut c = kiln_model::Change::new(kiln_model::Action::Create, &s.role, &s.id, s.slot, "health check");
+        c.image = Some(s.image.clone());
+        c.address = Some(s.address.clone());
+        // An image no longer in the store cannot be probed with a command
+        // check; that server is stale and handled as such.
+        let Ok(req) = self.request(env, &c, &s.id, s.release) else { return false };
+        for i in 0..self.options.heal_probes.max(1) {
+            if i > 0 {
+                std::thread::sleep(self.options.heal_spacing);
+            }
+            if self.provider.probe(&req, check) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Deletes quarantine records older than the environment's `quarantine` keep time.

@@ -76,7 +76,7 @@ fn world() -> World {
 
 impl World {
     fn engine(&self) -> Engine<'_> {
-        Engine { project: &self.project, store: &self.store, state: &self.state, provider: &self.fake, progress: &|_| {}, clock: &|| 1_000, options: Options { health_timeout: Duration::from_millis(50), health_interval: Duration::from_millis(1) } }
+        Engine { project: &self.project, store: &self.store, state: &self.state, provider: &self.fake, progress: &|_| {}, clock: &|| 1_000, options: Options { health_timeout: Duration::from_millis(50), health_interval: Duration::from_millis(1), heal_probes: 3, heal_spacing: Duration::from_millis(1) } }
     }
     fn plan(&self) -> Plan {
         let mut r = || {
@@ -241,4 +241,31 @@ fn destroy_takes_dependents_down_first() {
     w.engine().apply(&w.plan(), "apply").unwrap();
     let plan = w.engine().plan_destroy("staging").unwrap();
     assert_eq!(plan.changes.iter().map(|c| c.role.as_str()).collect::<Vec<_>>(), ["db", "app", "app"]);
+}
+
+#[test]
+fn reconcile_replaces_hung_servers_within_the_share() {
+    let w = world();
+    w.engine().apply(&w.plan(), "apply").unwrap();
+    // Both app servers run but fail every health check.
+    w.fake.hung.borrow_mut().extend(["app-0002".to_string(), "app-0003".to_string()]);
+    let mut r = || {
+        *w.seq.borrow_mut() += 1;
+        *w.seq.borrow()
+    };
+    let dry = w.engine().reconcile("staging", true, &mut r).unwrap();
+    assert_eq!(dry.forced.len(), 1, "replace_share (25% of 2) lets one go per pass: {:?}", dry.forced);
+    let (id, why) = dry.forced.iter().next().unwrap();
+    assert!(why.starts_with("self-heal: failed 3 health checks in a row"), "{why}");
+    assert_eq!(dry.plan.changes.len(), 1);
+    assert!(w.fake.calls.borrow().iter().all(|c| !c.starts_with("destroy")), "a dry run changes nothing");
+    // db has no health check: never judged unhealthy.
+    assert!(!dry.forced.contains_key("db-0001"));
+    let id = id.clone();
+    let pass = w.engine().reconcile("staging", false, &mut r).unwrap();
+    assert!(pass.release.is_some());
+    assert!(w.fake.calls.borrow().contains(&format!("destroy {id}")), "{:?}", w.fake.calls.borrow());
+    // A server that answers even once is not replaced.
+    w.fake.hung.borrow_mut().clear();
+    assert!(w.engine().reconcile("staging", true, &mut r).unwrap().forced.is_empty());
 }

@@ -14,6 +14,8 @@ pub struct Fake {
     pub servers: RefCell<BTreeMap<String, Running>>,
     /// Images (by digest) whose servers never become healthy.
     pub unhealthy_images: RefCell<BTreeSet<String>>,
+    /// Servers (by id) that run but fail every health check (hung).
+    pub hung: RefCell<BTreeSet<String>>,
     /// Every call, in order: `create app-1234`, `destroy app-1234`.
     pub calls: RefCell<Vec<String>>,
     next_pid: RefCell<i32>,
@@ -42,7 +44,7 @@ impl Provider for Fake {
 
     fn probe(&self, req: &ServerRequest, _check: &HealthCheck) -> bool {
         let digest = self.digests.borrow().get(&req.id).cloned().unwrap_or_default();
-        self.servers.borrow().get(&req.id).is_some_and(|s| s.alive) && !self.unhealthy_images.borrow().contains(&digest)
+        self.servers.borrow().get(&req.id).is_some_and(|s| s.alive) && !self.unhealthy_images.borrow().contains(&digest) && !self.hung.borrow().contains(&req.id)
     }
 
     fn log_path(&self, env: &str, id: &str) -> PathBuf {
