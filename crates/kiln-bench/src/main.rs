@@ -606,7 +606,7 @@ fn reconcile_cpu(o: &Opts) -> Result<()> {
     let dir = tempfile::tempdir()?;
     fs::create_dir_all(dir.path().join("images/app/files"))?;
     fs::write(dir.path().join("images/app/files/app"), "x")?;
-    fs::write(dir.path().join("kiln.toml"), "[project]\nname = \"r\"\n[images.app]\nfrom = \"scratch\"\n[env.big]\nsubnet = \"10.0.0.0/16\"\nttl = \"28d\"\n[env.big.roles.app]\nimage = \"app\"\nservers = 1000\n")?;
+    fs::write(dir.path().join("kiln.toml"), "[project]\nname = \"r\"\n[images.app]\nfrom = \"scratch\"\n[env.big]\nsubnet = \"10.0.0.0/16\"\nttl = \"28d\"\n[env.big.roles.app]\nimage = \"app\"\nservers = 1000\nhealth = { tcp = 8080 }\n")?;
     kiln(o, dir.path(), &["image", "build", "app"])?;
     let project = kiln_spec::load(dir.path())?;
     let store = kiln_image::Store::open(dir.path().join(".kiln"))?;

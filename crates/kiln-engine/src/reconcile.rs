@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use kiln_model::{DriftPolicy, Plan, ServerStatus, UnmanagedPolicy};
+use kiln_provider::ServerRequest;
 use serde::Serialize;
 
 use crate::drift::{Finding, Report};
@@ -69,12 +70,24 @@ impl Engine<'_> {
         // check on every probe of a short series (hung, wedged, serving
         // errors) is replaced, within the same share as drift and TTL.
         let (observed, dead) = self.observe(env_name)?;
+        // One request per role and image, patched per server: resolving the
+        // image and reading its config once, not once per server.
+        let mut templates: BTreeMap<(String, String), Option<ServerRequest>> = BTreeMap::new();
         for s in observed.iter().filter(|s| s.status == ServerStatus::Running && !dead.contains(&s.id)) {
             if forced.contains_key(&s.id) {
                 continue;
             }
             let Some(check) = env.roles.get(&s.role).and_then(|r| r.health.as_ref()) else { continue };
-            if self.persistently_unhealthy(env_name, s, check) {
+            let template = templates.entry((s.role.clone(), s.image.clone())).or_insert_with(|| {
+                let mut c = kiln_model::Change::new(kiln_model::Action::Create, &s.role, &s.id, s.slot, "health check");
+                c.image = Some(s.image.clone());
+                // An image no longer in the store cannot be probed with a
+                // command check; such a server is stale and handled as such.
+                self.request(env_name, &c, &s.id, s.release).ok()
+            });
+            let Some(template) = template else { continue };
+            let req = ServerRequest { id: s.id.clone(), address: s.address.clone(), slot: s.slot, release: s.release, ..template.clone() };
+            if self.persistently_unhealthy(&req, check) {
                 let left = budget.entry(s.role.clone()).or_default();
                 if *left > 0 {
                     *left -= 1;
@@ -126,18 +139,12 @@ impl Engine<'_> {
 
     /// Whether a running server fails each of `heal_probes` health checks.
     /// One pass stops it from counting: a slow moment is not a failure.
-    fn persistently_unhealthy(&self, env: &str, s: &kiln_model::Server, check: &kiln_model::HealthCheck) -> bool {
-        let mut c = kiln_model::Change::new(kiln_model::Action::Create, &s.role, &s.id, s.slot, "health check");
-        c.image = Some(s.image.clone());
-        c.address = Some(s.address.clone());
-        // An image no longer in the store cannot be probed with a command
-        // check; that server is stale and handled as such.
-        let Ok(req) = self.request(env, &c, &s.id, s.release) else { return false };
+    fn persistently_unhealthy(&self, req: &ServerRequest, check: &kiln_model::HealthCheck) -> bool {
         for i in 0..self.options.heal_probes.max(1) {
             if i > 0 {
                 std::thread::sleep(self.options.heal_spacing);
             }
-            if self.provider.probe(&req, check) {
+            if self.provider.probe(req, check) {
                 return false;
             }
         }
