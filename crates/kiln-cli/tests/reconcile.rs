@@ -233,10 +233,24 @@ fn unmanaged_servers_are_alarmed_or_killed_by_policy() {
     let (p, _) = fleet("10.77.46.0/24", "", "");
     let _t = Teardown(&p);
     let stray = start_stray(&p);
-    // Default policy: alarm only. Reconcile leaves it running.
+    // And a backend added to the balancer by hand, behind kiln's back.
+    let front = p.store().join("balancers/staging-web");
+    let mut wanted: serde_json::Value = serde_json::from_slice(&std::fs::read(front.join("backends.json")).unwrap()).unwrap();
+    wanted["generation"] = (wanted["generation"].as_u64().unwrap() + 1).into();
+    wanted["backends"].as_array_mut().unwrap().push("10.77.46.99:8080".into());
+    std::fs::write(front.join("backends.tmp"), serde_json::to_vec(&wanted).unwrap()).unwrap();
+    std::fs::rename(front.join("backends.tmp"), front.join("backends.json")).unwrap();
+    let rogue_active = || {
+        let status: serde_json::Value = serde_json::from_slice(&std::fs::read(front.join("status.json")).unwrap()).unwrap();
+        status["backends"].as_array().unwrap().iter().any(|b| b["addr"] == "10.77.46.99:8080" && b["active"] == true)
+    };
+    wait_until("the balancer to route to the rogue backend", rogue_active);
+    // Default policy: alarm only. Reconcile leaves both in place.
     let run = p.kiln(&["reconcile", "staging"]).ok();
     assert!(run.stdout.contains(&format!("found {stray}: unmanaged")), "{}", run.stdout);
+    assert!(run.stdout.contains("found 10.77.46.99:8080: unmanaged"), "{}", run.stdout);
     assert!(p.store().join("servers/state").join(&stray).exists());
+    assert!(rogue_active());
     // With `unmanaged = "kill"`, reconcile removes it.
     let spec = std::fs::read_to_string(p.path().join("kiln.toml")).unwrap();
     p.write("kiln.toml", &format!("{spec}unmanaged = \"kill\"\n"));
@@ -245,4 +259,6 @@ fn unmanaged_servers_are_alarmed_or_killed_by_policy() {
     p.kiln(&["drift", "staging"]).expect(0);
     let events = p.kiln(&["history", "staging"]).ok().stdout;
     assert!(events.contains(&format!("removed stray server {stray}")), "{events}");
+    assert!(events.contains("removed backend 10.77.46.99:8080 from the balancer of `web`"), "{events}");
+    wait_until("the balancer to drop the rogue backend", || !rogue_active());
 }

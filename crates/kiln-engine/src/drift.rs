@@ -80,6 +80,25 @@ impl Ignore {
 }
 
 impl Engine<'_> {
+    /// Backends a role's balancer routes to that are no running server of
+    /// that role in the state: (role, address:port). A hand-edited
+    /// balancer, or one left behind by a crash.
+    pub fn unknown_backends(&self, env_name: &str) -> Result<Vec<(String, String)>> {
+        let env = self.env(env_name)?;
+        let servers = self.state.servers(Some(env_name))?;
+        let mut out = Vec::new();
+        for role in env.roles.values() {
+            let Some(b) = &role.balancer else { continue };
+            let known: BTreeSet<String> = servers.iter().filter(|s| s.role == role.name && s.status == ServerStatus::Running).map(|s| format!("{}:{}", s.address, b.port)).collect();
+            for addr in self.provider.balancer_backends(env_name, &role.name) {
+                if !known.contains(&addr) {
+                    out.push((role.name.clone(), addr));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Checks `env` for drift. Read-only: changes nothing. With `full`,
     /// every file is re-hashed; otherwise files whose size, times and inode
     /// did not change since the last scan keep their hash.
@@ -98,6 +117,9 @@ impl Engine<'_> {
         }
         for s in servers.iter().filter(|s| matches!(s.status, ServerStatus::Running | ServerStatus::Standby) && !alive.contains(s.id.as_str())) {
             push(&s.id, "unmanaged", "in the state, but its process is gone".into());
+        }
+        for (role, addr) in self.unknown_backends(env_name)? {
+            push(&addr, "unmanaged", format!("balancer of `{env_name}` role `{role}` routes to it, but no running server of the state has this address"));
         }
 
         // Files: each image version verified once, findings on every server running it.

@@ -300,6 +300,12 @@ impl<'a> Engine<'a> {
             }
         }
         // Whatever happened before, balancers route only to live servers.
+        for (role, addr) in self.unknown_backends(env)? {
+            let detail = format!("removed backend {addr} from the balancer of `{role}` (no server of the state)");
+            self.state.record_event(env, &actor, "cleanup", &detail)?;
+            (self.progress)(Progress::Converged { detail: detail.clone() });
+            done.push(detail);
+        }
         if let Ok(spec) = self.env(env) {
             for role in spec.roles.values().filter(|r| r.balancer.is_some()) {
                 self.rebalance(env, &role.name, None)?;

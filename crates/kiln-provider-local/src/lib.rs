@@ -240,6 +240,14 @@ impl Provider for Local {
         kiln_balancer::read_status(&self.balancer_dir(env, role)).map(|s| s.backends.into_iter().map(|b| (b.addr, b.total, b.errors)).collect()).unwrap_or_default()
     }
 
+    fn balancer_backends(&self, env: &str, role: &str) -> Vec<String> {
+        let dir = self.balancer_dir(env, role);
+        match kiln_balancer::read_status(&dir) {
+            Some(s) => s.backends.into_iter().filter(|b| b.active).map(|b| b.addr).collect(),
+            None => kiln_balancer::read_backends(&dir).map(|b| b.backends).unwrap_or_default(),
+        }
+    }
+
     fn taken_ids(&self) -> std::collections::BTreeSet<String> {
         // Network namespaces and cgroups are host-wide: ids used by any
         // project's servers (and this project's containers) are taken.

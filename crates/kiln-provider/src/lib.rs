@@ -107,6 +107,10 @@ pub trait Provider {
     fn backend_stats(&self, _env: &str, _role: &str) -> Vec<(String, u64, u64)> {
         Vec::new()
     }
+    /// The backends a role's balancer routes new connections to right now.
+    fn balancer_backends(&self, _env: &str, _role: &str) -> Vec<String> {
+        Vec::new()
+    }
     /// Server ids this provider's host already uses for anything (other
     /// environments, other projects): new servers must not take them.
     fn taken_ids(&self) -> BTreeSet<String> {
