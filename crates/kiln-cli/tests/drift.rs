@@ -122,3 +122,24 @@ fn warm_scan_still_catches_an_edit_with_its_mtime_restored() {
     assert!(f.iter().any(|(_, k, d)| k == "files" && d == "changed /srv/www/index.html (content)"), "{f:?}");
     p.kiln(&["drift", "staging", "--full"]).expect(2);
 }
+
+#[test]
+fn an_undeclared_listener_is_config_drift() {
+    let p = fleet("10.77.34.0/24");
+    let _t = Teardown(&p);
+    p.kiln(&["drift", "staging"]).expect(0);
+    // Someone opens a listener inside a server's network namespace.
+    let server = p.servers()[0].clone();
+    let pid = server["pid"].as_i64().unwrap().to_string();
+    let script = "import socket, time\ns = socket.socket()\ns.bind(('0.0.0.0', 4444))\ns.listen()\ntime.sleep(300)";
+    let mut listener = std::process::Command::new("nsenter").args(["--target", &pid, "--net", "--", "python3", "-c", script]).spawn().unwrap();
+    let listening = || std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap().lines().any(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(":115C")) && l.split_whitespace().nth(3) == Some("0A"));
+    wait_until("the listener in the server's namespace", listening);
+    let (code, f) = findings(&p, &[]);
+    listener.kill().ok();
+    listener.wait().ok();
+    assert_eq!(code, 2);
+    let id = server["id"].as_str().unwrap();
+    assert!(f.iter().any(|(s, k, d)| s == id && k == "config" && d.contains("listens on TCP port 4444, which the role does not declare (ports = [8080])")), "{f:?}");
+    assert_eq!(f.iter().filter(|(_, k, _)| k == "config").count(), 1, "only that server, only that port: {f:?}");
+}

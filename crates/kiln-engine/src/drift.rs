@@ -35,6 +35,29 @@ pub struct Report {
     pub ignored: usize,
 }
 
+/// The report as text: a summary line, then findings grouped by server,
+/// one `KIND DETAIL` line each. Colours are the CLI's.
+pub fn render(report: &Report) -> String {
+    let ignored = |pre: &str, post: &str| if report.ignored > 0 { format!("{pre}{} ignored{post}", report.ignored) } else { String::new() };
+    if report.findings.is_empty() {
+        let mut out = format!("no drift in `{}`: {} servers match their declaration ({} image versions verified", report.env, report.servers, report.images_verified.len());
+        out.push_str(&ignored(", ", " findings"));
+        out.push_str(").\n");
+        return out;
+    }
+    let servers: BTreeSet<&str> = report.findings.iter().map(|f| f.server.as_str()).collect();
+    let mut out = format!("DRIFT in `{}`: {} findings on {} servers{}\n", report.env, report.findings.len(), servers.len(), ignored(" (", ")"));
+    let mut last = "";
+    for f in &report.findings {
+        if f.server != last {
+            out.push_str(&format!("  {}\n", f.server));
+            last = &f.server;
+        }
+        out.push_str(&format!("    {:<9} {}\n", f.kind, f.detail));
+    }
+    out
+}
+
 /// One `.kilnignore` line: `KIND SERVER PATH [until=YYYY-MM-DD] # reason`,
 /// each of KIND, SERVER and PATH a value or `*` (PATH matches as a prefix
 /// of the finding's detail path).
@@ -179,6 +202,17 @@ impl Engine<'_> {
                 if label != &s.image_digest {
                     push(&s.id, "config", format!("runs image {label}, its release says {}", s.image_digest));
                 }
+            }
+            // Whatever listens must be declared: a port nobody declared is a
+            // changed server (a debug listener, a bind shell).
+            let mut declared: BTreeSet<u16> = role.ports.iter().copied().collect();
+            declared.extend(role.balancer.as_ref().map(|b| b.port));
+            declared.extend(role.health.as_ref().and_then(|h| match h {
+                kiln_model::HealthCheck::Http { port, .. } | kiln_model::HealthCheck::Tcp { port } => Some(*port),
+                kiln_model::HealthCheck::Command { .. } => None,
+            }));
+            for port in seen.listening.iter().filter(|p| !declared.contains(p)) {
+                push(&s.id, "config", format!("listens on TCP port {port}, which the role does not declare (ports = {:?})", role.ports));
             }
             if let Some(limit) = seen.memory_limit {
                 if limit != role.size.memory_bytes {

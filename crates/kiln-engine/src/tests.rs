@@ -269,3 +269,37 @@ fn reconcile_replaces_hung_servers_within_the_share() {
     w.fake.hung.borrow_mut().clear();
     assert!(w.engine().reconcile("staging", true, &mut r).unwrap().forced.is_empty());
 }
+
+#[test]
+fn drift_report_renders_grouped_by_server() {
+    use crate::drift::{render, Finding, Report};
+    let f = |server: &str, kind: &str, detail: &str| Finding { server: server.into(), kind: kind.into(), detail: detail.into() };
+    let report = Report {
+        env: "staging".into(),
+        checked_at: 1_000,
+        servers: 3,
+        images_verified: vec!["web@2".into()],
+        findings: vec![
+            f("web-0001", "files", "changed /srv/www/index.html (content)"),
+            f("web-0001", "process", "process not started by the entrypoint (an interactive login?): 4242: /bin/sleep 300"),
+            f("web-0002", "config", "listens on TCP port 4444, which the role does not declare (ports = [8080])"),
+            f("10.88.1.99:8080", "unmanaged", "balancer of `staging` role `web` routes to it, but no running server of the state has this address"),
+        ],
+        ignored: 1,
+    };
+    assert_eq!(
+        render(&report),
+        "\
+DRIFT in `staging`: 4 findings on 3 servers (1 ignored)
+  web-0001
+    files     changed /srv/www/index.html (content)
+    process   process not started by the entrypoint (an interactive login?): 4242: /bin/sleep 300
+  web-0002
+    config    listens on TCP port 4444, which the role does not declare (ports = [8080])
+  10.88.1.99:8080
+    unmanaged balancer of `staging` role `web` routes to it, but no running server of the state has this address
+"
+    );
+    let clean = Report { findings: vec![], ignored: 0, ..report };
+    assert_eq!(render(&clean), "no drift in `staging`: 3 servers match their declaration (1 image versions verified).\n");
+}

@@ -233,6 +233,7 @@ impl Provider for Local {
             walk_files(host, inside, &mut out.writable);
         }
         out.memory_limit = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/kiln/{id}/memory.limit_in_bytes")).ok().and_then(|s| s.trim().parse().ok());
+        out.listening = listening_ports(pid);
         out
     }
 
@@ -370,6 +371,26 @@ fn reap(pid: i32) {
 }
 
 /// Processes in `pid`'s pid namespace that are not `pid` or its descendants.
+/// TCP ports in LISTEN state in the network namespace of `pid`, from
+/// `/proc/PID/net/tcp` and `tcp6` (`local_address` is `HEXIP:HEXPORT`,
+/// state `0A` is LISTEN).
+fn listening_ports(pid: i32) -> Vec<u16> {
+    let mut out = std::collections::BTreeSet::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
+        for line in text.lines().skip(1) {
+            let mut cols = line.split_whitespace();
+            let (Some(local), Some(state)) = (cols.nth(1), cols.nth(1)) else { continue };
+            if state == "0A" {
+                if let Some(port) = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) {
+                    out.insert(port);
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
 fn foreign_processes(pid: i32, procs: &Procs) -> Vec<String> {
     let Some(target) = procs.ns.get(&pid) else { return Vec::new() };
     let mut out = Vec::new();

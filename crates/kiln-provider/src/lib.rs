@@ -80,6 +80,8 @@ pub struct Inspection {
     pub image_label: Option<String>,
     /// Device and inode of the root directory it runs from.
     pub root_inode: Option<(u64, u64)>,
+    /// TCP ports something listens on in its network namespace.
+    pub listening: Vec<u16>,
 }
 
 /// A runtime that runs servers.

@@ -627,28 +627,36 @@ pub struct DriftArgs {
 }
 
 /// `kiln drift ENV`: exit 0 when clean, 2 when drift is found, 1 on error.
+/// Prints a drift report: red for what someone did to a server (files,
+/// processes, unmanaged), yellow for what time did (stale, expired, config).
+fn print_drift(report: &kiln_engine::drift::Report) {
+    for line in kiln_engine::drift::render(report).lines() {
+        let styled = if let Some(rest) = line.strip_prefix("no drift") {
+            format!("{}{rest}", style("no drift").green().bold())
+        } else if let Some(rest) = line.strip_prefix("DRIFT") {
+            format!("{}{rest}", style("DRIFT").red().bold())
+        } else if let Some(finding) = line.strip_prefix("    ") {
+            let (kind, detail) = finding.split_at(finding.len().min(9));
+            let kind = match kind.trim() {
+                "files" | "process" | "unmanaged" => style(kind).red(),
+                _ => style(kind).yellow(),
+            };
+            format!("    {kind}{detail}")
+        } else {
+            style(line).bold().to_string()
+        };
+        println!("{styled}");
+    }
+}
+
 pub fn drift(cli: &Cli, args: &DriftArgs) -> Result<ExitCode> {
     let c = ctx(cli)?;
     let engine = c.engine(&|_| {});
     let report = engine.drift(&args.env, args.full)?;
     if cli.json {
         print_json(&report)?;
-    } else if report.findings.is_empty() {
-        println!("{} `{}`: {} servers match their declaration ({} image versions verified{}).", style("no drift").green().bold(), report.env, report.servers, report.images_verified.len(), if report.ignored > 0 { format!(", {} findings ignored", report.ignored) } else { String::new() });
     } else {
-        println!("{} in `{}`: {} findings on {} servers{}", style("DRIFT").red().bold(), report.env, report.findings.len(), report.findings.iter().map(|f| &f.server).collect::<std::collections::BTreeSet<_>>().len(), if report.ignored > 0 { format!(" ({} ignored)", report.ignored) } else { String::new() });
-        let mut last = "";
-        for f in &report.findings {
-            if f.server != last {
-                println!("  {}", style(&f.server).bold());
-                last = &f.server;
-            }
-            let kind = match f.kind.as_str() {
-                "files" | "process" | "unmanaged" => style(format!("{:<9}", f.kind)).red(),
-                _ => style(format!("{:<9}", f.kind)).yellow(),
-            };
-            println!("    {kind} {}", f.detail);
-        }
+        print_drift(&report);
     }
     Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(FOUND) })
 }
