@@ -341,3 +341,38 @@ fn approvals_gate_apply_and_destroy_of_a_guarded_environment() {
     p.kiln(&["apply", "staging", down.to_str().unwrap()]).ok();
     assert!(p.servers().is_empty());
 }
+
+#[test]
+fn following_logs_picks_up_servers_created_meanwhile() {
+    use std::io::BufRead;
+    let p = web_project("10.77.12.0/24");
+    let _t = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("-C").arg(p.path()).args(["logs", "staging", "-f"]).env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (seen, out) = (seen.clone(), follow.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let mut s = seen.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
+    // A rollout while `logs -f` runs: the new servers' lines appear too.
+    p.write("images/web/files/srv/www/index.html", "hello v2\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    let before = p.ids();
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let fresh: Vec<String> = p.ids().into_iter().filter(|id| !before.contains(id)).collect();
+    assert_eq!(fresh.len(), 2);
+    for id in &fresh {
+        wait_until(&format!("the log of {id} in the stream"), || seen.lock().unwrap().contains(&format!("{id:<10} | host={id}")));
+    }
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    reader.join().unwrap();
+}

@@ -509,9 +509,12 @@ pub fn server_list(cli: &Cli, args: &ServerListArgs) -> Result<ExitCode> {
 pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<ExitCode> {
     let c = ctx(cli)?;
     let dir = c.store.root().join("logs").join(&args.env);
-    let mut files: Vec<(String, PathBuf)> = Vec::new();
-    if let Ok(items) = std::fs::read_dir(&dir) {
-        for i in items.flatten() {
+    // Server logs of the environment (health-probe logs aside), by id; read
+    // again on every round when following, so servers created meanwhile (a
+    // rollout) join the stream.
+    let scan = || -> Vec<(String, PathBuf)> {
+        let mut files = Vec::new();
+        for i in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let name = i.file_name().to_string_lossy().to_string();
             if let Some(id) = name.strip_suffix(".log") {
                 if !id.ends_with(".health") && args.server.as_deref().is_none_or(|s| s == id) {
@@ -519,24 +522,28 @@ pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<ExitCode> {
                 }
             }
         }
-    }
-    files.sort();
-    if files.is_empty() {
+        files.sort();
+        files
+    };
+    if scan().is_empty() {
         match &args.server {
             Some(s) => bail!("no logs for server `{s}` in `{}`", args.env),
             None => bail!("no logs in `{}` yet", args.env),
         }
     }
     let prefix = args.server.is_none();
-    let mut offsets = vec![0u64; files.len()];
+    let mut offsets: std::collections::BTreeMap<PathBuf, u64> = std::collections::BTreeMap::new();
     loop {
-        for (i, (id, path)) in files.iter().enumerate() {
-            let Ok(mut f) = std::fs::File::open(path) else { continue };
-            f.seek(std::io::SeekFrom::Start(offsets[i]))?;
-            let mut text = String::new();
-            f.read_to_string(&mut text)?;
-            offsets[i] += text.len() as u64;
-            for line in text.lines() {
+        for (id, path) in scan() {
+            let Ok(mut f) = std::fs::File::open(&path) else { continue };
+            let offset = offsets.entry(path).or_insert(0);
+            f.seek(std::io::SeekFrom::Start(*offset))?;
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes)?;
+            // While following, a line still being written waits for its end.
+            let upto = if args.follow { bytes.iter().rposition(|b| *b == b'\n').map_or(0, |n| n + 1) } else { bytes.len() };
+            *offset += upto as u64;
+            for line in String::from_utf8_lossy(&bytes[..upto]).lines() {
                 if prefix {
                     println!("{} {line}", style(format!("{id:<10} |")).dim());
                 } else {
