@@ -241,7 +241,7 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
                 if mtime != last_mtime {
                     last_mtime = mtime;
                     load(&shared, &dir, &listen);
-                } else if ticks % 2 == 0 {
+                } else if ticks.is_multiple_of(2) {
                     // Counters change with traffic: refresh them every 20 ms.
                     write_status(&shared, &dir, &listen);
                 }

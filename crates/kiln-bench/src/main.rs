@@ -163,7 +163,7 @@ fn make_tree(root: &Path, mib: u64) -> Result<(u64, usize)> {
     while written < total {
         let size = 1024 + (next() % (63 * 1024)) as usize;
         let p = root.join(format!("small/d{}/e{}/f{files}.dat", files % 64, files % 7));
-        if files % 64 == 0 || !p.parent().unwrap().exists() {
+        if files.is_multiple_of(64) || !p.parent().unwrap().exists() {
             fs::create_dir_all(p.parent().unwrap())?;
         }
         let mut data = chunk[..size].to_vec();

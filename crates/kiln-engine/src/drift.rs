@@ -76,7 +76,7 @@ fn load_ignores(dir: &Path, now: i64) -> Vec<Ignore> {
             let l = l.split('#').next().unwrap_or("").trim();
             let mut f = l.split_whitespace();
             let (kind, server, path) = (f.next()?, f.next()?, f.next()?);
-            let until = f.find_map(|w| w.strip_prefix("until=")).and_then(|d| chrono_day(d));
+            let until = f.find_map(|w| w.strip_prefix("until=")).and_then(chrono_day);
             Some(Ignore { kind: kind.into(), server: server.into(), path: path.into(), until })
         })
         .filter(|i| i.until.is_none_or(|u| u > now))

@@ -77,7 +77,7 @@ pub fn write_layer<W: Write>(root: &Path, changes: &LayerChanges, mtime: u64, ou
         })
         .chain(changes.write.iter().map(|e| (e.path.clone(), Some(e))))
         .collect();
-    items.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
+    items.sort_by_key(|a| order_key(&a.0));
     let io = |e: io::Error| ImageError::Io { op: "write layer from", path: root.to_path_buf(), source: e };
     for (path, entry) in items {
         let mut h = tar::Header::new_gnu();

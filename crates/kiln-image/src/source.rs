@@ -104,7 +104,7 @@ fn unpack_oci(dir: &Path, tag: &str, root: &Path) -> Result<Vec<String>> {
         }
         layer::apply_layer(layer::open_archive(&path)?, root, &format!("{} layer {digest}", dir.display()))?;
     }
-    let config_path = blob_path(dir, &manifest.config().digest().to_string()).ok_or_else(|| oci("config digest is malformed".into()))?;
+    let config_path = blob_path(dir, manifest.config().digest().as_ref()).ok_or_else(|| oci("config digest is malformed".into()))?;
     let env = oci_spec::image::ImageConfiguration::from_file(&config_path)
         .ok()
         .and_then(|c| c.config().as_ref().and_then(|c| c.env().clone()))

@@ -296,6 +296,8 @@ impl Validator<'_> {
                     Some(m) => parse_size(m).map_err(|e| self.cx.err(s.span(), e))?,
                 };
                 let cpus = s.get_ref().cpus.unwrap_or(1.0);
+                // Written so that NaN is refused too.
+                #[allow(clippy::neg_cmp_op_on_partial_ord)]
                 if !(cpus > 0.0) {
                     return Err(self.cx.err(s.span(), "size.cpus must be greater than 0"));
                 }
