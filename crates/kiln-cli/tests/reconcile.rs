@@ -262,3 +262,25 @@ fn unmanaged_servers_are_alarmed_or_killed_by_policy() {
     assert!(events.contains("removed backend 10.77.46.99:8080 from the balancer of `web`"), "{events}");
     wait_until("the balancer to drop the rogue backend", || !rogue_active());
 }
+
+#[test]
+fn watch_loop_outlives_a_failing_pass_and_heals_after_the_rebuild() {
+    let (p, _) = fleet("10.77.48.0/24", "drift = \"replace\"", "");
+    let _t = Teardown(&p);
+    std::fs::write(p.root_of("web").join("srv/www/index.html"), "defaced\n").unwrap();
+    let (out, err) = (p.path().join("watch.out"), p.path().join("watch.err"));
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("-C").arg(p.path()).args(["reconcile", "staging", "--watch", "--interval", "200ms"]).env("NO_COLOR", "1")
+        .stdout(std::fs::File::create(&out).unwrap()).stderr(std::fs::File::create(&err).unwrap())
+        .spawn().unwrap();
+    let read = |f: &std::path::Path| std::fs::read_to_string(f).unwrap_or_default();
+    // The image is corrupt: every pass refuses, and the loop goes on.
+    wait_until("two failed passes", || read(&err).matches("reconcile pass failed:").count() >= 2);
+    assert!(read(&err).contains("does not match its seal"), "{}", read(&err));
+    // Rebuilt: the next passes replace the drifted servers, one per pass.
+    p.kiln(&["image", "build", "--no-cache", "web"]).ok();
+    wait_until("both servers replaced", || read(&out).matches("reconciled `staging`").count() >= 2);
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    p.kiln(&["drift", "staging"]).expect(0);
+}

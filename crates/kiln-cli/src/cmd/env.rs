@@ -742,42 +742,57 @@ pub struct ReconcileArgs {
 pub fn reconcile(cli: &Cli, args: &ReconcileArgs) -> Result<ExitCode> {
     let interval = kiln_spec::parse_duration(&args.interval).map_err(anyhow::Error::msg)?;
     loop {
-        let c = ctx(cli)?;
-        let progress = progress_printer(cli.json);
-        let engine = c.engine(&progress);
-        // On a terminal, show what would be done and ask first (unless --yes or --watch).
-        let interactive = !args.yes && !args.watch && !args.dry_run && std::io::stdin().is_terminal();
-        if interactive {
-            let preview = engine.reconcile(&args.env, true, &mut random)?;
-            if preview.plan.is_empty() {
-                println!("`{}` needs nothing.", args.env);
-                return Ok(ExitCode::SUCCESS);
-            }
-            print_plan(&preview.plan);
-            confirm(&args.env, false)?;
-        }
-        let pass = engine.reconcile(&args.env, args.dry_run, &mut random)?;
-        if cli.json {
-            print_json(&pass)?;
-        } else {
-            for (id, why) in &pass.forced {
-                println!("{} {id}: {why}", style("replace").yellow());
-            }
-            for f in pass.report.findings.iter().filter(|f| !pass.forced.contains_key(&f.server)) {
-                println!("{} {}: {} {}", style("found").dim(), f.server, f.kind, f.detail);
-            }
-            if pass.plan.is_empty() {
-                println!("`{}` needs nothing.", args.env);
-            } else if args.dry_run {
-                println!("Would carry out (dry run, nothing changed):");
-                print_plan(&pass.plan);
-            } else if let Some(r) = pass.release {
-                println!("{} reconciled `{}` as release #{r}.", style("Done:").green().bold(), args.env);
-            }
+        match reconcile_pass(cli, args) {
+            Ok(Some(code)) if !args.watch => return Ok(code),
+            Ok(_) => {}
+            // A watch loop outlives a failing pass (a lock held by an apply,
+            // an image to rebuild, a self-heal that failed and alarmed): it
+            // says so and tries again next time.
+            Err(e) if args.watch => eprintln!("{} {e:#}\nnext pass in {} ms", style("reconcile pass failed:").red().bold(), interval.as_millis()),
+            Err(e) => return Err(e),
         }
         if !args.watch {
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(interval);
     }
+}
+
+/// One reconcile pass; `Some(code)` when the command is done with it.
+fn reconcile_pass(cli: &Cli, args: &ReconcileArgs) -> Result<Option<ExitCode>> {
+    let c = ctx(cli)?;
+    let progress = progress_printer(cli.json);
+    let engine = c.engine(&progress);
+    // On a terminal, show what would be done and ask first (unless --yes or --watch).
+    let interactive = !args.yes && !args.watch && !args.dry_run && std::io::stdin().is_terminal();
+    if interactive {
+        let preview = engine.reconcile(&args.env, true, &mut random)?;
+        if preview.plan.is_empty() {
+            println!("`{}` needs nothing.", args.env);
+            return Ok(Some(ExitCode::SUCCESS));
+        }
+        print_plan(&preview.plan);
+        confirm(&args.env, false)?;
+    }
+    let pass = engine.reconcile(&args.env, args.dry_run, &mut random)?;
+    if cli.json {
+        print_json(&pass)?;
+    } else {
+        for (id, why) in &pass.forced {
+            println!("{} {id}: {why}", style("replace").yellow());
+        }
+        for f in pass.report.findings.iter().filter(|f| !pass.forced.contains_key(&f.server)) {
+            println!("{} {}: {} {}", style("found").dim(), f.server, f.kind, f.detail);
+        }
+        if pass.plan.is_empty() {
+            println!("`{}` needs nothing.", args.env);
+        } else if args.dry_run {
+            println!("Would carry out (dry run, nothing changed):");
+            print_plan(&pass.plan);
+        } else if let Some(r) = pass.release {
+            println!("{} reconciled `{}` as release #{r}.", style("Done:").green().bold(), args.env);
+        }
+    }
+    std::io::stdout().flush()?;
+    Ok(Some(ExitCode::SUCCESS))
 }
