@@ -332,6 +332,8 @@ fn approvals_gate_apply_and_destroy_of_a_guarded_environment() {
     let audit = p.kiln(&["--json", "audit", "staging"]).ok().json();
     let actions: Vec<(String, String)> = audit.as_array().unwrap().iter().map(|e| (e["actor"].as_str().unwrap().to_string(), e["action"].as_str().unwrap().to_string())).collect();
     assert!(actions.contains(&("bob".into(), "approve".into())) && actions.contains(&("ci-bot".into(), "apply".into())), "{actions:?}");
+    let history = p.kiln(&["history", "staging"]).ok().stdout;
+    assert!(history.contains("approved plan") && history.contains("by alice (1 of 1)"), "{history}");
     // Destroying it takes an approved destroy plan too.
     p.kiln(&["destroy", "staging", "--yes"]).expect(1);
     assert_eq!(p.servers().len(), 2);

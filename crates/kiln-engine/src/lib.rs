@@ -349,7 +349,10 @@ impl<'a> Engine<'a> {
             return Err(EngineError::SelfApproval { actor: actor.to_string(), hash });
         }
         self.audit_as(&plan.env, actor, "approve", &hash, "approved")?;
-        self.approvers(plan)
+        let approvers = self.approvers(plan)?;
+        let required = self.env(&plan.env)?.approvals;
+        self.state.record_event(&plan.env, actor, "approve", &format!("approved plan {hash} by {} ({} of {required})", plan.author, approvers.len()))?;
+        Ok(approvers)
     }
 
     /// Distinct actors, other than its author, who approved this exact plan.
