@@ -284,3 +284,23 @@ fn watch_loop_outlives_a_failing_pass_and_heals_after_the_rebuild() {
     watch.wait().unwrap();
     p.kiln(&["drift", "staging"]).expect(0);
 }
+
+#[test]
+fn reconcile_restarts_a_dead_balancer() {
+    let (p, port) = fleet("10.77.49.0/24", "", "");
+    let _t = Teardown(&p);
+    let get = || std::process::Command::new("python3").arg("-c").arg(format!("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=5).read().decode(), end='')")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&get().stdout), "v1\n");
+    let pid: i32 = std::fs::read_to_string(p.store().join("balancers/staging-web/pid")).unwrap().trim().parse().unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until("the balancer to die", || dead(pid));
+    assert!(!get().status.success(), "nothing listens on the front any more");
+    let dry = p.kiln(&["reconcile", "staging", "--dry-run"]).ok();
+    assert!(dry.stdout.contains("the balancer of `web` is not running: it would be restarted"), "{}", dry.stdout);
+    assert!(!get().status.success(), "a dry run changes nothing");
+    let run = p.kiln(&["reconcile", "staging"]).ok();
+    assert!(run.stdout.contains("the balancer of `web` was not running: restarted"), "{}", run.stdout);
+    assert_eq!(String::from_utf8_lossy(&get().stdout), "v1\n");
+    let history = p.kiln(&["history", "staging"]).ok().stdout;
+    assert!(history.contains("restarted the balancer of `web`"), "{history}");
+}

@@ -27,6 +27,9 @@ pub struct Pass {
     pub plan: Plan,
     /// The release made, unless it was a dry run or there was nothing to do.
     pub release: Option<i64>,
+    /// Roles whose balancer was not running and was (or, in a dry run,
+    /// would be) restarted.
+    pub balancers_restarted: Vec<String>,
 }
 
 impl Engine<'_> {
@@ -102,7 +105,26 @@ impl Engine<'_> {
         let taken = self.taken_ids()?;
         let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced, taken: &taken };
         let plan = kiln_planner::plan(&input, random)?;
-        let mut pass = Pass { report, forced, quarantined: quarantine.iter().map(|q| q.0.clone()).collect(), plan, release: None };
+        // A role's balancer is part of the fleet: one that died (OOM, a
+        // kill, a reboot) is restarted with the live servers behind it.
+        let dead_fronts: Vec<String> = env
+            .roles
+            .values()
+            .filter(|r| r.balancer.is_some() && observed.iter().any(|s| s.role == r.name && s.status == ServerStatus::Running))
+            .filter(|r| !self.provider.balancer_alive(env_name, &r.name))
+            .map(|r| r.name.clone())
+            .collect();
+        let mut pass = Pass { report, forced, quarantined: quarantine.iter().map(|q| q.0.clone()).collect(), plan, release: None, balancers_restarted: dead_fronts.clone() };
+        if !dry_run && !dead_fronts.is_empty() {
+            let _lock = self.state.lock(env_name, "reconcile")?;
+            for role in &dead_fronts {
+                self.rebalance(env_name, role, None)?;
+                let detail = format!("restarted the balancer of `{role}` (it was not running)");
+                self.state.record_event(env_name, &kiln_state::actor(), "self-heal", &detail)?;
+                self.audit(env_name, "reconcile", "-", &detail)?;
+                self.alarm(env_name, "balancer_restarted", serde_json::json!({ "role": role }));
+            }
+        }
         // Strays go when their role's policy says `kill`; state entries
         // whose process is gone are handled by the plan (recreated).
         let kill_strays = pass.report.findings.iter().any(|f| {

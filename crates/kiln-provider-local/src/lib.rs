@@ -241,6 +241,10 @@ impl Provider for Local {
         kiln_balancer::read_status(&self.balancer_dir(env, role)).map(|s| s.backends.into_iter().map(|b| (b.addr, b.total, b.errors)).collect()).unwrap_or_default()
     }
 
+    fn balancer_alive(&self, env: &str, role: &str) -> bool {
+        balancer_pid(&self.balancer_dir(env, role)).is_some()
+    }
+
     fn balancer_backends(&self, env: &str, role: &str) -> Vec<String> {
         let dir = self.balancer_dir(env, role);
         match kiln_balancer::read_status(&dir) {

@@ -109,6 +109,11 @@ pub trait Provider {
     fn backend_stats(&self, _env: &str, _role: &str) -> Vec<(String, u64, u64)> {
         Vec::new()
     }
+    /// Whether a role's balancer is running (true when the provider has none
+    /// to supervise).
+    fn balancer_alive(&self, _env: &str, _role: &str) -> bool {
+        true
+    }
     /// The backends a role's balancer routes new connections to right now.
     fn balancer_backends(&self, _env: &str, _role: &str) -> Vec<String> {
         Vec::new()

@@ -784,7 +784,11 @@ fn reconcile_pass(cli: &Cli, args: &ReconcileArgs) -> Result<Option<ExitCode>> {
         for f in pass.report.findings.iter().filter(|f| !pass.forced.contains_key(&f.server)) {
             println!("{} {}: {} {}", style("found").dim(), f.server, f.kind, f.detail);
         }
-        if pass.plan.is_empty() {
+        for role in &pass.balancers_restarted {
+            let what = if args.dry_run { "is not running: it would be restarted" } else { "was not running: restarted" };
+            println!("{} the balancer of `{role}` {what}", style("self-heal").yellow());
+        }
+        if pass.plan.is_empty() && pass.balancers_restarted.is_empty() {
             println!("`{}` needs nothing.", args.env);
         } else if args.dry_run {
             println!("Would carry out (dry run, nothing changed):");
