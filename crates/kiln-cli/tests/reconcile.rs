@@ -295,6 +295,8 @@ fn reconcile_restarts_a_dead_balancer() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_until("the balancer to die", || dead(pid));
     assert!(!get().status.success(), "nothing listens on the front any more");
+    let drift = p.kiln(&["drift", "staging"]).expect(2);
+    assert!(drift.stdout.contains("balancer:web") && drift.stdout.contains("the balancer of role `web` is not running"), "{}", drift.stdout);
     let dry = p.kiln(&["reconcile", "staging", "--dry-run"]).ok();
     assert!(dry.stdout.contains("the balancer of `web` is not running: it would be restarted"), "{}", dry.stdout);
     assert!(!get().status.success(), "a dry run changes nothing");
@@ -303,4 +305,5 @@ fn reconcile_restarts_a_dead_balancer() {
     assert_eq!(String::from_utf8_lossy(&get().stdout), "v1\n");
     let history = p.kiln(&["history", "staging"]).ok().stdout;
     assert!(history.contains("restarted the balancer of `web`"), "{history}");
+    p.kiln(&["drift", "staging"]).expect(0);
 }

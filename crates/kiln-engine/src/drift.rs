@@ -141,6 +141,12 @@ impl Engine<'_> {
         for s in servers.iter().filter(|s| matches!(s.status, ServerStatus::Running | ServerStatus::Standby) && !alive.contains(s.id.as_str())) {
             push(&s.id, "unmanaged", "in the state, but its process is gone".into());
         }
+        for role in env.roles.values().filter(|r| r.balancer.is_some()) {
+            let serving = servers.iter().any(|s| s.role == role.name && s.status == ServerStatus::Running);
+            if serving && !self.provider.balancer_alive(env_name, &role.name) {
+                push(&format!("balancer:{}", role.name), "config", format!("the balancer of role `{}` is not running: its front is down (reconcile restarts it)", role.name));
+            }
+        }
         for (role, addr) in self.unknown_backends(env_name)? {
             push(&addr, "unmanaged", format!("balancer of `{env_name}` role `{role}` routes to it, but no running server of the state has this address"));
         }
