@@ -410,6 +410,17 @@ fn http_get(addr: &str) -> bool {
     s.read_to_end(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") && buf.windows(5).any(|w| w == b" 200 ")
 }
 
+/// The body of `GET /` at `addr`.
+fn http_body(addr: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
 impl LoadGen {
     fn start(addr: &str, clients: usize) -> LoadGen {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -535,6 +546,38 @@ fn rollout(o: &Opts) -> Result<()> {
         samples.push(t.elapsed());
     }
     println!("| switch decision → balancer serving the new set (all new connections on it) | p50 {} · max {} (20 switches) |", ms(percentile(&mut samples, 0.5)), ms(percentile(&mut samples, 1.0)));
+
+    // Rollback within the blue-green window: a switch back to the ten
+    // still-warm v1 servers, under the same load; no server is created.
+    let load = LoadGen::start(&front, clients);
+    std::thread::sleep(Duration::from_secs(1));
+    load.next_phase();
+    let t = Instant::now();
+    // When the front first answers with v1: the switch as clients see it.
+    let watcher = {
+        let front = front.clone();
+        std::thread::spawn(move || loop {
+            if http_body(&front).is_ok_and(|b| b == "v1\n") {
+                return t.elapsed();
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                return Duration::MAX;
+            }
+        })
+    };
+    kiln(o, dir.path(), &["rollback", "bench", "--yes"])?;
+    let back = t.elapsed();
+    let switched = watcher.join().expect("watcher");
+    load.next_phase();
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, failed, _) = load.finish();
+    let body = http_body(&front)?;
+    println!(
+        "| `kiln rollback` within the blue-green window under load (10 warm servers) | clients see v1 after {} (process start included) · command done after {} (the v2 set drained and destroyed after the switch) · {failed} failed · serving {:?} after |",
+        ms(switched),
+        ms(back),
+        body.trim()
+    );
     kiln(o, dir.path(), &["destroy", "bench", "--yes"])?;
     Ok(())
 }
