@@ -96,6 +96,10 @@ pub struct BackendStatus {
     /// Active health checks it failed, in total.
     #[serde(default)]
     pub checks_failed: u64,
+    /// Responses that began with an HTTP 5xx status line (the first
+    /// response of each connection is looked at).
+    #[serde(default)]
+    pub responses_5xx: u64,
 }
 
 fn yes() -> bool {
@@ -124,6 +128,8 @@ struct Counters {
     open: AtomicU64,
     total: AtomicU64,
     errors: AtomicU64,
+    /// Responses that began with an HTTP 5xx status line.
+    responses_5xx: AtomicU64,
     /// Out of rotation by the active health check.
     down: AtomicBool,
     /// Consecutive failed (while up) or passed (while down) checks.
@@ -305,6 +311,7 @@ fn write_status(shared: &Shared, dir: &Path, listen: &str) {
             errors: c.errors.load(Ordering::SeqCst),
             healthy: !c.down.load(Ordering::SeqCst),
             checks_failed: c.checks_failed.load(Ordering::SeqCst),
+            responses_5xx: c.responses_5xx.load(Ordering::SeqCst),
         })
         .collect();
     let seq = shared.seq.fetch_add(1, Ordering::SeqCst) + 1;
@@ -340,7 +347,7 @@ async fn proxy(mut client: TcpStream, shared: Arc<Shared>) {
                 let _ = client.set_nodelay(true);
                 counters.open.fetch_add(1, Ordering::SeqCst);
                 counters.total.fetch_add(1, Ordering::Relaxed);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                relay(&mut client, &mut upstream, &counters).await;
                 counters.open.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
@@ -350,6 +357,39 @@ async fn proxy(mut client: TcpStream, shared: Arc<Shared>) {
         }
     }
     shared.rejected.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Relays a connection both ways (as `copy_bidirectional` does, each side
+/// shut down when the other ends) and looks at the first bytes the backend
+/// sends: an HTTP status line of 5xx counts as a failed response, which the
+/// canary gate's error rate includes. Only the first response of a
+/// connection is seen; the bytes themselves pass untouched.
+async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, counters: &Counters) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_backend, mut to_backend) = upstream.split();
+    let up = async {
+        let _ = tokio::io::copy(&mut from_client, &mut to_backend).await;
+        let _ = to_backend.shutdown().await;
+    };
+    let down = async {
+        let mut head = [0u8; 4096];
+        let n = from_backend.read(&mut head).await?;
+        if n > 0 {
+            if is_5xx(&head[..n]) {
+                counters.responses_5xx.fetch_add(1, Ordering::Relaxed);
+            }
+            to_client.write_all(&head[..n]).await?;
+            tokio::io::copy(&mut from_backend, &mut to_client).await?;
+        }
+        to_client.shutdown().await
+    };
+    let _ = tokio::join!(up, down);
+}
+
+/// `HTTP/1.x 5..`: a server error status line.
+fn is_5xx(head: &[u8]) -> bool {
+    head.len() >= 10 && head.starts_with(b"HTTP/") && head[8] == b' ' && head[9] == b'5'
 }
 
 /// Probes every backend of the current set each `interval_ms`, all at once,
@@ -517,6 +557,39 @@ mod tests {
         }
         let status = read_status(dir.path()).unwrap();
         assert!(status.failed_open >= 4, "{status:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_errors_are_counted_per_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let sick = Arc::new(AtomicBool::new(true));
+        let b = backend("127.0.0.4", 0, "b", sick.clone()).await;
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        set_backends(dir.path(), &[b.to_string()], None).unwrap();
+        let run_dir = dir.path().to_path_buf();
+        tokio::spawn(async move { run(&front.to_string(), run_dir).await });
+        for _ in 0..100 {
+            if read_status(dir.path()).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Relayed untouched, and counted.
+        for _ in 0..5 {
+            assert!(get(front).await.starts_with("HTTP/1.0 500 Internal Server Error\r\n"));
+        }
+        sick.store(false, Ordering::SeqCst);
+        for _ in 0..3 {
+            assert!(get(front).await.ends_with("\r\n\r\nb"));
+        }
+        let counted = |s: &Status| s.backends.iter().find(|x| x.addr == b.to_string()).map(|x| (x.total, x.responses_5xx));
+        for _ in 0..200 {
+            if read_status(dir.path()).as_ref().and_then(counted) == Some((8, 5)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("counters: {:?}", read_status(dir.path()));
     }
 
     async fn sequential_gets(front: SocketAddr, n: usize) -> Vec<String> {

@@ -29,6 +29,10 @@ struct Load {
 
 impl Load {
     fn start(port: u16, clients: usize) -> Load {
+        Load::start_path(port, clients, "/")
+    }
+
+    fn start_path(port: u16, clients: usize, path: &'static str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -38,7 +42,7 @@ impl Load {
                 std::thread::spawn(move || {
                     let mut errors = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
-                        match request(port) {
+                        match request_path(port, path) {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                             Err(e) => {
                                 errors.push(e);
@@ -71,10 +75,14 @@ impl Load {
 }
 
 fn request(port: u16) -> Result<String, String> {
+    request_path(port, "/")
+}
+
+fn request_path(port: u16, path: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).map_err(|e| format!("write: {e}"))?;
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
     if !out.starts_with("HTTP/1.") || !out.contains(" 200 ") {
@@ -258,6 +266,35 @@ fn failing_canary_is_rolled_back_without_a_failed_request() {
     load.finish_clean(50);
     assert_eq!(p.ids(), before, "the old servers never left");
     assert_eq!(request(port).unwrap(), "v1\n");
+}
+
+#[test]
+fn canary_answering_server_errors_fails_the_error_rate_gate() {
+    // v2 stays healthy (`/healthz` is a static file) but its application,
+    // a CGI, answers 500: only the balancer's view of real traffic sees it.
+    let port = free_port();
+    let p = project_with("10.77.29.0/24", port, "strategy = { kind = \"canary\", share = 34, bake = \"3s\", max_error_rate = 0.05 }");
+    let _t = Teardown(&p);
+    let app = |body: &str| {
+        let f = p.write("images/web/files/srv/www/cgi-bin/app", &format!("#!/bin/sh\n{body}\n"));
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    app("printf 'Content-Type: text/plain\\r\\n\\r\\nv1\\n'");
+    p.kiln(&["image", "build", "web"]).ok();
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    assert_eq!(request_path(port, "/cgi-bin/app").unwrap(), "v1\n");
+    let before = p.ids();
+    let load = Load::start_path(port, 4, "/cgi-bin/app");
+    app("printf 'Status: 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\n\\r\\nbroken\\n'");
+    p.kiln(&["image", "build", "web"]).ok();
+    let run = p.kiln(&["apply", "staging", "--yes"]).expect(1);
+    assert!(run.stderr.contains("canary of `web` failed: error rate") && run.stderr.contains("at the balancer is above 0.05"), "{}", run.stderr);
+    let (ok, failed, errors) = load.finish();
+    // The canary's share of clients saw its errors, and only them.
+    assert!(failed > 0 && errors.iter().all(|e| e.contains("500")), "{failed} failed: {:?}", &errors[..errors.len().min(5)]);
+    assert!(ok > failed, "{ok} ok, {failed} failed");
+    assert_eq!(p.ids(), before, "the old servers never left");
+    assert_eq!(request_path(port, "/cgi-bin/app").unwrap(), "v1\n");
 }
 
 #[test]

@@ -578,7 +578,7 @@ impl<'a> Engine<'a> {
                     errors += e - be.min(*e);
                 }
             }
-            let attempts = total + errors;
+            let attempts = total;
             if attempts > 0 && errors as f64 / attempts as f64 > max {
                 return Err(EngineError::CanaryFailed { role: c.role.clone(), reason: format!("error rate {errors}/{attempts} at the balancer is above {max}") });
             }

@@ -238,7 +238,9 @@ impl Provider for Local {
     }
 
     fn backend_stats(&self, env: &str, role: &str) -> Vec<(String, u64, u64)> {
-        kiln_balancer::read_status(&self.balancer_dir(env, role)).map(|s| s.backends.into_iter().map(|b| (b.addr, b.total, b.errors)).collect()).unwrap_or_default()
+        // Attempts: connections made plus connections that failed; failures:
+        // connections that failed plus responses with an HTTP 5xx status.
+        kiln_balancer::read_status(&self.balancer_dir(env, role)).map(|s| s.backends.into_iter().map(|b| (b.addr, b.total + b.errors, b.errors + b.responses_5xx)).collect()).unwrap_or_default()
     }
 
     fn balancer_alive(&self, env: &str, role: &str) -> bool {

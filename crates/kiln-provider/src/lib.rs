@@ -105,7 +105,7 @@ pub trait Provider {
     fn inspect(&self, _env: &str, _id: &str, _volumes: &[(String, PathBuf)]) -> Inspection {
         Inspection::default()
     }
-    /// Per backend of a role's balancer: (address, connections, failed connections) so far.
+    /// Per backend of a role's balancer: (address, attempts, failures) so far: attempts are connections made or failed, failures are failed connections and HTTP 5xx responses.
     fn backend_stats(&self, _env: &str, _role: &str) -> Vec<(String, u64, u64)> {
         Vec::new()
     }
