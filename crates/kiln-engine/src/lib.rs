@@ -528,9 +528,11 @@ impl<'a> Engine<'a> {
         if let Some(c) = group.iter().find(|c| c.bake_secs.is_some()) {
             let new_ids: Vec<String> = group.iter().filter_map(|c| c.replacement.clone()).collect();
             if let Err(e) = self.bake(plan, c, &new_ids, release) {
-                // Back to the old servers at once, then the canaries go.
+                // Back to the old servers at once; the canaries finish what
+                // they were serving (drained), then go.
                 self.rebalance_without(env, &c.role, &new_ids)?;
                 for id in &new_ids {
+                    self.drain(env, id)?;
                     self.destroy_quiet(env, id)?;
                 }
                 return Err(e);
