@@ -621,6 +621,11 @@ fn drift(o: &Opts) -> Result<()> {
         gib / full_warm_cache.as_secs_f64()
     );
     println!("| drift scan, same fleet, warm (per-file stat cache) | p50 {} (5 runs) |", ms(percentile(&mut warm, 0.5)));
+    if std::env::var_os("KILN_BENCH_KEEP").is_some() {
+        // For profiling: the fleet stays up; destroy it with `kiln -C DIR destroy bench --yes`.
+        println!("kept the fleet in {}", dir.keep().display());
+        return Ok(());
+    }
     kiln(o, dir.path(), &["destroy", "bench", "--yes"])?;
     Ok(())
 }

@@ -131,7 +131,7 @@ impl Provider for Local {
 
     fn destroy(&self, _env: &str, id: &str) -> Result<(), ProviderError> {
         let fail = |detail: String| ProviderError::Destroy { id: id.to_string(), detail };
-        let pid = self.runtime.list().ok().and_then(|l| l.into_iter().find(|f| f.id == id)).and_then(|f| f.pid);
+        let pid = self.runtime.find(id).and_then(|f| f.pid);
         self.runtime.delete(id).map_err(|e| fail(e.to_string()))?;
         if let Some(pid) = pid {
             reap(pid);
@@ -205,7 +205,7 @@ impl Provider for Local {
     }
 
     fn inspect(&self, _env: &str, id: &str, volumes: &[(String, PathBuf)]) -> Inspection {
-        let Some(found) = self.runtime.list().ok().and_then(|l| l.into_iter().find(|f| f.id == id)) else { return Inspection::default() };
+        let Some(found) = self.runtime.find(id) else { return Inspection::default() };
         let mut out = Inspection { image_label: found.labels.iter().find(|(k, _)| k == LABEL_DIGEST).map(|(_, v)| v.clone()), ..Default::default() };
         let Some(pid) = found.pid else { return out };
         let procs = {

@@ -272,27 +272,35 @@ impl Runtime {
         let mut out = Vec::new();
         let Ok(items) = std::fs::read_dir(&self.state) else { return Ok(out) };
         for item in items.flatten() {
-            let id = item.file_name().to_string_lossy().into_owned();
-            // A process killed while libcontainer was creating a container
-            // leaves a directory without a readable state.json: it is still
-            // listed (not running, no pid) so that callers can delete it.
-            let (pid, running) = match Container::load(item.path()) {
-                Ok(mut c) => {
-                    let _ = c.refresh_status();
-                    (c.pid().map(|p| p.as_raw()), matches!(c.status(), ContainerStatus::Running | ContainerStatus::Paused))
-                }
-                Err(_) => (None, false),
-            };
-            let labels = std::fs::read(self.bundles.join(&id).join("config.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Spec>(&b).ok())
-                .and_then(|s| s.annotations().clone())
-                .map(|a| a.into_iter().collect())
-                .unwrap_or_default();
-            out.push(Found { id, pid, running, labels });
+            out.push(self.load(&item.file_name().to_string_lossy()));
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// One container, without loading every other one.
+    pub fn find(&self, id: &str) -> Option<Found> {
+        self.state.join(id).is_dir().then(|| self.load(id))
+    }
+
+    fn load(&self, id: &str) -> Found {
+        // A process killed while libcontainer was creating a container
+        // leaves a directory without a readable state.json: it is still
+        // listed (not running, no pid) so that callers can delete it.
+        let (pid, running) = match Container::load(self.state.join(id)) {
+            Ok(mut c) => {
+                let _ = c.refresh_status();
+                (c.pid().map(|p| p.as_raw()), matches!(c.status(), ContainerStatus::Running | ContainerStatus::Paused))
+            }
+            Err(_) => (None, false),
+        };
+        let labels = std::fs::read(self.bundles.join(id).join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Spec>(&b).ok())
+            .and_then(|s| s.annotations().clone())
+            .map(|a| a.into_iter().collect())
+            .unwrap_or_default();
+        Found { id: id.to_string(), pid, running, labels }
     }
 }
 
