@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use kiln_model::{Balancer, HealthCheck};
 use kiln_provider::{Inspection, Provider, ProviderError, Running, ServerRequest};
-use kiln_sandbox::{Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
+use kiln_sandbox::{alive, Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
 
 /// Labels written on every server sandbox, so strays are found by what they claim to be.
 pub const LABEL_ENV: &str = "dev.kiln.env";
@@ -354,14 +354,6 @@ pub fn http_ok(address: &str, port: u16, path: &str) -> bool {
     let line = String::from_utf8_lossy(&buf[..got]);
     let code = line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
     line.starts_with("HTTP/") && code.is_some_and(|c| (200..400).contains(&c))
-}
-
-/// Whether a pid is alive (a zombie is not).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')).unwrap_or(false),
-        Err(_) => false,
-    }
 }
 
 /// Reaps a killed server if it is this process's child (servers started by

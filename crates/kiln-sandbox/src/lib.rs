@@ -227,7 +227,7 @@ impl Runtime {
                         // callers remove what it was writing right after.
                         if let Some(pid) = c.pid() {
                             let start = Instant::now();
-                            while start.elapsed() < Duration::from_secs(2) && running(pid.as_raw()) {
+                            while start.elapsed() < Duration::from_secs(2) && alive(pid.as_raw()) {
                                 std::thread::sleep(Duration::from_millis(2));
                             }
                         }
@@ -337,7 +337,7 @@ fn sweep_cgroup(id: &str) {
 }
 
 /// Whether a pid exists and is not a zombie.
-fn running(pid: i32) -> bool {
+pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
         Err(_) => false,

@@ -224,10 +224,7 @@ pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
 
 /// Whether `pid` is gone or a zombie.
 pub fn dead(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-        Err(_) => true,
-    }
+    !kiln_sandbox::alive(pid)
 }
 
 /// Whether a process in the pid namespace of `server_pid` runs `cmdline`
