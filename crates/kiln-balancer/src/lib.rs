@@ -376,7 +376,7 @@ async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, counters: &Coun
         let mut head = [0u8; 4096];
         let n = from_backend.read(&mut head).await?;
         if n > 0 {
-            if is_5xx(&head[..n]) {
+            if status_code(&head[..n]).is_some_and(|c| c >= 500) {
                 counters.responses_5xx.fetch_add(1, Ordering::Relaxed);
             }
             to_client.write_all(&head[..n]).await?;
@@ -387,9 +387,18 @@ async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, counters: &Coun
     let _ = tokio::join!(up, down);
 }
 
-/// `HTTP/1.x 5..`: a server error status line.
-fn is_5xx(head: &[u8]) -> bool {
-    head.len() >= 10 && head.starts_with(b"HTTP/") && head[8] == b' ' && head[9] == b'5'
+/// The status code of an HTTP/1.x response from its first bytes
+/// (`HTTP/1.1 503 ...`), or `None` if they are not a status line. The
+/// balancer's checks, its 5xx counting and kiln's own probes all read
+/// responses through this.
+pub fn status_code(head: &[u8]) -> Option<u16> {
+    let code = head.strip_prefix(b"HTTP/1.")?.get(2..5)?;
+    (head.get(8) == Some(&b' ') && code.iter().all(u8::is_ascii_digit)).then(|| code.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0')))
+}
+
+/// A 2xx or 3xx status: what a health check accepts.
+pub fn passes(head: &[u8]) -> bool {
+    status_code(head).is_some_and(|c| (200..400).contains(&c))
 }
 
 /// Probes every backend of the current set each `interval_ms`, all at once,
@@ -469,8 +478,7 @@ async fn probe(backend: SocketAddr, probe: &Probe) -> bool {
                     Ok(n) => got += n,
                 }
             }
-            let line = String::from_utf8_lossy(&head[..got]);
-            line.starts_with("HTTP/1.") && matches!(line.as_bytes().get(9), Some(b'2') | Some(b'3'))
+            passes(&head[..got])
         }
     }
 }
@@ -590,6 +598,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("counters: {:?}", read_status(dir.path()));
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(status_code(b"HTTP/1.1 503 Service Unavailable\r\n"), Some(503));
+        assert_eq!(status_code(b"HTTP/1.0 200 OK"), Some(200));
+        assert_eq!(status_code(b"HTTP/1.1 20"), None, "too short");
+        assert_eq!(status_code(b"SSH-2.0-OpenSSH"), None);
+        assert!(passes(b"HTTP/1.1 302 Found") && !passes(b"HTTP/1.1 404 Not Found"));
     }
 
     async fn sequential_gets(front: SocketAddr, n: usize) -> Vec<String> {

@@ -351,9 +351,7 @@ pub fn http_ok(address: &str, port: u16, path: &str) -> bool {
             Ok(n) => got += n,
         }
     }
-    let line = String::from_utf8_lossy(&buf[..got]);
-    let code = line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
-    line.starts_with("HTTP/") && code.is_some_and(|c| (200..400).contains(&c))
+    kiln_balancer::passes(&buf[..got])
 }
 
 /// Reaps a killed server if it is this process's child (servers started by
