@@ -106,9 +106,8 @@ impl Engine<'_> {
     /// Backends a role's balancer routes to that are no running server of
     /// that role in the state: (role, address:port). A hand-edited
     /// balancer, or one left behind by a crash.
-    pub fn unknown_backends(&self, env_name: &str) -> Result<Vec<(String, String)>> {
+    pub fn unknown_backends(&self, env_name: &str, servers: &[kiln_model::Server]) -> Result<Vec<(String, String)>> {
         let env = self.env(env_name)?;
-        let servers = self.state.servers(Some(env_name))?;
         let mut out = Vec::new();
         for role in env.roles.values() {
             let Some(b) = &role.balancer else { continue };
@@ -147,7 +146,7 @@ impl Engine<'_> {
                 push(&format!("balancer:{}", role.name), "config", format!("the balancer of role `{}` is not running: its front is down (reconcile restarts it)", role.name));
             }
         }
-        for (role, addr) in self.unknown_backends(env_name)? {
+        for (role, addr) in self.unknown_backends(env_name, &servers)? {
             push(&addr, "unmanaged", format!("balancer of `{env_name}` role `{role}` routes to it, but no running server of the state has this address"));
         }
 

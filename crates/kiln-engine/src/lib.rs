@@ -300,7 +300,7 @@ impl<'a> Engine<'a> {
             }
         }
         // Whatever happened before, balancers route only to live servers.
-        for (role, addr) in self.unknown_backends(env)? {
+        for (role, addr) in self.unknown_backends(env, &self.state.servers(Some(env))?)? {
             let detail = format!("removed backend {addr} from the balancer of `{role}` (no server of the state)");
             self.state.record_event(env, &actor, "cleanup", &detail)?;
             (self.progress)(Progress::Converged { detail: detail.clone() });

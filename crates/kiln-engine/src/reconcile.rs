@@ -43,7 +43,8 @@ impl Engine<'_> {
             }
             self.alarm(env_name, "drift", serde_json::to_value(&report.findings).unwrap_or_default());
         }
-        let servers = self.state.servers(Some(env_name))?;
+        // Drift is read-only: the state and the runtime are as it saw them.
+        let (servers, dead) = self.observe(env_name)?;
         let mut forced: BTreeMap<String, String> = BTreeMap::new();
         let mut quarantine: Vec<(String, Vec<Finding>)> = Vec::new();
         let mut budget: BTreeMap<String, usize> = env.roles.values().map(|r| (r.name.clone(), (r.servers as usize * r.replace_share as usize).div_ceil(100).max(1))).collect();
@@ -72,11 +73,10 @@ impl Engine<'_> {
         // Self-healing beyond crashes: a live server that fails its health
         // check on every probe of a short series (hung, wedged, serving
         // errors) is replaced, within the same share as drift and TTL.
-        let (observed, dead) = self.observe(env_name)?;
         // One request per role and image, patched per server: resolving the
         // image and reading its config once, not once per server.
         let mut templates: BTreeMap<(String, String), Option<ServerRequest>> = BTreeMap::new();
-        for s in observed.iter().filter(|s| s.status == ServerStatus::Running && !dead.contains(&s.id)) {
+        for s in servers.iter().filter(|s| s.status == ServerStatus::Running && !dead.contains(&s.id)) {
             if forced.contains_key(&s.id) {
                 continue;
             }
@@ -103,14 +103,14 @@ impl Engine<'_> {
         let targets = self.targets(env)?;
         let generation = self.state.generation(env_name)?;
         let taken = self.taken_ids()?;
-        let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced, taken: &taken };
+        let input = kiln_planner::Input { env, targets: &targets, observed: &servers, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced, taken: &taken };
         let plan = kiln_planner::plan(&input, random)?;
         // A role's balancer is part of the fleet: one that died (OOM, a
         // kill, a reboot) is restarted with the live servers behind it.
         let dead_fronts: Vec<String> = env
             .roles
             .values()
-            .filter(|r| r.balancer.is_some() && observed.iter().any(|s| s.role == r.name && s.status == ServerStatus::Running))
+            .filter(|r| r.balancer.is_some() && servers.iter().any(|s| s.role == r.name && s.status == ServerStatus::Running))
             .filter(|r| !self.provider.balancer_alive(env_name, &r.name))
             .map(|r| r.name.clone())
             .collect();
