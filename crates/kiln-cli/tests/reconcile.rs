@@ -234,16 +234,11 @@ fn unmanaged_servers_are_alarmed_or_killed_by_policy() {
     let _t = Teardown(&p);
     let stray = start_stray(&p);
     // And a backend added to the balancer by hand, behind kiln's back.
-    let front = p.store().join("balancers/staging-web");
-    let mut wanted: serde_json::Value = serde_json::from_slice(&std::fs::read(front.join("backends.json")).unwrap()).unwrap();
-    wanted["generation"] = (wanted["generation"].as_u64().unwrap() + 1).into();
-    wanted["backends"].as_array_mut().unwrap().push("10.77.46.99:8080".into());
-    std::fs::write(front.join("backends.tmp"), serde_json::to_vec(&wanted).unwrap()).unwrap();
-    std::fs::rename(front.join("backends.tmp"), front.join("backends.json")).unwrap();
-    let rogue_active = || {
-        let status: serde_json::Value = serde_json::from_slice(&std::fs::read(front.join("status.json")).unwrap()).unwrap();
-        status["backends"].as_array().unwrap().iter().any(|b| b["addr"] == "10.77.46.99:8080" && b["active"] == true)
-    };
+    // (Through the same control file kiln writes: anyone with root can.)
+    let wanted = kiln_balancer::read_backends(&p.web_front()).unwrap();
+    let rogue = [wanted.backends, vec!["10.77.46.99:8080".to_string()]].concat();
+    kiln_balancer::set_backends(&p.web_front(), &rogue, wanted.check.as_ref()).unwrap();
+    let rogue_active = || p.web_backends().iter().any(|b| b.addr == "10.77.46.99:8080" && b.active);
     wait_until("the balancer to route to the rogue backend", rogue_active);
     // Default policy: alarm only. Reconcile leaves both in place.
     let run = p.kiln(&["reconcile", "staging"]).ok();
@@ -291,7 +286,7 @@ fn reconcile_restarts_a_dead_balancer() {
     let _t = Teardown(&p);
     let get = || std::process::Command::new("python3").arg("-c").arg(format!("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=5).read().decode(), end='')")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&get().stdout), "v1\n");
-    let pid: i32 = std::fs::read_to_string(p.store().join("balancers/staging-web/pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(p.web_front().join("pid")).unwrap().trim().parse().unwrap();
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_until("the balancer to die", || dead(pid));
     assert!(!get().status.success(), "nothing listens on the front any more");

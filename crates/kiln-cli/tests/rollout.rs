@@ -333,22 +333,13 @@ fn balancer_takes_a_failing_server_out_of_rotation_and_back() {
     }
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let status_file = p.store().join("balancers/staging-web/status.json");
-    let status = || serde_json::from_slice::<serde_json::Value>(&std::fs::read(&status_file).unwrap()).unwrap();
-    let unhealthy = || status()["backends"].as_array().unwrap().iter().filter(|b| b["healthy"] == false).count();
-    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !cond() {
-            assert!(std::time::Instant::now() < deadline, "{what} never happened: {}", status());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for("every backend healthy", &|| status()["backends"].as_array().unwrap().len() == 3 && unhealthy() == 0);
+    let unhealthy = || p.web_backends().iter().filter(|b| !b.healthy).count();
+    wait_until("every backend healthy", || p.web_backends().len() == 3 && unhealthy() == 0);
 
     // Slot 1 starts failing: the balancer's own checks take it out.
     std::fs::remove_file(www(1).join("healthz")).unwrap();
     std::fs::remove_file(www(1).join("index.html")).unwrap();
-    wait_for("slot 1 taken out", &|| unhealthy() == 1);
+    wait_until("slot 1 taken out", || unhealthy() == 1);
     let listed = p.servers();
     assert_eq!(listed.iter().filter(|s| s["balancer"] == "failing checks").count(), 1, "{listed:?}");
     assert_eq!(listed.iter().filter(|s| s["balancer"] == "in rotation").count(), 2, "{listed:?}");
@@ -362,7 +353,7 @@ fn balancer_takes_a_failing_server_out_of_rotation_and_back() {
     // It recovers: back in rotation after `rise` passing checks.
     std::fs::write(www(1).join("index.html"), "slot-1\n").unwrap();
     std::fs::write(www(1).join("healthz"), "ok\n").unwrap();
-    wait_for("slot 1 back", &|| unhealthy() == 0);
+    wait_until("slot 1 back", || unhealthy() == 0);
     let back = (0..150).filter_map(|_| request(port).ok()).filter(|b| b == "slot-1\n").count();
     assert!(back > 0, "slot 1 never served again");
 }

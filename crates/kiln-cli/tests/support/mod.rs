@@ -237,3 +237,15 @@ pub fn runs_in(server_pid: i32, cmdline: &str) -> bool {
             && fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" ") == cmdline)
     })
 }
+
+impl Project {
+    /// The control directory of `staging`'s `web` balancer.
+    pub fn web_front(&self) -> PathBuf {
+        self.store().join("balancers/staging-web")
+    }
+
+    /// What `staging`'s `web` balancer last reported about its backends.
+    pub fn web_backends(&self) -> Vec<kiln_balancer::BackendStatus> {
+        kiln_balancer::read_status(&self.web_front()).map(|s| s.backends).unwrap_or_default()
+    }
+}
