@@ -259,9 +259,11 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
     // A retired root goes once no mount namespace on the host still has it
     // mounted (the servers started from it have all been replaced).
     let retired = store.root().join("retired");
-    if let Ok(items) = fs::read_dir(&retired) {
+    let items: Vec<fs::DirEntry> = fs::read_dir(&retired).into_iter().flatten().flatten().collect();
+    if !items.is_empty() {
+        // Every mount namespace's table is read only when there is something to decide.
         let mounted = mounted_roots();
-        for item in items.flatten() {
+        for item in items {
             let name = item.file_name().to_string_lossy().into_owned();
             let suffix = format!("/retired/{}", mountinfo_escape(&name));
             if mounted.iter().any(|m| m.ends_with(&suffix) || m.contains(&format!("{suffix}/"))) {
