@@ -40,11 +40,22 @@ pub const POLL: Duration = Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 pub enum BalancerError {
     #[error("cannot listen on {addr}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot {op} {}", path.display())]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("balancer at {} did not {what} within {secs}s", dir.display())]
-    Timeout { dir: PathBuf, what: String, secs: u64 },
+    Timeout {
+        dir: PathBuf,
+        what: String,
+        secs: u64,
+    },
 }
 
 /// What kiln asks the balancer to serve.
@@ -160,30 +171,61 @@ pub fn status_path(dir: &Path) -> PathBuf {
 /// Writes a file through a temporary file and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BalancerError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|source| BalancerError::Io { op: "write", path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| BalancerError::Io { op: "rename", path: path.to_path_buf(), source })
+    std::fs::write(&tmp, bytes).map_err(|source| BalancerError::Io {
+        op: "write",
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| BalancerError::Io {
+        op: "rename",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Sets the backends and their health check (kiln's side). Returns the new
 /// generation.
-pub fn set_backends(dir: &Path, backends: &[String], check: Option<&Check>) -> Result<u64, BalancerError> {
-    std::fs::create_dir_all(dir).map_err(|source| BalancerError::Io { op: "create", path: dir.to_path_buf(), source })?;
+pub fn set_backends(
+    dir: &Path,
+    backends: &[String],
+    check: Option<&Check>,
+) -> Result<u64, BalancerError> {
+    std::fs::create_dir_all(dir).map_err(|source| BalancerError::Io {
+        op: "create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let generation = read_backends(dir).map(|b| b.generation).unwrap_or(0) + 1;
-    let b = Backends { generation, backends: backends.to_vec(), check: check.cloned() };
-    write_atomic(&backends_path(dir), &serde_json::to_vec(&b).expect("serializes"))?;
+    let b = Backends {
+        generation,
+        backends: backends.to_vec(),
+        check: check.cloned(),
+    };
+    write_atomic(
+        &backends_path(dir),
+        &serde_json::to_vec(&b).expect("serializes"),
+    )?;
     Ok(generation)
 }
 
 pub fn read_backends(dir: &Path) -> Option<Backends> {
-    std::fs::read(backends_path(dir)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    std::fs::read(backends_path(dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 pub fn read_status(dir: &Path) -> Option<Status> {
-    std::fs::read(status_path(dir)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    std::fs::read(status_path(dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// Waits until the balancer serves `generation` (kiln's side).
-pub fn wait_generation(dir: &Path, generation: u64, timeout: Duration) -> Result<Status, BalancerError> {
+pub fn wait_generation(
+    dir: &Path,
+    generation: u64,
+    timeout: Duration,
+) -> Result<Status, BalancerError> {
     let start = std::time::Instant::now();
     loop {
         if let Some(s) = read_status(dir) {
@@ -192,7 +234,11 @@ pub fn wait_generation(dir: &Path, generation: u64, timeout: Duration) -> Result
             }
         }
         if start.elapsed() > timeout {
-            return Err(BalancerError::Timeout { dir: dir.to_path_buf(), what: format!("switch to backend set {generation}"), secs: timeout.as_secs() });
+            return Err(BalancerError::Timeout {
+                dir: dir.to_path_buf(),
+                what: format!("switch to backend set {generation}"),
+                secs: timeout.as_secs(),
+            });
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -207,7 +253,13 @@ pub fn wait_drained(dir: &Path, addr: &str, timeout: Duration) -> bool {
     let from = read_status(dir).map(|s| s.seq).unwrap_or(0);
     loop {
         let status = read_status(dir).filter(|s| s.seq >= from + 2);
-        let open = status.as_ref().map(|s| s.backends.iter().find(|b| b.addr == addr).map(|b| b.open).unwrap_or(0));
+        let open = status.as_ref().map(|s| {
+            s.backends
+                .iter()
+                .find(|b| b.addr == addr)
+                .map(|b| b.open)
+                .unwrap_or(0)
+        });
         if open == Some(0) {
             return true;
         }
@@ -220,7 +272,12 @@ pub fn wait_drained(dir: &Path, addr: &str, timeout: Duration) -> bool {
 
 /// Runs a balancer until the process is told to stop (SIGTERM/SIGINT).
 pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
-    let listener = TcpListener::bind(listen).await.map_err(|source| BalancerError::Listen { addr: listen.to_string(), source })?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| BalancerError::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
     let shared = Arc::new(Shared {
         generation: AtomicU64::new(0),
         current: Mutex::new(Arc::new(Vec::new())),
@@ -231,7 +288,13 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
         seq: AtomicU64::new(0),
         check: Mutex::new(None),
     });
-    std::fs::write(dir.join("pid"), std::process::id().to_string()).map_err(|source| BalancerError::Io { op: "write", path: dir.join("pid"), source })?;
+    std::fs::write(dir.join("pid"), std::process::id().to_string()).map_err(|source| {
+        BalancerError::Io {
+            op: "write",
+            path: dir.join("pid"),
+            source,
+        }
+    })?;
     load(&shared, &dir, listen);
     let watcher = {
         let shared = shared.clone();
@@ -242,7 +305,9 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
             let mut ticks = 0u32;
             loop {
                 tokio::time::sleep(POLL).await;
-                let mtime = std::fs::metadata(backends_path(&dir)).and_then(|m| m.modified()).ok();
+                let mtime = std::fs::metadata(backends_path(&dir))
+                    .and_then(|m| m.modified())
+                    .ok();
                 ticks += 1;
                 if mtime != last_mtime {
                     last_mtime = mtime;
@@ -255,7 +320,12 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
         })
     };
     let checker = tokio::spawn(check_loop(shared.clone()));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|source| BalancerError::Io { op: "watch signals of", path: dir.clone(), source })?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| BalancerError::Io {
+            op: "watch signals of",
+            path: dir.clone(),
+            source,
+        })?;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -275,7 +345,9 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
 /// Loads `backends.json` if it names a newer generation, and switches.
 fn load(shared: &Shared, dir: &Path, listen: &str) {
     if let Some(b) = read_backends(dir) {
-        if b.generation > shared.generation.load(Ordering::SeqCst) || shared.generation.load(Ordering::SeqCst) == 0 {
+        if b.generation > shared.generation.load(Ordering::SeqCst)
+            || shared.generation.load(Ordering::SeqCst) == 0
+        {
             let addrs: Vec<SocketAddr> = b.backends.iter().filter_map(|a| a.parse().ok()).collect();
             {
                 let mut counters = shared.counters.lock().expect("counters");
@@ -315,8 +387,19 @@ fn write_status(shared: &Shared, dir: &Path, listen: &str) {
         })
         .collect();
     let seq = shared.seq.fetch_add(1, Ordering::SeqCst) + 1;
-    let status = Status { pid: std::process::id(), listen: listen.to_string(), generation: shared.generation.load(Ordering::SeqCst), backends, rejected: shared.rejected.load(Ordering::SeqCst), failed_open: shared.failed_open.load(Ordering::SeqCst), seq };
-    let _ = write_atomic(&status_path(dir), &serde_json::to_vec(&status).expect("serializes"));
+    let status = Status {
+        pid: std::process::id(),
+        listen: listen.to_string(),
+        generation: shared.generation.load(Ordering::SeqCst),
+        backends,
+        rejected: shared.rejected.load(Ordering::SeqCst),
+        failed_open: shared.failed_open.load(Ordering::SeqCst),
+        seq,
+    };
+    let _ = write_atomic(
+        &status_path(dir),
+        &serde_json::to_vec(&status).expect("serializes"),
+    );
 }
 
 async fn proxy(mut client: TcpStream, shared: Arc<Shared>) {
@@ -328,9 +411,14 @@ async fn proxy(mut client: TcpStream, shared: Arc<Shared>) {
     // Backends failing their health checks are skipped, unless all are.
     let up: Vec<(SocketAddr, Arc<Counters>)> = {
         let mut counters = shared.counters.lock().expect("counters");
-        set.iter().map(|a| (*a, counters.entry(*a).or_default().clone())).collect()
+        set.iter()
+            .map(|a| (*a, counters.entry(*a).or_default().clone()))
+            .collect()
     };
-    let healthy: Vec<&(SocketAddr, Arc<Counters>)> = up.iter().filter(|(_, c)| !c.down.load(Ordering::Relaxed)).collect();
+    let healthy: Vec<&(SocketAddr, Arc<Counters>)> = up
+        .iter()
+        .filter(|(_, c)| !c.down.load(Ordering::Relaxed))
+        .collect();
     let order: Vec<&(SocketAddr, Arc<Counters>)> = if healthy.is_empty() {
         shared.failed_open.fetch_add(1, Ordering::Relaxed);
         up.iter().collect()
@@ -393,7 +481,8 @@ async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, counters: &Coun
 /// responses through this.
 pub fn status_code(head: &[u8]) -> Option<u16> {
     let code = head.strip_prefix(b"HTTP/1.")?.get(2..5)?;
-    (head.get(8) == Some(&b' ') && code.iter().all(u8::is_ascii_digit)).then(|| code.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0')))
+    (head.get(8) == Some(&b' ') && code.iter().all(u8::is_ascii_digit))
+        .then(|| code.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0')))
 }
 
 /// A 2xx or 3xx status: what a health check accepts.
@@ -414,7 +503,9 @@ async fn check_loop(shared: Arc<Shared>) {
         let set = shared.current.lock().expect("current").clone();
         let targets: Vec<(SocketAddr, Arc<Counters>)> = {
             let mut counters = shared.counters.lock().expect("counters");
-            set.iter().map(|a| (*a, counters.entry(*a).or_default().clone())).collect()
+            set.iter()
+                .map(|a| (*a, counters.entry(*a).or_default().clone()))
+                .collect()
         };
         // A check may take up to a second (two for long intervals): a busy
         // machine answering slowly is not a dead backend.
@@ -422,7 +513,9 @@ async fn check_loop(shared: Arc<Shared>) {
         let probes = targets.into_iter().map(|(addr, counters)| {
             let check = check.clone();
             tokio::spawn(async move {
-                let ok = tokio::time::timeout(timeout, probe(addr, &check.probe)).await.unwrap_or(false);
+                let ok = tokio::time::timeout(timeout, probe(addr, &check.probe))
+                    .await
+                    .unwrap_or(false);
                 record(&counters, ok, &check, addr);
             })
         });
@@ -462,9 +555,13 @@ fn record(c: &Counters, ok: bool, check: &Check, addr: SocketAddr) {
 async fn probe(backend: SocketAddr, probe: &Probe) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     match probe {
-        Probe::Tcp { port } => TcpStream::connect(SocketAddr::new(backend.ip(), *port)).await.is_ok(),
+        Probe::Tcp { port } => TcpStream::connect(SocketAddr::new(backend.ip(), *port))
+            .await
+            .is_ok(),
         Probe::Http { path, port } => {
-            let Ok(mut s) = TcpStream::connect(SocketAddr::new(backend.ip(), *port)).await else { return false };
+            let Ok(mut s) = TcpStream::connect(SocketAddr::new(backend.ip(), *port)).await else {
+                return false;
+            };
             let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: kiln-balancer\r\nConnection: close\r\n\r\n", backend.ip());
             if s.write_all(req.as_bytes()).await.is_err() {
                 return false;
@@ -495,13 +592,27 @@ mod tests {
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = l.accept().await else { return };
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
                 let sick = sick.clone();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = s.read(&mut buf).await;
-                    let status = if sick.load(Ordering::SeqCst) { "500 Internal Server Error" } else { "200 OK" };
-                    let _ = s.write_all(format!("HTTP/1.0 {status}\r\nContent-Length: {}\r\n\r\n{name}", name.len()).as_bytes()).await;
+                    let status = if sick.load(Ordering::SeqCst) {
+                        "500 Internal Server Error"
+                    } else {
+                        "200 OK"
+                    };
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.0 {status}\r\nContent-Length: {}\r\n\r\n{name}",
+                                name.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
                 });
             }
         });
@@ -519,24 +630,45 @@ mod tests {
     /// Polls status.json (bounded) until `addr` reports `healthy`.
     async fn wait_health(dir: &Path, addr: SocketAddr, healthy: bool) {
         for _ in 0..1000 {
-            if read_status(dir).is_some_and(|s| s.backends.iter().any(|b| b.addr == addr.to_string() && b.healthy == healthy)) {
+            if read_status(dir).is_some_and(|s| {
+                s.backends
+                    .iter()
+                    .any(|b| b.addr == addr.to_string() && b.healthy == healthy)
+            }) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("{addr} never had healthy = {healthy}: {:?}", read_status(dir));
+        panic!(
+            "{addr} never had healthy = {healthy}: {:?}",
+            read_status(dir)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failing_backends_leave_rotation_and_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (a_sick, b_sick) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (a_sick, b_sick) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
         // Two "servers" on one port at two loopback addresses, like a role's
         // servers on the bridge.
         let a = backend("127.0.0.2", 0, "a", a_sick.clone()).await;
         let b = backend("127.0.0.3", a.port(), "b", b_sick.clone()).await;
-        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let check = Check { probe: Probe::Http { path: "/healthz".into(), port: a.port() }, interval_ms: 20, fall: 2, rise: 2 };
+        let front = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let check = Check {
+            probe: Probe::Http {
+                path: "/healthz".into(),
+                port: a.port(),
+            },
+            interval_ms: 20,
+            fall: 2,
+            rise: 2,
+        };
         set_backends(dir.path(), &[a.to_string(), b.to_string()], Some(&check)).unwrap();
         let run_dir = dir.path().to_path_buf();
         tokio::spawn(async move { run(&front.to_string(), run_dir).await });
@@ -547,15 +679,25 @@ mod tests {
         wait_health(dir.path(), b, false).await;
         for _ in 0..20 {
             let reply = get(front).await;
-            assert!(reply.starts_with("HTTP/1.0 200") && reply.ends_with("\r\n\r\na"), "{reply:?}");
+            assert!(
+                reply.starts_with("HTTP/1.0 200") && reply.ends_with("\r\n\r\na"),
+                "{reply:?}"
+            );
         }
-        assert!(read_status(dir.path()).unwrap().backends.iter().any(|s| s.addr == b.to_string() && s.checks_failed >= 2));
+        assert!(read_status(dir.path())
+            .unwrap()
+            .backends
+            .iter()
+            .any(|s| s.addr == b.to_string() && s.checks_failed >= 2));
 
         // Both fail: the balancer fails open instead of refusing everyone.
         a_sick.store(true, Ordering::SeqCst);
         wait_health(dir.path(), a, false).await;
         let replies: Vec<String> = sequential_gets(front, 4).await;
-        assert!(replies.iter().all(|r| r.starts_with("HTTP/1.0 500")), "{replies:?}");
+        assert!(
+            replies.iter().all(|r| r.starts_with("HTTP/1.0 500")),
+            "{replies:?}"
+        );
 
         // `b` recovers: back in rotation after `rise` passing checks.
         b_sick.store(false, Ordering::SeqCst);
@@ -572,7 +714,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sick = Arc::new(AtomicBool::new(true));
         let b = backend("127.0.0.4", 0, "b", sick.clone()).await;
-        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let front = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         set_backends(dir.path(), &[b.to_string()], None).unwrap();
         let run_dir = dir.path().to_path_buf();
         tokio::spawn(async move { run(&front.to_string(), run_dir).await });
@@ -584,13 +729,20 @@ mod tests {
         }
         // Relayed untouched, and counted.
         for _ in 0..5 {
-            assert!(get(front).await.starts_with("HTTP/1.0 500 Internal Server Error\r\n"));
+            assert!(get(front)
+                .await
+                .starts_with("HTTP/1.0 500 Internal Server Error\r\n"));
         }
         sick.store(false, Ordering::SeqCst);
         for _ in 0..3 {
             assert!(get(front).await.ends_with("\r\n\r\nb"));
         }
-        let counted = |s: &Status| s.backends.iter().find(|x| x.addr == b.to_string()).map(|x| (x.total, x.responses_5xx));
+        let counted = |s: &Status| {
+            s.backends
+                .iter()
+                .find(|x| x.addr == b.to_string())
+                .map(|x| (x.total, x.responses_5xx))
+        };
         for _ in 0..200 {
             if read_status(dir.path()).as_ref().and_then(counted) == Some((8, 5)) {
                 return;
@@ -602,7 +754,10 @@ mod tests {
 
     #[test]
     fn status_lines() {
-        assert_eq!(status_code(b"HTTP/1.1 503 Service Unavailable\r\n"), Some(503));
+        assert_eq!(
+            status_code(b"HTTP/1.1 503 Service Unavailable\r\n"),
+            Some(503)
+        );
         assert_eq!(status_code(b"HTTP/1.0 200 OK"), Some(200));
         assert_eq!(status_code(b"HTTP/1.1 20"), None, "too short");
         assert_eq!(status_code(b"SSH-2.0-OpenSSH"), None);

@@ -21,7 +21,12 @@ struct Opts {
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let mut o = Opts { kiln: default_kiln(), tree_mib: 1024, only: None, debootstrap: false };
+    let mut o = Opts {
+        kiln: default_kiln(),
+        tree_mib: 1024,
+        only: None,
+        debootstrap: false,
+    };
     while let Some(a) = args.next() {
         match a.as_str() {
             "--kiln" => o.kiln = args.next().context("--kiln PATH")?.into(),
@@ -32,9 +37,18 @@ fn main() -> Result<()> {
         }
     }
     if !o.kiln.is_file() {
-        bail!("no kiln binary at {}; build it with `cargo build --release`", o.kiln.display());
+        bail!(
+            "no kiln binary at {}; build it with `cargo build --release`",
+            o.kiln.display()
+        );
     }
-    println!("# kiln-bench {}  ({} cores)", o.kiln.display(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "# kiln-bench {}  ({} cores)",
+        o.kiln.display(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     let want = |n: &str| o.only.as_deref().is_none_or(|x| x == n);
     if want("cache-hit") {
         cache_hit(&o)?;
@@ -76,10 +90,19 @@ fn default_kiln() -> PathBuf {
 
 fn kiln(o: &Opts, dir: &Path, args: &[&str]) -> Result<Duration> {
     let t = Instant::now();
-    let out = Command::new(&o.kiln).arg("-C").arg(dir).args(args).env("NO_COLOR", "1").output()?;
+    let out = Command::new(&o.kiln)
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()?;
     let took = t.elapsed();
     if !out.status.success() {
-        bail!("kiln {} failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "kiln {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(took)
 }
@@ -100,7 +123,13 @@ fn chain_project(dir: &Path) -> Result<()> {
     fs::copy("/bin/busybox", rfs.join("bin/busybox")).context("needs busybox-static")?;
     std::os::unix::fs::symlink("busybox", rfs.join("bin/sh"))?;
     fs::create_dir_all(rfs.join("etc"))?;
-    let st = Command::new("tar").arg("-C").arg(&rfs).arg("-czf").arg(dir.join("base.tar.gz")).arg(".").status()?;
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&rfs)
+        .arg("-czf")
+        .arg(dir.join("base.tar.gz"))
+        .arg(".")
+        .status()?;
     anyhow::ensure!(st.success());
     fs::remove_dir_all(&rfs)?;
     fs::write(
@@ -111,11 +140,17 @@ fn chain_project(dir: &Path) -> Result<()> {
         let files = dir.join(format!("images/{img}/files/srv"));
         fs::create_dir_all(&files)?;
         for i in 0..n {
-            fs::write(files.join(format!("f{i}.txt")), format!("{img} file {i}\n").repeat(20))?;
+            fs::write(
+                files.join(format!("f{i}.txt")),
+                format!("{img} file {i}\n").repeat(20),
+            )?;
         }
         let scripts = dir.join(format!("images/{img}/scripts"));
         fs::create_dir_all(&scripts)?;
-        fs::write(scripts.join("10_setup.sh"), format!("#!/bin/sh\necho {img} > /etc/{img}\n"))?;
+        fs::write(
+            scripts.join("10_setup.sh"),
+            format!("#!/bin/sh\necho {img} > /etc/{img}\n"),
+        )?;
     }
     Ok(())
 }
@@ -124,7 +159,9 @@ fn cache_hit(o: &Opts) -> Result<()> {
     let dir = tempfile::tempdir()?;
     chain_project(dir.path())?;
     let cold = kiln(o, dir.path(), &["image", "build", "--all"])?;
-    let mut samples: Vec<Duration> = (0..30).map(|_| kiln(o, dir.path(), &["image", "build", "--all"])).collect::<Result<_>>()?;
+    let mut samples: Vec<Duration> = (0..30)
+        .map(|_| kiln(o, dir.path(), &["image", "build", "--all"]))
+        .collect::<Result<_>>()?;
     println!("| cache-hit `kiln image build --all`, 3-image chain (250 files), wall incl. process start | p50 {} · p95 {} · max {} (30 runs; cold build {}) |", ms(percentile(&mut samples, 0.5)), ms(percentile(&mut samples, 0.95)), ms(percentile(&mut samples, 1.0)), ms(cold));
     Ok(())
 }
@@ -142,7 +179,9 @@ fn make_tree(root: &Path, mib: u64) -> Result<(u64, usize)> {
     let large = total / 2;
     let mut written = 0u64;
     let mut files = 0usize;
-    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i as u64).wrapping_mul(2654435761) as u8).collect();
+    let chunk: Vec<u8> = (0..(1 << 20))
+        .map(|i| (i as u64).wrapping_mul(2654435761) as u8)
+        .collect();
     // A few large files: half the bytes.
     for i in 0..4 {
         let p = root.join(format!("large/blob{i}.bin"));
@@ -188,7 +227,9 @@ fn all_files(root: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 fn seal(o: &Opts) -> Result<()> {
-    let dir = tempfile::tempdir_in(std::env::var("KILN_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
+    let dir = tempfile::tempdir_in(
+        std::env::var("KILN_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()),
+    )?;
     let (bytes, files) = make_tree(dir.path(), o.tree_mib)?;
     let gib = bytes as f64 / (1u64 << 30) as f64;
     // Warm the page cache once, so every method reads from memory alike.
@@ -218,11 +259,26 @@ fn seal(o: &Opts) -> Result<()> {
         sha2::Sha256::digest(b).to_vec()
     })?;
     let b3_t = single(&|b| blake3::hash(b).as_bytes().to_vec())?;
-    let rate = |d: Duration| format!("{:.2} GiB/s ({:.2} s)", gib / d.as_secs_f64(), d.as_secs_f64());
+    let rate = |d: Duration| {
+        format!(
+            "{:.2} GiB/s ({:.2} s)",
+            gib / d.as_secs_f64(),
+            d.as_secs_f64()
+        )
+    };
     println!("| seal of {:.2} GiB tree ({files} files: 4 large, rest 1–64 KiB), parallel walk + BLAKE3 | {} |", gib, rate(seal_t));
-    println!("| verify of the same tree against its seal | {} |", rate(verify_t));
-    println!("| single-threaded sha256sum-style over the same files | {} |", rate(sha_t));
-    println!("| single-threaded b3sum-style (BLAKE3, one thread) over the same files | {} |", rate(b3_t));
+    println!(
+        "| verify of the same tree against its seal | {} |",
+        rate(verify_t)
+    );
+    println!(
+        "| single-threaded sha256sum-style over the same files | {} |",
+        rate(sha_t)
+    );
+    println!(
+        "| single-threaded b3sum-style (BLAKE3, one thread) over the same files | {} |",
+        rate(b3_t)
+    );
     Ok(())
 }
 
@@ -244,21 +300,34 @@ fn scratch(o: &Opts) -> Result<()> {
         with_test.push(kiln(o, dir.path(), &["image", "build", "tiny"])?);
     }
     println!("| bake `scratch` + one static binary (busybox, 2 MiB), fresh store, wall | p50 {} · max {} (10 runs) |", ms(percentile(&mut samples, 0.5)), ms(percentile(&mut samples, 1.0)));
-    println!("| the same with one image test in a read-only sandbox | p50 {} · max {} (10 runs) |", ms(percentile(&mut with_test, 0.5)), ms(percentile(&mut with_test, 1.0)));
+    println!(
+        "| the same with one image test in a read-only sandbox | p50 {} · max {} (10 runs) |",
+        ms(percentile(&mut with_test, 0.5)),
+        ms(percentile(&mut with_test, 1.0))
+    );
     Ok(())
 }
 
 fn debootstrap(o: &Opts) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    fs::write(dir.path().join("kiln.toml"), "[project]\nname = \"d\"\n[images.base]\nfrom = { debootstrap = \"bookworm\" }\n")?;
+    fs::write(
+        dir.path().join("kiln.toml"),
+        "[project]\nname = \"d\"\n[images.base]\nfrom = { debootstrap = \"bookworm\" }\n",
+    )?;
     fs::create_dir_all(dir.path().join("images/base/files/etc"))?;
     let cold = kiln(o, dir.path(), &["image", "build", "base"])?;
     let mut warm = Vec::new();
     for i in 0..3 {
-        fs::write(dir.path().join("images/base/files/etc/motd"), format!("rev {i}\n"))?;
+        fs::write(
+            dir.path().join("images/base/files/etc/motd"),
+            format!("rev {i}\n"),
+        )?;
         warm.push(kiln(o, dir.path(), &["image", "build", "base"])?);
     }
-    println!("| bake from `debootstrap` bookworm minbase, cold (debootstrap runs) | {} |", ms(cold));
+    println!(
+        "| bake from `debootstrap` bookworm minbase, cold (debootstrap runs) | {} |",
+        ms(cold)
+    );
     println!("| bake from `debootstrap` bookworm, base cache warm (one file changed) | p50 {} (3 runs) |", ms(percentile(&mut warm, 0.5)));
     Ok(())
 }
@@ -302,7 +371,15 @@ fn server_start(o: &Opts) -> Result<()> {
             subnet: "10.77.90.0/24".into(),
             root: store.root_path(&rec.digest),
             image_digest: rec.digest.0.clone(),
-            argv: vec!["/busybox".into(), "httpd".into(), "-f".into(), "-p".into(), "8080".into(), "-h".into(), "/www".into()],
+            argv: vec![
+                "/busybox".into(),
+                "httpd".into(),
+                "-f".into(),
+                "-p".into(),
+                "8080".into(),
+                "-h".into(),
+                "/www".into(),
+            ],
             env_vars: vec!["PATH=/".into()],
             workdir: "/".into(),
             cpus: 0.5,
@@ -342,7 +419,21 @@ fn plan_10k() -> Result<()> {
     let t = Instant::now();
     for i in 0..10_000u32 {
         let a = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 2)) + i);
-        state.put_server(&Server { id: format!("app-{i:04x}"), env: "big".into(), role: "app".into(), slot: i, image: "app@1".into(), image_digest: "sha256:1".into(), spec_hash: hash.clone(), address: a.to_string(), created: 0, status: ServerStatus::Running, pid: Some(1), release: 1, standby_until: None })?;
+        state.put_server(&Server {
+            id: format!("app-{i:04x}"),
+            env: "big".into(),
+            role: "app".into(),
+            slot: i,
+            image: "app@1".into(),
+            image_digest: "sha256:1".into(),
+            spec_hash: hash.clone(),
+            address: a.to_string(),
+            created: 0,
+            status: ServerStatus::Running,
+            pid: Some(1),
+            release: 1,
+            standby_until: None,
+        })?;
     }
     let insert = t.elapsed();
     let mut load = Vec::new();
@@ -354,9 +445,26 @@ fn plan_10k() -> Result<()> {
         // What `Engine::taken_ids` adds: every id in the state.
         let taken: std::collections::BTreeSet<String> = state.server_ids()?.into_iter().collect();
         load.push(t.elapsed());
-        let targets = vec![kiln_model::RoleTarget { role: "app".into(), image: "app@2".into(), image_digest: "sha256:2".into(), spec_hash: hash.clone(), servers: 10_000, cold: false }];
+        let targets = vec![kiln_model::RoleTarget {
+            role: "app".into(),
+            image: "app@2".into(),
+            image_digest: "sha256:2".into(),
+            spec_hash: hash.clone(),
+            servers: 10_000,
+            cold: false,
+        }];
         let dead = Default::default();
-        let input = kiln_planner::Input { env, targets: &targets, observed: &observed, dead: &dead, generation: 0, now: 0, cold: false, force: &Default::default(), taken: &taken };
+        let input = kiln_planner::Input {
+            env,
+            targets: &targets,
+            observed: &observed,
+            dead: &dead,
+            generation: 0,
+            now: 0,
+            cold: false,
+            force: &Default::default(),
+            taken: &taken,
+        };
         let mut n = 0u16;
         let t = Instant::now();
         let p = kiln_planner::plan(&input, &mut || {
@@ -373,7 +481,11 @@ fn plan_10k() -> Result<()> {
 /// `kiln destroy` then `kiln apply` of 3 roles × 10 servers, wall.
 fn rebuild(o: &Opts) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    static_web_project(dir.path(), &[("web", 10), ("api", 10), ("worker", 10)], "10.77.91.0/24")?;
+    static_web_project(
+        dir.path(),
+        &[("web", 10), ("api", 10), ("worker", 10)],
+        "10.77.91.0/24",
+    )?;
     kiln(o, dir.path(), &["image", "build", "web"])?;
     let first = kiln(o, dir.path(), &["apply", "bench", "--yes"])?;
     let destroy = kiln(o, dir.path(), &["destroy", "bench", "--yes"])?;
@@ -401,13 +513,17 @@ struct LoadGen {
 
 fn http_get(addr: &str) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
         return false;
     }
     let mut buf = Vec::with_capacity(512);
-    s.read_to_end(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") && buf.windows(5).any(|w| w == b" 200 ")
+    s.read_to_end(&mut buf).is_ok()
+        && buf.starts_with(b"HTTP/1.")
+        && buf.windows(5).any(|w| w == b" 200 ")
 }
 
 /// The body of `GET /` at `addr`.
@@ -444,7 +560,12 @@ impl LoadGen {
                 })
             })
             .collect();
-        LoadGen { stop, phase, handles, started: Instant::now() }
+        LoadGen {
+            stop,
+            phase,
+            handles,
+            started: Instant::now(),
+        }
     }
     fn next_phase(&self) {
         self.phase.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -469,7 +590,11 @@ fn lat_summary(v: &mut [Duration]) -> String {
     if v.is_empty() {
         return "-".into();
     }
-    format!("p50 {} · p99 {}", ms(percentile(v, 0.5)), ms(percentile(v, 0.99)))
+    format!(
+        "p50 {} · p99 {}",
+        ms(percentile(v, 0.5)),
+        ms(percentile(v, 0.99))
+    )
 }
 
 /// Requests per second and latency of `secs` of load at `addr`.
@@ -478,13 +603,19 @@ fn measure(addr: &str, clients: usize, secs: u64) -> (f64, String, u64) {
     std::thread::sleep(Duration::from_secs(secs));
     let (mut lat, failed, took) = load.finish();
     let n = lat[0].len();
-    (n as f64 / took.as_secs_f64(), lat_summary(&mut lat[0]), failed)
+    (
+        n as f64 / took.as_secs_f64(),
+        lat_summary(&mut lat[0]),
+        failed,
+    )
 }
 
 /// Blue-green rollout of 10 servers under load, switch latency, balancer overhead.
 fn rollout(o: &Opts) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     static_web_project(dir.path(), &[("web", 10)], "10.77.92.0/24")?;
     let toml = fs::read_to_string(dir.path().join("kiln.toml"))?;
     fs::write(dir.path().join("kiln.toml"), format!("{toml}ports = [8080]\nstrategy = {{ kind = \"blue_green\", rollback_window = \"1m\" }}\nbalancer = {{ listen = \"127.0.0.1:{port}\", port = 8080 }}\n"))?;
@@ -539,7 +670,11 @@ fn rollout(o: &Opts) -> Result<()> {
     let (current, check) = (wanted.backends, wanted.check);
     let mut samples = Vec::new();
     for i in 0..20 {
-        let set: Vec<String> = if i % 2 == 0 { current[..5].to_vec() } else { current.clone() };
+        let set: Vec<String> = if i % 2 == 0 {
+            current[..5].to_vec()
+        } else {
+            current.clone()
+        };
         let t = Instant::now();
         let g = kiln_balancer::set_backends(&bdir, &set, check.as_ref())?;
         kiln_balancer::wait_generation(&bdir, g, Duration::from_secs(5))?;
@@ -584,7 +719,9 @@ fn rollout(o: &Opts) -> Result<()> {
 
 /// Drift scan of 50 servers over 5 image versions totalling about 1 GiB.
 fn drift(o: &Opts) -> Result<()> {
-    let dir = tempfile::tempdir_in(std::env::var("KILN_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
+    let dir = tempfile::tempdir_in(
+        std::env::var("KILN_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()),
+    )?;
     let mut toml = String::from("[project]\nname = \"d\"\n");
     for i in 0..5 {
         let files = dir.path().join(format!("images/v{i}/files"));
@@ -611,7 +748,9 @@ fn drift(o: &Opts) -> Result<()> {
     let dropped = fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
     let cold = kiln_drift(o, dir.path(), &["drift", "bench", "--full"])?;
     let full_warm_cache = kiln_drift(o, dir.path(), &["drift", "bench", "--full"])?;
-    let mut warm: Vec<Duration> = (0..5).map(|_| kiln_drift(o, dir.path(), &["drift", "bench"])).collect::<Result<_>>()?;
+    let mut warm: Vec<Duration> = (0..5)
+        .map(|_| kiln_drift(o, dir.path(), &["drift", "bench"]))
+        .collect::<Result<_>>()?;
     println!(
         "| drift scan, 50 servers over 5 image versions ({gib:.2} GiB), cold{} `--full` | {} ({:.2} GiB/s); `--full` with the page cache warm {} ({:.2} GiB/s) |",
         if dropped { " (page cache dropped)" } else { "" },
@@ -620,7 +759,10 @@ fn drift(o: &Opts) -> Result<()> {
         ms(full_warm_cache),
         gib / full_warm_cache.as_secs_f64()
     );
-    println!("| drift scan, same fleet, warm (per-file stat cache) | p50 {} (5 runs) |", ms(percentile(&mut warm, 0.5)));
+    println!(
+        "| drift scan, same fleet, warm (per-file stat cache) | p50 {} (5 runs) |",
+        ms(percentile(&mut warm, 0.5))
+    );
     if std::env::var_os("KILN_BENCH_KEEP").is_some() {
         // For profiling: the fleet stays up; destroy it with `kiln -C DIR destroy bench --yes`.
         println!("kept the fleet in {}", dir.keep().display());
@@ -633,8 +775,16 @@ fn drift(o: &Opts) -> Result<()> {
 /// Runs `kiln drift`, which exits 0 (clean) or 2 (drift): both are fine here.
 fn kiln_drift(o: &Opts, dir: &Path, args: &[&str]) -> Result<Duration> {
     let t = Instant::now();
-    let out = Command::new(&o.kiln).arg("-C").arg(dir).args(args).output()?;
-    anyhow::ensure!(matches!(out.status.code(), Some(0 | 2)), "kiln drift failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&o.kiln)
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        matches!(out.status.code(), Some(0 | 2)),
+        "kiln drift failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(t.elapsed())
 }
 
@@ -642,7 +792,9 @@ fn cpu_time() -> Duration {
     // SAFETY: getrusage fills the struct we pass; no other memory is touched.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
@@ -663,13 +815,52 @@ fn reconcile_cpu(o: &Opts) -> Result<()> {
     let fake = kiln_provider::fake::Fake::default();
     let hash = kiln_planner::spec_hash(&project.envs["big"].roles["app"]);
     for i in 0..1000u32 {
-        let a = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 2)) + i).to_string();
-        let s = Server { id: format!("app-{i:04x}"), env: "big".into(), role: "app".into(), slot: i, image: "app@1".into(), image_digest: rec.digest.0.clone(), spec_hash: hash.clone(), address: a.clone(), created: 0, status: ServerStatus::Running, pid: Some(1), release: 1, standby_until: None };
+        let a = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 2)) + i)
+            .to_string();
+        let s = Server {
+            id: format!("app-{i:04x}"),
+            env: "big".into(),
+            role: "app".into(),
+            slot: i,
+            image: "app@1".into(),
+            image_digest: rec.digest.0.clone(),
+            spec_hash: hash.clone(),
+            address: a.clone(),
+            created: 0,
+            status: ServerStatus::Running,
+            pid: Some(1),
+            release: 1,
+            standby_until: None,
+        };
         state.put_server(&s)?;
-        let req = kiln_provider::ServerRequest { env: "big".into(), id: s.id.clone(), role: "app".into(), release: 1, slot: i, address: a, subnet: "10.0.0.0/16".into(), root: store.root_path(&rec.digest), image_digest: rec.digest.0.clone(), argv: vec![], env_vars: vec![], workdir: "/".into(), cpus: 1.0, memory_bytes: 1, volumes: vec![] };
+        let req = kiln_provider::ServerRequest {
+            env: "big".into(),
+            id: s.id.clone(),
+            role: "app".into(),
+            release: 1,
+            slot: i,
+            address: a,
+            subnet: "10.0.0.0/16".into(),
+            root: store.root_path(&rec.digest),
+            image_digest: rec.digest.0.clone(),
+            argv: vec![],
+            env_vars: vec![],
+            workdir: "/".into(),
+            cpus: 1.0,
+            memory_bytes: 1,
+            volumes: vec![],
+        };
         fake.create(&req)?;
     }
-    let engine = kiln_engine::Engine { project: &project, store: &store, state: &state, provider: &fake, progress: &|_| {}, clock: &|| 1_000, options: Default::default() };
+    let engine = kiln_engine::Engine {
+        project: &project,
+        store: &store,
+        state: &state,
+        provider: &fake,
+        progress: &|_| {},
+        clock: &|| 1_000,
+        options: Default::default(),
+    };
     let mut samples = Vec::new();
     let mut n = 0u16;
     for _ in 0..10 {

@@ -106,7 +106,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     output::init(cli.no_color);
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "warn,libcgroups=error,libcontainer=error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| "warn,libcgroups=error,libcontainer=error".into()),
+        )
         .with_writer(std::io::stderr)
         .without_time()
         .with_ansi(false)

@@ -37,7 +37,10 @@ pub struct BuildProgress {
 
 impl BuildProgress {
     pub fn new() -> BuildProgress {
-        BuildProgress { bar: Mutex::new(None), tty: stderr_is_tty() }
+        BuildProgress {
+            bar: Mutex::new(None),
+            tty: stderr_is_tty(),
+        }
     }
 
     pub fn event(&self, e: Event) {
@@ -46,7 +49,12 @@ impl BuildProgress {
             Event::Begin { image } => {
                 if self.tty {
                     let b = ProgressBar::new_spinner();
-                    b.set_style(ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} [{elapsed}] {msg}").expect("template"));
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "{spinner:.cyan} {prefix:.bold} [{elapsed}] {msg}",
+                        )
+                        .expect("template"),
+                    );
                     b.set_prefix(image);
                     b.enable_steady_tick(Duration::from_millis(100));
                     *bar = Some(b);
@@ -64,12 +72,33 @@ impl BuildProgress {
                     b.set_message(format!("{step} │ {}", style(line).dim()));
                 }
             }
-            Event::Cached { image, version, digest } => {
-                let line = format!("{} {} v{version} {} {}", style("=").dim(), style(&image).bold(), style(digest.short()).dim(), style("(cached)").dim());
+            Event::Cached {
+                image,
+                version,
+                digest,
+            } => {
+                let line = format!(
+                    "{} {} v{version} {} {}",
+                    style("=").dim(),
+                    style(&image).bold(),
+                    style(digest.short()).dim(),
+                    style("(cached)").dim()
+                );
                 finish(bar.take(), &line);
             }
-            Event::Built { image, version, digest, elapsed } => {
-                let line = format!("{} {} v{version} {} ({:.1}s)", style("+").green().bold(), style(&image).bold(), style(digest.short()).dim(), elapsed.as_secs_f64());
+            Event::Built {
+                image,
+                version,
+                digest,
+                elapsed,
+            } => {
+                let line = format!(
+                    "{} {} v{version} {} ({:.1}s)",
+                    style("+").green().bold(),
+                    style(&image).bold(),
+                    style(digest.short()).dim(),
+                    elapsed.as_secs_f64()
+                );
                 finish(bar.take(), &line);
             }
         }
@@ -102,7 +131,11 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// Prints a table with aligned columns.
@@ -114,7 +147,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| console::pad_str(c, widths[i], console::Alignment::Left, None).into_owned()).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                console::pad_str(c, widths[i], console::Alignment::Left, None).into_owned()
+            })
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.iter().map(|h| style(h).bold().to_string()).collect());

@@ -66,13 +66,18 @@ set -eu
 chmod -R a+rX /srv/www
 "#;
 
-const INDEX: &str = "<!doctype html>\n<title>kiln</title>\n<h1>Hello from an immutable server</h1>\n";
+const INDEX: &str =
+    "<!doctype html>\n<title>kiln</title>\n<h1>Hello from an immutable server</h1>\n";
 
 /// Writes the scaffold into `dir`; returns the files written, relative.
 pub fn write(dir: &Path, name: &str) -> Result<Vec<String>> {
     let files: Vec<(&str, String, u32)> = vec![
         ("kiln.toml", kiln_toml(name), 0o644),
-        ("images/base/scripts/10_packages.sh", BASE_SCRIPT.into(), 0o755),
+        (
+            "images/base/scripts/10_packages.sh",
+            BASE_SCRIPT.into(),
+            0o755,
+        ),
         ("images/app/files/srv/www/index.html", INDEX.into(), 0o644),
         ("images/app/files/srv/www/healthz", "ok\n".into(), 0o644),
         ("images/app/scripts/10_www.sh", APP_SCRIPT.into(), 0o755),

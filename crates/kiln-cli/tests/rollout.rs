@@ -54,14 +54,25 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, ok, failed, handles }
+        Load {
+            stop,
+            ok,
+            failed,
+            handles,
+        }
     }
 
     /// Stops the load and asserts that every request succeeded and that
     /// more than `min` were sent (so zero failures means something).
     fn finish_clean(self, min: u64) -> u64 {
         let (ok, failed, errors) = self.finish();
-        assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+        assert_eq!(
+            failed,
+            0,
+            "{failed} of {} requests failed: {:?}",
+            ok + failed,
+            &errors[..errors.len().min(5)]
+        );
         assert!(ok > min, "only {ok} requests were sent");
         eprintln!("{ok} requests, 0 failed");
         ok
@@ -69,8 +80,16 @@ impl Load {
 
     fn finish(self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
-        let errors = self.handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
+        let errors = self
+            .handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
     }
 }
 
@@ -80,11 +99,14 @@ fn request(port: u16) -> Result<String, String> {
 
 fn request_path(port: u16, path: &str) -> Result<String, String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).map_err(|e| format!("write: {e}"))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e}"))?;
     if !out.starts_with("HTTP/1.") || !out.contains(" 200 ") {
         return Err(format!("bad response: {:?}", out.lines().next()));
     }
@@ -113,15 +135,27 @@ fn rolling_with_max_unavailable_under_load_drops_nothing() {
     // Batches of two: one old server drained and destroyed first, one new
     // server surged; the balancer only ever points at live servers.
     let port = free_port();
-    let p = project_with("10.77.27.0/24", port, "strategy = { kind = \"rolling\", max_surge = 1, max_unavailable = 1 }");
+    let p = project_with(
+        "10.77.27.0/24",
+        port,
+        "strategy = { kind = \"rolling\", max_surge = 1, max_unavailable = 1 }",
+    );
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let load = Load::start(port, 4);
     std::thread::sleep(Duration::from_millis(300));
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
-    let plan = p.kiln(&["plan", "staging", "--detailed-exitcode"]).expect(2);
-    assert!(plan.stdout.contains("batch 1 (2 servers") && plan.stdout.matches("destroy first").count() == 2 && plan.stdout.matches("create first").count() == 1, "{}", plan.stdout);
+    let plan = p
+        .kiln(&["plan", "staging", "--detailed-exitcode"])
+        .expect(2);
+    assert!(
+        plan.stdout.contains("batch 1 (2 servers")
+            && plan.stdout.matches("destroy first").count() == 2
+            && plan.stdout.matches("create first").count() == 1,
+        "{}",
+        plan.stdout
+    );
     p.kiln(&["apply", "staging", "--yes"]).ok();
     std::thread::sleep(Duration::from_millis(300));
     load.finish_clean(100);
@@ -141,9 +175,13 @@ fn sigkill_mid_rollout_then_rerun_drops_nothing() {
     p.kiln(&["image", "build", "web"]).ok();
     for delay in [60u64, 200] {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("-C").arg(p.path()).args(["apply", "staging", "--yes"])
-            .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null())
-            .spawn().unwrap();
+            .arg("-C")
+            .arg(p.path())
+            .args(["apply", "staging", "--yes"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(delay));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -153,10 +191,24 @@ fn sigkill_mid_rollout_then_rerun_drops_nothing() {
     load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v2\n");
     // The balancer routes only to servers that exist.
-    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(p.store().join("balancers/staging-web/status.json")).unwrap()).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.store().join("balancers/staging-web/status.json")).unwrap(),
+    )
+    .unwrap();
     let servers = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
-    let mut live: Vec<String> = servers.as_array().unwrap().iter().map(|s| format!("{}:8080", s["address"].as_str().unwrap())).collect();
-    let mut routed: Vec<String> = status["backends"].as_array().unwrap().iter().filter(|b| b["active"] == true).map(|b| b["addr"].as_str().unwrap().to_string()).collect();
+    let mut live: Vec<String> = servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{}:8080", s["address"].as_str().unwrap()))
+        .collect();
+    let mut routed: Vec<String> = status["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["active"] == true)
+        .map(|b| b["addr"].as_str().unwrap().to_string())
+        .collect();
     live.sort();
     routed.sort();
     assert_eq!(routed, live);
@@ -174,13 +226,21 @@ fn manual_rollback_under_load_drops_nothing() {
     assert_eq!(request(port).unwrap(), "v2\n");
     let load = Load::start(port, 4);
     let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
-    assert!(run.stdout.contains("back to the images of release #1") && run.stdout.contains("image changed (web@2 → web@1)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("back to the images of release #1")
+            && run.stdout.contains("image changed (web@2 → web@1)"),
+        "{}",
+        run.stdout
+    );
     load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v1\n");
     let history = p.kiln(&["history", "staging"]).ok().stdout;
     assert!(history.contains("rollback"), "{history}");
     // gc keeps what releases ran, so a rollback always has its images.
-    let gc = p.kiln(&["image", "gc", "--keep", "0", "--json"]).ok().json();
+    let gc = p
+        .kiln(&["image", "gc", "--keep", "0", "--json"])
+        .ok()
+        .json();
     assert!(gc["versions"].as_array().unwrap().is_empty(), "{gc}");
 }
 
@@ -201,25 +261,45 @@ fn failed_rollout_rolls_back_automatically_under_load() {
     p.write("images/api/files/srv/www/other", "x\n");
     p.kiln(&["image", "build", "--all"]).ok();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("-C").arg(p.path()).args(["apply", "staging", "--yes"]).env("KILN_HEALTH_TIMEOUT", "2s").env("NO_COLOR", "1")
-        .output().unwrap();
+        .arg("-C")
+        .arg(p.path())
+        .args(["apply", "staging", "--yes"])
+        .env("KILN_HEALTH_TIMEOUT", "2s")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("did not become healthy") && stderr.contains("rolled back automatically to the images of release #1"), "{stderr}");
+    assert!(
+        stderr.contains("did not become healthy")
+            && stderr.contains("rolled back automatically to the images of release #1"),
+        "{stderr}"
+    );
     load.finish_clean(50);
-    assert_eq!(request(port).unwrap(), "v1\n", "web is back on its previous image");
+    assert_eq!(
+        request(port).unwrap(),
+        "v1\n",
+        "web is back on its previous image"
+    );
     let servers = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
     for s in servers.as_array().unwrap() {
         assert!(s["image"] == "web@1" || s["image"] == "api@1", "{s}");
     }
     let history = p.kiln(&["history", "staging"]).ok().stdout;
-    assert!(history.contains("failed") && history.contains("rollback (automatic)"), "{history}");
+    assert!(
+        history.contains("failed") && history.contains("rollback (automatic)"),
+        "{history}"
+    );
 }
 
 #[test]
 fn blue_green_switches_in_one_step_and_switches_back_instantly() {
     let port = free_port();
-    let p = project_with("10.77.24.0/24", port, "strategy = { kind = \"blue_green\", rollback_window = \"10m\" }");
+    let p = project_with(
+        "10.77.24.0/24",
+        port,
+        "strategy = { kind = \"blue_green\", rollback_window = \"10m\" }",
+    );
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let blue: Vec<String> = p.ids();
@@ -227,13 +307,29 @@ fn blue_green_switches_in_one_step_and_switches_back_instantly() {
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
     let plan = p.kiln(&["plan", "staging"]).ok();
-    assert!(plan.stdout.contains("batch 1 (3 servers, blue-green: all up and healthy, then one switch)"), "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("batch 1 (3 servers, blue-green: all up and healthy, then one switch)"),
+        "{}",
+        plan.stdout
+    );
     let run = p.kiln(&["apply", "staging", "--yes"]).ok();
-    assert_eq!(run.stderr.matches("switched to the new servers").count(), 1, "one switch: {}", run.stderr);
+    assert_eq!(
+        run.stderr.matches("switched to the new servers").count(),
+        1,
+        "one switch: {}",
+        run.stderr
+    );
     assert_eq!(request(port).unwrap(), "v2\n");
     // The blue set is warm, out of the balancer.
     let list = p.kiln(&["server", "list", "staging", "--json"]).ok().json();
-    let standby: Vec<String> = list.as_array().unwrap().iter().filter(|s| s["status"] == "standby").map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let standby: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "standby")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(standby.len(), 3, "{list}");
     assert!(standby.iter().all(|id| blue.contains(id)));
     // Rollback inside the window: a switch back to the warm servers, no new server.
@@ -242,7 +338,16 @@ fn blue_green_switches_in_one_step_and_switches_back_instantly() {
     assert!(!run.stderr.contains("creating"), "{}", run.stderr);
     load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v1\n");
-    let mut now: Vec<String> = p.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().iter().filter(|s| s["status"] == "running").map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let mut now: Vec<String> = p
+        .kiln(&["server", "list", "staging", "--json"])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "running")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
     now.sort();
     assert_eq!(now, blue, "the very same blue servers serve again");
 }
@@ -250,7 +355,11 @@ fn blue_green_switches_in_one_step_and_switches_back_instantly() {
 #[test]
 fn failing_canary_is_rolled_back_without_a_failed_request() {
     let port = free_port();
-    let p = project_with("10.77.25.0/24", port, "strategy = { kind = \"canary\", share = 34, bake = \"3s\" }");
+    let p = project_with(
+        "10.77.25.0/24",
+        port,
+        "strategy = { kind = \"canary\", share = 34, bake = \"3s\" }",
+    );
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let before = p.ids();
@@ -259,10 +368,20 @@ fn failing_canary_is_rolled_back_without_a_failed_request() {
     // passes at first and goes away a second later, during the bake.
     let spec = std::fs::read_to_string(p.path().join("kiln.toml")).unwrap();
     let spec = spec.replace(r#"entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]"#, r#"entrypoint = ["/bin/sh", "-c", "/bin/busybox httpd -f -p 8081 -h /srv/www & H=$!; /bin/busybox httpd -f -p 8080 -h /srv/www & sleep 1; kill $H; wait"]"#);
-    p.write("kiln.toml", &spec.replace(r#"health = { http = "/healthz", port = 8080 }"#, r#"health = { http = "/healthz", port = 8081 }"#));
+    p.write(
+        "kiln.toml",
+        &spec.replace(
+            r#"health = { http = "/healthz", port = 8080 }"#,
+            r#"health = { http = "/healthz", port = 8081 }"#,
+        ),
+    );
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).expect(1);
-    assert!(run.stderr.contains("canary of `web` failed"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("canary of `web` failed"),
+        "{}",
+        run.stderr
+    );
     load.finish_clean(50);
     assert_eq!(p.ids(), before, "the old servers never left");
     assert_eq!(request(port).unwrap(), "v1\n");
@@ -273,10 +392,17 @@ fn canary_answering_server_errors_fails_the_error_rate_gate() {
     // v2 stays healthy (`/healthz` is a static file) but its application,
     // a CGI, answers 500: only the balancer's view of real traffic sees it.
     let port = free_port();
-    let p = project_with("10.77.29.0/24", port, "strategy = { kind = \"canary\", share = 34, bake = \"3s\", max_error_rate = 0.05 }");
+    let p = project_with(
+        "10.77.29.0/24",
+        port,
+        "strategy = { kind = \"canary\", share = 34, bake = \"3s\", max_error_rate = 0.05 }",
+    );
     let _t = Teardown(&p);
     let app = |body: &str| {
-        let f = p.write("images/web/files/srv/www/cgi-bin/app", &format!("#!/bin/sh\n{body}\n"));
+        let f = p.write(
+            "images/web/files/srv/www/cgi-bin/app",
+            &format!("#!/bin/sh\n{body}\n"),
+        );
         std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     };
     app("printf 'Content-Type: text/plain\\r\\n\\r\\nv1\\n'");
@@ -288,10 +414,19 @@ fn canary_answering_server_errors_fails_the_error_rate_gate() {
     app("printf 'Status: 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\n\\r\\nbroken\\n'");
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).expect(1);
-    assert!(run.stderr.contains("canary of `web` failed: error rate") && run.stderr.contains("at the balancer is above 0.05"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("canary of `web` failed: error rate")
+            && run.stderr.contains("at the balancer is above 0.05"),
+        "{}",
+        run.stderr
+    );
     let (ok, failed, errors) = load.finish();
     // The canary's share of clients saw its errors, and only them.
-    assert!(failed > 0 && errors.iter().all(|e| e.contains("500")), "{failed} failed: {:?}", &errors[..errors.len().min(5)]);
+    assert!(
+        failed > 0 && errors.iter().all(|e| e.contains("500")),
+        "{failed} failed: {:?}",
+        &errors[..errors.len().min(5)]
+    );
     assert!(ok > failed, "{ok} ok, {failed} failed");
     assert_eq!(p.ids(), before, "the old servers never left");
     assert_eq!(request_path(port, "/cgi-bin/app").unwrap(), "v1\n");
@@ -300,19 +435,25 @@ fn canary_answering_server_errors_fails_the_error_rate_gate() {
 #[test]
 fn passing_canary_bakes_then_rolls_on() {
     let port = free_port();
-    let p = project_with("10.77.26.0/24", port, "strategy = { kind = \"canary\", share = 34, bake = \"1s\" }");
+    let p = project_with(
+        "10.77.26.0/24",
+        port,
+        "strategy = { kind = \"canary\", share = 34, bake = \"1s\" }",
+    );
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let load = Load::start(port, 4);
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).ok();
-    assert!(run.stderr.contains("canary of web baking for 1s"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("canary of web baking for 1s"),
+        "{}",
+        run.stderr
+    );
     load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v2\n");
 }
-
-
 
 #[test]
 fn balancer_takes_a_failing_server_out_of_rotation_and_back() {
@@ -334,26 +475,48 @@ fn balancer_takes_a_failing_server_out_of_rotation_and_back() {
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let unhealthy = || p.web_backends().iter().filter(|b| !b.healthy).count();
-    wait_until("every backend healthy", || p.web_backends().len() == 3 && unhealthy() == 0);
+    wait_until("every backend healthy", || {
+        p.web_backends().len() == 3 && unhealthy() == 0
+    });
 
     // Slot 1 starts failing: the balancer's own checks take it out.
     std::fs::remove_file(www(1).join("healthz")).unwrap();
     std::fs::remove_file(www(1).join("index.html")).unwrap();
     wait_until("slot 1 taken out", || unhealthy() == 1);
     let listed = p.servers();
-    assert_eq!(listed.iter().filter(|s| s["balancer"] == "failing checks").count(), 1, "{listed:?}");
-    assert_eq!(listed.iter().filter(|s| s["balancer"] == "in rotation").count(), 2, "{listed:?}");
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|s| s["balancer"] == "failing checks")
+            .count(),
+        1,
+        "{listed:?}"
+    );
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|s| s["balancer"] == "in rotation")
+            .count(),
+        2,
+        "{listed:?}"
+    );
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..150 {
         let body = request(port).expect("every request is served by a passing server");
         seen.insert(body);
     }
-    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["slot-0\n", "slot-2\n"]);
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["slot-0\n", "slot-2\n"]
+    );
 
     // It recovers: back in rotation after `rise` passing checks.
     std::fs::write(www(1).join("index.html"), "slot-1\n").unwrap();
     std::fs::write(www(1).join("healthz"), "ok\n").unwrap();
     wait_until("slot 1 back", || unhealthy() == 0);
-    let back = (0..150).filter_map(|_| request(port).ok()).filter(|b| b == "slot-1\n").count();
+    let back = (0..150)
+        .filter_map(|_| request(port).ok())
+        .filter(|b| b == "slot-1\n")
+        .count();
     assert!(back > 0, "slot 1 never served again");
 }

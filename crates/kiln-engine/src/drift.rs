@@ -38,15 +38,32 @@ pub struct Report {
 /// The report as text: a summary line, then findings grouped by server,
 /// one `KIND DETAIL` line each. Colours are the CLI's.
 pub fn render(report: &Report) -> String {
-    let ignored = |pre: &str, post: &str| if report.ignored > 0 { format!("{pre}{} ignored{post}", report.ignored) } else { String::new() };
+    let ignored = |pre: &str, post: &str| {
+        if report.ignored > 0 {
+            format!("{pre}{} ignored{post}", report.ignored)
+        } else {
+            String::new()
+        }
+    };
     if report.findings.is_empty() {
-        let mut out = format!("no drift in `{}`: {} servers match their declaration ({} image versions verified", report.env, report.servers, report.images_verified.len());
+        let mut out = format!(
+            "no drift in `{}`: {} servers match their declaration ({} image versions verified",
+            report.env,
+            report.servers,
+            report.images_verified.len()
+        );
         out.push_str(&ignored(", ", " findings"));
         out.push_str(").\n");
         return out;
     }
     let servers: BTreeSet<&str> = report.findings.iter().map(|f| f.server.as_str()).collect();
-    let mut out = format!("DRIFT in `{}`: {} findings on {} servers{}\n", report.env, report.findings.len(), servers.len(), ignored(" (", ")"));
+    let mut out = format!(
+        "DRIFT in `{}`: {} findings on {} servers{}\n",
+        report.env,
+        report.findings.len(),
+        servers.len(),
+        ignored(" (", ")")
+    );
     let mut last = "";
     for f in &report.findings {
         if f.server != last {
@@ -70,14 +87,23 @@ struct Ignore {
 }
 
 fn load_ignores(dir: &Path, now: i64) -> Vec<Ignore> {
-    let Ok(text) = std::fs::read_to_string(dir.join(".kilnignore")) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string(dir.join(".kilnignore")) else {
+        return Vec::new();
+    };
     text.lines()
         .filter_map(|l| {
             let l = l.split('#').next().unwrap_or("").trim();
             let mut f = l.split_whitespace();
             let (kind, server, path) = (f.next()?, f.next()?, f.next()?);
-            let until = f.find_map(|w| w.strip_prefix("until=")).and_then(chrono_day);
-            Some(Ignore { kind: kind.into(), server: server.into(), path: path.into(), until })
+            let until = f
+                .find_map(|w| w.strip_prefix("until="))
+                .and_then(chrono_day);
+            Some(Ignore {
+                kind: kind.into(),
+                server: server.into(),
+                path: path.into(),
+                until,
+            })
         })
         .filter(|i| i.until.is_none_or(|u| u > now))
         .collect()
@@ -97,8 +123,14 @@ fn chrono_day(s: &str) -> Option<i64> {
 
 impl Ignore {
     fn matches(&self, f: &Finding) -> bool {
-        let path = f.detail.split_whitespace().find(|w| w.starts_with('/')).unwrap_or("");
-        (self.kind == "*" || self.kind == f.kind) && (self.server == "*" || self.server == f.server) && (self.path == "*" || path.starts_with(&self.path))
+        let path = f
+            .detail
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .unwrap_or("");
+        (self.kind == "*" || self.kind == f.kind)
+            && (self.server == "*" || self.server == f.server)
+            && (self.path == "*" || path.starts_with(&self.path))
     }
 }
 
@@ -106,12 +138,20 @@ impl Engine<'_> {
     /// Backends a role's balancer routes to that are no running server of
     /// that role in the state: (role, address:port). A hand-edited
     /// balancer, or one left behind by a crash.
-    pub fn unknown_backends(&self, env_name: &str, servers: &[kiln_model::Server]) -> Result<Vec<(String, String)>> {
+    pub fn unknown_backends(
+        &self,
+        env_name: &str,
+        servers: &[kiln_model::Server],
+    ) -> Result<Vec<(String, String)>> {
         let env = self.env(env_name)?;
         let mut out = Vec::new();
         for role in env.roles.values() {
             let Some(b) = &role.balancer else { continue };
-            let known: BTreeSet<String> = servers.iter().filter(|s| s.role == role.name && s.status == ServerStatus::Running).map(|s| format!("{}:{}", s.address, b.port)).collect();
+            let known: BTreeSet<String> = servers
+                .iter()
+                .filter(|s| s.role == role.name && s.status == ServerStatus::Running)
+                .map(|s| format!("{}:{}", s.address, b.port))
+                .collect();
             for addr in self.provider.balancer_backends(env_name, &role.name) {
                 if !known.contains(&addr) {
                     out.push((role.name.clone(), addr));
@@ -129,19 +169,45 @@ impl Engine<'_> {
         let now = (self.clock)();
         let servers = self.state.servers(Some(env_name))?;
         let running = self.provider.inventory(env_name)?;
-        let alive: BTreeSet<&str> = running.iter().filter(|r| r.alive).map(|r| r.id.as_str()).collect();
+        let alive: BTreeSet<&str> = running
+            .iter()
+            .filter(|r| r.alive)
+            .map(|r| r.id.as_str())
+            .collect();
         let known: BTreeSet<&str> = servers.iter().map(|s| s.id.as_str()).collect();
         let mut findings = Vec::new();
-        let mut push = |server: &str, kind: &str, detail: String| findings.push(Finding { server: server.into(), kind: kind.into(), detail });
+        let mut push = |server: &str, kind: &str, detail: String| {
+            findings.push(Finding {
+                server: server.into(),
+                kind: kind.into(),
+                detail,
+            })
+        };
 
         for r in running.iter().filter(|r| !known.contains(r.id.as_str())) {
-            push(&r.id, "unmanaged", format!("sandbox labelled `{env_name}` (role `{}`) that the state does not know", r.role));
+            push(
+                &r.id,
+                "unmanaged",
+                format!(
+                    "sandbox labelled `{env_name}` (role `{}`) that the state does not know",
+                    r.role
+                ),
+            );
         }
-        for s in servers.iter().filter(|s| matches!(s.status, ServerStatus::Running | ServerStatus::Standby) && !alive.contains(s.id.as_str())) {
-            push(&s.id, "unmanaged", "in the state, but its process is gone".into());
+        for s in servers.iter().filter(|s| {
+            matches!(s.status, ServerStatus::Running | ServerStatus::Standby)
+                && !alive.contains(s.id.as_str())
+        }) {
+            push(
+                &s.id,
+                "unmanaged",
+                "in the state, but its process is gone".into(),
+            );
         }
         for role in env.roles.values().filter(|r| r.balancer.is_some()) {
-            let serving = servers.iter().any(|s| s.role == role.name && s.status == ServerStatus::Running);
+            let serving = servers
+                .iter()
+                .any(|s| s.role == role.name && s.status == ServerStatus::Running);
             if serving && !self.provider.balancer_alive(env_name, &role.name) {
                 push(&format!("balancer:{}", role.name), "config", format!("the balancer of role `{}` is not running: its front is down (reconcile restarts it)", role.name));
             }
@@ -162,7 +228,14 @@ impl Engine<'_> {
                     verified.push(image.to_string());
                     for s in on {
                         for d in &v.differences {
-                            push(&s.id, "files", d.to_string().split_whitespace().collect::<Vec<_>>().join(" "));
+                            push(
+                                &s.id,
+                                "files",
+                                d.to_string()
+                                    .split_whitespace()
+                                    .collect::<Vec<_>>()
+                                    .join(" "),
+                            );
                         }
                         for b in &v.corrupt_blobs {
                             push(&s.id, "files", format!("image blob {b} is corrupt"));
@@ -171,7 +244,11 @@ impl Engine<'_> {
                 }
                 Err(e) => {
                     for s in on {
-                        push(&s.id, "files", format!("image {image} cannot be verified: {e}"));
+                        push(
+                            &s.id,
+                            "files",
+                            format!("image {image} cannot be verified: {e}"),
+                        );
                     }
                 }
             }
@@ -180,13 +257,35 @@ impl Engine<'_> {
         let targets = self.targets(env).unwrap_or_default();
         for s in servers.iter().filter(|s| alive.contains(s.id.as_str())) {
             let Some(role) = env.roles.get(&s.role) else {
-                push(&s.id, "unmanaged", format!("role `{}` is no longer declared", s.role));
+                push(
+                    &s.id,
+                    "unmanaged",
+                    format!("role `{}` is no longer declared", s.role),
+                );
                 continue;
             };
-            let volumes: Vec<(String, std::path::PathBuf)> = role.volumes.iter().map(|v| (v.path.clone(), self.store.root().join("volumes").join(env_name).join(format!("{}-{}", s.role, s.slot)).join(&v.name))).collect();
+            let volumes: Vec<(String, std::path::PathBuf)> = role
+                .volumes
+                .iter()
+                .map(|v| {
+                    (
+                        v.path.clone(),
+                        self.store
+                            .root()
+                            .join("volumes")
+                            .join(env_name)
+                            .join(format!("{}-{}", s.role, s.slot))
+                            .join(&v.name),
+                    )
+                })
+                .collect();
             let seen = self.provider.inspect(env_name, &s.id, &volumes);
             for p in &seen.foreign_processes {
-                push(&s.id, "process", format!("process not started by the entrypoint (an interactive login?): {p}"));
+                push(
+                    &s.id,
+                    "process",
+                    format!("process not started by the entrypoint (an interactive login?): {p}"),
+                );
             }
             for (path, exec) in &seen.writable {
                 if *exec {
@@ -195,7 +294,10 @@ impl Engine<'_> {
                     push(&s.id, "writable", format!("new file {path}"));
                 }
             }
-            if let (Some(running), Ok(rec)) = (seen.root_inode, kiln_image::ops::resolve(self.store, &s.image)) {
+            if let (Some(running), Ok(rec)) = (
+                seen.root_inode,
+                kiln_image::ops::resolve(self.store, &s.image),
+            ) {
                 use std::os::unix::fs::MetadataExt;
                 if let Ok(m) = std::fs::metadata(self.store.root_path(&rec.digest)) {
                     if (m.dev(), m.ino()) != running {
@@ -205,7 +307,11 @@ impl Engine<'_> {
             }
             if let Some(label) = &seen.image_label {
                 if label != &s.image_digest {
-                    push(&s.id, "config", format!("runs image {label}, its release says {}", s.image_digest));
+                    push(
+                        &s.id,
+                        "config",
+                        format!("runs image {label}, its release says {}", s.image_digest),
+                    );
                 }
             }
             // Whatever listens must be declared: a port nobody declared is a
@@ -213,7 +319,8 @@ impl Engine<'_> {
             let mut declared: BTreeSet<u16> = role.ports.iter().copied().collect();
             declared.extend(role.balancer.as_ref().map(|b| b.port));
             declared.extend(role.health.as_ref().and_then(|h| match h {
-                kiln_model::HealthCheck::Http { port, .. } | kiln_model::HealthCheck::Tcp { port } => Some(*port),
+                kiln_model::HealthCheck::Http { port, .. }
+                | kiln_model::HealthCheck::Tcp { port } => Some(*port),
                 kiln_model::HealthCheck::Command { .. } => None,
             }));
             for port in seen.listening.iter().filter(|p| !declared.contains(p)) {
@@ -221,21 +328,41 @@ impl Engine<'_> {
             }
             if let Some(limit) = seen.memory_limit {
                 if limit != role.size.memory_bytes {
-                    push(&s.id, "config", format!("memory limit {limit} bytes, declared {}", role.size.memory_bytes));
+                    push(
+                        &s.id,
+                        "config",
+                        format!(
+                            "memory limit {limit} bytes, declared {}",
+                            role.size.memory_bytes
+                        ),
+                    );
                 }
             }
             if s.status == ServerStatus::Running {
                 if let Some(t) = targets.iter().find(|t| t.role == s.role) {
                     if t.image_digest != s.image_digest {
-                        push(&s.id, "stale", format!("runs {}, the role's current image is {}", s.image, t.image));
+                        push(
+                            &s.id,
+                            "stale",
+                            format!("runs {}, the role's current image is {}", s.image, t.image),
+                        );
                     } else if t.spec_hash != s.spec_hash {
-                        push(&s.id, "config", "created with a different role spec (size, ports, volumes or env)".into());
+                        push(
+                            &s.id,
+                            "config",
+                            "created with a different role spec (size, ports, volumes or env)"
+                                .into(),
+                        );
                     }
                 }
                 if let Some(ttl) = role.ttl_secs {
                     let age = (now - s.created).max(0) as u64;
                     if age > ttl {
-                        push(&s.id, "expired", format!("{} old, ttl {}", kiln_spec_fmt(age), kiln_spec_fmt(ttl)));
+                        push(
+                            &s.id,
+                            "expired",
+                            format!("{} old, ttl {}", kiln_spec_fmt(age), kiln_spec_fmt(ttl)),
+                        );
                     }
                 }
             }
@@ -245,14 +372,28 @@ impl Engine<'_> {
         findings.retain(|f| !ignores.iter().any(|i| i.matches(f)));
         let ignored = before - findings.len();
         findings.sort();
-        Ok(Report { env: env_name.into(), checked_at: now, servers: servers.len(), images_verified: verified, findings, ignored })
+        Ok(Report {
+            env: env_name.into(),
+            checked_at: now,
+            servers: servers.len(),
+            images_verified: verified,
+            findings,
+            ignored,
+        })
     }
 }
 
 fn kiln_spec_fmt(secs: u64) -> String {
     let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
     if d > 0 {
-        format!("{d}d{}", if h > 0 { format!("{h}h") } else { String::new() })
+        format!(
+            "{d}d{}",
+            if h > 0 {
+                format!("{h}h")
+            } else {
+                String::new()
+            }
+        )
     } else if h > 0 {
         format!("{h}h{m}m")
     } else {

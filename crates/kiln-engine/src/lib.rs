@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kiln_image::Store;
-use kiln_model::{Action, Change, EnvSpec, HealthCheck, Plan, Project, RoleTarget, Server, ServerStatus};
+use kiln_model::{
+    Action, Change, EnvSpec, HealthCheck, Plan, Project, RoleTarget, Server, ServerStatus,
+};
 use kiln_planner::Input;
 use kiln_provider::{Provider, ServerRequest};
 use kiln_state::State;
@@ -38,16 +40,29 @@ pub enum EngineError {
     NotBuilt { role: String, image: String },
     /// The plan was made against an older state of the environment.
     #[error("the plan is stale: it was made at generation {planned} of `{env}`, which is now at generation {current}; plan again")]
-    Stale { env: String, planned: i64, current: i64 },
+    Stale {
+        env: String,
+        planned: i64,
+        current: i64,
+    },
     /// The plan belongs to another environment.
     #[error("the plan is for environment `{plan}`, not `{env}`")]
     WrongEnv { plan: String, env: String },
     /// An image failed verification and cannot be launched.
     #[error("image {image} does not match its seal ({count} differences, first: {first}); rebuild it with `kiln image build`")]
-    Tampered { image: String, count: usize, first: String },
+    Tampered {
+        image: String,
+        count: usize,
+        first: String,
+    },
     /// A new server never passed its health check.
     #[error("server {server} ({role}) did not become healthy within {secs}s; the previous servers of `{role}` are still running. last log lines:\n{tail}")]
-    Unhealthy { server: String, role: String, secs: u64, tail: String },
+    Unhealthy {
+        server: String,
+        role: String,
+        secs: u64,
+        tail: String,
+    },
     /// The canary gate failed.
     #[error("canary of `{role}` failed: {reason}")]
     CanaryFailed { role: String, reason: String },
@@ -56,13 +71,24 @@ pub enum EngineError {
     NoRollback { env: String, reason: String },
     /// The environment requires approvals this plan does not have.
     #[error("`{env}` needs {required} approval(s) of the exact plan it applies, by someone other than its author; plan {hash} has {have}.\nSave a plan with `kiln plan {env} -o plan.json`, have it approved with `kiln approve {env} plan.json`, then run `kiln apply {env} plan.json`")]
-    NotApproved { env: String, required: u32, have: usize, hash: String },
+    NotApproved {
+        env: String,
+        required: u32,
+        have: usize,
+        hash: String,
+    },
     /// The author of a plan tried to approve it.
     #[error("{actor} made plan {hash}: someone else must approve it")]
     SelfApproval { actor: String, hash: String },
     /// The apply failed and the environment was returned to a previous release.
-    #[error("{cause}\nrolled back automatically to the images of release #{to} (as release #{release})")]
-    RolledBack { cause: Box<EngineError>, to: i64, release: i64 },
+    #[error(
+        "{cause}\nrolled back automatically to the images of release #{to} (as release #{release})"
+    )]
+    RolledBack {
+        cause: Box<EngineError>,
+        to: i64,
+        release: i64,
+    },
     #[error(transparent)]
     Plan(#[from] kiln_planner::PlanError),
     #[error(transparent)]
@@ -87,11 +113,19 @@ pub enum Progress {
     /// Cleanup before applying: what was found and done.
     Converged { detail: String },
     /// Step `index` of `total` starts (batch `change.batch`).
-    Step { index: usize, total: usize, change: Change },
+    Step {
+        index: usize,
+        total: usize,
+        change: Change,
+    },
     /// A new server is up and its health is being checked.
     Waiting { server: String, address: String },
     /// A server passed its health check.
-    Healthy { server: String, address: String, elapsed: Duration },
+    Healthy {
+        server: String,
+        address: String,
+        elapsed: Duration,
+    },
     /// A server is gone.
     Destroyed { server: String },
     /// The apply failed; the environment goes back to release `to`.
@@ -99,7 +133,10 @@ pub enum Progress {
     /// The balancer of these roles switched to the batch's new servers;
     /// `share` is, per role, (servers in the balancer on the plan's image,
     /// servers in the balancer).
-    Switched { roles: Vec<String>, share: Vec<(String, usize, usize)> },
+    Switched {
+        roles: Vec<String>,
+        share: Vec<(String, usize, usize)>,
+    },
     /// A server left the balancer and stays warm for `secs`.
     Standby { server: String, secs: u64 },
     /// Canary servers of `role` are watched for `secs`.
@@ -119,7 +156,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { health_timeout: Duration::from_secs(30), health_interval: Duration::from_millis(10), heal_probes: 3, heal_spacing: Duration::from_secs(1) }
+        Options {
+            health_timeout: Duration::from_secs(30),
+            health_interval: Duration::from_millis(10),
+            heal_probes: 3,
+            heal_spacing: Duration::from_secs(1),
+        }
     }
 }
 
@@ -143,7 +185,10 @@ pub struct Applied {
 
 impl<'a> Engine<'a> {
     pub fn env(&self, name: &str) -> Result<&'a EnvSpec> {
-        self.project.envs.get(name).ok_or_else(|| EngineError::UnknownEnv(name.to_string()))
+        self.project
+            .envs
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownEnv(name.to_string()))
     }
 
     /// What each role should run, from the image store's current versions.
@@ -151,7 +196,13 @@ impl<'a> Engine<'a> {
         env.roles
             .values()
             .map(|r| {
-                let rec = self.store.current_record(&r.image).map_err(|_| EngineError::NotBuilt { role: r.name.clone(), image: r.image.clone() })?;
+                let rec =
+                    self.store
+                        .current_record(&r.image)
+                        .map_err(|_| EngineError::NotBuilt {
+                            role: r.name.clone(),
+                            image: r.image.clone(),
+                        })?;
                 Ok(RoleTarget {
                     role: r.name.clone(),
                     image: format!("{}@{}", rec.name, rec.version),
@@ -167,8 +218,18 @@ impl<'a> Engine<'a> {
     /// Servers the state records for `env`, and which of them are not alive.
     pub fn observe(&self, env: &str) -> Result<(Vec<Server>, BTreeSet<String>)> {
         let servers = self.state.servers(Some(env))?;
-        let alive: BTreeSet<String> = self.provider.inventory(env)?.into_iter().filter(|r| r.alive).map(|r| r.id).collect();
-        let dead = servers.iter().filter(|s| !alive.contains(&s.id)).map(|s| s.id.clone()).collect();
+        let alive: BTreeSet<String> = self
+            .provider
+            .inventory(env)?
+            .into_iter()
+            .filter(|r| r.alive)
+            .map(|r| r.id)
+            .collect();
+        let dead = servers
+            .iter()
+            .filter(|s| !alive.contains(&s.id))
+            .map(|s| s.id.clone())
+            .collect();
         Ok((servers, dead))
     }
 
@@ -181,18 +242,39 @@ impl<'a> Engine<'a> {
     }
 
     /// Plans `env`. `random` gives new server id suffixes.
-    pub fn plan(&self, env_name: &str, cold: bool, random: &mut dyn FnMut() -> u16) -> Result<Plan> {
+    pub fn plan(
+        &self,
+        env_name: &str,
+        cold: bool,
+        random: &mut dyn FnMut() -> u16,
+    ) -> Result<Plan> {
         let targets = self.targets(self.env(env_name)?)?;
         self.plan_targets(env_name, targets, cold, random)
     }
 
     /// Plans `env` towards the given role targets (a previous release's, for a rollback).
-    pub fn plan_targets(&self, env_name: &str, targets: Vec<RoleTarget>, cold: bool, random: &mut dyn FnMut() -> u16) -> Result<Plan> {
+    pub fn plan_targets(
+        &self,
+        env_name: &str,
+        targets: Vec<RoleTarget>,
+        cold: bool,
+        random: &mut dyn FnMut() -> u16,
+    ) -> Result<Plan> {
         let env = self.env(env_name)?;
         let (observed, dead) = self.observe(env_name)?;
         let generation = self.state.generation(env_name)?;
         let taken = self.taken_ids()?;
-        let input = Input { env, targets: &targets, observed: &observed, dead: &dead, generation, now: (self.clock)(), cold, force: &Default::default(), taken: &taken };
+        let input = Input {
+            env,
+            targets: &targets,
+            observed: &observed,
+            dead: &dead,
+            generation,
+            now: (self.clock)(),
+            cold,
+            force: &Default::default(),
+            taken: &taken,
+        };
         Ok(kiln_planner::plan(&input, random)?)
     }
 
@@ -201,30 +283,61 @@ impl<'a> Engine<'a> {
     /// successful one.
     pub fn rollback_targets(&self, env: &str, to: Option<i64>) -> Result<(i64, Vec<RoleTarget>)> {
         let releases = self.state.releases(env)?;
-        let ok: Vec<&kiln_state::Release> = releases.iter().filter(|r| r.outcome == "succeeded" && r.kind != "destroy").collect();
+        let ok: Vec<&kiln_state::Release> = releases
+            .iter()
+            .filter(|r| r.outcome == "succeeded" && r.kind != "destroy")
+            .collect();
         let pick = match to {
-            Some(n) => releases.iter().find(|r| r.id == n).ok_or(EngineError::NoRollback { env: env.into(), reason: format!("there is no release #{n}") })?,
+            Some(n) => releases
+                .iter()
+                .find(|r| r.id == n)
+                .ok_or(EngineError::NoRollback {
+                    env: env.into(),
+                    reason: format!("there is no release #{n}"),
+                })?,
             None => {
-                let latest = ok.last().ok_or(EngineError::NoRollback { env: env.into(), reason: "no release succeeded yet".into() })?;
+                let latest = ok.last().ok_or(EngineError::NoRollback {
+                    env: env.into(),
+                    reason: "no release succeeded yet".into(),
+                })?;
                 let before = ok.iter().rev().find(|r| r.roles_json != latest.roles_json);
-                before.copied().ok_or(EngineError::NoRollback { env: env.into(), reason: "no earlier release runs different images".into() })?
+                before.copied().ok_or(EngineError::NoRollback {
+                    env: env.into(),
+                    reason: "no earlier release runs different images".into(),
+                })?
             }
         };
-        let targets: Vec<RoleTarget> = serde_json::from_str(&pick.roles_json).map_err(|e| EngineError::NoRollback { env: env.into(), reason: format!("release #{} has unreadable targets: {e}", pick.id) })?;
+        let targets: Vec<RoleTarget> =
+            serde_json::from_str(&pick.roles_json).map_err(|e| EngineError::NoRollback {
+                env: env.into(),
+                reason: format!("release #{} has unreadable targets: {e}", pick.id),
+            })?;
         if targets.is_empty() {
-            return Err(EngineError::NoRollback { env: env.into(), reason: format!("release #{} ran no servers", pick.id) });
+            return Err(EngineError::NoRollback {
+                env: env.into(),
+                reason: format!("release #{} ran no servers", pick.id),
+            });
         }
         // Roles declared since then keep their current target.
         let spec = self.env(env)?;
         let mut merged = self.targets(spec)?;
         for t in merged.iter_mut() {
             if let Some(old) = targets.iter().find(|o| o.role == t.role) {
-                *t = RoleTarget { servers: t.servers, ..old.clone() };
+                *t = RoleTarget {
+                    servers: t.servers,
+                    ..old.clone()
+                };
             }
         }
         for t in &merged {
             if kiln_image::ops::resolve(self.store, &t.image).is_err() {
-                return Err(EngineError::NoRollback { env: env.into(), reason: format!("image {} of release #{} is no longer in the store", t.image, pick.id) });
+                return Err(EngineError::NoRollback {
+                    env: env.into(),
+                    reason: format!(
+                        "image {} of release #{} is no longer in the store",
+                        t.image, pick.id
+                    ),
+                });
             }
         }
         Ok((pick.id, merged))
@@ -233,24 +346,46 @@ impl<'a> Engine<'a> {
     /// Applies `plan`; if a step fails after the environment started
     /// changing, returns it by itself to the last release that succeeded
     /// (through the same zero-downtime path) and reports both.
-    pub fn apply_or_roll_back(&self, plan: &Plan, kind: &str, random: &mut dyn FnMut() -> u16) -> Result<Applied> {
-        let before = self.state.releases(&plan.env)?.into_iter().rev().find(|r| r.outcome == "succeeded" && r.kind != "destroy");
+    pub fn apply_or_roll_back(
+        &self,
+        plan: &Plan,
+        kind: &str,
+        random: &mut dyn FnMut() -> u16,
+    ) -> Result<Applied> {
+        let before = self
+            .state
+            .releases(&plan.env)?
+            .into_iter()
+            .rev()
+            .find(|r| r.outcome == "succeeded" && r.kind != "destroy");
         match self.apply(plan, kind) {
             Ok(a) => Ok(a),
-            Err(e @ (EngineError::Unhealthy { .. } | EngineError::CanaryFailed { .. } | EngineError::Provider(_))) => {
+            Err(
+                e @ (EngineError::Unhealthy { .. }
+                | EngineError::CanaryFailed { .. }
+                | EngineError::Provider(_)),
+            ) => {
                 let Some(prev) = before else { return Err(e) };
-                let targets: Vec<RoleTarget> = serde_json::from_str(&prev.roles_json).unwrap_or_default();
+                let targets: Vec<RoleTarget> =
+                    serde_json::from_str(&prev.roles_json).unwrap_or_default();
                 if targets.is_empty() {
                     return Err(e);
                 }
-                (self.progress)(Progress::RollingBack { to: prev.id, reason: e.to_string().lines().next().unwrap_or("").to_string() });
+                (self.progress)(Progress::RollingBack {
+                    to: prev.id,
+                    reason: e.to_string().lines().next().unwrap_or("").to_string(),
+                });
                 let back = self.plan_targets(&plan.env, targets, false, random)?;
                 if back.is_empty() {
                     // The failure came before anything changed.
                     return Err(e);
                 }
                 let applied = self.apply(&back, "rollback (automatic)")?;
-                Err(EngineError::RolledBack { cause: Box::new(e), to: prev.id, release: applied.release })
+                Err(EngineError::RolledBack {
+                    cause: Box::new(e),
+                    to: prev.id,
+                    release: applied.release,
+                })
             }
             Err(e) => Err(e),
         }
@@ -262,15 +397,40 @@ impl<'a> Engine<'a> {
         let generation = self.state.generation(env_name)?;
         // Dependents go first: `app` before the `db` it depends on. Roles no
         // longer declared go before everything.
-        let order = self.project.envs.get(env_name).map(kiln_planner::role_order).unwrap_or_default();
+        let order = self
+            .project
+            .envs
+            .get(env_name)
+            .map(kiln_planner::role_order)
+            .unwrap_or_default();
         let rank = |role: &str| order.iter().position(|r| r == role).unwrap_or(usize::MAX);
         observed.sort_by(|a, b| rank(&b.role).cmp(&rank(&a.role)).then(a.id.cmp(&b.id)));
         let changes = observed
             .iter()
             .enumerate()
-            .map(|(i, s)| Change { batch: i as u32 + 1, ..Change::new(Action::Destroy, &s.role, &s.id, s.slot, "environment destroyed") })
+            .map(|(i, s)| Change {
+                batch: i as u32 + 1,
+                ..Change::new(
+                    Action::Destroy,
+                    &s.role,
+                    &s.id,
+                    s.slot,
+                    "environment destroyed",
+                )
+            })
             .collect();
-        Ok(Plan { format: kiln_planner::PLAN_FORMAT, env: env_name.to_string(), generation, created: (self.clock)(), order: vec![], targets: vec![], changes, cold: false, destroy: true, author: String::new() })
+        Ok(Plan {
+            format: kiln_planner::PLAN_FORMAT,
+            env: env_name.to_string(),
+            generation,
+            created: (self.clock)(),
+            order: vec![],
+            targets: vec![],
+            changes,
+            cold: false,
+            destroy: true,
+            author: String::new(),
+        })
     }
 
     /// Brings the runtime and the state into agreement before an apply:
@@ -281,13 +441,24 @@ impl<'a> Engine<'a> {
         let actor = kiln_state::actor();
         let mut done = Vec::new();
         let running = self.provider.inventory(env)?;
-        let alive: BTreeSet<&str> = running.iter().filter(|r| r.alive).map(|r| r.id.as_str()).collect();
-        let known: BTreeSet<String> = self.state.servers(Some(env))?.into_iter().map(|s| s.id).collect();
+        let alive: BTreeSet<&str> = running
+            .iter()
+            .filter(|r| r.alive)
+            .map(|r| r.id.as_str())
+            .collect();
+        let known: BTreeSet<String> = self
+            .state
+            .servers(Some(env))?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
         for s in self.state.servers(Some(env))? {
             let why = match s.status {
                 ServerStatus::Creating => Some("half-created by an interrupted apply"),
                 ServerStatus::Destroying => Some("half-destroyed by an interrupted apply"),
-                ServerStatus::Running | ServerStatus::Standby if !alive.contains(s.id.as_str()) => Some("its process is gone"),
+                ServerStatus::Running | ServerStatus::Standby if !alive.contains(s.id.as_str()) => {
+                    Some("its process is gone")
+                }
                 ServerStatus::Running | ServerStatus::Standby => None,
             };
             if let Some(why) = why {
@@ -295,15 +466,21 @@ impl<'a> Engine<'a> {
                 self.state.remove_server(&s.id)?;
                 let detail = format!("removed server {} ({why})", s.id);
                 self.state.record_event(env, &actor, "cleanup", &detail)?;
-                (self.progress)(Progress::Converged { detail: detail.clone() });
+                (self.progress)(Progress::Converged {
+                    detail: detail.clone(),
+                });
                 done.push(detail);
             }
         }
         // Whatever happened before, balancers route only to live servers.
         for (role, addr) in self.unknown_backends(env, &self.state.servers(Some(env))?)? {
-            let detail = format!("removed backend {addr} from the balancer of `{role}` (no server of the state)");
+            let detail = format!(
+                "removed backend {addr} from the balancer of `{role}` (no server of the state)"
+            );
             self.state.record_event(env, &actor, "cleanup", &detail)?;
-            (self.progress)(Progress::Converged { detail: detail.clone() });
+            (self.progress)(Progress::Converged {
+                detail: detail.clone(),
+            });
             done.push(detail);
         }
         if let Ok(spec) = self.env(env) {
@@ -313,9 +490,14 @@ impl<'a> Engine<'a> {
         }
         for r in running.iter().filter(|r| !known.contains(&r.id)) {
             self.provider.destroy(env, &r.id)?;
-            let detail = format!("removed stray server {} (labelled `{env}`, unknown to the state)", r.id);
+            let detail = format!(
+                "removed stray server {} (labelled `{env}`, unknown to the state)",
+                r.id
+            );
             self.state.record_event(env, &actor, "cleanup", &detail)?;
-            (self.progress)(Progress::Converged { detail: detail.clone() });
+            (self.progress)(Progress::Converged {
+                detail: detail.clone(),
+            });
             done.push(detail);
         }
         Ok(done)
@@ -342,16 +524,32 @@ impl<'a> Engine<'a> {
         self.env(&plan.env)?;
         let current = self.state.generation(&plan.env)?;
         if current != plan.generation {
-            return Err(EngineError::Stale { env: plan.env.clone(), planned: plan.generation, current });
+            return Err(EngineError::Stale {
+                env: plan.env.clone(),
+                planned: plan.generation,
+                current,
+            });
         }
         let hash = plan_hash(plan);
         if actor == plan.author {
-            return Err(EngineError::SelfApproval { actor: actor.to_string(), hash });
+            return Err(EngineError::SelfApproval {
+                actor: actor.to_string(),
+                hash,
+            });
         }
         self.audit_as(&plan.env, actor, "approve", &hash, "approved")?;
         let approvers = self.approvers(plan)?;
         let required = self.env(&plan.env)?.approvals;
-        self.state.record_event(&plan.env, actor, "approve", &format!("approved plan {hash} by {} ({} of {required})", plan.author, approvers.len()))?;
+        self.state.record_event(
+            &plan.env,
+            actor,
+            "approve",
+            &format!(
+                "approved plan {hash} by {} ({} of {required})",
+                plan.author,
+                approvers.len()
+            ),
+        )?;
         Ok(approvers)
     }
 
@@ -360,7 +558,12 @@ impl<'a> Engine<'a> {
         let hash = plan_hash(plan);
         let mut out: Vec<String> = Vec::new();
         for e in self.state.audit(Some(&plan.env))? {
-            if e.action == "approve" && e.plan_hash == hash && e.outcome == "approved" && e.actor != plan.author && !out.contains(&e.actor) {
+            if e.action == "approve"
+                && e.plan_hash == hash
+                && e.outcome == "approved"
+                && e.actor != plan.author
+                && !out.contains(&e.actor)
+            {
                 out.push(e.actor);
             }
         }
@@ -374,12 +577,20 @@ impl<'a> Engine<'a> {
     /// nobody is awake.
     pub fn check_approved(&self, plan: &Plan, kind: &str) -> Result<()> {
         let required = self.env(&plan.env)?.approvals;
-        if required == 0 || !matches!(kind, "apply" | "deploy --cold" | "destroy") || plan.is_empty() {
+        if required == 0
+            || !matches!(kind, "apply" | "deploy --cold" | "destroy")
+            || plan.is_empty()
+        {
             return Ok(());
         }
         let have = self.approvers(plan)?.len();
         if have < required as usize {
-            return Err(EngineError::NotApproved { env: plan.env.clone(), required, have, hash: plan_hash(plan) });
+            return Err(EngineError::NotApproved {
+                env: plan.env.clone(),
+                required,
+                have,
+                hash: plan_hash(plan),
+            });
         }
         Ok(())
     }
@@ -390,13 +601,31 @@ impl<'a> Engine<'a> {
         self.audit_as(env, &kiln_state::actor(), action, plan_hash, outcome)
     }
 
-    fn audit_as(&self, env: &str, actor: &str, action: &str, plan_hash: &str, outcome: &str) -> Result<()> {
+    fn audit_as(
+        &self,
+        env: &str,
+        actor: &str,
+        action: &str,
+        plan_hash: &str,
+        outcome: &str,
+    ) -> Result<()> {
         let actor = actor.to_string();
-        let ids = self.project.envs.get(env).map(|e| e.pipeline_identities.clone()).unwrap_or_default();
+        let ids = self
+            .project
+            .envs
+            .get(env)
+            .map(|e| e.pipeline_identities.clone())
+            .unwrap_or_default();
         let pipeline = ids.is_empty() || ids.contains(&actor);
-        let entry = self.state.append_audit(env, &actor, action, plan_hash, outcome, pipeline)?;
+        let entry = self
+            .state
+            .append_audit(env, &actor, action, plan_hash, outcome, pipeline)?;
         if !pipeline {
-            self.alarm(env, "non_pipeline_write", serde_json::to_value(&entry).unwrap_or_default());
+            self.alarm(
+                env,
+                "non_pipeline_write",
+                serde_json::to_value(&entry).unwrap_or_default(),
+            );
         }
         Ok(())
     }
@@ -405,7 +634,9 @@ impl<'a> Engine<'a> {
     /// an `http://` URL gets a POST, anything else runs as a shell command
     /// with the body on stdin. A failing hook is logged, never fatal.
     pub fn alarm(&self, env: &str, kind: &str, detail: serde_json::Value) {
-        let Some(hook) = self.project.envs.get(env).and_then(|e| e.alarm.clone()) else { return };
+        let Some(hook) = self.project.envs.get(env).and_then(|e| e.alarm.clone()) else {
+            return;
+        };
         let body = serde_json::json!({ "env": env, "kind": kind, "time": (self.clock)(), "detail": detail }).to_string();
         let sent = if let Some(rest) = hook.strip_prefix("http://") {
             post(rest, &body)
@@ -422,43 +653,87 @@ impl<'a> Engine<'a> {
         let _lock = self.state.lock(env_name, kind)?;
         let current = self.state.generation(env_name)?;
         if current != plan.generation {
-            return Err(EngineError::Stale { env: env_name.into(), planned: plan.generation, current });
+            return Err(EngineError::Stale {
+                env: env_name.into(),
+                planned: plan.generation,
+                current,
+            });
         }
         self.check_approved(plan, kind)?;
         self.verify_images(plan)?;
         self.converge_runtime(env_name)?;
         let actor = kiln_state::actor();
         let plan_hash = plan_hash(plan);
-        let summary = format!("{} to create, {} to replace, {} to destroy", plan.count(Action::Create), plan.count(Action::Replace), plan.count(Action::Destroy));
+        let summary = format!(
+            "{} to create, {} to replace, {} to destroy",
+            plan.count(Action::Create),
+            plan.count(Action::Replace),
+            plan.count(Action::Destroy)
+        );
         let roles_json = serde_json::to_string(&plan.targets).expect("targets serialize");
-        let release = self.state.begin_release(env_name, &actor, kind, &plan_hash, &summary, &roles_json)?;
+        let release =
+            self.state
+                .begin_release(env_name, &actor, kind, &plan_hash, &summary, &roles_json)?;
         let total = plan.changes.len();
         let mut i = 0;
         while i < total {
             let batch = plan.changes[i].batch;
-            let n = plan.changes[i..].iter().take_while(|c| c.batch == batch).count();
+            let n = plan.changes[i..]
+                .iter()
+                .take_while(|c| c.batch == batch)
+                .count();
             let group = &plan.changes[i..i + n];
             for (k, change) in group.iter().enumerate() {
-                (self.progress)(Progress::Step { index: i + k + 1, total, change: change.clone() });
+                (self.progress)(Progress::Step {
+                    index: i + k + 1,
+                    total,
+                    change: change.clone(),
+                });
                 let what = format!("{:?} {}", change.action, change.reason).to_lowercase();
-                self.state.step_started(env_name, release, (i + k) as u32, &format!("{:?}", change.action).to_lowercase(), &change.server, &what)?;
+                self.state.step_started(
+                    env_name,
+                    release,
+                    (i + k) as u32,
+                    &format!("{:?}", change.action).to_lowercase(),
+                    &change.server,
+                    &what,
+                )?;
             }
-            let single = n == 1 && !group[0].promote && group[0].keep_warm_secs.is_none() && group[0].bake_secs.is_none();
-            let result = if single || batch == 0 { group.iter().try_for_each(|c| self.step(plan, c, release)) } else { self.batch(plan, group, release) };
+            let single = n == 1
+                && !group[0].promote
+                && group[0].keep_warm_secs.is_none()
+                && group[0].bake_secs.is_none();
+            let result = if single || batch == 0 {
+                group.iter().try_for_each(|c| self.step(plan, c, release))
+            } else {
+                self.batch(plan, group, release)
+            };
             if let Err(e) = result {
                 for k in 0..n {
-                    self.state.step_finished(env_name, release, (i + k) as u32, false, &e.to_string())?;
+                    self.state.step_finished(
+                        env_name,
+                        release,
+                        (i + k) as u32,
+                        false,
+                        &e.to_string(),
+                    )?;
                 }
-                self.state.finish_release(env_name, release, "failed", &e.to_string())?;
+                self.state
+                    .finish_release(env_name, release, "failed", &e.to_string())?;
                 return Err(e);
             }
             for k in 0..n {
-                self.state.step_finished(env_name, release, (i + k) as u32, true, "")?;
+                self.state
+                    .step_finished(env_name, release, (i + k) as u32, true, "")?;
             }
             i += n;
         }
-        self.state.finish_release(env_name, release, "succeeded", &summary)?;
-        Ok(Applied { release, changes: total })
+        self.state
+            .finish_release(env_name, release, "succeeded", &summary)?;
+        Ok(Applied {
+            release,
+            changes: total,
+        })
     }
 
     fn verify_images(&self, plan: &Plan) -> Result<()> {
@@ -470,8 +745,17 @@ impl<'a> Engine<'a> {
             }
             let v = kiln_image::ops::verify(self.store, &image)?;
             if !v.ok() {
-                let first = v.differences.first().map(|d| d.to_string()).or_else(|| v.corrupt_blobs.first().map(|b| format!("corrupt blob {b}"))).unwrap_or_default();
-                return Err(EngineError::Tampered { image, count: v.differences.len() + v.corrupt_blobs.len(), first: first.split_whitespace().collect::<Vec<_>>().join(" ") });
+                let first = v
+                    .differences
+                    .first()
+                    .map(|d| d.to_string())
+                    .or_else(|| v.corrupt_blobs.first().map(|b| format!("corrupt blob {b}")))
+                    .unwrap_or_default();
+                return Err(EngineError::Tampered {
+                    image,
+                    count: v.differences.len() + v.corrupt_blobs.len(),
+                    first: first.split_whitespace().collect::<Vec<_>>().join(" "),
+                });
             }
         }
         Ok(())
@@ -486,18 +770,24 @@ impl<'a> Engine<'a> {
         let env = plan.env.as_str();
         // Destroy-first replacements (rolling `max_unavailable`) leave the
         // balancer, drain and stop before anything of the batch starts.
-        for c in group.iter().filter(|c| c.action == Action::Replace && c.cold && !c.promote) {
+        for c in group
+            .iter()
+            .filter(|c| c.action == Action::Replace && c.cold && !c.promote)
+        {
             self.destroy(env, &c.server)?;
         }
         let mut fresh: Vec<String> = Vec::new();
         let mut result = Ok(());
         for c in group {
             let r = match (c.action, c.promote) {
-                (Action::Create, _) => self.create_quiet(plan, c, &c.server, release).map(|_| fresh.push(c.server.clone())),
+                (Action::Create, _) => self
+                    .create_quiet(plan, c, &c.server, release)
+                    .map(|_| fresh.push(c.server.clone())),
                 (Action::Replace, true) => self.promote(plan, c, release),
                 (Action::Replace, false) => {
                     let id = c.replacement.clone().unwrap_or_default();
-                    self.create_quiet(plan, c, &id, release).map(|_| fresh.push(id))
+                    self.create_quiet(plan, c, &id, release)
+                        .map(|_| fresh.push(id))
                 }
                 (Action::Destroy, _) => Ok(()),
             };
@@ -513,18 +803,42 @@ impl<'a> Engine<'a> {
             }
             return Err(e);
         }
-        let old: Vec<String> = group.iter().filter(|c| c.action != Action::Create && !(c.action == Action::Replace && c.cold && !c.promote)).map(|c| c.server.clone()).collect();
+        let old: Vec<String> = group
+            .iter()
+            .filter(|c| {
+                c.action != Action::Create && !(c.action == Action::Replace && c.cold && !c.promote)
+            })
+            .map(|c| c.server.clone())
+            .collect();
         let roles: BTreeSet<&str> = group.iter().map(|c| c.role.as_str()).collect();
         for role in &roles {
             self.rebalance_without(env, role, &old)?;
         }
         let mut share = Vec::new();
         for role in &roles {
-            let image = group.iter().find(|c| c.role == *role).and_then(|c| c.image.clone()).unwrap_or_default();
-            let serving: Vec<kiln_model::Server> = self.state.servers(Some(env))?.into_iter().filter(|s| s.role == *role && s.status == ServerStatus::Running && !old.contains(&s.id)).collect();
-            share.push((role.to_string(), serving.iter().filter(|s| s.image == image).count(), serving.len()));
+            let image = group
+                .iter()
+                .find(|c| c.role == *role)
+                .and_then(|c| c.image.clone())
+                .unwrap_or_default();
+            let serving: Vec<kiln_model::Server> = self
+                .state
+                .servers(Some(env))?
+                .into_iter()
+                .filter(|s| {
+                    s.role == *role && s.status == ServerStatus::Running && !old.contains(&s.id)
+                })
+                .collect();
+            share.push((
+                role.to_string(),
+                serving.iter().filter(|s| s.image == image).count(),
+                serving.len(),
+            ));
         }
-        (self.progress)(Progress::Switched { roles: roles.iter().map(|r| r.to_string()).collect(), share });
+        (self.progress)(Progress::Switched {
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            share,
+        });
         if let Some(c) = group.iter().find(|c| c.bake_secs.is_some()) {
             let new_ids: Vec<String> = group.iter().filter_map(|c| c.replacement.clone()).collect();
             if let Err(e) = self.bake(plan, c, &new_ids, release) {
@@ -542,8 +856,12 @@ impl<'a> Engine<'a> {
             self.drain(env, &c.server)?;
             match c.keep_warm_secs {
                 Some(secs) => {
-                    self.state.set_standby(&c.server, (self.clock)() + secs as i64)?;
-                    (self.progress)(Progress::Standby { server: c.server.clone(), secs });
+                    self.state
+                        .set_standby(&c.server, (self.clock)() + secs as i64)?;
+                    (self.progress)(Progress::Standby {
+                        server: c.server.clone(),
+                        secs,
+                    });
                 }
                 None => self.destroy_quiet(env, &c.server)?,
             }
@@ -559,30 +877,58 @@ impl<'a> Engine<'a> {
         let max = c.max_error_rate.unwrap_or(0.0);
         let role = &self.env(&plan.env)?.roles[&c.role];
         let port = role.balancer.as_ref().map(|b| b.port);
-        let backends: Vec<String> = ids.iter().filter_map(|id| self.state.server(id).ok().flatten()).filter_map(|s| port.map(|p| format!("{}:{p}", s.address))).collect();
+        let backends: Vec<String> = ids
+            .iter()
+            .filter_map(|id| self.state.server(id).ok().flatten())
+            .filter_map(|s| port.map(|p| format!("{}:{p}", s.address)))
+            .collect();
         let base = self.provider.backend_stats(&plan.env, &c.role);
         let start = Instant::now();
-        (self.progress)(Progress::Baking { role: c.role.clone(), secs });
+        (self.progress)(Progress::Baking {
+            role: c.role.clone(),
+            secs,
+        });
         loop {
             for id in ids {
                 let req = self.request(&plan.env, c, id, release)?;
-                let alive = self.provider.inventory(&plan.env)?.into_iter().any(|r| &r.id == id && r.alive);
-                if !alive || role.health.as_ref().is_some_and(|h| !self.provider.probe(&req, h)) {
-                    return Err(EngineError::CanaryFailed { role: c.role.clone(), reason: format!("canary {id} failed its health check") });
+                let alive = self
+                    .provider
+                    .inventory(&plan.env)?
+                    .into_iter()
+                    .any(|r| &r.id == id && r.alive);
+                if !alive
+                    || role
+                        .health
+                        .as_ref()
+                        .is_some_and(|h| !self.provider.probe(&req, h))
+                {
+                    return Err(EngineError::CanaryFailed {
+                        role: c.role.clone(),
+                        reason: format!("canary {id} failed its health check"),
+                    });
                 }
             }
             let now = self.provider.backend_stats(&plan.env, &c.role);
             let (mut total, mut errors) = (0u64, 0u64);
             for (addr, t, e) in &now {
                 if backends.contains(addr) {
-                    let (bt, be) = base.iter().find(|b| &b.0 == addr).map(|b| (b.1, b.2)).unwrap_or((0, 0));
+                    let (bt, be) = base
+                        .iter()
+                        .find(|b| &b.0 == addr)
+                        .map(|b| (b.1, b.2))
+                        .unwrap_or((0, 0));
                     total += t - bt.min(*t);
                     errors += e - be.min(*e);
                 }
             }
             let attempts = total;
             if attempts > 0 && errors as f64 / attempts as f64 > max {
-                return Err(EngineError::CanaryFailed { role: c.role.clone(), reason: format!("error rate {errors}/{attempts} at the balancer is above {max}") });
+                return Err(EngineError::CanaryFailed {
+                    role: c.role.clone(),
+                    reason: format!(
+                        "error rate {errors}/{attempts} at the balancer is above {max}"
+                    ),
+                });
             }
             if start.elapsed() >= Duration::from_secs(secs) {
                 return Ok(());
@@ -598,7 +944,8 @@ impl<'a> Engine<'a> {
         let role = &self.env(&plan.env)?.roles[&c.role];
         self.wait_healthy(&req, role.health.as_ref())?;
         let pid = self.state.server(&id)?.and_then(|s| s.pid);
-        self.state.set_server_status(&id, ServerStatus::Running, pid)?;
+        self.state
+            .set_server_status(&id, ServerStatus::Running, pid)?;
         Ok(())
     }
 
@@ -630,7 +977,16 @@ impl<'a> Engine<'a> {
         let conf = cfg.config().clone().unwrap_or_default();
         let mut argv = conf.entrypoint().clone().unwrap_or_default();
         argv.extend(conf.cmd().clone().unwrap_or_default());
-        let mut vars: BTreeMap<String, String> = conf.env().clone().unwrap_or_default().into_iter().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+        let mut vars: BTreeMap<String, String> = conf
+            .env()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
         vars.extend(role.env.clone());
         Ok(ServerRequest {
             env: env.to_string(),
@@ -684,19 +1040,25 @@ impl<'a> Engine<'a> {
                 return Err(e.into());
             }
         };
-        self.state.set_server_status(id, ServerStatus::Creating, Some(pid))?;
+        self.state
+            .set_server_status(id, ServerStatus::Creating, Some(pid))?;
         let role = &self.env(&plan.env)?.roles[&c.role];
         let min_healthy = match role.strategy {
-            kiln_model::Strategy::Rolling { min_healthy_secs, .. } => min_healthy_secs,
+            kiln_model::Strategy::Rolling {
+                min_healthy_secs, ..
+            } => min_healthy_secs,
             _ => 0,
         };
-        let healthy = self.wait_healthy(&req, role.health.as_ref()).and_then(|_| self.stay_healthy(&req, role.health.as_ref(), min_healthy));
+        let healthy = self
+            .wait_healthy(&req, role.health.as_ref())
+            .and_then(|_| self.stay_healthy(&req, role.health.as_ref(), min_healthy));
         if let Err(e) = healthy {
             let _ = self.provider.destroy(&plan.env, id);
             self.state.remove_server(id)?;
             return Err(e);
         }
-        self.state.set_server_status(id, ServerStatus::Running, Some(pid))?;
+        self.state
+            .set_server_status(id, ServerStatus::Running, Some(pid))?;
         Ok(())
     }
 
@@ -708,12 +1070,21 @@ impl<'a> Engine<'a> {
     }
 
     fn rebalance_without(&self, env: &str, role: &str, without: &[String]) -> Result<()> {
-        let Some(b) = self.env(env)?.roles.get(role).and_then(|r| r.balancer.clone()) else { return Ok(()) };
+        let Some(b) = self
+            .env(env)?
+            .roles
+            .get(role)
+            .and_then(|r| r.balancer.clone())
+        else {
+            return Ok(());
+        };
         let backends: Vec<String> = self
             .state
             .servers(Some(env))?
             .into_iter()
-            .filter(|s| s.role == role && s.status == ServerStatus::Running && !without.contains(&s.id))
+            .filter(|s| {
+                s.role == role && s.status == ServerStatus::Running && !without.contains(&s.id)
+            })
             .map(|s| format!("{}:{}", s.address, b.port))
             .collect();
         self.provider.balance(env, role, &b, &backends)?;
@@ -721,19 +1092,39 @@ impl<'a> Engine<'a> {
     }
 
     fn wait_healthy(&self, req: &ServerRequest, check: Option<&HealthCheck>) -> Result<()> {
-        (self.progress)(Progress::Waiting { server: req.id.clone(), address: req.address.clone() });
+        (self.progress)(Progress::Waiting {
+            server: req.id.clone(),
+            address: req.address.clone(),
+        });
         let started = Instant::now();
         loop {
-            let alive = self.provider.inventory(&req.env)?.into_iter().any(|r| r.id == req.id && r.alive);
+            let alive = self
+                .provider
+                .inventory(&req.env)?
+                .into_iter()
+                .any(|r| r.id == req.id && r.alive);
             let healthy = alive && check.is_none_or(|c| self.provider.probe(req, c));
             if healthy {
-                (self.progress)(Progress::Healthy { server: req.id.clone(), address: req.address.clone(), elapsed: started.elapsed() });
+                (self.progress)(Progress::Healthy {
+                    server: req.id.clone(),
+                    address: req.address.clone(),
+                    elapsed: started.elapsed(),
+                });
                 return Ok(());
             }
             if !alive || started.elapsed() > self.options.health_timeout {
                 let tail = tail(&self.provider.log_path(&req.env, &req.id), 15);
-                let tail = if alive { tail } else { format!("{tail}\n(the server's process exited)") };
-                return Err(EngineError::Unhealthy { server: req.id.clone(), role: req.role.clone(), secs: self.options.health_timeout.as_secs(), tail });
+                let tail = if alive {
+                    tail
+                } else {
+                    format!("{tail}\n(the server's process exited)")
+                };
+                return Err(EngineError::Unhealthy {
+                    server: req.id.clone(),
+                    role: req.role.clone(),
+                    secs: self.options.health_timeout.as_secs(),
+                    tail,
+                });
             }
             std::thread::sleep(self.options.health_interval);
         }
@@ -742,8 +1133,18 @@ impl<'a> Engine<'a> {
     /// Waits for a server's open connections at its balancer to finish.
     fn drain(&self, env: &str, id: &str) -> Result<()> {
         if let Some(s) = self.state.server(id)? {
-            if let Some(b) = self.env(env).ok().and_then(|e| e.roles.get(&s.role)).and_then(|r| r.balancer.clone()) {
-                self.provider.drain(env, &s.role, &format!("{}:{}", s.address, b.port), Duration::from_secs(b.drain_timeout_secs));
+            if let Some(b) = self
+                .env(env)
+                .ok()
+                .and_then(|e| e.roles.get(&s.role))
+                .and_then(|r| r.balancer.clone())
+            {
+                self.provider.drain(
+                    env,
+                    &s.role,
+                    &format!("{}:{}", s.address, b.port),
+                    Duration::from_secs(b.drain_timeout_secs),
+                );
             }
         }
         Ok(())
@@ -752,23 +1153,40 @@ impl<'a> Engine<'a> {
     /// Destroys a server already out of its balancer.
     fn destroy_quiet(&self, env: &str, id: &str) -> Result<()> {
         if self.state.server(id)?.is_some() {
-            self.state.set_server_status(id, ServerStatus::Destroying, None)?;
+            self.state
+                .set_server_status(id, ServerStatus::Destroying, None)?;
         }
         self.provider.destroy(env, id)?;
         self.state.remove_server(id)?;
-        (self.progress)(Progress::Destroyed { server: id.to_string() });
+        (self.progress)(Progress::Destroyed {
+            server: id.to_string(),
+        });
         Ok(())
     }
 
     /// Keeps probing a healthy new server for `secs` (rolling `min_healthy`)
     /// before anything old is drained.
-    fn stay_healthy(&self, req: &ServerRequest, check: Option<&HealthCheck>, secs: u64) -> Result<()> {
+    fn stay_healthy(
+        &self,
+        req: &ServerRequest,
+        check: Option<&HealthCheck>,
+        secs: u64,
+    ) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(secs) {
-            let alive = self.provider.inventory(&req.env)?.into_iter().any(|r| r.id == req.id && r.alive);
+            let alive = self
+                .provider
+                .inventory(&req.env)?
+                .into_iter()
+                .any(|r| r.id == req.id && r.alive);
             if !alive || check.is_some_and(|c| !self.provider.probe(req, c)) {
                 let tail = tail(&self.provider.log_path(&req.env, &req.id), 15);
-                return Err(EngineError::Unhealthy { server: req.id.clone(), role: req.role.clone(), secs, tail: format!("(healthy at first, then failed within min_healthy)\n{tail}") });
+                return Err(EngineError::Unhealthy {
+                    server: req.id.clone(),
+                    role: req.role.clone(),
+                    secs,
+                    tail: format!("(healthy at first, then failed within min_healthy)\n{tail}"),
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -779,16 +1197,28 @@ impl<'a> Engine<'a> {
         if let Some(s) = self.state.server(id)? {
             // Take it out of the balancer and let its connections finish
             // before anything stops it.
-            let balancer = self.env(env).ok().and_then(|e| e.roles.get(&s.role)).and_then(|r| r.balancer.clone());
+            let balancer = self
+                .env(env)
+                .ok()
+                .and_then(|e| e.roles.get(&s.role))
+                .and_then(|r| r.balancer.clone());
             if let (Some(b), ServerStatus::Running) = (balancer, s.status) {
                 self.rebalance(env, &s.role, Some(id))?;
-                self.provider.drain(env, &s.role, &format!("{}:{}", s.address, b.port), Duration::from_secs(b.drain_timeout_secs));
+                self.provider.drain(
+                    env,
+                    &s.role,
+                    &format!("{}:{}", s.address, b.port),
+                    Duration::from_secs(b.drain_timeout_secs),
+                );
             }
-            self.state.set_server_status(id, ServerStatus::Destroying, None)?;
+            self.state
+                .set_server_status(id, ServerStatus::Destroying, None)?;
         }
         self.provider.destroy(env, id)?;
         self.state.remove_server(id)?;
-        (self.progress)(Progress::Destroyed { server: id.to_string() });
+        (self.progress)(Progress::Destroyed {
+            server: id.to_string(),
+        });
         Ok(())
     }
 }
@@ -810,10 +1240,22 @@ fn post(rest: &str, body: &str) -> std::io::Result<()> {
 
 fn run_hook(cmd: &str, body: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let mut child = std::process::Command::new("sh").arg("-c").arg(cmd).stdin(std::process::Stdio::piped()).spawn()?;
-    child.stdin.take().expect("piped").write_all(body.as_bytes())?;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(body.as_bytes())?;
     let status = child.wait()?;
-    if status.success() { Ok(()) } else { Err(std::io::Error::other(format!("hook exited with {status}"))) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("hook exited with {status}")))
+    }
 }
 
 /// The last `n` lines of a log (empty if there is none).

@@ -33,28 +33,71 @@ pub struct Pass {
 }
 
 impl Engine<'_> {
-    pub fn reconcile(&self, env_name: &str, dry_run: bool, random: &mut dyn FnMut() -> u16) -> Result<Pass> {
+    pub fn reconcile(
+        &self,
+        env_name: &str,
+        dry_run: bool,
+        random: &mut dyn FnMut() -> u16,
+    ) -> Result<Pass> {
         let env = self.env(env_name)?;
         let report = self.drift(env_name, false)?;
         if !report.findings.is_empty() {
-            let unmanaged: Vec<&Finding> = report.findings.iter().filter(|f| f.kind == "unmanaged").collect();
+            let unmanaged: Vec<&Finding> = report
+                .findings
+                .iter()
+                .filter(|f| f.kind == "unmanaged")
+                .collect();
             if !unmanaged.is_empty() {
-                self.alarm(env_name, "unmanaged", serde_json::to_value(&unmanaged).unwrap_or_default());
+                self.alarm(
+                    env_name,
+                    "unmanaged",
+                    serde_json::to_value(&unmanaged).unwrap_or_default(),
+                );
             }
-            self.alarm(env_name, "drift", serde_json::to_value(&report.findings).unwrap_or_default());
+            self.alarm(
+                env_name,
+                "drift",
+                serde_json::to_value(&report.findings).unwrap_or_default(),
+            );
         }
         // Drift is read-only: the state and the runtime are as it saw them.
         let (servers, dead) = self.observe(env_name)?;
         let mut forced: BTreeMap<String, String> = BTreeMap::new();
         let mut quarantine: Vec<(String, Vec<Finding>)> = Vec::new();
-        let mut budget: BTreeMap<String, usize> = env.roles.values().map(|r| (r.name.clone(), (r.servers as usize * r.replace_share as usize).div_ceil(100).max(1))).collect();
+        let mut budget: BTreeMap<String, usize> = env
+            .roles
+            .values()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    (r.servers as usize * r.replace_share as usize)
+                        .div_ceil(100)
+                        .max(1),
+                )
+            })
+            .collect();
         for s in servers.iter().filter(|s| s.status == ServerStatus::Running) {
-            let Some(role) = env.roles.get(&s.role) else { continue };
-            let mine: Vec<Finding> = report.findings.iter().filter(|f| f.server == s.id).cloned().collect();
-            let drifted: Vec<&Finding> = mine.iter().filter(|f| matches!(f.kind.as_str(), "files" | "process" | "config") || (f.kind == "writable" && f.detail.contains("executable"))).collect();
+            let Some(role) = env.roles.get(&s.role) else {
+                continue;
+            };
+            let mine: Vec<Finding> = report
+                .findings
+                .iter()
+                .filter(|f| f.server == s.id)
+                .cloned()
+                .collect();
+            let drifted: Vec<&Finding> = mine
+                .iter()
+                .filter(|f| {
+                    matches!(f.kind.as_str(), "files" | "process" | "config")
+                        || (f.kind == "writable" && f.detail.contains("executable"))
+                })
+                .collect();
             let expired = mine.iter().find(|f| f.kind == "expired");
             let reason = match (drifted.first(), role.drift, expired) {
-                (Some(f), DriftPolicy::Replace, _) => Some(format!("drift ({}: {})", f.kind, f.detail)),
+                (Some(f), DriftPolicy::Replace, _) => {
+                    Some(format!("drift ({}: {})", f.kind, f.detail))
+                }
                 (Some(f), DriftPolicy::Kill, _) => {
                     quarantine.push((s.id.clone(), mine.clone()));
                     Some(format!("quarantined for drift ({}: {})", f.kind, f.detail))
@@ -76,26 +119,53 @@ impl Engine<'_> {
         // One request per role and image, patched per server: resolving the
         // image and reading its config once, not once per server.
         let mut templates: BTreeMap<(String, String), Option<ServerRequest>> = BTreeMap::new();
-        for s in servers.iter().filter(|s| s.status == ServerStatus::Running && !dead.contains(&s.id)) {
+        for s in servers
+            .iter()
+            .filter(|s| s.status == ServerStatus::Running && !dead.contains(&s.id))
+        {
             if forced.contains_key(&s.id) {
                 continue;
             }
-            let Some(check) = env.roles.get(&s.role).and_then(|r| r.health.as_ref()) else { continue };
-            let template = templates.entry((s.role.clone(), s.image.clone())).or_insert_with(|| {
-                let mut c = kiln_model::Change::new(kiln_model::Action::Create, &s.role, &s.id, s.slot, "health check");
-                c.image = Some(s.image.clone());
-                // An image no longer in the store cannot be probed with a
-                // command check; such a server is stale and handled as such.
-                self.request(env_name, &c, &s.id, s.release).ok()
-            });
+            let Some(check) = env.roles.get(&s.role).and_then(|r| r.health.as_ref()) else {
+                continue;
+            };
+            let template = templates
+                .entry((s.role.clone(), s.image.clone()))
+                .or_insert_with(|| {
+                    let mut c = kiln_model::Change::new(
+                        kiln_model::Action::Create,
+                        &s.role,
+                        &s.id,
+                        s.slot,
+                        "health check",
+                    );
+                    c.image = Some(s.image.clone());
+                    // An image no longer in the store cannot be probed with a
+                    // command check; such a server is stale and handled as such.
+                    self.request(env_name, &c, &s.id, s.release).ok()
+                });
             let Some(template) = template else { continue };
-            let req = ServerRequest { id: s.id.clone(), address: s.address.clone(), slot: s.slot, release: s.release, ..template.clone() };
+            let req = ServerRequest {
+                id: s.id.clone(),
+                address: s.address.clone(),
+                slot: s.slot,
+                release: s.release,
+                ..template.clone()
+            };
             if self.persistently_unhealthy(&req, check) {
                 let left = budget.entry(s.role.clone()).or_default();
                 if *left > 0 {
                     *left -= 1;
-                    let over = self.options.heal_spacing * self.options.heal_probes.saturating_sub(1);
-                    forced.insert(s.id.clone(), format!("self-heal: failed {} health checks in a row over {:.1}s", self.options.heal_probes, over.as_secs_f64()));
+                    let over =
+                        self.options.heal_spacing * self.options.heal_probes.saturating_sub(1);
+                    forced.insert(
+                        s.id.clone(),
+                        format!(
+                            "self-heal: failed {} health checks in a row over {:.1}s",
+                            self.options.heal_probes,
+                            over.as_secs_f64()
+                        ),
+                    );
                 }
             }
         }
@@ -103,26 +173,53 @@ impl Engine<'_> {
         let targets = self.targets(env)?;
         let generation = self.state.generation(env_name)?;
         let taken = self.taken_ids()?;
-        let input = kiln_planner::Input { env, targets: &targets, observed: &servers, dead: &dead, generation, now: (self.clock)(), cold: false, force: &forced, taken: &taken };
+        let input = kiln_planner::Input {
+            env,
+            targets: &targets,
+            observed: &servers,
+            dead: &dead,
+            generation,
+            now: (self.clock)(),
+            cold: false,
+            force: &forced,
+            taken: &taken,
+        };
         let plan = kiln_planner::plan(&input, random)?;
         // A role's balancer is part of the fleet: one that died (OOM, a
         // kill, a reboot) is restarted with the live servers behind it.
         let dead_fronts: Vec<String> = env
             .roles
             .values()
-            .filter(|r| r.balancer.is_some() && servers.iter().any(|s| s.role == r.name && s.status == ServerStatus::Running))
+            .filter(|r| {
+                r.balancer.is_some()
+                    && servers
+                        .iter()
+                        .any(|s| s.role == r.name && s.status == ServerStatus::Running)
+            })
             .filter(|r| !self.provider.balancer_alive(env_name, &r.name))
             .map(|r| r.name.clone())
             .collect();
-        let mut pass = Pass { report, forced, quarantined: quarantine.iter().map(|q| q.0.clone()).collect(), plan, release: None, balancers_restarted: dead_fronts.clone() };
+        let mut pass = Pass {
+            report,
+            forced,
+            quarantined: quarantine.iter().map(|q| q.0.clone()).collect(),
+            plan,
+            release: None,
+            balancers_restarted: dead_fronts.clone(),
+        };
         if !dry_run && !dead_fronts.is_empty() {
             let _lock = self.state.lock(env_name, "reconcile")?;
             for role in &dead_fronts {
                 self.rebalance(env_name, role, None)?;
                 let detail = format!("restarted the balancer of `{role}` (it was not running)");
-                self.state.record_event(env_name, &kiln_state::actor(), "self-heal", &detail)?;
+                self.state
+                    .record_event(env_name, &kiln_state::actor(), "self-heal", &detail)?;
                 self.audit(env_name, "reconcile", "-", &detail)?;
-                self.alarm(env_name, "balancer_restarted", serde_json::json!({ "role": role }));
+                self.alarm(
+                    env_name,
+                    "balancer_restarted",
+                    serde_json::json!({ "role": role }),
+                );
             }
         }
         // Strays go when their role's policy says `kill`; state entries
@@ -130,7 +227,13 @@ impl Engine<'_> {
         let kill_strays = pass.report.findings.iter().any(|f| {
             f.kind == "unmanaged" && !servers.iter().any(|s| s.id == f.server) && {
                 let role = f.detail.split('`').nth(3).unwrap_or("");
-                env.roles.get(role).map(|r| r.unmanaged).unwrap_or_else(|| env.roles.values().next().map(|r| r.unmanaged).unwrap_or(UnmanagedPolicy::Alarm)) == UnmanagedPolicy::Kill
+                env.roles.get(role).map(|r| r.unmanaged).unwrap_or_else(|| {
+                    env.roles
+                        .values()
+                        .next()
+                        .map(|r| r.unmanaged)
+                        .unwrap_or(UnmanagedPolicy::Alarm)
+                }) == UnmanagedPolicy::Kill
             }
         });
         if !dry_run {
@@ -142,7 +245,12 @@ impl Engine<'_> {
         if pass.plan.is_empty() {
             let _lock = self.state.lock(env_name, "reconcile")?;
             let done = self.converge_runtime(env_name)?;
-            self.audit(env_name, "reconcile", "-", &format!("removed unmanaged: {}", done.join("; ")))?;
+            self.audit(
+                env_name,
+                "reconcile",
+                "-",
+                &format!("removed unmanaged: {}", done.join("; ")),
+            )?;
             return Ok(pass);
         }
         for (id, findings) in &quarantine {
@@ -152,7 +260,11 @@ impl Engine<'_> {
         match applied {
             Ok(a) => pass.release = Some(a.release),
             Err(e) => {
-                self.alarm(env_name, "self_heal_failed", serde_json::json!({ "error": e.to_string() }));
+                self.alarm(
+                    env_name,
+                    "self_heal_failed",
+                    serde_json::json!({ "error": e.to_string() }),
+                );
                 return Err(e);
             }
         }
@@ -185,7 +297,15 @@ impl Engine<'_> {
                 .and_then(|v| v["quarantined_at"].as_i64());
             if at.is_some_and(|t| now - t > keep as i64) {
                 let _ = std::fs::remove_dir_all(item.path());
-                self.state.record_event(env, &kiln_state::actor(), "quarantine expired", &format!("deleted the evidence of {}", item.file_name().to_string_lossy()))?;
+                self.state.record_event(
+                    env,
+                    &kiln_state::actor(),
+                    "quarantine expired",
+                    &format!(
+                        "deleted the evidence of {}",
+                        item.file_name().to_string_lossy()
+                    ),
+                )?;
             }
         }
         Ok(())
@@ -197,14 +317,26 @@ impl Engine<'_> {
         let dir = self.store.root().join("quarantine").join(env).join(id);
         let _ = std::fs::create_dir_all(&dir);
         let record = serde_json::json!({ "server": id, "quarantined_at": (self.clock)(), "findings": findings });
-        let _ = std::fs::write(dir.join("findings.json"), serde_json::to_vec_pretty(&record).unwrap_or_default());
+        let _ = std::fs::write(
+            dir.join("findings.json"),
+            serde_json::to_vec_pretty(&record).unwrap_or_default(),
+        );
         let _ = std::fs::copy(self.provider.log_path(env, id), dir.join("server.log"));
         if let Some(pid) = self.state.server(id)?.and_then(|s| s.pid) {
             for area in ["tmp", "run"] {
-                let _ = std::process::Command::new("cp").arg("-a").arg(format!("/proc/{pid}/root/{area}")).arg(dir.join(area)).status();
+                let _ = std::process::Command::new("cp")
+                    .arg("-a")
+                    .arg(format!("/proc/{pid}/root/{area}"))
+                    .arg(dir.join(area))
+                    .status();
             }
         }
-        self.state.record_event(env, &kiln_state::actor(), "quarantine", &format!("server {id} quarantined; evidence in {}", dir.display()))?;
+        self.state.record_event(
+            env,
+            &kiln_state::actor(),
+            "quarantine",
+            &format!("server {id} quarantined; evidence in {}", dir.display()),
+        )?;
         self.audit(env, "quarantine", "-", &format!("server {id}"))?;
         Ok(())
     }

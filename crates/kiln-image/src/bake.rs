@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use kiln_model::{ImageSource, ImageSpec, Project};
 use kiln_sandbox::{Network, Privilege, Runtime, SandboxSpec};
 use oci_spec::image::{
-    ConfigBuilder, DescriptorBuilder, HistoryBuilder, ImageConfigurationBuilder, ImageManifestBuilder, MediaType, RootFsBuilder,
+    ConfigBuilder, DescriptorBuilder, HistoryBuilder, ImageConfigurationBuilder,
+    ImageManifestBuilder, MediaType, RootFsBuilder,
 };
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -28,7 +29,9 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{ImageError, IoContext, Result};
 use crate::layer::{self, LayerChanges};
 use crate::seal::{self, Kind, Seal};
-use crate::store::{canonical_json, BaseRecord, Digest, Inputs, LayerRef, Outcome, Store, VersionRecord};
+use crate::store::{
+    canonical_json, BaseRecord, Digest, Inputs, LayerRef, Outcome, Store, VersionRecord,
+};
 
 /// What a bake reports as it goes, for progress display.
 #[derive(Debug, Clone)]
@@ -40,9 +43,18 @@ pub enum Event {
     /// The latest line a running step printed.
     Output { image: String, line: String },
     /// The image was unchanged: an existing version is current.
-    Cached { image: String, version: u32, digest: Digest },
+    Cached {
+        image: String,
+        version: u32,
+        digest: Digest,
+    },
     /// A new version was built, tested and made current.
-    Built { image: String, version: u32, digest: Digest, elapsed: Duration },
+    Built {
+        image: String,
+        version: u32,
+        digest: Digest,
+        elapsed: Duration,
+    },
 }
 
 /// What building one image produced.
@@ -67,21 +79,41 @@ pub struct Baker<'a> {
 
 /// Environment every build script and test gets unless the image overrides it.
 const DEFAULT_ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
     ("HOME", "/root"),
     ("DEBIAN_FRONTEND", "noninteractive"),
     ("LANG", "C.UTF-8"),
 ];
 
 /// Directories every image has, so that read-only servers can mount over them.
-const SKELETON: &[(&str, u32)] = &[("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("tmp", 0o1777), ("run", 0o755)];
+const SKELETON: &[(&str, u32)] = &[
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+    ("run", 0o755),
+];
 
 /// Where build scripts are placed inside the root while they run.
 const SCRIPTS_MOUNT: &str = ".kiln-build";
 
 impl<'a> Baker<'a> {
-    pub fn new(project: &'a Project, store: &'a Store, events: &'a (dyn Fn(Event) + Sync)) -> Baker<'a> {
-        Baker { project, store, runtime: Runtime::new(&store.root().join("sandbox")), events, test_timeout: Duration::from_secs(120), no_cache: false }
+    pub fn new(
+        project: &'a Project,
+        store: &'a Store,
+        events: &'a (dyn Fn(Event) + Sync),
+    ) -> Baker<'a> {
+        Baker {
+            project,
+            store,
+            runtime: Runtime::new(&store.root().join("sandbox")),
+            events,
+            test_timeout: Duration::from_secs(120),
+            no_cache: false,
+        }
     }
 
     /// Builds `names` and every image they are built from, parents first.
@@ -91,12 +123,21 @@ impl<'a> Baker<'a> {
                 return Err(ImageError::UnknownImage(n.clone()));
             }
         }
-        let wanted: std::collections::BTreeSet<String> = names.iter().flat_map(|n| self.project.lineage(n)).collect();
+        let wanted: std::collections::BTreeSet<String> =
+            names.iter().flat_map(|n| self.project.lineage(n)).collect();
         let _lock = self.store.lock()?;
         // Build and test sandboxes only exist while a writer holds the lock:
         // any found now were left by a killed build.
-        for stale in self.runtime.list().map_err(|source| ImageError::Sandbox { what: "stale build sandboxes".into(), source })? {
-            self.runtime.delete(&stale.id).map_err(|source| ImageError::Sandbox { what: format!("stale sandbox {}", stale.id), source })?;
+        for stale in self.runtime.list().map_err(|source| ImageError::Sandbox {
+            what: "stale build sandboxes".into(),
+            source,
+        })? {
+            self.runtime
+                .delete(&stale.id)
+                .map_err(|source| ImageError::Sandbox {
+                    what: format!("stale sandbox {}", stale.id),
+                    source,
+                })?;
         }
         self.store.clear_tmp()?;
         let mut out = Vec::new();
@@ -115,19 +156,36 @@ impl<'a> Baker<'a> {
 
     fn build_one(&self, spec: &ImageSpec, no_cache: bool) -> Result<Baked> {
         let name = &spec.name;
-        self.emit(Event::Begin { image: name.clone() });
+        self.emit(Event::Begin {
+            image: name.clone(),
+        });
         let started = Instant::now();
         let base = self.resolve_base(spec)?;
-        let files = if spec.files_dir.is_dir() { seal::seal_tree(&spec.files_dir)?.entries } else { Vec::new() };
+        let files = if spec.files_dir.is_dir() {
+            seal::seal_tree(&spec.files_dir)?.entries
+        } else {
+            Vec::new()
+        };
         let scripts = list_scripts(&spec.scripts_dir)?;
         let key = cache_key(spec, &base.key_part, &files, &scripts);
 
-        if let Some(hit) = if no_cache { None } else { self.cached(name, &key)? } {
+        if let Some(hit) = if no_cache {
+            None
+        } else {
+            self.cached(name, &key)?
+        } {
             if self.store.current(name)? != Some(hit.version) {
                 self.store.set_current(name, hit.version)?;
             }
-            self.emit(Event::Cached { image: name.clone(), version: hit.version, digest: hit.digest.clone() });
-            return Ok(Baked { record: hit, cached: true });
+            self.emit(Event::Cached {
+                image: name.clone(),
+                version: hit.version,
+                digest: hit.digest.clone(),
+            });
+            return Ok(Baked {
+                record: hit,
+                cached: true,
+            });
         }
 
         let work = self.store.temp_dir(&format!("build-{name}"))?;
@@ -135,8 +193,16 @@ impl<'a> Baker<'a> {
         // Whatever happened, nothing of the build stays in tmp/.
         let _ = fs::remove_dir_all(&work);
         let record = result?;
-        self.emit(Event::Built { image: name.clone(), version: record.version, digest: record.digest.clone(), elapsed: started.elapsed() });
-        Ok(Baked { record, cached: false })
+        self.emit(Event::Built {
+            image: name.clone(),
+            version: record.version,
+            digest: record.digest.clone(),
+            elapsed: started.elapsed(),
+        });
+        Ok(Baked {
+            record,
+            cached: false,
+        })
     }
 
     /// An existing successful version with this cache key whose blobs and root are all present.
@@ -155,10 +221,22 @@ impl<'a> Baker<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn bake(&self, spec: &ImageSpec, base: &Base, files: &[seal::Entry], scripts: &[(String, PathBuf, String)], key: &str, work: &Path, started: Instant) -> Result<VersionRecord> {
+    fn bake(
+        &self,
+        spec: &ImageSpec,
+        base: &Base,
+        files: &[seal::Entry],
+        scripts: &[(String, PathBuf, String)],
+        key: &str,
+        work: &Path,
+        started: Instant,
+    ) -> Result<VersionRecord> {
         let name = &spec.name;
         let root = work.join("root");
-        self.emit(Event::Step { image: name.clone(), step: format!("preparing root from {}", base.description) });
+        self.emit(Event::Step {
+            image: name.clone(),
+            step: format!("preparing root from {}", base.description),
+        });
         let base_seal: Seal = match &base.origin {
             BaseOrigin::Scratch => {
                 fs::create_dir(&root).ctx("create directory", &root)?;
@@ -171,7 +249,14 @@ impl<'a> Baker<'a> {
             BaseOrigin::Imported(b) => {
                 fs::create_dir(&root).ctx("create directory", &root)?;
                 for l in &b.layers {
-                    layer::apply_layer(io::BufReader::new(fs::File::open(self.store.blob_path(&l.digest)).ctx("open", self.store.blob_path(&l.digest))?), &root, &l.digest.0)?;
+                    layer::apply_layer(
+                        io::BufReader::new(
+                            fs::File::open(self.store.blob_path(&l.digest))
+                                .ctx("open", self.store.blob_path(&l.digest))?,
+                        ),
+                        &root,
+                        &l.digest.0,
+                    )?;
                 }
                 self.store.read_json_blob(&b.seal)?
             }
@@ -184,19 +269,39 @@ impl<'a> Baker<'a> {
             }
         }
         if !files.is_empty() {
-            self.emit(Event::Step { image: name.clone(), step: format!("copying {} files", files.iter().filter(|f| f.kind != Kind::Dir).count()) });
+            self.emit(Event::Step {
+                image: name.clone(),
+                step: format!(
+                    "copying {} files",
+                    files.iter().filter(|f| f.kind != Kind::Dir).count()
+                ),
+            });
             copy_files(name, &spec.files_dir, files, &root)?;
         }
         if !scripts.is_empty() {
             self.run_scripts(spec, &base.env, scripts, &root, work)?;
         }
-        self.emit(Event::Step { image: name.clone(), step: "sealing".into() });
+        self.emit(Event::Step {
+            image: name.clone(),
+            step: "sealing".into(),
+        });
         let sealed = seal::seal_tree(&root)?;
-        if let Some(bad) = sealed.entries.iter().find(|e| matches!(e.kind, Kind::CharDevice | Kind::BlockDevice | Kind::Socket)) {
+        if let Some(bad) = sealed
+            .entries
+            .iter()
+            .find(|e| matches!(e.kind, Kind::CharDevice | Kind::BlockDevice | Kind::Socket))
+        {
             return Err(ImageError::Input { image: name.clone(), reason: format!("the build left /{} ({:?}) in the root; images may not contain device nodes or sockets", bad.path, bad.kind) });
         }
         let changes = LayerChanges::between(&base_seal, &sealed);
-        self.emit(Event::Step { image: name.clone(), step: format!("writing layer ({} entries, {} deletions)", changes.write.len(), changes.delete.len()) });
+        self.emit(Event::Step {
+            image: name.clone(),
+            step: format!(
+                "writing layer ({} entries, {} deletions)",
+                changes.write.len(),
+                changes.delete.len()
+            ),
+        });
         let own = write_layer_blob(self.store, &root, &changes, spec.mtime, work)?;
         let (seal_digest, _) = self.store.put_json(&sealed)?;
         let mut layers = base.layers.clone();
@@ -211,11 +316,20 @@ impl<'a> Baker<'a> {
             // them until they are replaced.
             let retired = self.store.root().join("retired");
             fs::create_dir_all(&retired).ctx("create directory", &retired)?;
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
             let to = retired.join(format!("{}-{nanos}", manifest.hex()));
             fs::rename(&final_root, &to).ctx("retire", &final_root)?;
             fs::rename(&root, &final_root).ctx("move root into", &final_root)?;
-            self.emit(Event::Step { image: name.clone(), step: format!("replaced a tampered root; the old one is kept at {}", to.display()) });
+            self.emit(Event::Step {
+                image: name.clone(),
+                step: format!(
+                    "replaced a tampered root; the old one is kept at {}",
+                    to.display()
+                ),
+            });
         } else if final_root.exists() {
             // Same bytes built before (a different cache key with the same result).
             fs::remove_dir_all(&root).ctx("remove", &root)?;
@@ -240,7 +354,11 @@ impl<'a> Baker<'a> {
             layers,
             inputs: Inputs {
                 source: base.description.clone(),
-                files: files.iter().filter(|f| f.kind != Kind::Dir).map(|f| format!("/{}", f.path)).collect(),
+                files: files
+                    .iter()
+                    .filter(|f| f.kind != Kind::Dir)
+                    .map(|f| format!("/{}", f.path))
+                    .collect(),
                 scripts: scripts.iter().map(|s| s.0.clone()).collect(),
                 tests: spec.test.len(),
                 cache_key: key.to_string(),
@@ -261,7 +379,10 @@ impl<'a> Baker<'a> {
     }
 
     fn env_of(&self, spec: &ImageSpec, base_env: &[String]) -> Vec<String> {
-        let mut env: BTreeMap<String, String> = DEFAULT_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut env: BTreeMap<String, String> = DEFAULT_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         for kv in base_env {
             if let Some((k, v)) = kv.split_once('=') {
                 env.insert(k.into(), v.into());
@@ -271,24 +392,51 @@ impl<'a> Baker<'a> {
         env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 
-    fn run_scripts(&self, spec: &ImageSpec, base_env: &[String], scripts: &[(String, PathBuf, String)], root: &Path, work: &Path) -> Result<()> {
+    fn run_scripts(
+        &self,
+        spec: &ImageSpec,
+        base_env: &[String],
+        scripts: &[(String, PathBuf, String)],
+        root: &Path,
+        work: &Path,
+    ) -> Result<()> {
         let name = &spec.name;
         let mount = root.join(SCRIPTS_MOUNT);
         if fs::symlink_metadata(&mount).is_ok() {
-            return Err(ImageError::Input { image: name.clone(), reason: format!("the root already has /{SCRIPTS_MOUNT}, which kiln uses to run scripts") });
+            return Err(ImageError::Input {
+                image: name.clone(),
+                reason: format!(
+                    "the root already has /{SCRIPTS_MOUNT}, which kiln uses to run scripts"
+                ),
+            });
         }
         fs::create_dir(&mount).ctx("create directory", &mount)?;
         fs::set_permissions(&mount, fs::Permissions::from_mode(0o700)).ctx("chmod", &mount)?;
         for (i, (script, path, _)) in scripts.iter().enumerate() {
-            self.emit(Event::Step { image: name.clone(), step: format!("script {}/{}: {script}", i + 1, scripts.len()) });
+            self.emit(Event::Step {
+                image: name.clone(),
+                step: format!("script {}/{}: {script}", i + 1, scripts.len()),
+            });
             let inside = mount.join(script);
             fs::copy(path, &inside).ctx("copy script", path)?;
-            fs::set_permissions(&inside, fs::Permissions::from_mode(0o755)).ctx("chmod", &inside)?;
-            let shebang = fs::read(path).map(|b| b.starts_with(b"#!")).unwrap_or(false);
+            fs::set_permissions(&inside, fs::Permissions::from_mode(0o755))
+                .ctx("chmod", &inside)?;
+            let shebang = fs::read(path)
+                .map(|b| b.starts_with(b"#!"))
+                .unwrap_or(false);
             let target = format!("/{SCRIPTS_MOUNT}/{script}");
-            let args = if shebang { vec![target] } else { vec!["/bin/sh".into(), "-e".into(), target] };
+            let args = if shebang {
+                vec![target]
+            } else {
+                vec!["/bin/sh".into(), "-e".into(), target]
+            };
             if !shebang && fs::symlink_metadata(root.join("bin/sh")).is_err() {
-                return Err(ImageError::Input { image: name.clone(), reason: format!("script {script} has no #! line and the root has no /bin/sh to run it") });
+                return Err(ImageError::Input {
+                    image: name.clone(),
+                    reason: format!(
+                        "script {script} has no #! line and the root has no /bin/sh to run it"
+                    ),
+                });
             }
             let log = work.join(format!("{script}.log"));
             let sb = SandboxSpec {
@@ -299,7 +447,11 @@ impl<'a> Baker<'a> {
                 cwd: "/".into(),
                 readonly_root: false,
                 tmpfs: false,
-                network: if spec.build_network { Network::Host } else { Network::Isolated },
+                network: if spec.build_network {
+                    Network::Host
+                } else {
+                    Network::Isolated
+                },
                 hostname: format!("build-{name}"),
                 binds: Vec::new(),
                 limits: None,
@@ -309,7 +461,12 @@ impl<'a> Baker<'a> {
             };
             let status = self.run_watched(name, &sb, None)?;
             if status != 0 {
-                return Err(ImageError::ScriptFailed { image: name.clone(), script: script.clone(), status, tail: tail(&log, 20) });
+                return Err(ImageError::ScriptFailed {
+                    image: name.clone(),
+                    script: script.clone(),
+                    status,
+                    tail: tail(&log, 20),
+                });
             }
         }
         fs::remove_dir_all(&mount).ctx("remove", &mount)?;
@@ -331,37 +488,82 @@ impl<'a> Baker<'a> {
             let done = rx.recv_timeout(Duration::from_millis(100)).is_ok();
             let line = tail(&sb.log, 1);
             if !line.is_empty() && line != last {
-                self.emit(Event::Output { image: image.to_string(), line: line.clone() });
+                self.emit(Event::Output {
+                    image: image.to_string(),
+                    line: line.clone(),
+                });
                 last = line;
             }
             if done {
                 break;
             }
         }
-        let joined = handle.join().map_err(|_| ImageError::Corrupt("sandbox thread panicked".into()))?;
-        joined.map_err(|source| ImageError::Sandbox { what: format!("image `{image}`"), source })
+        let joined = handle
+            .join()
+            .map_err(|_| ImageError::Corrupt("sandbox thread panicked".into()))?;
+        joined.map_err(|source| ImageError::Sandbox {
+            what: format!("image `{image}`"),
+            source,
+        })
     }
 
-    fn run_tests(&self, spec: &ImageSpec, root: &Path, base_env: &[String], work: &Path) -> Result<()> {
+    fn run_tests(
+        &self,
+        spec: &ImageSpec,
+        root: &Path,
+        base_env: &[String],
+        work: &Path,
+    ) -> Result<()> {
         for (i, command) in spec.test.iter().enumerate() {
-            self.emit(Event::Step { image: spec.name.clone(), step: format!("test {}/{}: {}", i + 1, spec.test.len(), command.join(" ")) });
+            self.emit(Event::Step {
+                image: spec.name.clone(),
+                step: format!("test {}/{}: {}", i + 1, spec.test.len(), command.join(" ")),
+            });
             let log = work.join(format!("test-{i}.log"));
-            let mut sb = SandboxSpec::readonly(&format!("kiln-test-{}-{}-{i}", spec.name, std::process::id()), root, command.clone(), &log);
+            let mut sb = SandboxSpec::readonly(
+                &format!("kiln-test-{}-{}-{i}", spec.name, std::process::id()),
+                root,
+                command.clone(),
+                &log,
+            );
             sb.env = self.env_of(spec, base_env);
             sb.cwd = spec.workdir.clone().unwrap_or_else(|| "/".into());
             sb.hostname = format!("test-{}", spec.name);
             let status = self.run_watched(&spec.name, &sb, Some(self.test_timeout))?;
             if status != 0 {
-                return Err(ImageError::TestFailed { image: spec.name.clone(), command: command.clone(), status, output: tail(&log, 40) });
+                return Err(ImageError::TestFailed {
+                    image: spec.name.clone(),
+                    command: command.clone(),
+                    status,
+                    output: tail(&log, 40),
+                });
             }
         }
         Ok(())
     }
 
-    fn write_manifest(&self, spec: &ImageSpec, base: &Base, layers: &[LayerRef], sealed: &Seal, seal_digest: &Digest) -> Result<(Digest, Digest)> {
-        let oci = |e: oci_spec::OciSpecError| ImageError::Corrupt(format!("cannot build OCI document: {e}"));
-        let created = chrono::DateTime::from_timestamp(spec.mtime as i64, 0).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let mut config = ConfigBuilder::default().env(self.env_of(spec, &base.env)).labels(spec.labels.clone().into_iter().collect::<std::collections::HashMap<_, _>>());
+    fn write_manifest(
+        &self,
+        spec: &ImageSpec,
+        base: &Base,
+        layers: &[LayerRef],
+        sealed: &Seal,
+        seal_digest: &Digest,
+    ) -> Result<(Digest, Digest)> {
+        let oci = |e: oci_spec::OciSpecError| {
+            ImageError::Corrupt(format!("cannot build OCI document: {e}"))
+        };
+        let created = chrono::DateTime::from_timestamp(spec.mtime as i64, 0)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let mut config = ConfigBuilder::default()
+            .env(self.env_of(spec, &base.env))
+            .labels(
+                spec.labels
+                    .clone()
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            );
         if !spec.entrypoint.is_empty() {
             config = config.entrypoint(spec.entrypoint.clone());
         }
@@ -372,23 +574,50 @@ impl<'a> Baker<'a> {
             config = config.working_dir(w.clone());
         }
         if !spec.ports.is_empty() {
-            config = config.exposed_ports(spec.ports.iter().map(|p| format!("{p}/tcp")).collect::<Vec<_>>());
+            config = config.exposed_ports(
+                spec.ports
+                    .iter()
+                    .map(|p| format!("{p}/tcp"))
+                    .collect::<Vec<_>>(),
+            );
         }
-        let history = HistoryBuilder::default().created(created.clone()).created_by(format!("kiln bake {} ({})", spec.name, base.description)).build().map_err(oci)?;
+        let history = HistoryBuilder::default()
+            .created(created.clone())
+            .created_by(format!("kiln bake {} ({})", spec.name, base.description))
+            .build()
+            .map_err(oci)?;
         let image_config = ImageConfigurationBuilder::default()
             .architecture(oci_spec::image::Arch::Amd64)
             .os(oci_spec::image::Os::Linux)
             .created(created)
             .config(config.build().map_err(oci)?)
-            .rootfs(RootFsBuilder::default().typ("layers").diff_ids(layers.iter().map(|l| l.digest.0.clone()).collect::<Vec<_>>()).build().map_err(oci)?)
+            .rootfs(
+                RootFsBuilder::default()
+                    .typ("layers")
+                    .diff_ids(
+                        layers
+                            .iter()
+                            .map(|l| l.digest.0.clone())
+                            .collect::<Vec<_>>(),
+                    )
+                    .build()
+                    .map_err(oci)?,
+            )
             .history(vec![history])
             .build()
             .map_err(oci)?;
         let (config_digest, config_size) = self.store.put_json(&image_config)?;
-        let descriptor = |mt: MediaType, d: &Digest, size: u64| -> Result<oci_spec::image::Descriptor> {
-            let digest: oci_spec::image::Digest = d.0.parse().map_err(|e: oci_spec::OciSpecError| oci(e))?;
-            DescriptorBuilder::default().media_type(mt).digest(digest).size(size).build().map_err(oci)
-        };
+        let descriptor =
+            |mt: MediaType, d: &Digest, size: u64| -> Result<oci_spec::image::Descriptor> {
+                let digest: oci_spec::image::Digest =
+                    d.0.parse().map_err(|e: oci_spec::OciSpecError| oci(e))?;
+                DescriptorBuilder::default()
+                    .media_type(mt)
+                    .digest(digest)
+                    .size(size)
+                    .build()
+                    .map_err(oci)
+            };
         let annotations: std::collections::HashMap<String, String> = [
             ("dev.kiln.image".to_string(), spec.name.clone()),
             ("dev.kiln.seal.root".to_string(), sealed.root.clone()),
@@ -399,8 +628,17 @@ impl<'a> Baker<'a> {
         let manifest = ImageManifestBuilder::default()
             .schema_version(2u32)
             .media_type(MediaType::ImageManifest)
-            .config(descriptor(MediaType::ImageConfig, &config_digest, config_size)?)
-            .layers(layers.iter().map(|l| descriptor(MediaType::ImageLayer, &l.digest, l.size)).collect::<Result<Vec<_>>>()?)
+            .config(descriptor(
+                MediaType::ImageConfig,
+                &config_digest,
+                config_size,
+            )?)
+            .layers(
+                layers
+                    .iter()
+                    .map(|l| descriptor(MediaType::ImageLayer, &l.digest, l.size))
+                    .collect::<Result<Vec<_>>>()?,
+            )
             .annotations(annotations)
             .build()
             .map_err(oci)?;
@@ -410,11 +648,24 @@ impl<'a> Baker<'a> {
 
     fn resolve_base(&self, spec: &ImageSpec) -> Result<Base> {
         match &spec.from {
-            ImageSource::Scratch => Ok(Base { origin: BaseOrigin::Scratch, layers: vec![], key_part: "scratch".into(), description: "scratch".into(), parent: None, parent_digest: None, env: vec![] }),
+            ImageSource::Scratch => Ok(Base {
+                origin: BaseOrigin::Scratch,
+                layers: vec![],
+                key_part: "scratch".into(),
+                description: "scratch".into(),
+                parent: None,
+                parent_digest: None,
+                env: vec![],
+            }),
             ImageSource::Image(p) => {
                 let rec = self.store.current_record(p)?;
-                let cfg: oci_spec::image::ImageConfiguration = self.store.read_json_blob(&rec.config)?;
-                let env = cfg.config().as_ref().and_then(|c| c.env().clone()).unwrap_or_default();
+                let cfg: oci_spec::image::ImageConfiguration =
+                    self.store.read_json_blob(&rec.config)?;
+                let env = cfg
+                    .config()
+                    .as_ref()
+                    .and_then(|c| c.env().clone())
+                    .unwrap_or_default();
                 Ok(Base {
                     layers: rec.layers.clone(),
                     key_part: format!("image:{}", rec.digest),
@@ -427,17 +678,31 @@ impl<'a> Baker<'a> {
             }
             source => {
                 let b = crate::source::import(self, &spec.name, source)?;
-                Ok(Base { layers: b.layers.clone(), key_part: format!("base:{}", b.key), description: b.source.clone(), parent: None, parent_digest: None, env: b.env.clone(), origin: BaseOrigin::Imported(b) })
+                Ok(Base {
+                    layers: b.layers.clone(),
+                    key_part: format!("base:{}", b.key),
+                    description: b.source.clone(),
+                    parent: None,
+                    parent_digest: None,
+                    env: b.env.clone(),
+                    origin: BaseOrigin::Imported(b),
+                })
             }
         }
     }
 
     pub(crate) fn emit_step(&self, image: &str, step: String) {
-        self.emit(Event::Step { image: image.to_string(), step })
+        self.emit(Event::Step {
+            image: image.to_string(),
+            step,
+        })
     }
 
     pub(crate) fn emit_output(&self, image: &str, line: String) {
-        self.emit(Event::Output { image: image.to_string(), line })
+        self.emit(Event::Output {
+            image: image.to_string(),
+            line,
+        })
     }
 }
 
@@ -461,7 +726,9 @@ enum BaseOrigin {
 /// `NN_name.sh` scripts (any regular file, really) in lexical order, with content hashes.
 fn list_scripts(dir: &Path) -> Result<Vec<(String, PathBuf, String)>> {
     let mut out = Vec::new();
-    let Ok(items) = fs::read_dir(dir) else { return Ok(out) };
+    let Ok(items) = fs::read_dir(dir) else {
+        return Ok(out);
+    };
     for item in items {
         let item = item.ctx("read directory", dir)?;
         let path = item.path();
@@ -472,7 +739,9 @@ fn list_scripts(dir: &Path) -> Result<Vec<(String, PathBuf, String)>> {
         if name.starts_with('.') || name.ends_with('~') {
             continue;
         }
-        let hash = blake3::hash(&fs::read(&path).ctx("read", &path)?).to_hex().to_string();
+        let hash = blake3::hash(&fs::read(&path).ctx("read", &path)?)
+            .to_hex()
+            .to_string();
         out.push((name, path, hash));
     }
     out.sort();
@@ -498,14 +767,33 @@ struct KeyInputs<'a> {
 }
 
 /// Hash of everything that determines a build's result.
-fn cache_key(spec: &ImageSpec, base: &str, files: &[seal::Entry], scripts: &[(String, PathBuf, String)]) -> String {
+fn cache_key(
+    spec: &ImageSpec,
+    base: &str,
+    files: &[seal::Entry],
+    scripts: &[(String, PathBuf, String)],
+) -> String {
     let inputs = KeyInputs {
         kiln: "bake-v1",
         name: &spec.name,
         base,
         // Owners in the checkout do not matter: files land owned by root.
-        files: files.iter().map(|f| (f.path.as_str(), f.kind, f.mode, f.hash.as_deref(), f.target.as_deref())).collect(),
-        scripts: scripts.iter().map(|(n, _, h)| (n.as_str(), h.as_str())).collect(),
+        files: files
+            .iter()
+            .map(|f| {
+                (
+                    f.path.as_str(),
+                    f.kind,
+                    f.mode,
+                    f.hash.as_deref(),
+                    f.target.as_deref(),
+                )
+            })
+            .collect(),
+        scripts: scripts
+            .iter()
+            .map(|(n, _, h)| (n.as_str(), h.as_str()))
+            .collect(),
         entrypoint: &spec.entrypoint,
         cmd: &spec.cmd,
         env: &spec.env,
@@ -529,7 +817,10 @@ fn copy_files(image: &str, src: &Path, files: &[seal::Entry], root: &Path) -> Re
         let mut cur = root.to_path_buf();
         for c in parent.components() {
             cur.push(c);
-            if fs::symlink_metadata(&cur).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+            if fs::symlink_metadata(&cur)
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(false)
+            {
                 return Err(ImageError::Input {
                     image: image.into(),
                     reason: format!("files/{} would be written through the symlink /{} in the root; use the real path", f.path, cur.strip_prefix(root).unwrap_or(&cur).display()),
@@ -546,23 +837,36 @@ fn copy_files(image: &str, src: &Path, files: &[seal::Entry], root: &Path) -> Re
                     }
                     Err(_) => fs::create_dir(&dest).ctx("create directory", &dest)?,
                 }
-                fs::set_permissions(&dest, fs::Permissions::from_mode(f.mode)).ctx("chmod", &dest)?;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(f.mode))
+                    .ctx("chmod", &dest)?;
             }
             Kind::File => {
                 layer::remove_any(&dest)?;
                 fs::copy(src.join(rel), &dest).ctx("copy", src.join(rel))?;
-                fs::set_permissions(&dest, fs::Permissions::from_mode(f.mode)).ctx("chmod", &dest)?;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(f.mode))
+                    .ctx("chmod", &dest)?;
             }
             Kind::Symlink => {
                 layer::remove_any(&dest)?;
-                std::os::unix::fs::symlink(f.target.as_deref().unwrap_or(""), &dest).ctx("create symlink", &dest)?;
+                std::os::unix::fs::symlink(f.target.as_deref().unwrap_or(""), &dest)
+                    .ctx("create symlink", &dest)?;
             }
             other => {
                 return Err(ImageError::Input { image: image.into(), reason: format!("files/{} is a {other:?}; only files, directories and symlinks can be copied", f.path) });
             }
         }
-        nix::unistd::fchownat(None, &dest, Some(0.into()), Some(0.into()), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| ImageError::Io { op: "chown", path: dest.clone(), source: e.into() })?;
+        nix::unistd::fchownat(
+            None,
+            &dest,
+            Some(0.into()),
+            Some(0.into()),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| ImageError::Io {
+            op: "chown",
+            path: dest.clone(),
+            source: e.into(),
+        })?;
     }
     Ok(())
 }
@@ -570,24 +874,51 @@ fn copy_files(image: &str, src: &Path, files: &[seal::Entry], root: &Path) -> Re
 /// Copies a whole tree, preserving everything (cp -a keeps owners, modes,
 /// links and special files exactly, and reflinks where the filesystem can).
 pub(crate) fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
-    let out = Command::new("cp").arg("-a").arg("--reflink=auto").arg(src).arg(dest).output().ctx("run cp for", src)?;
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg("--reflink=auto")
+        .arg(src)
+        .arg(dest)
+        .output()
+        .ctx("run cp for", src)?;
     if !out.status.success() {
-        return Err(ImageError::Io { op: "copy", path: src.to_path_buf(), source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()) });
+        return Err(ImageError::Io {
+            op: "copy",
+            path: src.to_path_buf(),
+            source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
     }
     Ok(())
 }
 
 /// Writes a layer of `changes` to a temporary file, hashing as it goes,
 /// and moves it into the store's blobs.
-pub(crate) fn write_layer_blob(store: &Store, root: &Path, changes: &LayerChanges, mtime: u64, work: &Path) -> Result<LayerRef> {
+pub(crate) fn write_layer_blob(
+    store: &Store,
+    root: &Path,
+    changes: &LayerChanges,
+    mtime: u64,
+    work: &Path,
+) -> Result<LayerRef> {
     let tmp = work.join(format!("layer-{}.tar", std::process::id()));
     let file = fs::File::create(&tmp).ctx("create", &tmp)?;
-    let writer = HashingWriter { inner: io::BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), size: 0 };
+    let writer = HashingWriter {
+        inner: io::BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        size: 0,
+    };
     let mut writer = layer::write_layer(root, changes, mtime, writer)?;
     writer.flush().ctx("write", &tmp)?;
-    let digest = Digest(format!("sha256:{}", hex::encode(writer.hasher.finalize_reset())));
+    let digest = Digest(format!(
+        "sha256:{}",
+        hex::encode(writer.hasher.finalize_reset())
+    ));
     let size = writer.size;
-    let mut file = writer.inner.into_inner().map_err(|e| ImageError::Io { op: "write", path: tmp.clone(), source: e.into_error() })?;
+    let mut file = writer.inner.into_inner().map_err(|e| ImageError::Io {
+        op: "write",
+        path: tmp.clone(),
+        source: e.into_error(),
+    })?;
     file.sync_all().ctx("sync", &tmp)?;
     file.rewind().ctx("rewind", &tmp)?;
     store.adopt_blob(&tmp, &digest)?;
@@ -614,12 +945,22 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// The last `n` lines of a log file (lossy UTF-8).
 pub fn tail(path: &Path, n: usize) -> String {
-    let Ok(f) = fs::File::open(path) else { return String::new() };
+    let Ok(f) = fs::File::open(path) else {
+        return String::new();
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut r = io::BufReader::new(f);
     // Only the end matters; skip most of a large log.
     let _ = r.seek(io::SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let lines: Vec<String> = r.split(b'\n').map_while(|l| l.ok()).map(|l| String::from_utf8_lossy(&l).trim_end().to_string()).collect();
+    let lines: Vec<String> = r
+        .split(b'\n')
+        .map_while(|l| l.ok())
+        .map(|l| String::from_utf8_lossy(&l).trim_end().to_string())
+        .collect();
     let lines: Vec<&String> = lines.iter().filter(|l| !l.is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
 }

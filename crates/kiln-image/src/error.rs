@@ -8,10 +8,17 @@ use std::path::PathBuf;
 pub enum ImageError {
     /// An I/O operation on a path failed.
     #[error("cannot {op} {}", path.display())]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A JSON document in the store or an OCI layout is unreadable.
     #[error("cannot parse {}", path.display())]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     /// The project declares no such image.
     #[error("unknown image `{0}`")]
     UnknownImage(String),
@@ -23,19 +30,42 @@ pub enum ImageError {
     NotBuilt(String),
     /// An archive entry tries to leave the root or is not allowed.
     #[error("refused {archive}: entry `{entry}` {reason}")]
-    Hostile { archive: String, entry: String, reason: String },
+    Hostile {
+        archive: String,
+        entry: String,
+        reason: String,
+    },
     /// A build script failed inside the sandbox.
-    #[error("script {script} of image `{image}` exited with status {status}; last output:\n{tail}")]
-    ScriptFailed { image: String, script: String, status: i32, tail: String },
+    #[error(
+        "script {script} of image `{image}` exited with status {status}; last output:\n{tail}"
+    )]
+    ScriptFailed {
+        image: String,
+        script: String,
+        status: i32,
+        tail: String,
+    },
     /// An image test failed in the sealed image.
     #[error("test {command:?} of image `{image}` exited with status {status}; output:\n{output}")]
-    TestFailed { image: String, command: Vec<String>, status: i32, output: String },
+    TestFailed {
+        image: String,
+        command: Vec<String>,
+        status: i32,
+        output: String,
+    },
     /// A sandbox could not be started or waited for.
     #[error("sandbox for {what} failed")]
-    Sandbox { what: String, source: kiln_sandbox::SandboxError },
+    Sandbox {
+        what: String,
+        source: kiln_sandbox::SandboxError,
+    },
     /// `debootstrap` failed or is missing.
     #[error("debootstrap of {suite} from {mirror} failed: {detail}")]
-    Debootstrap { suite: String, mirror: String, detail: String },
+    Debootstrap {
+        suite: String,
+        mirror: String,
+        detail: String,
+    },
     /// An OCI image layout could not be used as a base.
     #[error("OCI layout {}: {reason}", dir.display())]
     Oci { dir: PathBuf, reason: String },
@@ -56,6 +86,10 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| ImageError::Io { op, path: path.into(), source })
+        self.map_err(|source| ImageError::Io {
+            op,
+            path: path.into(),
+            source,
+        })
     }
 }

@@ -34,14 +34,26 @@ impl LayerChanges {
     pub fn between(parent: &Seal, child: &Seal) -> LayerChanges {
         let before = parent.by_path();
         let after = child.by_path();
-        let write = child.entries.iter().filter(|e| before.get(e.path.as_str()).is_none_or(|p| !p.changes(e).is_empty())).cloned().collect();
+        let write = child
+            .entries
+            .iter()
+            .filter(|e| {
+                before
+                    .get(e.path.as_str())
+                    .is_none_or(|p| !p.changes(e).is_empty())
+            })
+            .cloned()
+            .collect();
         // A deleted directory needs one whiteout, not one per child.
         let mut delete: Vec<String> = Vec::new();
         for path in before.keys() {
             if after.contains_key(path) {
                 continue;
             }
-            if delete.last().is_some_and(|d| path.starts_with(&format!("{d}/"))) {
+            if delete
+                .last()
+                .is_some_and(|d| path.starts_with(&format!("{d}/")))
+            {
                 continue;
             }
             delete.push(path.to_string());
@@ -78,7 +90,11 @@ pub fn write_layer<W: Write>(root: &Path, changes: &LayerChanges, mtime: u64, ou
         .chain(changes.write.iter().map(|e| (e.path.clone(), Some(e))))
         .collect();
     items.sort_by_key(|a| order_key(&a.0));
-    let io = |e: io::Error| ImageError::Io { op: "write layer from", path: root.to_path_buf(), source: e };
+    let io = |e: io::Error| ImageError::Io {
+        op: "write layer from",
+        path: root.to_path_buf(),
+        source: e,
+    };
     for (path, entry) in items {
         let mut h = tar::Header::new_gnu();
         h.set_mtime(mtime);
@@ -143,7 +159,11 @@ pub fn write_layer<W: Write>(root: &Path, changes: &LayerChanges, mtime: u64, ou
 /// directory before its children.
 fn order_key(path: &str) -> (String, u8, String) {
     let (dir, name) = split(path);
-    (dir.to_string(), if name.starts_with(WHITEOUT) { 0 } else { 1 }, name.to_string())
+    (
+        dir.to_string(),
+        if name.starts_with(WHITEOUT) { 0 } else { 1 },
+        name.to_string(),
+    )
 }
 
 fn split(path: &str) -> (&str, &str) {
@@ -154,7 +174,11 @@ fn split(path: &str) -> (&str, &str) {
 }
 
 fn join(dir: &str, name: &str) -> String {
-    if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
 }
 
 /// Opens a layer or rootfs archive, decompressing gzip or zstd by magic number.
@@ -171,7 +195,11 @@ pub fn open_archive(path: &Path) -> Result<Box<dyn Read>> {
     if n >= 2 && magic[..2] == [0x1f, 0x8b] {
         Ok(Box::new(flate2::read::MultiGzDecoder::new(f)))
     } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        let d = ruzstd::StreamingDecoder::new(f).map_err(|e| ImageError::Io { op: "decompress", path: path.to_path_buf(), source: io::Error::other(e.to_string()) })?;
+        let d = ruzstd::StreamingDecoder::new(f).map_err(|e| ImageError::Io {
+            op: "decompress",
+            path: path.to_path_buf(),
+            source: io::Error::other(e.to_string()),
+        })?;
         Ok(Box::new(d))
     } else {
         Ok(Box::new(f))
@@ -182,8 +210,16 @@ pub fn open_archive(path: &Path) -> Result<Box<dyn Read>> {
 /// source in errors. Nothing is ever written outside `root`.
 pub fn apply_layer(reader: impl Read, root: &Path, archive: &str) -> Result<()> {
     let mut ar = tar::Archive::new(reader);
-    let hostile = |entry: &str, reason: &str| ImageError::Hostile { archive: archive.to_string(), entry: entry.to_string(), reason: reason.to_string() };
-    let rerr = |e: io::Error| ImageError::Io { op: "read archive", path: PathBuf::from(archive), source: e };
+    let hostile = |entry: &str, reason: &str| ImageError::Hostile {
+        archive: archive.to_string(),
+        entry: entry.to_string(),
+        reason: reason.to_string(),
+    };
+    let rerr = |e: io::Error| ImageError::Io {
+        op: "read archive",
+        path: PathBuf::from(archive),
+        source: e,
+    };
     let mut hardlinks = Vec::new();
     for item in ar.entries().map_err(rerr)? {
         let mut item = item.map_err(rerr)?;
@@ -218,7 +254,13 @@ pub fn apply_layer(reader: impl Read, root: &Path, archive: &str) -> Result<()> 
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 replace_non_dir(&dest)?;
-                let mut f = fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&dest).ctx("create", &dest)?;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(0o600)
+                    .open(&dest)
+                    .ctx("create", &dest)?;
                 io::copy(&mut item, &mut f).ctx("write", &dest)?;
                 drop(f);
                 finish(&dest, mode, uid, gid, mtime)?;
@@ -235,35 +277,87 @@ pub fn apply_layer(reader: impl Read, root: &Path, archive: &str) -> Result<()> 
                 finish(&dest, mode, uid, gid, mtime)?;
             }
             tar::EntryType::Symlink => {
-                let target = item.link_name_bytes().ok_or_else(|| hostile(&shown, "is a symlink without a target"))?.into_owned();
+                let target = item
+                    .link_name_bytes()
+                    .ok_or_else(|| hostile(&shown, "is a symlink without a target"))?
+                    .into_owned();
                 replace_non_dir(&dest)?;
-                std::os::unix::fs::symlink(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&target), &dest).ctx("create symlink", &dest)?;
-                nix::unistd::fchownat(None, &dest, Some(uid.into()), Some(gid.into()), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-                    .map_err(|e| ImageError::Io { op: "chown", path: dest.clone(), source: e.into() })?;
+                std::os::unix::fs::symlink(
+                    <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&target),
+                    &dest,
+                )
+                .ctx("create symlink", &dest)?;
+                nix::unistd::fchownat(
+                    None,
+                    &dest,
+                    Some(uid.into()),
+                    Some(gid.into()),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| ImageError::Io {
+                    op: "chown",
+                    path: dest.clone(),
+                    source: e.into(),
+                })?;
             }
             tar::EntryType::Link => {
-                let target = item.link_name_bytes().ok_or_else(|| hostile(&shown, "is a hard link without a target"))?.into_owned();
-                let target_rel = clean_path(&target).map_err(|r| hostile(&shown, &format!("links to a path that {r}")))?.ok_or_else(|| hostile(&shown, "links to the root"))?;
+                let target = item
+                    .link_name_bytes()
+                    .ok_or_else(|| hostile(&shown, "is a hard link without a target"))?
+                    .into_owned();
+                let target_rel = clean_path(&target)
+                    .map_err(|r| hostile(&shown, &format!("links to a path that {r}")))?
+                    .ok_or_else(|| hostile(&shown, "links to the root"))?;
                 hardlinks.push((rel.clone(), target_rel, shown.clone()));
                 let src = root.join(&hardlinks.last().unwrap().1);
-                ensure_parents(root, hardlinks.last().unwrap().1.parent().unwrap_or(Path::new(""))).map_err(|r| hostile(&shown, &r))?;
+                ensure_parents(
+                    root,
+                    hardlinks
+                        .last()
+                        .unwrap()
+                        .1
+                        .parent()
+                        .unwrap_or(Path::new("")),
+                )
+                .map_err(|r| hostile(&shown, &r))?;
                 match fs::symlink_metadata(&src) {
                     Ok(m) if m.is_file() => {}
-                    _ => return Err(hostile(&shown, "links to something that is not an earlier regular file")),
+                    _ => {
+                        return Err(hostile(
+                            &shown,
+                            "links to something that is not an earlier regular file",
+                        ))
+                    }
                 }
                 replace_non_dir(&dest)?;
                 fs::hard_link(&src, &dest).ctx("create hard link", &dest)?;
             }
             tar::EntryType::Fifo => {
                 replace_non_dir(&dest)?;
-                nix::unistd::mkfifo(&dest, nix::sys::stat::Mode::from_bits_truncate(mode)).map_err(|e| ImageError::Io { op: "create fifo", path: dest.clone(), source: e.into() })?;
+                nix::unistd::mkfifo(&dest, nix::sys::stat::Mode::from_bits_truncate(mode))
+                    .map_err(|e| ImageError::Io {
+                        op: "create fifo",
+                        path: dest.clone(),
+                        source: e.into(),
+                    })?;
                 finish(&dest, mode, uid, gid, mtime)?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
-                return Err(hostile(&shown, "is a device node, which images may not contain (the runtime provides /dev)"));
+                return Err(hostile(
+                    &shown,
+                    "is a device node, which images may not contain (the runtime provides /dev)",
+                ));
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {}
-            other => return Err(hostile(&shown, &format!("has an unsupported type {other:?}"))),
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => {}
+            other => {
+                return Err(hostile(
+                    &shown,
+                    &format!("has an unsupported type {other:?}"),
+                ))
+            }
         }
     }
     Ok(())
@@ -284,7 +378,11 @@ fn clean_path(raw: &[u8]) -> std::result::Result<Option<PathBuf>, &'static str> 
             Component::RootDir | Component::Prefix(_) => return Err("has an absolute path"),
         }
     }
-    Ok(if out.as_os_str().is_empty() { None } else { Some(out) })
+    Ok(if out.as_os_str().is_empty() {
+        None
+    } else {
+        Some(out)
+    })
 }
 
 /// Creates missing parent directories of an entry and refuses any parent
@@ -297,7 +395,9 @@ fn ensure_parents(root: &Path, parent: &Path) -> std::result::Result<(), String>
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
                 let rel = cur.strip_prefix(root).unwrap_or(&cur).display().to_string();
-                return Err(format!("would be written through the symlink `{rel}`, which could escape the root"));
+                return Err(format!(
+                    "would be written through the symlink `{rel}`, which could escape the root"
+                ));
             }
             Ok(_) => {
                 let rel = cur.strip_prefix(root).unwrap_or(&cur).display().to_string();
@@ -305,7 +405,8 @@ fn ensure_parents(root: &Path, parent: &Path) -> std::result::Result<(), String>
             }
             Err(_) => {
                 fs::create_dir(&cur).map_err(|e| format!("cannot create parent directory: {e}"))?;
-                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))
+                    .map_err(|e| e.to_string())?;
             }
         }
     }
@@ -325,16 +426,33 @@ pub(crate) fn remove_any(path: &Path) -> Result<()> {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path).ctx("remove", path),
         Ok(_) => fs::remove_file(path).ctx("remove", path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ImageError::Io { op: "stat", path: path.to_path_buf(), source: e }),
+        Err(e) => Err(ImageError::Io {
+            op: "stat",
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
 fn finish(dest: &Path, mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<()> {
-    let sys = |op: &'static str| move |e: nix::Error| ImageError::Io { op, path: dest.to_path_buf(), source: e.into() };
+    let sys = |op: &'static str| {
+        move |e: nix::Error| ImageError::Io {
+            op,
+            path: dest.to_path_buf(),
+            source: e.into(),
+        }
+    };
     nix::unistd::chown(dest, Some(uid.into()), Some(gid.into())).map_err(sys("chown"))?;
     // chown clears setuid bits: set the mode after it.
     fs::set_permissions(dest, fs::Permissions::from_mode(mode)).ctx("chmod", dest)?;
     let t = nix::sys::time::TimeSpec::new(mtime, 0);
-    nix::sys::stat::utimensat(None, dest, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink).map_err(sys("set times of"))?;
+    nix::sys::stat::utimensat(
+        None,
+        dest,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(sys("set times of"))?;
     Ok(())
 }

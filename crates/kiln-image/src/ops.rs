@@ -48,7 +48,15 @@ pub fn list(store: &Store, only: Option<&str>) -> Result<Vec<ListItem>> {
                 (Outcome::Ok, true) => Status::Current,
                 (Outcome::Ok, false) => Status::Previous,
             };
-            out.push(ListItem { name: r.name, version: r.version, digest: r.digest, parent: r.parent, created: r.created, size: r.size, status });
+            out.push(ListItem {
+                name: r.name,
+                version: r.version,
+                digest: r.digest,
+                parent: r.parent,
+                created: r.created,
+                size: r.size,
+                status,
+            });
         }
     }
     Ok(out)
@@ -58,7 +66,13 @@ pub fn list(store: &Store, only: Option<&str>) -> Result<Vec<ListItem>> {
 pub fn resolve(store: &Store, reference: &str) -> Result<VersionRecord> {
     match reference.split_once('@') {
         Some((name, v)) => {
-            let version = v.trim_start_matches('v').parse().map_err(|_| ImageError::UnknownVersion { name: name.into(), version: 0 })?;
+            let version =
+                v.trim_start_matches('v')
+                    .parse()
+                    .map_err(|_| ImageError::UnknownVersion {
+                        name: name.into(),
+                        version: 0,
+                    })?;
             store.version(name, version)
         }
         None => {
@@ -93,7 +107,11 @@ pub struct Shown {
 
 pub fn show(store: &Store, reference: &str) -> Result<Shown> {
     let r = resolve(store, reference)?;
-    let status = list(store, Some(&r.name))?.into_iter().find(|i| i.version == r.version).map(|i| i.status).unwrap_or(Status::Previous);
+    let status = list(store, Some(&r.name))?
+        .into_iter()
+        .find(|i| i.version == r.version)
+        .map(|i| i.status)
+        .unwrap_or(Status::Previous);
     let mut lineage = vec![format!("{}@{}", r.name, r.version)];
     let mut parent = r.parent.clone();
     while let Some(p) = parent {
@@ -154,14 +172,30 @@ pub fn verify_with(store: &Store, reference: &str, full: bool, blobs: bool) -> R
     let r = resolve(store, reference)?;
     let sealed: Seal = store.read_json_blob(&r.seal)?;
     if Digest::of(&store.read_blob(&r.seal)?) != r.seal {
-        return Err(ImageError::Corrupt(format!("the seal of {}@{} does not match its digest", r.name, r.version)));
+        return Err(ImageError::Corrupt(format!(
+            "the seal of {}@{} does not match its digest",
+            r.name, r.version
+        )));
     }
-    if sealed.root != r.seal_root || Seal::from_entries(sealed.entries.clone()).root != sealed.root {
-        return Err(ImageError::Corrupt(format!("the seal root of {}@{} does not match its entries", r.name, r.version)));
+    if sealed.root != r.seal_root || Seal::from_entries(sealed.entries.clone()).root != sealed.root
+    {
+        return Err(ImageError::Corrupt(format!(
+            "the seal root of {}@{} does not match its entries",
+            r.name, r.version
+        )));
     }
     let root = store.root_path(&r.digest);
-    let cache_path = store.root().join("cache/stat").join(format!("{}.json", r.digest.hex()));
-    let cache: Option<seal::StatCache> = if full { None } else { fs::read(&cache_path).ok().and_then(|b| serde_json::from_slice(&b).ok()) };
+    let cache_path = store
+        .root()
+        .join("cache/stat")
+        .join(format!("{}.json", r.digest.hex()));
+    let cache: Option<seal::StatCache> = if full {
+        None
+    } else {
+        fs::read(&cache_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    };
     let differences = if root.is_dir() {
         let (actual, next) = seal::seal_tree_cached(&root, cache.as_ref())?;
         let diffs = seal::diff(&sealed, &actual);
@@ -171,26 +205,45 @@ pub fn verify_with(store: &Store, reference: &str, full: bool, blobs: bool) -> R
         }
         diffs
     } else {
-        vec![Difference::Removed { path: String::new() }]
+        vec![Difference::Removed {
+            path: String::new(),
+        }]
     };
     let mut corrupt_blobs = Vec::new();
     let check_blobs = blobs;
-    let blobs: Vec<&Digest> = if check_blobs { blobs_of(&r) } else { Vec::new() };
+    let blobs: Vec<&Digest> = if check_blobs {
+        blobs_of(&r)
+    } else {
+        Vec::new()
+    };
     for d in blobs {
         if !blob_ok(store, d) {
             corrupt_blobs.push(d.clone());
         }
     }
-    Ok(Verified { name: r.name, version: r.version, digest: r.digest, entries: sealed.entries.len(), bytes: sealed.content_size(), differences, corrupt_blobs })
+    Ok(Verified {
+        name: r.name,
+        version: r.version,
+        digest: r.digest,
+        entries: sealed.entries.len(),
+        bytes: sealed.content_size(),
+        differences,
+        corrupt_blobs,
+    })
 }
 
 fn blobs_of(r: &VersionRecord) -> Vec<&Digest> {
-    std::iter::once(&r.digest).chain(std::iter::once(&r.config)).chain(r.layers.iter().map(|l| &l.digest)).collect()
+    std::iter::once(&r.digest)
+        .chain(std::iter::once(&r.config))
+        .chain(r.layers.iter().map(|l| &l.digest))
+        .collect()
 }
 
 fn blob_ok(store: &Store, d: &Digest) -> bool {
     use sha2::Digest as _;
-    let Ok(mut f) = fs::File::open(store.blob_path(d)) else { return false };
+    let Ok(mut f) = fs::File::open(store.blob_path(d)) else {
+        return false;
+    };
     let mut h = sha2::Sha256::new();
     if std::io::copy(&mut f, &mut h).is_err() {
         return false;
@@ -225,9 +278,17 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
     for name in store.image_names()? {
         let current = store.current(&name)?;
         let versions = store.versions(&name)?;
-        let previous: BTreeSet<u32> = versions.iter().rev().filter(|r| r.outcome == Outcome::Ok && Some(r.version) != current).take(keep).map(|r| r.version).collect();
+        let previous: BTreeSet<u32> = versions
+            .iter()
+            .rev()
+            .filter(|r| r.outcome == Outcome::Ok && Some(r.version) != current)
+            .take(keep)
+            .map(|r| r.version)
+            .collect();
         for r in versions {
-            let kept = Some(r.version) == current || previous.contains(&r.version) || in_use.contains(&r.digest);
+            let kept = Some(r.version) == current
+                || previous.contains(&r.version)
+                || in_use.contains(&r.digest);
             if kept {
                 live_blobs.extend([r.digest.clone(), r.config.clone(), r.seal.clone()]);
                 live_blobs.extend(r.layers.iter().map(|l| l.digest.clone()));
@@ -252,26 +313,41 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
     for d in store.roots()? {
         if !live_roots.contains(&d) {
             let p = store.root_path(&d);
-            fs::remove_dir_all(&p).map_err(|source| ImageError::Io { op: "remove", path: p, source })?;
+            fs::remove_dir_all(&p).map_err(|source| ImageError::Io {
+                op: "remove",
+                path: p,
+                source,
+            })?;
             out.roots += 1;
         }
     }
     // A retired root goes once no mount namespace on the host still has it
     // mounted (the servers started from it have all been replaced).
     let retired = store.root().join("retired");
-    let items: Vec<fs::DirEntry> = fs::read_dir(&retired).into_iter().flatten().flatten().collect();
+    let items: Vec<fs::DirEntry> = fs::read_dir(&retired)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
     if !items.is_empty() {
         // Every mount namespace's table is read only when there is something to decide.
         let mounted = mounted_roots();
         for item in items {
             let name = item.file_name().to_string_lossy().into_owned();
             let suffix = format!("/retired/{}", mountinfo_escape(&name));
-            if mounted.iter().any(|m| m.ends_with(&suffix) || m.contains(&format!("{suffix}/"))) {
+            if mounted
+                .iter()
+                .any(|m| m.ends_with(&suffix) || m.contains(&format!("{suffix}/")))
+            {
                 out.retired_in_use += 1;
                 continue;
             }
             let p = item.path();
-            fs::remove_dir_all(&p).map_err(|source| ImageError::Io { op: "remove", path: p, source })?;
+            fs::remove_dir_all(&p).map_err(|source| ImageError::Io {
+                op: "remove",
+                path: p,
+                source,
+            })?;
             out.retired += 1;
         }
     }
@@ -285,22 +361,40 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
 fn mounted_roots() -> BTreeSet<String> {
     let mut namespaces = BTreeSet::new();
     let mut out = BTreeSet::new();
-    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
     for p in procs.flatten() {
-        if !p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
             continue;
         }
-        let Ok(ns) = fs::read_link(p.path().join("ns/mnt")) else { continue };
+        let Ok(ns) = fs::read_link(p.path().join("ns/mnt")) else {
+            continue;
+        };
         if !namespaces.insert(ns) {
             continue;
         }
-        let Ok(info) = fs::read_to_string(p.path().join("mountinfo")) else { continue };
-        out.extend(info.lines().filter_map(|l| l.split(' ').nth(3)).map(str::to_string));
+        let Ok(info) = fs::read_to_string(p.path().join("mountinfo")) else {
+            continue;
+        };
+        out.extend(
+            info.lines()
+                .filter_map(|l| l.split(' ').nth(3))
+                .map(str::to_string),
+        );
     }
     out
 }
 
 /// mountinfo's octal escapes for space, tab, newline and backslash.
 fn mountinfo_escape(s: &str) -> String {
-    s.replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012")
+    s.replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012")
 }

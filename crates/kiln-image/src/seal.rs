@@ -97,12 +97,21 @@ impl Seal {
             let leaf = blake3::hash(&serde_json::to_vec(e).expect("entry serializes"));
             hasher.update(leaf.as_bytes());
         }
-        Seal { version: 1, algorithm: "blake3".into(), root: hasher.finalize().to_hex().to_string(), entries }
+        Seal {
+            version: 1,
+            algorithm: "blake3".into(),
+            root: hasher.finalize().to_hex().to_string(),
+            entries,
+        }
     }
 
     /// Total bytes of regular file content.
     pub fn content_size(&self) -> u64 {
-        self.entries.iter().filter(|e| e.kind == Kind::File).map(|e| e.size).sum()
+        self.entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .map(|e| e.size)
+            .sum()
     }
 
     pub fn by_path(&self) -> BTreeMap<&str, &Entry> {
@@ -125,7 +134,12 @@ pub struct StatCache {
 }
 
 fn stat_key(m: &fs::Metadata) -> (u64, i64, i64, u64) {
-    (m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec(), m.ctime() * 1_000_000_000 + m.ctime_nsec(), m.ino())
+    (
+        m.len(),
+        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        m.ino(),
+    )
 }
 
 /// Seals `root`, re-hashing only files whose stat differs from `cache`
@@ -136,7 +150,10 @@ pub fn seal_tree_cached(root: &Path, cache: Option<&StatCache>) -> Result<(Seal,
         .into_par_iter()
         .map(|(path, meta)| {
             let key = stat_key(&meta);
-            let cached = cache.and_then(|c| c.files.get(&path)).filter(|c| (c.0, c.1, c.2, c.3) == key).map(|c| c.4.clone());
+            let cached = cache
+                .and_then(|c| c.files.get(&path))
+                .filter(|c| (c.0, c.1, c.2, c.3) == key)
+                .map(|c| c.4.clone());
             let e = entry_with(root, path, &meta, cached)?;
             Ok((e, key))
         })
@@ -144,21 +161,35 @@ pub fn seal_tree_cached(root: &Path, cache: Option<&StatCache>) -> Result<(Seal,
     let mut next = StatCache::default();
     for (e, k) in &done {
         if let Some(h) = &e.hash {
-            next.files.insert(e.path.clone(), (k.0, k.1, k.2, k.3, h.clone()));
+            next.files
+                .insert(e.path.clone(), (k.0, k.1, k.2, k.3, h.clone()));
         }
     }
-    Ok((Seal::from_entries(done.into_iter().map(|d| d.0).collect()), next))
+    Ok((
+        Seal::from_entries(done.into_iter().map(|d| d.0).collect()),
+        next,
+    ))
 }
 
 /// Every path below `dir` (relative to the walk's root) with its metadata.
 fn walk(root: &Path, rel: &str) -> Result<Vec<(String, fs::Metadata)>> {
-    let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+    let dir = if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
     let mut here = Vec::new();
     for item in fs::read_dir(&dir).ctx("read directory", &dir)? {
         let item = item.ctx("read directory", &dir)?;
         let name = item.file_name();
-        let name = name.to_str().ok_or_else(|| crate::ImageError::Corrupt(format!("non-UTF-8 file name in {}", dir.display())))?;
-        let path = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+        let name = name.to_str().ok_or_else(|| {
+            crate::ImageError::Corrupt(format!("non-UTF-8 file name in {}", dir.display()))
+        })?;
+        let path = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
         let meta = fs::symlink_metadata(item.path()).ctx("stat", item.path())?;
         here.push((path, meta));
     }
@@ -171,7 +202,12 @@ fn walk(root: &Path, rel: &str) -> Result<Vec<(String, fs::Metadata)>> {
     Ok(here)
 }
 
-fn entry_with(root: &Path, path: String, meta: &fs::Metadata, cached_hash: Option<String>) -> Result<Entry> {
+fn entry_with(
+    root: &Path,
+    path: String,
+    meta: &fs::Metadata,
+    cached_hash: Option<String>,
+) -> Result<Entry> {
     let ft = meta.file_type();
     let kind = if ft.is_file() {
         Kind::File
@@ -190,17 +226,30 @@ fn entry_with(root: &Path, path: String, meta: &fs::Metadata, cached_hash: Optio
     };
     let full = root.join(&path);
     let (hash, target, size) = match kind {
-        Kind::File => (Some(match cached_hash {
-            Some(h) => h,
-            None => hash_file(&full, meta.len())?,
-        }), None, meta.len()),
+        Kind::File => (
+            Some(match cached_hash {
+                Some(h) => h,
+                None => hash_file(&full, meta.len())?,
+            }),
+            None,
+            meta.len(),
+        ),
         Kind::Symlink => {
             let t = fs::read_link(&full).ctx("read link", &full)?;
             (None, Some(t.to_string_lossy().into_owned()), 0)
         }
         _ => (None, None, 0),
     };
-    Ok(Entry { path, kind, mode: meta.mode() & 0o7777, uid: meta.uid(), gid: meta.gid(), size, hash, target })
+    Ok(Entry {
+        path,
+        kind,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        size,
+        hash,
+        target,
+    })
 }
 
 /// BLAKE3 of a file's content, hex.
@@ -221,15 +270,24 @@ pub fn hash_file(path: &Path, len: u64) -> Result<String> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "change")]
 pub enum Difference {
-    Added { path: String },
-    Removed { path: String },
-    Changed { path: String, fields: Vec<&'static str> },
+    Added {
+        path: String,
+    },
+    Removed {
+        path: String,
+    },
+    Changed {
+        path: String,
+        fields: Vec<&'static str>,
+    },
 }
 
 impl Difference {
     pub fn path(&self) -> &str {
         match self {
-            Difference::Added { path } | Difference::Removed { path } | Difference::Changed { path, .. } => path,
+            Difference::Added { path }
+            | Difference::Removed { path }
+            | Difference::Changed { path, .. } => path,
         }
     }
 }
@@ -239,7 +297,9 @@ impl std::fmt::Display for Difference {
         match self {
             Difference::Added { path } => write!(f, "added    /{path}"),
             Difference::Removed { path } => write!(f, "removed  /{path}"),
-            Difference::Changed { path, fields } => write!(f, "changed  /{path} ({})", fields.join(", ")),
+            Difference::Changed { path, fields } => {
+                write!(f, "changed  /{path} ({})", fields.join(", "))
+            }
         }
     }
 }
@@ -251,18 +311,25 @@ pub fn diff(expected: &Seal, actual: &Seal) -> Vec<Difference> {
     let mut out = Vec::new();
     for (path, e) in &want {
         match have.get(path) {
-            None => out.push(Difference::Removed { path: path.to_string() }),
+            None => out.push(Difference::Removed {
+                path: path.to_string(),
+            }),
             Some(a) => {
                 let fields = e.changes(a);
                 if !fields.is_empty() {
-                    out.push(Difference::Changed { path: path.to_string(), fields });
+                    out.push(Difference::Changed {
+                        path: path.to_string(),
+                        fields,
+                    });
                 }
             }
         }
     }
     for path in have.keys() {
         if !want.contains_key(path) {
-            out.push(Difference::Added { path: path.to_string() });
+            out.push(Difference::Added {
+                path: path.to_string(),
+            });
         }
     }
     out.sort_by(|a, b| a.path().cmp(b.path()));

@@ -26,15 +26,34 @@ pub(crate) fn import(baker: &Baker, image: &str, source: &ImageSource) -> Result
             let mut h = Sha256::new();
             let mut f = fs::File::open(path).ctx("open", path)?;
             io::copy(&mut f, &mut h).ctx("read", path)?;
-            (format!("rootfs-{}", hex::encode(h.finalize())), format!("rootfs {}", path.file_name().unwrap_or_default().to_string_lossy()))
+            (
+                format!("rootfs-{}", hex::encode(h.finalize())),
+                format!(
+                    "rootfs {}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            )
         }
         ImageSource::Oci { dir, tag } => {
             let (digest, _) = find_manifest(dir, tag)?;
-            (format!("oci-{}", digest.trim_start_matches("sha256:")), format!("oci {}:{tag}", dir.file_name().unwrap_or_default().to_string_lossy()))
+            (
+                format!("oci-{}", digest.trim_start_matches("sha256:")),
+                format!(
+                    "oci {}:{tag}",
+                    dir.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            )
         }
-        ImageSource::Debootstrap { suite, mirror, variant } => {
+        ImageSource::Debootstrap {
+            suite,
+            mirror,
+            variant,
+        } => {
             let k = blake3::hash(format!("{suite}\n{mirror}\n{variant}").as_bytes()).to_hex();
-            (format!("debootstrap-{suite}-{}", &k[..16]), format!("debootstrap {suite} ({variant}, {mirror})"))
+            (
+                format!("debootstrap-{suite}-{}", &k[..16]),
+                format!("debootstrap {suite} ({variant}, {mirror})"),
+            )
         }
         ImageSource::Scratch | ImageSource::Image(_) => unreachable!("not an imported base"),
     };
@@ -48,17 +67,34 @@ pub(crate) fn import(baker: &Baker, image: &str, source: &ImageSource) -> Result
     let result = (|| -> Result<BaseRecord> {
         let mut env = Vec::new();
         match source {
-            ImageSource::Rootfs(path) => layer::apply_layer(layer::open_archive(path)?, &root, &path.display().to_string())?,
+            ImageSource::Rootfs(path) => layer::apply_layer(
+                layer::open_archive(path)?,
+                &root,
+                &path.display().to_string(),
+            )?,
             ImageSource::Oci { dir, tag } => env = unpack_oci(dir, tag, &root)?,
-            ImageSource::Debootstrap { suite, mirror, variant } => debootstrap(baker, image, suite, mirror, variant, &root, &work)?,
+            ImageSource::Debootstrap {
+                suite,
+                mirror,
+                variant,
+            } => debootstrap(baker, image, suite, mirror, variant, &root, &work)?,
             _ => unreachable!(),
         }
         let sealed = seal::seal_tree(&root)?;
         let changes = LayerChanges::between(&Seal::from_entries(Vec::new()), &sealed);
-        baker.emit_step(image, format!("normalising base layer ({} entries)", changes.write.len()));
+        baker.emit_step(
+            image,
+            format!("normalising base layer ({} entries)", changes.write.len()),
+        );
         let layer = write_layer_blob(store, &root, &changes, 0, &work)?;
         let (seal, _) = store.put_json(&sealed)?;
-        let rec = BaseRecord { key: key.clone(), source: description.clone(), layers: vec![layer], seal, env };
+        let rec = BaseRecord {
+            key: key.clone(),
+            source: description.clone(),
+            layers: vec![layer],
+            seal,
+            env,
+        };
         store.put_base(&rec)?;
         Ok(rec)
     })();
@@ -68,20 +104,37 @@ pub(crate) fn import(baker: &Baker, image: &str, source: &ImageSource) -> Result
 
 /// The manifest digest and path tagged `tag` in an OCI image layout.
 fn find_manifest(dir: &Path, tag: &str) -> Result<(String, std::path::PathBuf)> {
-    let oci = |reason: String| ImageError::Oci { dir: dir.to_path_buf(), reason };
+    let oci = |reason: String| ImageError::Oci {
+        dir: dir.to_path_buf(),
+        reason,
+    };
     let index_path = dir.join("index.json");
-    let index = oci_spec::image::ImageIndex::from_file(&index_path).map_err(|e| oci(format!("unreadable index.json: {e}")))?;
+    let index = oci_spec::image::ImageIndex::from_file(&index_path)
+        .map_err(|e| oci(format!("unreadable index.json: {e}")))?;
     let mut tags = Vec::new();
     for m in index.manifests() {
-        let name = m.annotations().as_ref().and_then(|a| a.get("org.opencontainers.image.ref.name")).cloned().unwrap_or_default();
+        let name = m
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get("org.opencontainers.image.ref.name"))
+            .cloned()
+            .unwrap_or_default();
         if name == tag || name.rsplit_once(':').is_some_and(|(_, t)| t == tag) {
             let digest = m.digest().to_string();
-            let path = blob_path(dir, &digest).ok_or_else(|| oci(format!("manifest digest `{digest}` is malformed")))?;
+            let path = blob_path(dir, &digest)
+                .ok_or_else(|| oci(format!("manifest digest `{digest}` is malformed")))?;
             return Ok((digest, path));
         }
         tags.push(name);
     }
-    Err(oci(format!("no manifest tagged `{tag}`; tags: {}", if tags.is_empty() { "none".into() } else { tags.join(", ") })))
+    Err(oci(format!(
+        "no manifest tagged `{tag}`; tags: {}",
+        if tags.is_empty() {
+            "none".into()
+        } else {
+            tags.join(", ")
+        }
+    )))
 }
 
 /// `blobs/<alg>/<hex>` for a digest, refusing anything that is not a plain digest.
@@ -93,18 +146,28 @@ fn blob_path(dir: &Path, digest: &str) -> Option<std::path::PathBuf> {
 
 /// Applies every layer of the tagged manifest to `root`; returns the image's environment.
 fn unpack_oci(dir: &Path, tag: &str, root: &Path) -> Result<Vec<String>> {
-    let oci = |reason: String| ImageError::Oci { dir: dir.to_path_buf(), reason };
+    let oci = |reason: String| ImageError::Oci {
+        dir: dir.to_path_buf(),
+        reason,
+    };
     let (_, manifest_path) = find_manifest(dir, tag)?;
-    let manifest = oci_spec::image::ImageManifest::from_file(&manifest_path).map_err(|e| oci(format!("unreadable manifest: {e}")))?;
+    let manifest = oci_spec::image::ImageManifest::from_file(&manifest_path)
+        .map_err(|e| oci(format!("unreadable manifest: {e}")))?;
     for l in manifest.layers() {
         let digest = l.digest().to_string();
-        let path = blob_path(dir, &digest).ok_or_else(|| oci(format!("layer digest `{digest}` is malformed")))?;
+        let path = blob_path(dir, &digest)
+            .ok_or_else(|| oci(format!("layer digest `{digest}` is malformed")))?;
         if !path.is_file() {
             return Err(oci(format!("layer blob {digest} is missing")));
         }
-        layer::apply_layer(layer::open_archive(&path)?, root, &format!("{} layer {digest}", dir.display()))?;
+        layer::apply_layer(
+            layer::open_archive(&path)?,
+            root,
+            &format!("{} layer {digest}", dir.display()),
+        )?;
     }
-    let config_path = blob_path(dir, manifest.config().digest().as_ref()).ok_or_else(|| oci("config digest is malformed".into()))?;
+    let config_path = blob_path(dir, manifest.config().digest().as_ref())
+        .ok_or_else(|| oci("config digest is malformed".into()))?;
     let env = oci_spec::image::ImageConfiguration::from_file(&config_path)
         .ok()
         .and_then(|c| c.config().as_ref().and_then(|c| c.env().clone()))
@@ -122,8 +185,20 @@ const DEBOOTSTRAP_EPOCH: &str = "86400";
 /// Runs `debootstrap` on the host into `root`, then strips what makes a
 /// root host-specific (device nodes, logs, package caches, ldconfig's
 /// inode cache).
-fn debootstrap(baker: &Baker, image: &str, suite: &str, mirror: &str, variant: &str, root: &Path, work: &Path) -> Result<()> {
-    let fail = |detail: String| ImageError::Debootstrap { suite: suite.into(), mirror: mirror.into(), detail };
+fn debootstrap(
+    baker: &Baker,
+    image: &str,
+    suite: &str,
+    mirror: &str,
+    variant: &str,
+    root: &Path,
+    work: &Path,
+) -> Result<()> {
+    let fail = |detail: String| ImageError::Debootstrap {
+        suite: suite.into(),
+        mirror: mirror.into(),
+        detail,
+    };
     let log_path = work.join("debootstrap.log");
     let mut child = Command::new("debootstrap")
         .arg(format!("--variant={variant}"))
@@ -135,11 +210,18 @@ fn debootstrap(baker: &Baker, image: &str, suite: &str, mirror: &str, variant: &
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| fail(format!("cannot run debootstrap ({e}); install it with `apt-get install debootstrap`")))?;
+        .map_err(|e| {
+            fail(format!(
+                "cannot run debootstrap ({e}); install it with `apt-get install debootstrap`"
+            ))
+        })?;
     let stderr = child.stderr.take().expect("piped");
     let err_thread = std::thread::spawn(move || io::read_to_string(stderr).unwrap_or_default());
     let mut log = String::new();
-    for line in io::BufReader::new(child.stdout.take().expect("piped")).lines().map_while(|l| l.ok()) {
+    for line in io::BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(|l| l.ok())
+    {
         baker.emit_output(image, line.clone());
         log.push_str(&line);
         log.push('\n');
@@ -150,9 +232,19 @@ fn debootstrap(baker: &Baker, image: &str, suite: &str, mirror: &str, variant: &
     if !status.success() {
         let all = format!("{log}{err}");
         let tail: Vec<&str> = all.lines().rev().take(15).collect();
-        return Err(fail(format!("{status}; last output:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))));
+        return Err(fail(format!(
+            "{status}; last output:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )));
     }
-    for dir in ["dev", "var/cache/apt/archives", "var/log", "var/lib/apt/lists", "tmp", "run"] {
+    for dir in [
+        "dev",
+        "var/cache/apt/archives",
+        "var/log",
+        "var/lib/apt/lists",
+        "tmp",
+        "run",
+    ] {
         let p = root.join(dir);
         if let Ok(items) = fs::read_dir(&p) {
             for item in items.flatten() {

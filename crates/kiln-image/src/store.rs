@@ -137,7 +137,13 @@ impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         let s = Store { root };
-        for d in [s.blobs_dir(), s.root.join("images"), s.root.join("roots"), s.root.join("bases"), s.tmp_dir()] {
+        for d in [
+            s.blobs_dir(),
+            s.root.join("images"),
+            s.root.join("roots"),
+            s.root.join("bases"),
+            s.tmp_dir(),
+        ] {
             fs::create_dir_all(&d).ctx("create directory", &d)?;
         }
         let layout = s.root.join("oci/oci-layout");
@@ -169,7 +175,12 @@ impl Store {
     /// Takes the writers' lock, waiting for another writer to finish.
     pub fn lock(&self) -> Result<StoreLock> {
         let path = self.root.join("lock");
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).ctx("open", &path)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ctx("open", &path)?;
         // A POSIX record lock, not flock(): sandbox processes are cloned from
         // kiln and keep its descriptors until they exec, and an flock() would
         // be shared with them, outliving a killed kiln. Record locks belong
@@ -184,7 +195,11 @@ impl Store {
             }
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::Interrupted {
-                return Err(ImageError::Io { op: "lock", path, source: err });
+                return Err(ImageError::Io {
+                    op: "lock",
+                    path,
+                    source: err,
+                });
             }
         }
         Ok(StoreLock { _file: file })
@@ -211,15 +226,22 @@ impl Store {
 
     /// A fresh directory under `tmp/`, removed by the next writer if left.
     pub fn temp_dir(&self, label: &str) -> Result<PathBuf> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let p = self.tmp_dir().join(format!("{label}-{}-{nanos}", std::process::id()));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let p = self
+            .tmp_dir()
+            .join(format!("{label}-{}-{nanos}", std::process::id()));
         fs::create_dir_all(&p).ctx("create directory", &p)?;
         Ok(p)
     }
 
     /// Writes `bytes` to `path` through a temporary file and a rename.
     pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let tmp = self.tmp_dir().join(format!(".w-{}-{}", std::process::id(), fastrand_suffix()));
+        let tmp = self
+            .tmp_dir()
+            .join(format!(".w-{}-{}", std::process::id(), fastrand_suffix()));
         {
             let mut f = fs::File::create(&tmp).ctx("create", &tmp)?;
             f.write_all(bytes).ctx("write", &tmp)?;
@@ -266,7 +288,10 @@ impl Store {
 
     pub fn read_json_blob<T: for<'de> Deserialize<'de>>(&self, d: &Digest) -> Result<T> {
         let bytes = self.read_blob(d)?;
-        serde_json::from_slice(&bytes).map_err(|source| ImageError::Json { path: self.blob_path(d), source })
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::Json {
+            path: self.blob_path(d),
+            source,
+        })
     }
 
     /// Every blob digest in the store.
@@ -311,12 +336,19 @@ impl Store {
     pub fn versions(&self, name: &str) -> Result<Vec<VersionRecord>> {
         let dir = self.image_dir(name);
         let mut out = Vec::new();
-        let Ok(items) = fs::read_dir(&dir) else { return Ok(out) };
+        let Ok(items) = fs::read_dir(&dir) else {
+            return Ok(out);
+        };
         for item in items {
             let p = item.ctx("read directory", &dir)?.path();
             if p.extension().is_some_and(|e| e == "json") {
                 let bytes = fs::read(&p).ctx("read", &p)?;
-                out.push(serde_json::from_slice(&bytes).map_err(|source| ImageError::Json { path: p.clone(), source })?);
+                out.push(
+                    serde_json::from_slice(&bytes).map_err(|source| ImageError::Json {
+                        path: p.clone(),
+                        source,
+                    })?,
+                );
             }
         }
         out.sort_by_key(|r: &VersionRecord| r.version);
@@ -339,7 +371,10 @@ impl Store {
 
     pub fn version(&self, name: &str, version: u32) -> Result<VersionRecord> {
         let p = self.image_dir(name).join(format!("{version}.json"));
-        let bytes = fs::read(&p).map_err(|_| ImageError::UnknownVersion { name: name.into(), version })?;
+        let bytes = fs::read(&p).map_err(|_| ImageError::UnknownVersion {
+            name: name.into(),
+            version,
+        })?;
         serde_json::from_slice(&bytes).map_err(|source| ImageError::Json { path: p, source })
     }
 
@@ -347,9 +382,15 @@ impl Store {
     pub fn current(&self, name: &str) -> Result<Option<u32>> {
         let p = self.image_dir(name).join("current");
         match fs::read_to_string(&p) {
-            Ok(s) => s.trim().parse().map(Some).map_err(|_| ImageError::Corrupt(format!("{} is not a version number", p.display()))),
+            Ok(s) => s.trim().parse().map(Some).map_err(|_| {
+                ImageError::Corrupt(format!("{} is not a version number", p.display()))
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ImageError::Io { op: "read", path: p, source: e }),
+            Err(e) => Err(ImageError::Io {
+                op: "read",
+                path: p,
+                source: e,
+            }),
         }
     }
 
@@ -370,7 +411,10 @@ impl Store {
     }
 
     pub fn set_current(&self, name: &str, version: u32) -> Result<()> {
-        self.write_atomic(&self.image_dir(name).join("current"), version.to_string().as_bytes())?;
+        self.write_atomic(
+            &self.image_dir(name).join("current"),
+            version.to_string().as_bytes(),
+        )?;
         self.sync_index()
     }
 
@@ -383,8 +427,10 @@ impl Store {
         let p = self.root.join("bases").join(format!("{key}.json"));
         match fs::read(&p) {
             Ok(b) => {
-                let rec: BaseRecord = serde_json::from_slice(&b).map_err(|source| ImageError::Json { path: p, source })?;
-                let complete = rec.layers.iter().all(|l| self.has_blob(&l.digest)) && self.has_blob(&rec.seal);
+                let rec: BaseRecord = serde_json::from_slice(&b)
+                    .map_err(|source| ImageError::Json { path: p, source })?;
+                let complete =
+                    rec.layers.iter().all(|l| self.has_blob(&l.digest)) && self.has_blob(&rec.seal);
                 Ok(complete.then_some(rec))
             }
             Err(_) => Ok(None),
@@ -397,14 +443,20 @@ impl Store {
         for item in fs::read_dir(&dir).ctx("read directory", &dir)? {
             let p = item.ctx("read directory", &dir)?.path();
             let b = fs::read(&p).ctx("read", &p)?;
-            out.push(serde_json::from_slice(&b).map_err(|source| ImageError::Json { path: p, source })?);
+            out.push(
+                serde_json::from_slice(&b)
+                    .map_err(|source| ImageError::Json { path: p, source })?,
+            );
         }
         Ok(out)
     }
 
     pub fn put_base(&self, rec: &BaseRecord) -> Result<()> {
         let p = self.root.join("bases").join(format!("{}.json", rec.key));
-        self.write_atomic(&p, &serde_json::to_vec_pretty(rec).expect("record serializes"))
+        self.write_atomic(
+            &p,
+            &serde_json::to_vec_pretty(rec).expect("record serializes"),
+        )
     }
 
     /// Rewrites `index.json` so that it lists every successful version as
@@ -417,8 +469,13 @@ impl Store {
                 if rec.outcome != Outcome::Ok {
                     continue;
                 }
-                let size = fs::metadata(self.blob_path(&rec.digest)).map(|m| m.len()).unwrap_or(0);
-                refs.insert(format!("{name}:{}", rec.version), (rec.digest.clone(), size));
+                let size = fs::metadata(self.blob_path(&rec.digest))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                refs.insert(
+                    format!("{name}:{}", rec.version),
+                    (rec.digest.clone(), size),
+                );
                 if current == Some(rec.version) {
                     refs.insert(format!("{name}:latest"), (rec.digest.clone(), size));
                 }
@@ -456,6 +513,9 @@ pub fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
 fn fastrand_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     format!("{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
 }

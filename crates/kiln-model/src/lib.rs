@@ -31,7 +31,12 @@ impl Project {
         order
     }
 
-    fn visit(&self, name: &str, seen: &mut std::collections::BTreeSet<String>, order: &mut Vec<String>) {
+    fn visit(
+        &self,
+        name: &str,
+        seen: &mut std::collections::BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) {
         if !seen.insert(name.to_string()) {
             return;
         }
@@ -67,7 +72,11 @@ pub enum ImageSource {
     /// An OCI image layout directory and the tag to take from its index.
     Oci { dir: PathBuf, tag: String },
     /// `debootstrap` of a Debian suite.
-    Debootstrap { suite: String, mirror: String, variant: String },
+    Debootstrap {
+        suite: String,
+        mirror: String,
+        variant: String,
+    },
 }
 
 /// A health check of a server (or of an image, declared for its roles).
@@ -115,9 +124,19 @@ pub struct Size {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Strategy {
-    Rolling { max_surge: u32, max_unavailable: u32, min_healthy_secs: u64 },
-    BlueGreen { rollback_window_secs: u64 },
-    Canary { share_percent: u32, bake_secs: u64, max_error_rate: f64 },
+    Rolling {
+        max_surge: u32,
+        max_unavailable: u32,
+        min_healthy_secs: u64,
+    },
+    BlueGreen {
+        rollback_window_secs: u64,
+    },
+    Canary {
+        share_percent: u32,
+        bake_secs: u64,
+        max_error_rate: f64,
+    },
 }
 
 /// What to do about drift on a role.

@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use kiln_model::{Action, Change, EnvSpec, Plan, RoleSpec, RoleTarget, Server, ServerStatus, Strategy};
+use kiln_model::{
+    Action, Change, EnvSpec, Plan, RoleSpec, RoleTarget, Server, ServerStatus, Strategy,
+};
 
 /// Version of the plan file format written by this planner.
 pub const PLAN_FORMAT: u32 = 1;
@@ -97,9 +99,21 @@ pub fn parse_subnet(cidr: &str) -> Option<(Ipv4Addr, u8)> {
 pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, PlanError> {
     let env = input.env;
     let order = role_order(env);
-    let (net, prefix) = parse_subnet(&env.subnet).ok_or_else(|| PlanError::BadSubnet { env: env.name.clone(), subnet: env.subnet.clone() })?;
-    let mut ids: BTreeSet<String> = input.observed.iter().map(|s| s.id.clone()).chain(input.taken.iter().cloned()).collect();
-    let mut used: BTreeSet<Ipv4Addr> = input.observed.iter().filter_map(|s| s.address.parse().ok()).collect();
+    let (net, prefix) = parse_subnet(&env.subnet).ok_or_else(|| PlanError::BadSubnet {
+        env: env.name.clone(),
+        subnet: env.subnet.clone(),
+    })?;
+    let mut ids: BTreeSet<String> = input
+        .observed
+        .iter()
+        .map(|s| s.id.clone())
+        .chain(input.taken.iter().cloned())
+        .collect();
+    let mut used: BTreeSet<Ipv4Addr> = input
+        .observed
+        .iter()
+        .filter_map(|s| s.address.parse().ok())
+        .collect();
     let hosts = (1u32 << (32 - prefix)) - 2;
     // .1 is the gateway; servers take the lowest free address from .2. The
     // cursor only moves forward: addresses are handed out in one pass.
@@ -112,9 +126,16 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                 return Ok(a.to_string());
             }
         }
-        Err(PlanError::SubnetFull { env: env.name.clone(), subnet: env.subnet.clone() })
+        Err(PlanError::SubnetFull {
+            env: env.name.clone(),
+            subnet: env.subnet.clone(),
+        })
     };
-    let had_slot: BTreeSet<(&str, u32)> = input.observed.iter().map(|s| (s.role.as_str(), s.slot)).collect();
+    let had_slot: BTreeSet<(&str, u32)> = input
+        .observed
+        .iter()
+        .map(|s| (s.role.as_str(), s.slot))
+        .collect();
     let mut new_id = |role: &str| -> String {
         loop {
             let id = format!("{role}-{:04x}", random());
@@ -123,10 +144,15 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
             }
         }
     };
-    let targets: BTreeMap<&str, &RoleTarget> = input.targets.iter().map(|t| (t.role.as_str(), t)).collect();
+    let targets: BTreeMap<&str, &RoleTarget> =
+        input.targets.iter().map(|t| (t.role.as_str(), t)).collect();
     // Only running, live servers count as present; the engine cleans up
     // the rest (half-created, half-destroyed, crashed) before it executes.
-    let live: Vec<&Server> = input.observed.iter().filter(|s| s.status == ServerStatus::Running && !input.dead.contains(&s.id)).collect();
+    let live: Vec<&Server> = input
+        .observed
+        .iter()
+        .filter(|s| s.status == ServerStatus::Running && !input.dead.contains(&s.id))
+        .collect();
     let mut changes = Vec::new();
 
     let mut batch = 0u32;
@@ -146,7 +172,9 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
     }
 
     for role in &order {
-        let t = targets.get(role.as_str()).ok_or_else(|| PlanError::NoTarget { role: role.clone() })?;
+        let t = targets
+            .get(role.as_str())
+            .ok_or_else(|| PlanError::NoTarget { role: role.clone() })?;
         let spec = &env.roles[role];
         let mut by_slot: BTreeMap<u32, &Server> = BTreeMap::new();
         let mut extra = Vec::new();
@@ -164,7 +192,9 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
         // Warm standby servers of a blue-green rollout: destroyed once their
         // window is over, otherwise available for an instant switch back.
         let mut standby: Vec<&Server> = Vec::new();
-        for s in input.observed.iter().filter(|s| &s.role == role && s.status == ServerStatus::Standby && !input.dead.contains(&s.id)) {
+        for s in input.observed.iter().filter(|s| {
+            &s.role == role && s.status == ServerStatus::Standby && !input.dead.contains(&s.id)
+        }) {
             if input.cold || s.standby_until.is_none_or(|u| u <= input.now) {
                 let mut d = destroy(s, "blue-green rollback window is over");
                 d.batch = next(&mut batch);
@@ -205,7 +235,9 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                         c.image = Some(t.image.clone());
                         c.cold = t.cold;
                         if t.cold {
-                            c.reason = format!("{reason}; cold-only: destroyed before its replacement starts");
+                            c.reason = format!(
+                                "{reason}; cold-only: destroyed before its replacement starts"
+                            );
                         }
                         replaces.push(c);
                     }
@@ -213,10 +245,24 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
             }
         }
         // Batches of replacements, by strategy.
-        let strategy = if t.cold { Strategy::Rolling { max_surge: 1, max_unavailable: 0, min_healthy_secs: 0 } } else { spec.strategy.clone() };
-        let promotable: Vec<&Server> = standby.iter().copied().filter(|s| s.image_digest == t.image_digest && s.spec_hash == t.spec_hash).collect();
+        let strategy = if t.cold {
+            Strategy::Rolling {
+                max_surge: 1,
+                max_unavailable: 0,
+                min_healthy_secs: 0,
+            }
+        } else {
+            spec.strategy.clone()
+        };
+        let promotable: Vec<&Server> = standby
+            .iter()
+            .copied()
+            .filter(|s| s.image_digest == t.image_digest && s.spec_hash == t.spec_hash)
+            .collect();
         match strategy {
-            Strategy::BlueGreen { rollback_window_secs } if !replaces.is_empty() => {
+            Strategy::BlueGreen {
+                rollback_window_secs,
+            } if !replaces.is_empty() => {
                 let b = next(&mut batch);
                 let switch_back = promotable.len() >= replaces.len();
                 for (i, mut c) in replaces.into_iter().enumerate() {
@@ -226,12 +272,16 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                         c.replacement = Some(s.id.clone());
                         c.address = Some(s.address.clone());
                         c.promote = true;
-                        c.reason = format!("{}; blue-green: switch back to warm {}", c.reason, s.id);
+                        c.reason =
+                            format!("{}; blue-green: switch back to warm {}", c.reason, s.id);
                     } else {
                         c.replacement = Some(new_id(role));
                         c.address = Some(next_addr()?);
                         c.keep_warm_secs = Some(rollback_window_secs);
-                        c.reason = format!("{}; blue-green: new set, one switch, old set warm for {}s", c.reason, rollback_window_secs);
+                        c.reason = format!(
+                            "{}; blue-green: new set, one switch, old set warm for {}s",
+                            c.reason, rollback_window_secs
+                        );
                     }
                     changes.push(c);
                 }
@@ -244,8 +294,13 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                     }
                 }
             }
-            Strategy::Canary { share_percent, bake_secs, max_error_rate } if !replaces.is_empty() => {
-                let first = ((replaces.len() as u64 * share_percent as u64).div_ceil(100)).max(1) as usize;
+            Strategy::Canary {
+                share_percent,
+                bake_secs,
+                max_error_rate,
+            } if !replaces.is_empty() => {
+                let first =
+                    ((replaces.len() as u64 * share_percent as u64).div_ceil(100)).max(1) as usize;
                 let b = next(&mut batch);
                 for (i, mut c) in replaces.into_iter().enumerate() {
                     c.replacement = Some(new_id(role));
@@ -254,19 +309,30 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                         c.batch = b;
                         c.bake_secs = Some(bake_secs);
                         c.max_error_rate = Some(max_error_rate);
-                        c.reason = format!("{}; canary ({share_percent}%), baked {bake_secs}s", c.reason);
+                        c.reason = format!(
+                            "{}; canary ({share_percent}%), baked {bake_secs}s",
+                            c.reason
+                        );
                     } else {
                         c.batch = next(&mut batch);
                     }
                     changes.push(c);
                 }
             }
-            Strategy::Rolling { max_surge, max_unavailable, .. } => {
+            Strategy::Rolling {
+                max_surge,
+                max_unavailable,
+                ..
+            } => {
                 // Kubernetes' reading: a batch replaces `max_surge +
                 // max_unavailable` servers; `max_unavailable` of them are
                 // destroyed before their replacements start (capacity may
                 // drop by that much), the rest are surged (created first).
-                let (surge, unavailable) = if t.cold { (1, 0) } else { (max_surge as usize, max_unavailable as usize) };
+                let (surge, unavailable) = if t.cold {
+                    (1, 0)
+                } else {
+                    (max_surge as usize, max_unavailable as usize)
+                };
                 let size = (surge + unavailable).max(1);
                 for (i, mut c) in replaces.into_iter().enumerate() {
                     if i % size < unavailable && !c.cold {
@@ -291,13 +357,28 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
         }
     }
     if !input.cold {
-        for s in input.observed.iter().filter(|s| !env.roles.contains_key(&s.role) && !input.dead.contains(&s.id) && matches!(s.status, ServerStatus::Running | ServerStatus::Standby)) {
+        for s in input.observed.iter().filter(|s| {
+            !env.roles.contains_key(&s.role)
+                && !input.dead.contains(&s.id)
+                && matches!(s.status, ServerStatus::Running | ServerStatus::Standby)
+        }) {
             let mut d = destroy(s, "role removed from the environment");
             d.batch = next(&mut batch);
             changes.push(d);
         }
     }
-    Ok(Plan { format: PLAN_FORMAT, env: env.name.clone(), generation: input.generation, created: input.now, order, targets: input.targets.to_vec(), changes, cold: input.cold, destroy: false, author: String::new() })
+    Ok(Plan {
+        format: PLAN_FORMAT,
+        env: env.name.clone(),
+        generation: input.generation,
+        created: input.now,
+        order,
+        targets: input.targets.to_vec(),
+        changes,
+        cold: input.cold,
+        destroy: false,
+        author: String::new(),
+    })
 }
 
 fn destroy(s: &Server, reason: &str) -> Change {
@@ -314,10 +395,21 @@ fn next(batch: &mut u32) -> u32 {
 pub fn render(plan: &Plan) -> String {
     let mut out = String::new();
     if plan.changes.is_empty() {
-        out.push_str(&format!("No changes. Environment `{}` matches its declaration.\n", plan.env));
+        out.push_str(&format!(
+            "No changes. Environment `{}` matches its declaration.\n",
+            plan.env
+        ));
         return out;
     }
-    out.push_str(&format!("kiln will make these changes to `{}`{}:\n\n", plan.env, if plan.cold { " (cold deploy: NOT zero-downtime)" } else { "" }));
+    out.push_str(&format!(
+        "kiln will make these changes to `{}`{}:\n\n",
+        plan.env,
+        if plan.cold {
+            " (cold deploy: NOT zero-downtime)"
+        } else {
+            ""
+        }
+    ));
     let mut sizes: BTreeMap<u32, usize> = BTreeMap::new();
     for c in &plan.changes {
         *sizes.entry(c.batch).or_default() += 1;
@@ -336,17 +428,32 @@ pub fn render(plan: &Plan) -> String {
             } else {
                 "together: up and healthy, then one switch"
             };
-            out.push_str(&format!("  batch {} ({} servers, {what}):\n", c.batch, sizes[&c.batch]));
+            out.push_str(&format!(
+                "  batch {} ({} servers, {what}):\n",
+                c.batch, sizes[&c.batch]
+            ));
         }
         let line = match c.action {
-            Action::Create => format!("  + {:<10} create   {} at {}  ({})", c.server, c.image.as_deref().unwrap_or("?"), c.address.as_deref().unwrap_or("?"), c.reason),
+            Action::Create => format!(
+                "  + {:<10} create   {} at {}  ({})",
+                c.server,
+                c.image.as_deref().unwrap_or("?"),
+                c.address.as_deref().unwrap_or("?"),
+                c.reason
+            ),
             Action::Replace => format!(
                 "  ~ {:<10} replace  by {} ({} at {}){}  ({})",
                 c.server,
                 c.replacement.as_deref().unwrap_or("?"),
                 c.image.as_deref().unwrap_or("?"),
                 c.address.as_deref().unwrap_or("?"),
-                if c.promote { ", switch back" } else if c.cold { ", destroy first" } else { ", create first" },
+                if c.promote {
+                    ", switch back"
+                } else if c.cold {
+                    ", destroy first"
+                } else {
+                    ", create first"
+                },
                 c.reason
             ),
             Action::Destroy => format!("  - {:<10} destroy  ({})", c.server, c.reason),

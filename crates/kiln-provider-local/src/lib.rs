@@ -43,12 +43,30 @@ struct Procs {
 
 impl Procs {
     fn read() -> Procs {
-        let mut p = Procs { parent: Default::default(), ns: Default::default(), zombie: Default::default() };
+        let mut p = Procs {
+            parent: Default::default(),
+            ns: Default::default(),
+            zombie: Default::default(),
+        };
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
             let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-            p.parent.insert(pid, rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0));
+            p.parent.insert(
+                pid,
+                rest.split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+            );
             if rest.starts_with('Z') || rest.starts_with('X') {
                 p.zombie.insert(pid);
             }
@@ -62,11 +80,19 @@ impl Procs {
 
 impl Local {
     pub fn new(dir: &Path) -> Local {
-        Local { dir: dir.to_path_buf(), runtime: Runtime::new(&dir.join("servers")), procs: std::sync::Mutex::new(None) }
+        Local {
+            dir: dir.to_path_buf(),
+            runtime: Runtime::new(&dir.join("servers")),
+            procs: std::sync::Mutex::new(None),
+        }
     }
 
     fn volume_dir(&self, env: &str, role: &str, slot: u32, name: &str) -> PathBuf {
-        self.dir.join("volumes").join(env).join(format!("{role}-{slot}")).join(name)
+        self.dir
+            .join("volumes")
+            .join(env)
+            .join(format!("{role}-{slot}"))
+            .join(name)
     }
 
     /// The name an environment's network is derived from: the store's
@@ -88,7 +114,10 @@ impl Local {
 
 impl Provider for Local {
     fn create(&self, req: &ServerRequest) -> Result<i32, ProviderError> {
-        let fail = |detail: String| ProviderError::Create { id: req.id.clone(), detail };
+        let fail = |detail: String| ProviderError::Create {
+            id: req.id.clone(),
+            detail,
+        };
         // The runtime would create a missing mount point inside the shared,
         // sealed image root: refuse instead, the image must provide it.
         for v in &req.volumes {
@@ -96,16 +125,26 @@ impl Provider for Local {
                 return Err(fail(format!("the image has no directory {} for volume `{}`; create it in the image (files/ or a script)", v.path, v.name)));
             }
         }
-        let envnet = net::ensure_env(&self.net_key(&req.env), &req.subnet).map_err(|e| fail(e.to_string()))?;
-        let addr = req.address.parse().map_err(|_| fail(format!("bad address {}", req.address)))?;
+        let envnet = net::ensure_env(&self.net_key(&req.env), &req.subnet)
+            .map_err(|e| fail(e.to_string()))?;
+        let addr = req
+            .address
+            .parse()
+            .map_err(|_| fail(format!("bad address {}", req.address)))?;
         let netns = net::attach(&envnet, &req.id, addr).map_err(|e| fail(e.to_string()))?;
         let log = self.log_path(&req.env, &req.id);
-        std::fs::create_dir_all(log.parent().expect("log has a parent")).map_err(|e| fail(e.to_string()))?;
+        std::fs::create_dir_all(log.parent().expect("log has a parent"))
+            .map_err(|e| fail(e.to_string()))?;
         let mut binds = Vec::new();
         for v in &req.volumes {
             let host = self.volume_dir(&req.env, &req.role, req.slot, &v.name);
-            std::fs::create_dir_all(&host).map_err(|e| fail(format!("create volume {}: {e}", host.display())))?;
-            binds.push(Bind { source: host, destination: v.path.clone(), readonly: false });
+            std::fs::create_dir_all(&host)
+                .map_err(|e| fail(format!("create volume {}: {e}", host.display())))?;
+            binds.push(Bind {
+                source: host,
+                destination: v.path.clone(),
+                readonly: false,
+            });
         }
         let mut spec = SandboxSpec::readonly(&req.id, &req.root, req.argv.clone(), &log);
         spec.env = req.env_vars.clone();
@@ -113,7 +152,11 @@ impl Provider for Local {
         spec.network = Network::Join(netns);
         spec.binds = binds;
         spec.privilege = Privilege::Minimal;
-        spec.limits = Some(Limits { memory_bytes: Some(req.memory_bytes as i64), cpus: Some(req.cpus), pids: Some(1024) });
+        spec.limits = Some(Limits {
+            memory_bytes: Some(req.memory_bytes as i64),
+            cpus: Some(req.cpus),
+            pids: Some(1024),
+        });
         spec.labels = vec![
             (LABEL_ENV.into(), req.env.clone()),
             (LABEL_ROLE.into(), req.role.clone()),
@@ -130,7 +173,10 @@ impl Provider for Local {
     }
 
     fn destroy(&self, _env: &str, id: &str) -> Result<(), ProviderError> {
-        let fail = |detail: String| ProviderError::Destroy { id: id.to_string(), detail };
+        let fail = |detail: String| ProviderError::Destroy {
+            id: id.to_string(),
+            detail,
+        };
         let pid = self.runtime.find(id).and_then(|f| f.pid);
         self.runtime.delete(id).map_err(|e| fail(e.to_string()))?;
         if let Some(pid) = pid {
@@ -140,10 +186,18 @@ impl Provider for Local {
     }
 
     fn inventory(&self, env: &str) -> Result<Vec<Running>, ProviderError> {
-        let found = self.runtime.list().map_err(|e| ProviderError::Other { what: "list servers".into(), detail: e.to_string() })?;
+        let found = self.runtime.list().map_err(|e| ProviderError::Other {
+            what: "list servers".into(),
+            detail: e.to_string(),
+        })?;
         let mut out = Vec::new();
         for f in found {
-            let label = |k: &str| f.labels.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let label = |k: &str| {
+                f.labels
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            };
             // Build and test sandboxes live elsewhere; anything here without
             // an environment label is still reported under no environment.
             if label(LABEL_ENV).as_deref() != Some(env) {
@@ -154,7 +208,9 @@ impl Provider for Local {
                 id: f.id.clone(),
                 env: env.to_string(),
                 role: label(LABEL_ROLE).unwrap_or_default(),
-                release: label(LABEL_RELEASE).and_then(|r| r.parse().ok()).unwrap_or(0),
+                release: label(LABEL_RELEASE)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0),
                 pid: f.pid,
                 alive,
             });
@@ -165,16 +221,32 @@ impl Provider for Local {
     fn probe(&self, req: &ServerRequest, check: &HealthCheck) -> bool {
         match check {
             HealthCheck::Http { path, port } => http_ok(&req.address, *port, path),
-            HealthCheck::Tcp { port } => req.address.parse().ok().is_some_and(|ip| TcpStream::connect_timeout(&SocketAddr::new(ip, *port), Duration::from_millis(500)).is_ok()),
+            HealthCheck::Tcp { port } => req.address.parse().ok().is_some_and(|ip| {
+                TcpStream::connect_timeout(&SocketAddr::new(ip, *port), Duration::from_millis(500))
+                    .is_ok()
+            }),
             HealthCheck::Command { argv } => {
                 // The command runs in a sandbox of the same image, in the
                 // server's network namespace: never inside the server itself.
-                let log = self.dir.join("logs").join(&req.env).join(format!("{}.health.log", req.id));
-                let mut spec = SandboxSpec::readonly(&format!("kiln-probe-{}", req.id), &req.root, argv.clone(), &log);
+                let log = self
+                    .dir
+                    .join("logs")
+                    .join(&req.env)
+                    .join(format!("{}.health.log", req.id));
+                let mut spec = SandboxSpec::readonly(
+                    &format!("kiln-probe-{}", req.id),
+                    &req.root,
+                    argv.clone(),
+                    &log,
+                );
                 spec.env = req.env_vars.clone();
                 spec.network = Network::Join(net::netns_path(&req.id));
                 let _ = std::fs::remove_file(&log);
-                matches!(self.runtime.run_to_exit(&spec, Some(Duration::from_secs(10))), Ok(0))
+                matches!(
+                    self.runtime
+                        .run_to_exit(&spec, Some(Duration::from_secs(10))),
+                    Ok(0)
+                )
             }
         }
     }
@@ -183,20 +255,39 @@ impl Provider for Local {
         self.dir.join("logs").join(env).join(format!("{id}.log"))
     }
 
-    fn balance(&self, env: &str, role: &str, b: &Balancer, backends: &[String]) -> Result<(), ProviderError> {
-        let fail = |detail: String| ProviderError::Other { what: format!("balancer of {env}/{role}"), detail };
+    fn balance(
+        &self,
+        env: &str,
+        role: &str,
+        b: &Balancer,
+        backends: &[String],
+    ) -> Result<(), ProviderError> {
+        let fail = |detail: String| ProviderError::Other {
+            what: format!("balancer of {env}/{role}"),
+            detail,
+        };
         let dir = self.balancer_dir(env, role);
         let check = b.check.as_ref().and_then(|c| {
             let probe = match &c.health {
-                HealthCheck::Http { path, port } => kiln_balancer::Probe::Http { path: path.clone(), port: *port },
+                HealthCheck::Http { path, port } => kiln_balancer::Probe::Http {
+                    path: path.clone(),
+                    port: *port,
+                },
                 HealthCheck::Tcp { port } => kiln_balancer::Probe::Tcp { port: *port },
                 HealthCheck::Command { .. } => return None,
             };
-            Some(kiln_balancer::Check { probe, interval_ms: c.interval_ms, fall: c.fall, rise: c.rise })
+            Some(kiln_balancer::Check {
+                probe,
+                interval_ms: c.interval_ms,
+                fall: c.fall,
+                rise: c.rise,
+            })
         });
-        let generation = kiln_balancer::set_backends(&dir, backends, check.as_ref()).map_err(|e| fail(e.to_string()))?;
+        let generation = kiln_balancer::set_backends(&dir, backends, check.as_ref())
+            .map_err(|e| fail(e.to_string()))?;
         self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
-        kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5)).map_err(|e| fail(e.to_string()))?;
+        kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5))
+            .map_err(|e| fail(e.to_string()))?;
         Ok(())
     }
 
@@ -205,8 +296,17 @@ impl Provider for Local {
     }
 
     fn inspect(&self, _env: &str, id: &str, volumes: &[(String, PathBuf)]) -> Inspection {
-        let Some(found) = self.runtime.find(id) else { return Inspection::default() };
-        let mut out = Inspection { image_label: found.labels.iter().find(|(k, _)| k == LABEL_DIGEST).map(|(_, v)| v.clone()), ..Default::default() };
+        let Some(found) = self.runtime.find(id) else {
+            return Inspection::default();
+        };
+        let mut out = Inspection {
+            image_label: found
+                .labels
+                .iter()
+                .find(|(k, _)| k == LABEL_DIGEST)
+                .map(|(_, v)| v.clone()),
+            ..Default::default()
+        };
         let Some(pid) = found.pid else { return out };
         let procs = {
             let mut cached = self.procs.lock().expect("procs lock");
@@ -220,10 +320,12 @@ impl Provider for Local {
             }
         };
         out.foreign_processes = foreign_processes(pid, &procs);
-        out.root_inode = std::fs::metadata(format!("/proc/{pid}/root")).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.dev(), m.ino())
-        });
+        out.root_inode = std::fs::metadata(format!("/proc/{pid}/root"))
+            .ok()
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
         // tmpfs areas are seen through the server's own root.
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         for area in ["tmp", "run"] {
@@ -232,7 +334,11 @@ impl Provider for Local {
         for (inside, host) in volumes {
             walk_files(host, inside, &mut out.writable);
         }
-        out.memory_limit = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/kiln/{id}/memory.limit_in_bytes")).ok().and_then(|s| s.trim().parse().ok());
+        out.memory_limit = std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/memory/kiln/{id}/memory.limit_in_bytes"
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
         out.listening = listening_ports(pid);
         out
     }
@@ -240,7 +346,14 @@ impl Provider for Local {
     fn backend_stats(&self, env: &str, role: &str) -> Vec<(String, u64, u64)> {
         // Attempts: connections made plus connections that failed; failures:
         // connections that failed plus responses with an HTTP 5xx status.
-        kiln_balancer::read_status(&self.balancer_dir(env, role)).map(|s| s.backends.into_iter().map(|b| (b.addr, b.total + b.errors, b.errors + b.responses_5xx)).collect()).unwrap_or_default()
+        kiln_balancer::read_status(&self.balancer_dir(env, role))
+            .map(|s| {
+                s.backends
+                    .into_iter()
+                    .map(|b| (b.addr, b.total + b.errors, b.errors + b.responses_5xx))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn balancer_alive(&self, env: &str, role: &str) -> bool {
@@ -250,8 +363,15 @@ impl Provider for Local {
     fn balancer_backends(&self, env: &str, role: &str) -> Vec<String> {
         let dir = self.balancer_dir(env, role);
         match kiln_balancer::read_status(&dir) {
-            Some(s) => s.backends.into_iter().filter(|b| b.active).map(|b| b.addr).collect(),
-            None => kiln_balancer::read_backends(&dir).map(|b| b.backends).unwrap_or_default(),
+            Some(s) => s
+                .backends
+                .into_iter()
+                .filter(|b| b.active)
+                .map(|b| b.addr)
+                .collect(),
+            None => kiln_balancer::read_backends(&dir)
+                .map(|b| b.backends)
+                .unwrap_or_default(),
         }
     }
 
@@ -260,7 +380,11 @@ impl Provider for Local {
         // project's servers (and this project's containers) are taken.
         let mut out: std::collections::BTreeSet<String> = net::netns_ids().into_iter().collect();
         if let Ok(items) = std::fs::read_dir(&self.runtime.state) {
-            out.extend(items.flatten().map(|i| i.file_name().to_string_lossy().into_owned()));
+            out.extend(
+                items
+                    .flatten()
+                    .map(|i| i.file_name().to_string_lossy().into_owned()),
+            );
         }
         out
     }
@@ -296,12 +420,26 @@ impl Local {
         if balancer_pid(dir).is_some() {
             return Ok(());
         }
-        let exe = std::env::var_os("KILN_EXE").map(PathBuf::from).or_else(|| std::env::current_exe().ok()).ok_or("cannot find the kiln executable")?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("balancer.log")).map_err(|e| e.to_string())?;
+        let exe = std::env::var_os("KILN_EXE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::current_exe().ok())
+            .ok_or("cannot find the kiln executable")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("balancer.log"))
+            .map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(dir.join("pid"));
         let mut cmd = std::process::Command::new(exe);
-        cmd.arg("balancer").arg("serve").arg("--listen").arg(listen).arg("--dir").arg(dir);
-        cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone().map_err(|e| e.to_string())?).stderr(log);
+        cmd.arg("balancer")
+            .arg("serve")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--dir")
+            .arg(dir);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
         // SAFETY: setsid is async-signal-safe; it detaches the balancer
         // from kiln's session so it survives the terminal and kiln.
         unsafe {
@@ -311,7 +449,9 @@ impl Local {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| format!("cannot start the balancer: {e}"))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the balancer: {e}"))?;
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
             if kiln_balancer::read_status(dir).is_some_and(|s| s.pid == child.id()) {
@@ -319,13 +459,20 @@ impl Local {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        Err(format!("the balancer did not start; see {}", dir.join("balancer.log").display()))
+        Err(format!(
+            "the balancer did not start; see {}",
+            dir.join("balancer.log").display()
+        ))
     }
 }
 
 /// The pid of a live balancer for `dir`, if one runs.
 fn balancer_pid(dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     (alive(pid) && cmdline.windows(8).any(|w| w == b"balancer")).then_some(pid)
 }
@@ -335,12 +482,21 @@ fn balancer_pid(dir: &Path) -> Option<i32> {
 /// timeout, is all a health probe needs, and an HTTP client crate would
 /// bring TLS and a larger tree for nothing.
 pub fn http_ok(address: &str, port: u16, path: &str) -> bool {
-    let Ok(ip) = address.parse() else { return false };
+    let Ok(ip) = address.parse() else {
+        return false;
+    };
     let timeout = Duration::from_millis(500);
-    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(ip, port), timeout) else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(ip, port), timeout) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(timeout));
     let _ = s.set_write_timeout(Some(timeout));
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\nUser-Agent: kiln-health\r\n\r\n").as_bytes()).is_err() {
+    if s.write_all(
+        format!("GET {path} HTTP/1.0\r\nHost: {address}\r\nUser-Agent: kiln-health\r\n\r\n")
+            .as_bytes(),
+    )
+    .is_err()
+    {
         return false;
     }
     let mut buf = [0u8; 64];
@@ -360,7 +516,9 @@ fn reap(pid: i32) {
     use nix::sys::wait::{waitpid, WaitPidFlag};
     for _ in 0..50 {
         match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(2)),
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             _ => return,
         }
     }
@@ -373,12 +531,19 @@ fn reap(pid: i32) {
 fn listening_ports(pid: i32) -> Vec<u16> {
     let mut out = std::collections::BTreeSet::new();
     for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let mut cols = line.split_whitespace();
-            let (Some(local), Some(state)) = (cols.nth(1), cols.nth(1)) else { continue };
+            let (Some(local), Some(state)) = (cols.nth(1), cols.nth(1)) else {
+                continue;
+            };
             if state == "0A" {
-                if let Some(port) = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) {
+                if let Some(port) = local
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                {
                     out.insert(port);
                 }
             }
@@ -388,7 +553,9 @@ fn listening_ports(pid: i32) -> Vec<u16> {
 }
 
 fn foreign_processes(pid: i32, procs: &Procs) -> Vec<String> {
-    let Some(target) = procs.ns.get(&pid) else { return Vec::new() };
+    let Some(target) = procs.ns.get(&pid) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for (&p, ns) in &procs.ns {
         // A zombie runs nothing: it is only waiting to be reaped.
@@ -409,7 +576,11 @@ fn foreign_processes(pid: i32, procs: &Procs) -> Vec<String> {
         }
         if !descends {
             let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            let cmd: Vec<String> = cmd.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+            let cmd: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect();
             out.push(format!("{p}: {}", cmd.join(" ")));
         }
     }
@@ -419,17 +590,25 @@ fn foreign_processes(pid: i32, procs: &Procs) -> Vec<String> {
 /// Every non-directory below `dir`, shown as `shown/...`, flagging executables.
 fn walk_files(dir: &Path, shown: &str, out: &mut Vec<(String, bool)>) {
     use std::os::unix::fs::PermissionsExt;
-    let Ok(items) = std::fs::read_dir(dir) else { return };
+    let Ok(items) = std::fs::read_dir(dir) else {
+        return;
+    };
     for item in items.flatten() {
         let name = item.file_name().to_string_lossy().into_owned();
         let path = format!("{}/{name}", shown.trim_end_matches('/'));
         match item.metadata() {
             Ok(m) if m.is_dir() => walk_files(&item.path(), &path, out),
             Ok(m) => {
-                let exec = m.permissions().mode() & 0o111 != 0 || std::fs::File::open(item.path()).ok().and_then(|mut f| {
-                    let mut magic = [0u8; 4];
-                    std::io::Read::read_exact(&mut f, &mut magic).ok().map(|_| &magic == b"\x7fELF")
-                }).unwrap_or(false);
+                let exec = m.permissions().mode() & 0o111 != 0
+                    || std::fs::File::open(item.path())
+                        .ok()
+                        .and_then(|mut f| {
+                            let mut magic = [0u8; 4];
+                            std::io::Read::read_exact(&mut f, &mut magic)
+                                .ok()
+                                .map(|_| &magic == b"\x7fELF")
+                        })
+                        .unwrap_or(false);
                 out.push((path, exec));
             }
             Err(_) => {}

@@ -23,19 +23,30 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("`{cmd}` failed ({status}): {stderr}")]
-    Command { cmd: String, status: String, stderr: String },
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
     #[error("invalid subnet `{subnet}`: {reason}")]
     Subnet { subnet: String, reason: String },
     #[error("invalid server id `{id}`: expected letters, digits, '-', '_' or '.'")]
     ServerId { id: String },
     #[error("{addr} is not a server address of {subnet}/{prefix}")]
-    Address { addr: Ipv4Addr, subnet: Ipv4Addr, prefix: u8 },
+    Address {
+        addr: Ipv4Addr,
+        subnet: Ipv4Addr,
+        prefix: u8,
+    },
     #[error("bridge port {veth} not forwarding after {}s", READY_TIMEOUT.as_secs())]
     NotReady { veth: String },
     #[error("cannot run `{cmd}`")]
     Spawn { cmd: String, source: std::io::Error },
     #[error("cannot read {path}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// An environment's network: a bridge named from the env, the subnet's
@@ -51,8 +62,13 @@ pub struct EnvNet {
 /// Parses `"10.88.1.0/24"`. The prefix is limited to 16..=28: larger
 /// subnets are a typo rather than a plan, smaller ones leave too few servers.
 pub fn parse_subnet(cidr: &str) -> Result<(Ipv4Addr, u8), NetError> {
-    let err = |reason: &str| NetError::Subnet { subnet: cidr.into(), reason: reason.into() };
-    let (addr, prefix) = cidr.split_once('/').ok_or_else(|| err("expected address/prefix"))?;
+    let err = |reason: &str| NetError::Subnet {
+        subnet: cidr.into(),
+        reason: reason.into(),
+    };
+    let (addr, prefix) = cidr
+        .split_once('/')
+        .ok_or_else(|| err("expected address/prefix"))?;
     let addr: Ipv4Addr = addr.parse().map_err(|_| err("not an IPv4 address"))?;
     let prefix: u8 = prefix.parse().map_err(|_| err("prefix is not a number"))?;
     if !(16..=28).contains(&prefix) {
@@ -75,19 +91,31 @@ pub fn host_addresses(subnet: Ipv4Addr, prefix: u8) -> impl Iterator<Item = Ipv4
 pub fn ensure_env(env: &str, cidr: &str) -> Result<EnvNet, NetError> {
     let (subnet, prefix) = parse_subnet(cidr)?;
     let gateway = Ipv4Addr::from(u32::from(subnet) + 1);
-    let net = EnvNet { bridge: format!("kb-{}", hash10(env)), gateway, prefix, subnet };
+    let net = EnvNet {
+        bridge: format!("kb-{}", hash10(env)),
+        gateway,
+        prefix,
+        subnet,
+    };
     let mut script = String::new();
     if !link_exists(&net.bridge)? {
         // A fixed MAC: otherwise the bridge takes the lowest MAC among its
         // ports, which changes as servers come and go and leaves stale
         // gateway entries in the servers' ARP caches.
         let h = fnv(env).to_be_bytes();
-        let mac = format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3], h[4]);
+        let mac = format!(
+            "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            h[0], h[1], h[2], h[3], h[4]
+        );
         writeln!(script, "link add {} address {mac} type bridge", net.bridge).unwrap();
     }
     // `replace` is a no-op when the address is already there.
     let b = &net.bridge;
-    writeln!(script, "addr replace {gateway}/{prefix} dev {b}\nlink set dev {b} up").unwrap();
+    writeln!(
+        script,
+        "addr replace {gateway}/{prefix} dev {b}\nlink set dev {b} up"
+    )
+    .unwrap();
     ip(&[], &script)?;
     Ok(net)
 }
@@ -105,8 +133,18 @@ pub fn remove_env(env: &str) -> Result<(), NetError> {
 /// Server ids that have a network namespace on this host, whichever
 /// project made them.
 pub fn netns_ids() -> Vec<String> {
-    let Ok(items) = std::fs::read_dir(NETNS_DIR) else { return Vec::new() };
-    items.flatten().filter_map(|i| i.file_name().to_str().and_then(|n| n.strip_prefix(NETNS_PREFIX)).map(str::to_string)).collect()
+    let Ok(items) = std::fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    items
+        .flatten()
+        .filter_map(|i| {
+            i.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(NETNS_PREFIX))
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 /// The namespace a server's container joins: `/var/run/netns/kiln-<id>`.
@@ -120,9 +158,16 @@ pub fn netns_path(server_id: &str) -> PathBuf {
 pub fn attach(net: &EnvNet, server_id: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
     check_id(server_id)?;
     if !host_addresses(net.subnet, net.prefix).any(|a| a == addr) {
-        return Err(NetError::Address { addr, subnet: net.subnet, prefix: net.prefix });
+        return Err(NetError::Address {
+            addr,
+            subnet: net.subnet,
+            prefix: net.prefix,
+        });
     }
-    let (ns, veth) = (format!("{NETNS_PREFIX}{server_id}"), format!("kv{}", hash10(server_id)));
+    let (ns, veth) = (
+        format!("{NETNS_PREFIX}{server_id}"),
+        format!("kv{}", hash10(server_id)),
+    );
     let mut host = cleanup_script(server_id, &veth)?;
     // The peer is created inside the namespace, already named eth0, so it
     // never appears (or clashes with a name) on the host.
@@ -132,7 +177,11 @@ pub fn attach(net: &EnvNet, server_id: &str, addr: Ipv4Addr) -> Result<PathBuf, 
     // instead of pointing at a dead veth for seconds.
     let o = addr.octets();
     let mac = format!("02:4b:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
-    writeln!(host, "netns add {ns}\nlink add {veth} type veth peer name eth0 address {mac} netns {ns}").unwrap();
+    writeln!(
+        host,
+        "netns add {ns}\nlink add {veth} type veth peer name eth0 address {mac} netns {ns}"
+    )
+    .unwrap();
     writeln!(host, "link set dev {veth} master {} up", net.bridge).unwrap();
     // Addresses and link state do not survive a move between namespaces, so
     // the inside is configured from inside, by a second process.
@@ -164,12 +213,18 @@ pub fn detach(server_id: &str) -> Result<(), NetError> {
 pub fn list_netns() -> Result<Vec<String>, NetError> {
     let entries = match std::fs::read_dir(NETNS_DIR) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        r => r.map_err(|source| NetError::Io { path: NETNS_DIR.into(), source })?,
+        r => r.map_err(|source| NetError::Io {
+            path: NETNS_DIR.into(),
+            source,
+        })?,
     };
     // An entry that vanishes while listing is one less stray, not an error.
-    let names = entries.flatten().filter_map(|e| e.file_name().into_string().ok());
-    let mut ids: Vec<String> =
-        names.filter_map(|n| n.strip_prefix(NETNS_PREFIX).map(String::from)).collect();
+    let names = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok());
+    let mut ids: Vec<String> = names
+        .filter_map(|n| n.strip_prefix(NETNS_PREFIX).map(String::from))
+        .collect();
     ids.sort();
     Ok(ids)
 }
@@ -223,33 +278,61 @@ fn check_id(id: &str) -> Result<(), NetError> {
 /// (unlike `/sys/class/net`) always shows the reader's own namespace.
 fn link_exists(name: &str) -> Result<bool, NetError> {
     let path = Path::new("/proc/self/net/dev");
-    let io = |source| NetError::Io { path: path.into(), source };
+    let io = |source| NetError::Io {
+        path: path.into(),
+        source,
+    };
     let text = std::fs::read_to_string(path).map_err(io)?;
-    Ok(text.lines().skip(2).any(|l| l.split(':').next().map(str::trim) == Some(name)))
+    Ok(text
+        .lines()
+        .skip(2)
+        .any(|l| l.split(':').next().map(str::trim) == Some(name)))
 }
 
 /// Runs `ip [global] -batch -` with `script` on stdin. Without `-force`,
 /// `ip` stops at the first failing line and exits non-zero.
 fn ip(global: &[&str], script: &str) -> Result<(), NetError> {
     let args: Vec<&str> = global.iter().copied().chain(["-batch", "-"]).collect();
-    let cmd = format!("ip {} [{}]", args.join(" "), script.lines().collect::<Vec<_>>().join("; "));
-    let spawn = |source| NetError::Spawn { cmd: cmd.clone(), source };
-    let mut child = Command::new("ip").args(&args).stdin(Stdio::piped()).stdout(Stdio::null())
-        .stderr(Stdio::piped()).spawn().map_err(spawn)?;
+    let cmd = format!(
+        "ip {} [{}]",
+        args.join(" "),
+        script.lines().collect::<Vec<_>>().join("; ")
+    );
+    let spawn = |source| NetError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let mut child = Command::new("ip")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn)?;
     // A write error means `ip` exited early; its status and stderr say why.
-    let _ = child.stdin.take().expect("stdin is piped").write_all(script.as_bytes());
+    let _ = child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes());
     let out = child.wait_with_output().map_err(spawn)?;
     if out.status.success() {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    Err(NetError::Command { cmd, status: out.status.to_string(), stderr })
+    Err(NetError::Command {
+        cmd,
+        status: out.status.to_string(),
+        stderr,
+    })
 }
 
 /// 64-bit FNV-1a: stable across releases and platforms (the names derived
 /// from it outlive the process), and no dependency for 40 bits of a name.
 fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Ten hex digits: `kb-` and `kv` names then fit IFNAMSIZ (15 characters).

@@ -27,8 +27,20 @@ impl Provider for Fake {
         self.calls.borrow_mut().push(format!("create {}", req.id));
         let mut pid = self.next_pid.borrow_mut();
         *pid += 1;
-        self.servers.borrow_mut().insert(req.id.clone(), Running { id: req.id.clone(), env: req.env.clone(), role: req.role.clone(), release: req.release, pid: Some(*pid), alive: true });
-        self.digests.borrow_mut().insert(req.id.clone(), req.image_digest.clone());
+        self.servers.borrow_mut().insert(
+            req.id.clone(),
+            Running {
+                id: req.id.clone(),
+                env: req.env.clone(),
+                role: req.role.clone(),
+                release: req.release,
+                pid: Some(*pid),
+                alive: true,
+            },
+        );
+        self.digests
+            .borrow_mut()
+            .insert(req.id.clone(), req.image_digest.clone());
         Ok(*pid)
     }
 
@@ -39,20 +51,41 @@ impl Provider for Fake {
     }
 
     fn inventory(&self, env: &str) -> Result<Vec<Running>, ProviderError> {
-        Ok(self.servers.borrow().values().filter(|r| r.env == env).cloned().collect())
+        Ok(self
+            .servers
+            .borrow()
+            .values()
+            .filter(|r| r.env == env)
+            .cloned()
+            .collect())
     }
 
     fn probe(&self, req: &ServerRequest, _check: &HealthCheck) -> bool {
-        let digest = self.digests.borrow().get(&req.id).cloned().unwrap_or_default();
-        self.servers.borrow().get(&req.id).is_some_and(|s| s.alive) && !self.unhealthy_images.borrow().contains(&digest) && !self.hung.borrow().contains(&req.id)
+        let digest = self
+            .digests
+            .borrow()
+            .get(&req.id)
+            .cloned()
+            .unwrap_or_default();
+        self.servers.borrow().get(&req.id).is_some_and(|s| s.alive)
+            && !self.unhealthy_images.borrow().contains(&digest)
+            && !self.hung.borrow().contains(&req.id)
     }
 
     fn log_path(&self, env: &str, id: &str) -> PathBuf {
         PathBuf::from(format!("/nonexistent/{env}/{id}.log"))
     }
 
-    fn balance(&self, _env: &str, role: &str, _b: &Balancer, backends: &[String]) -> Result<(), ProviderError> {
-        self.calls.borrow_mut().push(format!("balance {role} [{}]", backends.join(" ")));
+    fn balance(
+        &self,
+        _env: &str,
+        role: &str,
+        _b: &Balancer,
+        backends: &[String],
+    ) -> Result<(), ProviderError> {
+        self.calls
+            .borrow_mut()
+            .push(format!("balance {role} [{}]", backends.join(" ")));
         Ok(())
     }
 
@@ -62,7 +95,9 @@ impl Provider for Fake {
     }
 
     fn remove_balancer(&self, _env: &str, role: &str) -> Result<(), ProviderError> {
-        self.calls.borrow_mut().push(format!("remove balancer {role}"));
+        self.calls
+            .borrow_mut()
+            .push(format!("remove balancer {role}"));
         Ok(())
     }
 }

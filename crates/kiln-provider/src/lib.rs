@@ -98,7 +98,13 @@ pub trait Provider {
     fn log_path(&self, env: &str, id: &str) -> PathBuf;
     /// Makes the role's balancer run and send new connections only to
     /// `backends` (`address:port`), returning once the switch is in effect.
-    fn balance(&self, env: &str, role: &str, balancer: &Balancer, backends: &[String]) -> Result<(), ProviderError>;
+    fn balance(
+        &self,
+        env: &str,
+        role: &str,
+        balancer: &Balancer,
+        backends: &[String],
+    ) -> Result<(), ProviderError>;
     /// Waits (bounded) until the balancer has no open connection to `backend`.
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool;
     /// Looks inside a running server (read-only).

@@ -21,8 +21,9 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
+    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
 };
 
 /// Errors of sandbox operations; the source carries libcontainer's chain.
@@ -151,12 +152,19 @@ const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 
 impl Runtime {
     pub fn new(dir: &Path) -> Runtime {
-        Runtime { state: dir.join("state"), bundles: dir.join("bundles") }
+        Runtime {
+            state: dir.join("state"),
+            bundles: dir.join("bundles"),
+        }
     }
 
     /// Runs a sandbox to completion and returns its exit status (128 + signal
     /// when killed). The container is deleted afterwards, whatever happens.
-    pub fn run_to_exit(&self, spec: &SandboxSpec, timeout: Option<Duration>) -> Result<i32, SandboxError> {
+    pub fn run_to_exit(
+        &self,
+        spec: &SandboxSpec,
+        timeout: Option<Duration>,
+    ) -> Result<i32, SandboxError> {
         let pid = self.start(spec)?;
         let waited = wait(pid, timeout);
         let deleted = self.delete(&spec.id);
@@ -165,7 +173,10 @@ impl Runtime {
                 deleted?;
                 Ok(code)
             }
-            None => Err(SandboxError::Timeout { id: spec.id.clone(), secs: timeout.map(|t| t.as_secs()).unwrap_or(0) }),
+            None => Err(SandboxError::Timeout {
+                id: spec.id.clone(),
+                secs: timeout.map(|t| t.as_secs()).unwrap_or(0),
+            }),
         }
     }
 
@@ -173,21 +184,35 @@ impl Runtime {
     /// process. The process is a child of the caller until the caller
     /// exits; then init adopts it, so servers outlive `kiln`.
     pub fn start(&self, spec: &SandboxSpec) -> Result<i32, SandboxError> {
-        let prep = |detail: String| SandboxError::Prepare { id: spec.id.clone(), detail };
+        let prep = |detail: String| SandboxError::Prepare {
+            id: spec.id.clone(),
+            detail,
+        };
         let bundle = self.bundles.join(&spec.id);
-        std::fs::create_dir_all(&bundle).map_err(|e| prep(format!("create {}: {e}", bundle.display())))?;
-        std::fs::create_dir_all(&self.state).map_err(|e| prep(format!("create {}: {e}", self.state.display())))?;
+        std::fs::create_dir_all(&bundle)
+            .map_err(|e| prep(format!("create {}: {e}", bundle.display())))?;
+        std::fs::create_dir_all(&self.state)
+            .map_err(|e| prep(format!("create {}: {e}", self.state.display())))?;
         // A leftover from a killed run with the same id would make create fail.
         if self.state.join(&spec.id).exists() {
             let _ = self.delete(&spec.id);
-            std::fs::create_dir_all(&bundle).map_err(|e| prep(format!("create {}: {e}", bundle.display())))?;
+            std::fs::create_dir_all(&bundle)
+                .map_err(|e| prep(format!("create {}: {e}", bundle.display())))?;
         }
         let oci = oci_spec(spec).map_err(|e| prep(e.to_string()))?;
-        oci.save(bundle.join("config.json")).map_err(|e| prep(format!("write config.json: {e}")))?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log).map_err(|e| prep(format!("open log {}: {e}", spec.log.display())))?;
+        oci.save(bundle.join("config.json"))
+            .map_err(|e| prep(format!("write config.json: {e}")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .map_err(|e| prep(format!("open log {}: {e}", spec.log.display())))?;
         let log2 = log.try_clone().map_err(|e| prep(e.to_string()))?;
         let stdin = File::open("/dev/null").map_err(|e| prep(e.to_string()))?;
-        let start = |detail: String| SandboxError::Start { id: spec.id.clone(), detail };
+        let start = |detail: String| SandboxError::Start {
+            id: spec.id.clone(),
+            detail,
+        };
         // libcontainer chdir()s the whole process into the state directory
         // while it creates and starts a container; concurrent calls would
         // race on the working directory, so they are serialised.
@@ -210,13 +235,19 @@ impl Runtime {
             let _ = container.delete(true);
             return Err(start(chain(&e)));
         }
-        container.pid().map(|p| p.as_raw()).ok_or_else(|| start("started container has no pid".into()))
+        container
+            .pid()
+            .map(|p| p.as_raw())
+            .ok_or_else(|| start("started container has no pid".into()))
     }
 
     /// SIGKILLs every process of a sandbox and removes its state, cgroup
     /// and bundle. Deleting a sandbox that is already gone is not an error.
     pub fn delete(&self, id: &str) -> Result<(), SandboxError> {
-        let ctl = |detail: String| SandboxError::Control { id: id.to_string(), detail };
+        let ctl = |detail: String| SandboxError::Control {
+            id: id.to_string(),
+            detail,
+        };
         let dir = self.state.join(id);
         if dir.exists() {
             match Container::load(dir.clone()) {
@@ -248,7 +279,8 @@ impl Runtime {
                         tracing::warn!(id, error = %chain(&e), "libcontainer delete failed; removing state");
                         sweep_cgroup(id);
                         if dir.exists() {
-                            std::fs::remove_dir_all(&dir).map_err(|e| ctl(format!("remove {}: {e}", dir.display())))?;
+                            std::fs::remove_dir_all(&dir)
+                                .map_err(|e| ctl(format!("remove {}: {e}", dir.display())))?;
                         }
                     }
                 }
@@ -256,13 +288,15 @@ impl Runtime {
                     // No state to drive libcontainer with: kill what the
                     // sandbox's cgroup holds and remove the cgroup by hand.
                     sweep_cgroup(id);
-                    std::fs::remove_dir_all(&dir).map_err(|e| ctl(format!("remove {}: {e}", dir.display())))?
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| ctl(format!("remove {}: {e}", dir.display())))?
                 }
             }
         }
         let bundle = self.bundles.join(id);
         if bundle.exists() {
-            std::fs::remove_dir_all(&bundle).map_err(|e| ctl(format!("remove {}: {e}", bundle.display())))?;
+            std::fs::remove_dir_all(&bundle)
+                .map_err(|e| ctl(format!("remove {}: {e}", bundle.display())))?;
         }
         Ok(())
     }
@@ -270,7 +304,9 @@ impl Runtime {
     /// Every container in this runtime's state, with its labels.
     pub fn list(&self) -> Result<Vec<Found>, SandboxError> {
         let mut out = Vec::new();
-        let Ok(items) = std::fs::read_dir(&self.state) else { return Ok(out) };
+        let Ok(items) = std::fs::read_dir(&self.state) else {
+            return Ok(out);
+        };
         for item in items.flatten() {
             out.push(self.load(&item.file_name().to_string_lossy()));
         }
@@ -290,7 +326,13 @@ impl Runtime {
         let (pid, running) = match Container::load(self.state.join(id)) {
             Ok(mut c) => {
                 let _ = c.refresh_status();
-                (c.pid().map(|p| p.as_raw()), matches!(c.status(), ContainerStatus::Running | ContainerStatus::Paused))
+                (
+                    c.pid().map(|p| p.as_raw()),
+                    matches!(
+                        c.status(),
+                        ContainerStatus::Running | ContainerStatus::Paused
+                    ),
+                )
             }
             Err(_) => (None, false),
         };
@@ -300,7 +342,12 @@ impl Runtime {
             .and_then(|s| s.annotations().clone())
             .map(|a| a.into_iter().collect())
             .unwrap_or_default();
-        Found { id: id.to_string(), pid, running, labels }
+        Found {
+            id: id.to_string(),
+            pid,
+            running,
+            labels,
+        }
     }
 }
 
@@ -310,7 +357,11 @@ fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
     let mut dirs = vec![root.join("kiln").join(id)];
     if let Ok(controllers) = std::fs::read_dir(root) {
-        dirs.extend(controllers.flatten().map(|c| c.path().join("kiln").join(id)));
+        dirs.extend(
+            controllers
+                .flatten()
+                .map(|c| c.path().join("kiln").join(id)),
+        );
     }
     dirs.retain(|d| d.is_dir());
     dirs
@@ -320,7 +371,11 @@ fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
 fn sweep_cgroup(id: &str) {
     let dirs = cgroup_dirs(id);
     for dir in &dirs {
-        for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+        {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
@@ -339,7 +394,9 @@ fn sweep_cgroup(id: &str) {
 /// Whether a pid exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
         Err(_) => false,
     }
 }
@@ -373,7 +430,10 @@ fn wait(pid: i32, timeout: Option<Duration>) -> Option<i32> {
     }
 }
 
-fn ns(t: LinuxNamespaceType, path: Option<&Path>) -> Result<LinuxNamespace, oci_spec::OciSpecError> {
+fn ns(
+    t: LinuxNamespaceType,
+    path: Option<&Path>,
+) -> Result<LinuxNamespace, oci_spec::OciSpecError> {
     let mut b = LinuxNamespaceBuilder::default().typ(t);
     if let Some(p) = path {
         b = b.path(p);
@@ -385,22 +445,49 @@ fn capabilities(p: Privilege) -> Vec<Capability> {
     use Capability::*;
     match p {
         Privilege::Minimal => vec![AuditWrite, Kill, NetBindService],
-        Privilege::Build => vec![Chown, DacOverride, Fowner, Fsetid, Kill, Setgid, Setuid, Setpcap, NetBindService, NetRaw, SysChroot, Mknod, AuditWrite, Setfcap],
+        Privilege::Build => vec![
+            Chown,
+            DacOverride,
+            Fowner,
+            Fsetid,
+            Kill,
+            Setgid,
+            Setuid,
+            Setpcap,
+            NetBindService,
+            NetRaw,
+            SysChroot,
+            Mknod,
+            AuditWrite,
+            Setfcap,
+        ],
     }
 }
 
 /// The OCI runtime spec of a sandbox.
 fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
     let mut spec = Spec::default();
-    spec.set_root(Some(RootBuilder::default().path(&s.rootfs).readonly(s.readonly_root).build()?));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path(&s.rootfs)
+            .readonly(s.readonly_root)
+            .build()?,
+    ));
     spec.set_hostname(Some(s.hostname.clone()));
     let mut env = s.env.clone();
     // libcontainer resolves args[0] through PATH and requires it.
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(DEFAULT_PATH.into());
     }
-    let caps: std::collections::HashSet<Capability> = capabilities(s.privilege).into_iter().collect();
-    let mut process = ProcessBuilder::default().terminal(false).args(s.args.clone()).env(env).cwd(s.cwd.clone()).no_new_privileges(true).build()?;
+    let caps: std::collections::HashSet<Capability> =
+        capabilities(s.privilege).into_iter().collect();
+    let mut process = ProcessBuilder::default()
+        .terminal(false)
+        .args(s.args.clone())
+        .env(env)
+        .cwd(s.cwd.clone())
+        .no_new_privileges(true)
+        .build()?;
     process.set_capabilities(Some(
         LinuxCapabilitiesBuilder::default()
             .bounding(caps.clone())
@@ -419,7 +506,12 @@ fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
                     .destination(dst)
                     .typ("tmpfs")
                     .source("tmpfs")
-                    .options(vec!["nosuid".into(), "nodev".into(), "mode=1777".into(), "size=65536k".into()])
+                    .options(vec![
+                        "nosuid".into(),
+                        "nodev".into(),
+                        "mode=1777".into(),
+                        "size=65536k".into(),
+                    ])
                     .build()?,
             );
         }
@@ -429,7 +521,14 @@ fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
         if b.readonly {
             opts.push("ro".into());
         }
-        mounts.push(MountBuilder::default().destination(&b.destination).typ("bind").source(&b.source).options(opts).build()?);
+        mounts.push(
+            MountBuilder::default()
+                .destination(&b.destination)
+                .typ("bind")
+                .source(&b.source)
+                .options(opts)
+                .build()?,
+        );
     }
     spec.set_mounts(Some(mounts));
     let mut namespaces = vec![
@@ -445,7 +544,9 @@ fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
         Network::Join(p) => namespaces.push(ns(LinuxNamespaceType::Network, Some(p))?),
     }
     let defaults = oci_spec::runtime::Linux::default();
-    let mut linux = LinuxBuilder::default().namespaces(namespaces).cgroups_path(PathBuf::from(format!("/kiln/{}", s.id)));
+    let mut linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .cgroups_path(PathBuf::from(format!("/kiln/{}", s.id)));
     if let Some(m) = defaults.masked_paths() {
         linux = linux.masked_paths(m.clone());
     }
@@ -459,7 +560,12 @@ fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
         }
         if let Some(c) = l.cpus {
             let period = 100_000u64;
-            r = r.cpu(LinuxCpuBuilder::default().quota((c * period as f64) as i64).period(period).build()?);
+            r = r.cpu(
+                LinuxCpuBuilder::default()
+                    .quota((c * period as f64) as i64)
+                    .period(period)
+                    .build()?,
+            );
         }
         if let Some(p) = l.pids {
             r = r.pids(LinuxPidsBuilder::default().limit(p).build()?);
@@ -500,7 +606,10 @@ mod tests {
         std::fs::create_dir_all(runtime.bundles.join("half")).unwrap();
         let found = runtime.list().unwrap();
         assert_eq!(found.len(), 1);
-        assert_eq!((found[0].id.as_str(), found[0].pid, found[0].running), ("half", None, false));
+        assert_eq!(
+            (found[0].id.as_str(), found[0].pid, found[0].running),
+            ("half", None, false)
+        );
         runtime.delete("half").unwrap();
         assert!(runtime.list().unwrap().is_empty());
         assert!(!runtime.bundles.join("half").exists());

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 /// Parses `500ms`, `30s`, `5m`, `2h`, `28d`, `1w`, or a sum like `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}` is not a duration; expected a number with a unit: ms, s, m, h, d or w (like \"28d\")");
+    let bad = || {
+        format!("`{s}` is not a duration; expected a number with a unit: ms, s, m, h, d or w (like \"28d\")")
+    };
     let mut total = Duration::ZERO;
     let mut rest = s.trim();
     if rest.is_empty() {
@@ -19,7 +21,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
@@ -60,5 +64,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    num.trim().parse::<u64>().map(|n| n * mult).map_err(|_| format!("`{s}` is not a size; expected a number with K, M or G (like \"256M\")"))
+    num.trim().parse::<u64>().map(|n| n * mult).map_err(|_| {
+        format!("`{s}` is not a size; expected a number with K, M or G (like \"256M\")")
+    })
 }

@@ -30,10 +30,18 @@ pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 pub enum SpecError {
     /// cannot read {path}
     #[error("cannot read {path}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// {file}:{line}:{column}: {message}
     #[error("{file}:{line}:{column}: {message}")]
-    At { file: PathBuf, line: usize, column: usize, message: String },
+    At {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
 }
 
 impl SpecError {
@@ -49,8 +57,14 @@ impl SpecError {
 /// Loads and validates `kiln.toml` from a project directory.
 pub fn load(dir: &Path) -> Result<Project, SpecError> {
     let file = dir.join(PROJECT_FILE);
-    let text = std::fs::read_to_string(&file).map_err(|source| SpecError::Read { path: file.clone(), source })?;
-    let dir = std::fs::canonicalize(dir).map_err(|source| SpecError::Read { path: dir.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(&file).map_err(|source| SpecError::Read {
+        path: file.clone(),
+        source,
+    })?;
+    let dir = std::fs::canonicalize(dir).map_err(|source| SpecError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     parse(&text, &file, &dir)
 }
 
@@ -58,7 +72,8 @@ pub fn load(dir: &Path) -> Result<Project, SpecError> {
 /// project directory that relative paths are resolved against.
 pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<Project, SpecError> {
     let cx = Cx { text, file };
-    let raw: RawFile = toml::from_str(text).map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().to_string()))?;
+    let raw: RawFile = toml::from_str(text)
+        .map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().to_string()))?;
     Validator { cx, dir }.project(raw)
 }
 
@@ -71,8 +86,18 @@ impl Cx<'_> {
     fn err(&self, span: Range<usize>, message: impl fmt::Display) -> SpecError {
         let upto = &self.text[..span.start.min(self.text.len())];
         let line = upto.matches('\n').count() + 1;
-        let column = upto.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
-        SpecError::At { file: self.file.to_path_buf(), line, column, message: message.to_string() }
+        let column = upto
+            .rsplit('\n')
+            .next()
+            .map(|l| l.chars().count())
+            .unwrap_or(0)
+            + 1;
+        SpecError::At {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            message: message.to_string(),
+        }
     }
 }
 
@@ -87,12 +112,22 @@ impl Validator<'_> {
         check_name(&self.cx, name.get_ref(), name.span(), "project name")?;
         let mut images = BTreeMap::new();
         for (iname, img) in &raw.images {
-            check_name(&self.cx, iname, self.header(&["images", iname]), "image name")?;
+            check_name(
+                &self.cx,
+                iname,
+                self.header(&["images", iname]),
+                "image name",
+            )?;
             images.insert(iname.clone(), self.image(iname, img)?);
         }
         self.check_image_graph(&raw, &images)?;
         let envs = self.envs(&raw, &images)?;
-        Ok(Project { name: name.into_inner(), dir: self.dir.to_path_buf(), images, envs })
+        Ok(Project {
+            name: name.into_inner(),
+            dir: self.dir.to_path_buf(),
+            images,
+            envs,
+        })
     }
 
     fn image(&self, name: &str, img: &RawImage) -> Result<ImageSpec, SpecError> {
@@ -126,41 +161,73 @@ impl Validator<'_> {
         let t: RawFromTable = match from.get_ref() {
             toml::Value::String(n) if n == "scratch" => return Ok(ImageSource::Scratch),
             toml::Value::String(n) => return Ok(ImageSource::Image(n.clone())),
-            v @ toml::Value::Table(_) => v.clone().try_into().map_err(|e: toml::de::Error| at(format!("bad `from` table: {}; {expected}", e.message().trim())))?,
+            v @ toml::Value::Table(_) => v.clone().try_into().map_err(|e: toml::de::Error| {
+                at(format!(
+                    "bad `from` table: {}; {expected}",
+                    e.message().trim()
+                ))
+            })?,
             other => return Err(at(format!("`from` is a {}; {expected}", other.type_str()))),
         };
-        let given = [t.rootfs.is_some(), t.oci.is_some(), t.debootstrap.is_some()].iter().filter(|b| **b).count();
+        let given = [t.rootfs.is_some(), t.oci.is_some(), t.debootstrap.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
         if given != 1 {
-            return Err(at(format!("`from` table names {given} sources; {expected}")));
+            return Err(at(format!(
+                "`from` table names {given} sources; {expected}"
+            )));
         }
         if let Some(s) = &t.rootfs {
             let path = self.dir.join(s);
-            if !(s.ends_with(".tar") || s.ends_with(".tar.gz") || s.ends_with(".tgz") || s.ends_with(".tar.zst")) {
+            if !(s.ends_with(".tar")
+                || s.ends_with(".tar.gz")
+                || s.ends_with(".tgz")
+                || s.ends_with(".tar.zst"))
+            {
                 return Err(at(format!("rootfs `{s}` is not a tarball; expected a .tar, .tar.gz, .tgz or .tar.zst file")));
             }
             if !path.is_file() {
-                return Err(at(format!("rootfs tarball `{}` does not exist", path.display())));
+                return Err(at(format!(
+                    "rootfs tarball `{}` does not exist",
+                    path.display()
+                )));
             }
             return Ok(ImageSource::Rootfs(path));
         }
         if let Some(s) = &t.oci {
             let (dir, tag) = match s.rsplit_once(':') {
                 Some((d, t)) if !d.is_empty() && !t.is_empty() && !t.contains('/') => (d, t),
-                _ => return Err(at(format!("oci source `{s}` has no tag; expected \"DIR:TAG\""))),
+                _ => {
+                    return Err(at(format!(
+                        "oci source `{s}` has no tag; expected \"DIR:TAG\""
+                    )))
+                }
             };
             let path = self.dir.join(dir);
             if !path.join("index.json").is_file() {
-                return Err(at(format!("`{}` is not an OCI image layout (no index.json)", path.display())));
+                return Err(at(format!(
+                    "`{}` is not an OCI image layout (no index.json)",
+                    path.display()
+                )));
             }
-            return Ok(ImageSource::Oci { dir: path, tag: tag.to_string() });
+            return Ok(ImageSource::Oci {
+                dir: path,
+                tag: tag.to_string(),
+            });
         }
         let suite = t.debootstrap.clone().expect("counted above");
         if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(at("debootstrap suite must be a Debian suite name like \"bookworm\"".into()));
+            return Err(at(
+                "debootstrap suite must be a Debian suite name like \"bookworm\"".into(),
+            ));
         }
         Ok(ImageSource::Debootstrap {
             suite,
-            mirror: t.mirror.clone().unwrap_or_else(|| DEFAULT_MIRROR.to_string()),
+            mirror: t
+                .mirror
+                .clone()
+                .unwrap_or_else(|| DEFAULT_MIRROR.to_string()),
             variant: t.variant.clone().unwrap_or_else(|| "minbase".to_string()),
         })
     }
@@ -177,25 +244,40 @@ impl Validator<'_> {
 
     fn health(&self, h: &Spanned<RawHealth>) -> Result<HealthCheck, SpecError> {
         let r = h.get_ref();
-        let bad = |m: &str| Err(self.cx.err(h.span(), format!("{m}; expected {{ http = \"/path\", port = N }}, {{ tcp = N }} or {{ command = [...] }}")));
+        let bad = |m: &str| {
+            Err(self.cx.err(h.span(), format!("{m}; expected {{ http = \"/path\", port = N }}, {{ tcp = N }} or {{ command = [...] }}")))
+        };
         match (&r.http, r.port, r.tcp, &r.command) {
             (Some(path), Some(port), None, None) => {
                 if !path.starts_with('/') {
                     return bad("http health path must start with `/`");
                 }
-                Ok(HealthCheck::Http { path: path.clone(), port })
+                Ok(HealthCheck::Http {
+                    path: path.clone(),
+                    port,
+                })
             }
             (Some(_), None, None, None) => bad("http health check has no `port`"),
             (None, None, Some(port), None) => Ok(HealthCheck::Tcp { port }),
-            (None, None, None, Some(argv)) if !argv.is_empty() => Ok(HealthCheck::Command { argv: argv.clone() }),
+            (None, None, None, Some(argv)) if !argv.is_empty() => {
+                Ok(HealthCheck::Command { argv: argv.clone() })
+            }
             _ => bad("health check must be exactly one kind"),
         }
     }
 
-    fn check_image_graph(&self, raw: &RawFile, images: &BTreeMap<String, ImageSpec>) -> Result<(), SpecError> {
+    fn check_image_graph(
+        &self,
+        raw: &RawFile,
+        images: &BTreeMap<String, ImageSpec>,
+    ) -> Result<(), SpecError> {
         for (name, img) in images {
             if let ImageSource::Image(parent) = &img.from {
-                let span = raw.images[name].from.as_ref().map(|f| f.span()).unwrap_or(0..0);
+                let span = raw.images[name]
+                    .from
+                    .as_ref()
+                    .map(|f| f.span())
+                    .unwrap_or(0..0);
                 if !images.contains_key(parent) {
                     let known: Vec<_> = images.keys().map(String::as_str).collect();
                     return Err(self.cx.err(span, format!("image `{name}` is built from unknown image `{parent}`; expected \"scratch\" or one of: {}", known.join(", "))));
@@ -210,17 +292,29 @@ impl Validator<'_> {
                     cur = p;
                 }
                 if cur == name {
-                    return Err(self.cx.err(span, format!("image `{name}` is built from itself through a cycle of `from`")));
+                    return Err(self.cx.err(
+                        span,
+                        format!("image `{name}` is built from itself through a cycle of `from`"),
+                    ));
                 }
             }
         }
         Ok(())
     }
 
-    fn envs(&self, raw: &RawFile, images: &BTreeMap<String, ImageSpec>) -> Result<BTreeMap<String, EnvSpec>, SpecError> {
+    fn envs(
+        &self,
+        raw: &RawFile,
+        images: &BTreeMap<String, ImageSpec>,
+    ) -> Result<BTreeMap<String, EnvSpec>, SpecError> {
         let mut out = BTreeMap::new();
         for (index, (name, env)) in raw.env.iter().enumerate() {
-            check_name(&self.cx, name, self.header(&["env", name]), "environment name")?;
+            check_name(
+                &self.cx,
+                name,
+                self.header(&["env", name]),
+                "environment name",
+            )?;
             let merged = self.inherited(raw, name, env)?;
             out.insert(name.clone(), self.env(name, index, &merged, images)?);
         }
@@ -234,10 +328,19 @@ impl Validator<'_> {
         let mut next = env.inherit.clone();
         while let Some(parent) = next {
             let Some(p) = raw.env.get(parent.get_ref()) else {
-                return Err(self.cx.err(parent.span(), format!("environment `{name}` inherits unknown environment `{}`", parent.get_ref())));
+                return Err(self.cx.err(
+                    parent.span(),
+                    format!(
+                        "environment `{name}` inherits unknown environment `{}`",
+                        parent.get_ref()
+                    ),
+                ));
             };
             if !seen.insert(parent.get_ref().clone()) {
-                return Err(self.cx.err(parent.span(), format!("environment `{name}` inherits itself through a cycle")));
+                return Err(self.cx.err(
+                    parent.span(),
+                    format!("environment `{name}` inherits itself through a cycle"),
+                ));
             }
             merged = merged.over(p);
             next = p.inherit.clone();
@@ -245,51 +348,86 @@ impl Validator<'_> {
         Ok(merged)
     }
 
-    fn env(&self, name: &str, index: usize, env: &RawEnv, images: &BTreeMap<String, ImageSpec>) -> Result<EnvSpec, SpecError> {
+    fn env(
+        &self,
+        name: &str,
+        index: usize,
+        env: &RawEnv,
+        images: &BTreeMap<String, ImageSpec>,
+    ) -> Result<EnvSpec, SpecError> {
         let provider = env.provider.clone().unwrap_or_else(|| "local".into());
         if provider != "local" {
             return Err(self.cx.err(self.header(&["env", name]), format!("environment `{name}` uses provider `{provider}`; expected \"local\" (the only provider built in)")));
         }
         let mut roles = BTreeMap::new();
         for (rname, role) in &env.roles {
-            check_name(&self.cx, rname, self.header(&["env", name, "roles", rname]), "role name")?;
+            check_name(
+                &self.cx,
+                rname,
+                self.header(&["env", name, "roles", rname]),
+                "role name",
+            )?;
             roles.insert(rname.clone(), self.role(name, rname, role, env, images)?);
         }
         for (rname, role) in &env.roles {
             for dep in role.depends_on.iter().flatten() {
                 if !roles.contains_key(dep.get_ref()) {
-                    return Err(self.cx.err(dep.span(), format!("role `{rname}` depends on unknown role `{}`", dep.get_ref())));
+                    return Err(self.cx.err(
+                        dep.span(),
+                        format!("role `{rname}` depends on unknown role `{}`", dep.get_ref()),
+                    ));
                 }
             }
         }
         if let Some(role) = dependency_cycle(&roles) {
-            return Err(self.cx.err(self.header(&["env", name, "roles", &role]), format!("role `{role}` depends on itself through `depends_on`")));
+            return Err(self.cx.err(
+                self.header(&["env", name, "roles", &role]),
+                format!("role `{role}` depends on itself through `depends_on`"),
+            ));
         }
         Ok(EnvSpec {
             name: name.to_string(),
             provider,
-            subnet: env.subnet.clone().unwrap_or_else(|| format!("10.88.{}.0/24", index + 1)),
+            subnet: env
+                .subnet
+                .clone()
+                .unwrap_or_else(|| format!("10.88.{}.0/24", index + 1)),
             approvals: env.approvals.unwrap_or(0),
             pipeline_identities: env.pipeline_identities.clone().unwrap_or_default(),
             alarm: env.alarm.clone(),
             quarantine_secs: match &env.quarantine {
-                Some(q) => parse_duration(q.get_ref()).map_err(|e| self.cx.err(q.span(), e))?.as_secs(),
+                Some(q) => parse_duration(q.get_ref())
+                    .map_err(|e| self.cx.err(q.span(), e))?
+                    .as_secs(),
                 None => 7 * 86_400,
             },
             roles,
         })
     }
 
-    fn role(&self, env_name: &str, name: &str, r: &RawRole, env: &RawEnv, images: &BTreeMap<String, ImageSpec>) -> Result<RoleSpec, SpecError> {
+    fn role(
+        &self,
+        env_name: &str,
+        name: &str,
+        r: &RawRole,
+        env: &RawEnv,
+        images: &BTreeMap<String, ImageSpec>,
+    ) -> Result<RoleSpec, SpecError> {
         let table = self.header(&["env", env_name, "roles", name]);
         let Some(image) = &r.image else {
             return Err(self.cx.err(table, format!("role `{name}` has no `image`")));
         };
         let Some(spec) = images.get(image.get_ref()) else {
-            return Err(self.cx.err(image.span(), format!("role `{name}` runs unknown image `{}`", image.get_ref())));
+            return Err(self.cx.err(
+                image.span(),
+                format!("role `{name}` runs unknown image `{}`", image.get_ref()),
+            ));
         };
         let size = match &r.size {
-            None => Size { cpus: 1.0, memory_bytes: 256 << 20 },
+            None => Size {
+                cpus: 1.0,
+                memory_bytes: 256 << 20,
+            },
             Some(s) => {
                 let memory_bytes = match &s.get_ref().memory {
                     None => 256 << 20,
@@ -309,52 +447,110 @@ impl Validator<'_> {
             None => spec.health.clone(),
         };
         let strategy = match &r.strategy {
-            None => Strategy::Rolling { max_surge: 1, max_unavailable: 0, min_healthy_secs: 0 },
+            None => Strategy::Rolling {
+                max_surge: 1,
+                max_unavailable: 0,
+                min_healthy_secs: 0,
+            },
             Some(s) => self.strategy(s)?,
         };
         let ttl = r.ttl.as_ref().or(env.ttl.as_ref());
-        let ttl_secs = ttl.map(|t| parse_duration(t.get_ref()).map(|d| d.as_secs()).map_err(|e| self.cx.err(t.span(), e))).transpose()?;
+        let ttl_secs = ttl
+            .map(|t| {
+                parse_duration(t.get_ref())
+                    .map(|d| d.as_secs())
+                    .map_err(|e| self.cx.err(t.span(), e))
+            })
+            .transpose()?;
         let drift = r.drift.as_ref().or(env.drift.as_ref());
         let drift = match drift.map(|d| (d.get_ref().as_str(), d.span())) {
             None | Some(("alarm", _)) => DriftPolicy::Alarm,
             Some(("replace", _)) => DriftPolicy::Replace,
             Some(("kill", _)) => DriftPolicy::Kill,
-            Some((other, span)) => return Err(self.cx.err(span, format!("unknown drift policy `{other}`; expected \"alarm\", \"replace\" or \"kill\""))),
+            Some((other, span)) => return Err(self.cx.err(
+                span,
+                format!(
+                    "unknown drift policy `{other}`; expected \"alarm\", \"replace\" or \"kill\""
+                ),
+            )),
         };
         let unmanaged = r.unmanaged.as_ref().or(env.unmanaged.as_ref());
         let unmanaged = match unmanaged.map(|d| (d.get_ref().as_str(), d.span())) {
             None | Some(("alarm", _)) => UnmanagedPolicy::Alarm,
             Some(("kill", _)) => UnmanagedPolicy::Kill,
-            Some((other, span)) => return Err(self.cx.err(span, format!("unknown unmanaged policy `{other}`; expected \"alarm\" or \"kill\""))),
+            Some((other, span)) => {
+                return Err(self.cx.err(
+                    span,
+                    format!("unknown unmanaged policy `{other}`; expected \"alarm\" or \"kill\""),
+                ))
+            }
         };
         let balancer = match &r.balancer {
             None => None,
             Some(b) => {
                 let rb = b.get_ref();
-                let drain = rb.drain_timeout.as_ref().map(|d| parse_duration(d).map_err(|e| self.cx.err(b.span(), e))).transpose()?;
-                let port = rb.port.or_else(|| r.ports.as_ref().and_then(|p| p.first().copied())).ok_or_else(|| self.cx.err(b.span(), "balancer has no `port` and the role declares no ports"))?;
+                let drain = rb
+                    .drain_timeout
+                    .as_ref()
+                    .map(|d| parse_duration(d).map_err(|e| self.cx.err(b.span(), e)))
+                    .transpose()?;
+                let port = rb
+                    .port
+                    .or_else(|| r.ports.as_ref().and_then(|p| p.first().copied()))
+                    .ok_or_else(|| {
+                        self.cx.err(
+                            b.span(),
+                            "balancer has no `port` and the role declares no ports",
+                        )
+                    })?;
                 if rb.listen.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(self.cx.err(b.span(), format!("balancer listen `{}` is not an address; expected \"IP:PORT\"", rb.listen)));
+                    return Err(self.cx.err(
+                        b.span(),
+                        format!(
+                            "balancer listen `{}` is not an address; expected \"IP:PORT\"",
+                            rb.listen
+                        ),
+                    ));
                 }
-                let interval = rb.check_interval.as_ref().map(|d| parse_duration(d).map_err(|e| self.cx.err(b.span(), e))).transpose()?.unwrap_or(std::time::Duration::from_secs(1));
+                let interval = rb
+                    .check_interval
+                    .as_ref()
+                    .map(|d| parse_duration(d).map_err(|e| self.cx.err(b.span(), e)))
+                    .transpose()?
+                    .unwrap_or(std::time::Duration::from_secs(1));
                 let check = match &health {
-                    Some(h @ (HealthCheck::Http { .. } | HealthCheck::Tcp { .. })) if !interval.is_zero() => Some(BalancerCheck {
-                        health: h.clone(),
-                        interval_ms: interval.as_millis() as u64,
-                        fall: rb.fall.unwrap_or(2).max(1),
-                        rise: rb.rise.unwrap_or(2).max(1),
-                    }),
+                    Some(h @ (HealthCheck::Http { .. } | HealthCheck::Tcp { .. }))
+                        if !interval.is_zero() =>
+                    {
+                        Some(BalancerCheck {
+                            health: h.clone(),
+                            interval_ms: interval.as_millis() as u64,
+                            fall: rb.fall.unwrap_or(2).max(1),
+                            rise: rb.rise.unwrap_or(2).max(1),
+                        })
+                    }
                     _ => None,
                 };
-                Some(Balancer { listen: rb.listen.clone(), port, drain_timeout_secs: drain.map(|d| d.as_secs()).unwrap_or(30), check })
+                Some(Balancer {
+                    listen: rb.listen.clone(),
+                    port,
+                    drain_timeout_secs: drain.map(|d| d.as_secs()).unwrap_or(30),
+                    check,
+                })
             }
         };
         let mut volumes = Vec::new();
         for (vname, path) in r.volumes.iter().flatten() {
             if !path.starts_with('/') {
-                return Err(self.cx.err(table.clone(), format!("volume `{vname}` path `{path}` must be absolute")));
+                return Err(self.cx.err(
+                    table.clone(),
+                    format!("volume `{vname}` path `{path}` must be absolute"),
+                ));
             }
-            volumes.push(Volume { name: vname.clone(), path: path.clone() });
+            volumes.push(Volume {
+                name: vname.clone(),
+                path: path.clone(),
+            });
         }
         Ok(RoleSpec {
             name: name.to_string(),
@@ -363,13 +559,22 @@ impl Validator<'_> {
             size,
             ports: r.ports.clone().unwrap_or_else(|| spec.ports.clone()),
             health,
-            depends_on: r.depends_on.iter().flatten().map(|d| d.get_ref().clone()).collect(),
+            depends_on: r
+                .depends_on
+                .iter()
+                .flatten()
+                .map(|d| d.get_ref().clone())
+                .collect(),
             cold_only: r.cold_only.unwrap_or(false),
             volumes,
             strategy,
             balancer,
             ttl_secs,
-            replace_share: r.replace_share.or(env.replace_share).unwrap_or(25).clamp(1, 100),
+            replace_share: r
+                .replace_share
+                .or(env.replace_share)
+                .unwrap_or(25)
+                .clamp(1, 100),
             drift,
             unmanaged,
             env: r.env.clone().unwrap_or_default(),
@@ -379,12 +584,31 @@ impl Validator<'_> {
     fn strategy(&self, s: &Spanned<toml::Value>) -> Result<Strategy, SpecError> {
         let expected = "expected \"rolling\", \"blue_green\", \"canary\", or a table with `kind` and its options";
         let opts: RawStrategyOpts = match s.get_ref() {
-            toml::Value::String(kind) => RawStrategyOpts { kind: kind.clone(), ..Default::default() },
-            v @ toml::Value::Table(_) => v.clone().try_into().map_err(|e: toml::de::Error| self.cx.err(s.span(), format!("bad `strategy` table: {}; {expected}", e.message().trim())))?,
-            other => return Err(self.cx.err(s.span(), format!("`strategy` is a {}; {expected}", other.type_str()))),
+            toml::Value::String(kind) => RawStrategyOpts {
+                kind: kind.clone(),
+                ..Default::default()
+            },
+            v @ toml::Value::Table(_) => v.clone().try_into().map_err(|e: toml::de::Error| {
+                self.cx.err(
+                    s.span(),
+                    format!("bad `strategy` table: {}; {expected}", e.message().trim()),
+                )
+            })?,
+            other => {
+                return Err(self.cx.err(
+                    s.span(),
+                    format!("`strategy` is a {}; {expected}", other.type_str()),
+                ))
+            }
         };
         let secs = |d: &Option<String>, default: u64| -> Result<u64, SpecError> {
-            d.as_ref().map(|d| parse_duration(d).map(|d| d.as_secs()).map_err(|e| self.cx.err(s.span(), e))).unwrap_or(Ok(default))
+            d.as_ref()
+                .map(|d| {
+                    parse_duration(d)
+                        .map(|d| d.as_secs())
+                        .map_err(|e| self.cx.err(s.span(), e))
+                })
+                .unwrap_or(Ok(default))
         };
         match opts.kind.as_str() {
             "rolling" => Ok(Strategy::Rolling {
@@ -392,13 +616,17 @@ impl Validator<'_> {
                 max_unavailable: opts.max_unavailable.unwrap_or(0),
                 min_healthy_secs: secs(&opts.min_healthy, 0)?,
             }),
-            "blue_green" => Ok(Strategy::BlueGreen { rollback_window_secs: secs(&opts.rollback_window, 300)? }),
+            "blue_green" => Ok(Strategy::BlueGreen {
+                rollback_window_secs: secs(&opts.rollback_window, 300)?,
+            }),
             "canary" => Ok(Strategy::Canary {
                 share_percent: opts.share.unwrap_or(10).clamp(1, 100),
                 bake_secs: secs(&opts.bake, 60)?,
                 max_error_rate: opts.max_error_rate.unwrap_or(0.01),
             }),
-            other => Err(self.cx.err(s.span(), format!("unknown strategy `{other}`; {expected}"))),
+            other => Err(self
+                .cx
+                .err(s.span(), format!("unknown strategy `{other}`; {expected}"))),
         }
     }
 }
@@ -407,7 +635,8 @@ fn check_name(cx: &Cx, n: &str, span: Range<usize>, what: &str) -> Result<(), Sp
     let ok = !n.is_empty()
         && n.len() <= 40
         && n.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if ok {
         Ok(())
     } else {
@@ -417,7 +646,12 @@ fn check_name(cx: &Cx, n: &str, span: Range<usize>, what: &str) -> Result<(), Sp
 
 /// A role on a `depends_on` cycle, if there is one.
 fn dependency_cycle(roles: &BTreeMap<String, RoleSpec>) -> Option<String> {
-    fn visit(r: &str, roles: &BTreeMap<String, RoleSpec>, path: &mut Vec<String>, done: &mut BTreeSet<String>) -> Option<String> {
+    fn visit(
+        r: &str,
+        roles: &BTreeMap<String, RoleSpec>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<String> {
         if path.iter().any(|p| p == r) {
             return Some(r.to_string());
         }
@@ -435,7 +669,9 @@ fn dependency_cycle(roles: &BTreeMap<String, RoleSpec>) -> Option<String> {
         None
     }
     let mut done = BTreeSet::new();
-    roles.keys().find_map(|r| visit(r, roles, &mut Vec::new(), &mut done))
+    roles
+        .keys()
+        .find_map(|r| visit(r, roles, &mut Vec::new(), &mut done))
 }
 
 #[cfg(test)]

@@ -62,7 +62,13 @@ fn parses_the_design_example() {
     assert_eq!(p.lineage("app"), vec!["base", "app"]);
     let app = &p.images["app"];
     assert_eq!(app.from, ImageSource::Image("base".into()));
-    assert_eq!(app.health, Some(HealthCheck::Http { path: "/healthz".into(), port: 8080 }));
+    assert_eq!(
+        app.health,
+        Some(HealthCheck::Http {
+            path: "/healthz".into(),
+            port: 8080
+        })
+    );
     let staging = &p.envs["staging"];
     let role = &staging.roles["app"];
     assert_eq!(role.servers, 3);
@@ -70,7 +76,13 @@ fn parses_the_design_example() {
     assert_eq!(role.ttl_secs, Some(28 * 86_400));
     assert_eq!(role.drift, DriftPolicy::Replace);
     assert_eq!(role.depends_on, vec!["db"]);
-    assert_eq!(staging.roles["db"].volumes, vec![Volume { name: "data".into(), path: "/var/lib/db".into() }]);
+    assert_eq!(
+        staging.roles["db"].volumes,
+        vec![Volume {
+            name: "data".into(),
+            path: "/var/lib/db".into()
+        }]
+    );
     // production inherits staging and overrides one key of one role.
     let prod = &p.envs["production"];
     assert_eq!(prod.approvals, 1);
@@ -88,8 +100,10 @@ fn unknown_key_points_at_it() {
 
 #[test]
 fn wrong_type_points_at_value() {
-    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\nports = \"8080\"\n",
-        "kiln.toml:5:9: invalid type: string \"8080\", expected a sequence");
+    check_err(
+        "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\nports = \"8080\"\n",
+        "kiln.toml:5:9: invalid type: string \"8080\", expected a sequence",
+    );
 }
 
 #[test]
@@ -100,13 +114,17 @@ fn missing_parent_is_named() {
 
 #[test]
 fn image_cycle_is_refused() {
-    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"b\"\n[images.b]\nfrom = \"a\"\n",
-        "kiln.toml:4:8: image `a` is built from itself through a cycle of `from`");
+    check_err(
+        "[project]\nname = \"x\"\n[images.a]\nfrom = \"b\"\n[images.b]\nfrom = \"a\"\n",
+        "kiln.toml:4:8: image `a` is built from itself through a cycle of `from`",
+    );
 }
 
 #[test]
 fn missing_rootfs_file_is_named() {
-    let err = parse_str("[project]\nname = \"x\"\n[images.a]\nfrom = { rootfs = \"nope.tar.gz\" }\n").unwrap_err();
+    let err =
+        parse_str("[project]\nname = \"x\"\n[images.a]\nfrom = { rootfs = \"nope.tar.gz\" }\n")
+            .unwrap_err();
     let msg = err.to_string();
     assert!(msg.starts_with("kiln.toml:4:8: rootfs tarball `"), "{msg}");
     assert!(msg.ends_with("nope.tar.gz` does not exist"), "{msg}");
@@ -134,7 +152,10 @@ fn role_with_unknown_dependency() {
 fn role_dependency_cycle() {
     let text = "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.r]\nimage = \"a\"\ndepends_on = [\"q\"]\n[env.s.roles.q]\nimage = \"a\"\ndepends_on = [\"r\"]\n";
     let err = parse_str(text).unwrap_err().to_string();
-    assert!(err.contains("depends on itself through `depends_on`"), "{err}");
+    assert!(
+        err.contains("depends on itself through `depends_on`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -147,8 +168,14 @@ fn bad_duration_and_policy() {
 
 #[test]
 fn inherit_cycle_and_unknown() {
-    check_err("[project]\nname = \"x\"\n[env.a]\ninherit = \"b\"\n", "kiln.toml:4:11: environment `a` inherits unknown environment `b`");
-    let err = parse_str("[project]\nname = \"x\"\n[env.a]\ninherit = \"b\"\n[env.b]\ninherit = \"a\"\n").unwrap_err().to_string();
+    check_err(
+        "[project]\nname = \"x\"\n[env.a]\ninherit = \"b\"\n",
+        "kiln.toml:4:11: environment `a` inherits unknown environment `b`",
+    );
+    let err =
+        parse_str("[project]\nname = \"x\"\n[env.a]\ninherit = \"b\"\n[env.b]\ninherit = \"a\"\n")
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("inherits itself through a cycle"), "{err}");
 }
 

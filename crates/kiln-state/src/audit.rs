@@ -26,31 +26,69 @@ pub struct AuditEntry {
 }
 
 /// Hash of the chain up to and including an entry with these fields.
-fn link(prev: &str, seq: i64, time: i64, actor: &str, env: &str, action: &str, plan_hash: &str, outcome: &str, pipeline: bool) -> String {
-    let fields = serde_json::json!([prev, seq, time, actor, env, action, plan_hash, outcome, pipeline]);
-    blake3::hash(fields.to_string().as_bytes()).to_hex().to_string()
+fn link(
+    prev: &str,
+    seq: i64,
+    time: i64,
+    actor: &str,
+    env: &str,
+    action: &str,
+    plan_hash: &str,
+    outcome: &str,
+    pipeline: bool,
+) -> String {
+    let fields =
+        serde_json::json!([prev, seq, time, actor, env, action, plan_hash, outcome, pipeline]);
+    blake3::hash(fields.to_string().as_bytes())
+        .to_hex()
+        .to_string()
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 impl State {
     /// Appends an entry to the chain (atomically with reading its predecessor).
-    pub fn append_audit(&self, env: &str, actor: &str, action: &str, plan_hash: &str, outcome: &str, pipeline: bool) -> Result<AuditEntry> {
+    pub fn append_audit(
+        &self,
+        env: &str,
+        actor: &str,
+        action: &str,
+        plan_hash: &str,
+        outcome: &str,
+        pipeline: bool,
+    ) -> Result<AuditEntry> {
         let err = self.fail("append to the audit log of", format!("environment `{env}`"));
         let tx = self.write_tx().map_err(&err)?;
         let (seq, prev): (i64, String) = tx
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .unwrap_or((0, GENESIS.to_string()));
         let seq = seq + 1;
         let time = chrono::Utc::now().timestamp();
-        let hash = link(&prev, seq, time, actor, env, action, plan_hash, outcome, pipeline);
+        let hash = link(
+            &prev, seq, time, actor, env, action, plan_hash, outcome, pipeline,
+        );
         tx.execute(
             "INSERT INTO audit (seq, time, actor, env, action, plan_hash, outcome, pipeline, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![seq, time, actor, env, action, plan_hash, outcome, pipeline, prev, hash],
         )
         .map_err(&err)?;
         tx.commit().map_err(&err)?;
-        Ok(AuditEntry { seq, time, actor: actor.into(), env: env.into(), action: action.into(), plan_hash: plan_hash.into(), outcome: outcome.into(), pipeline, prev, hash })
+        Ok(AuditEntry {
+            seq,
+            time,
+            actor: actor.into(),
+            env: env.into(),
+            action: action.into(),
+            plan_hash: plan_hash.into(),
+            outcome: outcome.into(),
+            pipeline,
+            prev,
+            hash,
+        })
     }
 
     /// The audit log, oldest first; of one environment, or all.
@@ -62,7 +100,18 @@ impl State {
             .map_err(&err)?;
         let rows = stmt
             .query_map([env], |r| {
-                Ok(AuditEntry { seq: r.get(0)?, time: r.get(1)?, actor: r.get(2)?, env: r.get(3)?, action: r.get(4)?, plan_hash: r.get(5)?, outcome: r.get(6)?, pipeline: r.get(7)?, prev: r.get(8)?, hash: r.get(9)? })
+                Ok(AuditEntry {
+                    seq: r.get(0)?,
+                    time: r.get(1)?,
+                    actor: r.get(2)?,
+                    env: r.get(3)?,
+                    action: r.get(4)?,
+                    plan_hash: r.get(5)?,
+                    outcome: r.get(6)?,
+                    pipeline: r.get(7)?,
+                    prev: r.get(8)?,
+                    hash: r.get(9)?,
+                })
             })
             .map_err(&err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
@@ -75,14 +124,33 @@ impl State {
         let mut expected_seq = 1;
         for e in self.audit(None)? {
             if e.seq != expected_seq {
-                return Ok(Some((e.seq, format!("entry {expected_seq} is missing (found {} next)", e.seq))));
+                return Ok(Some((
+                    e.seq,
+                    format!("entry {expected_seq} is missing (found {} next)", e.seq),
+                )));
             }
             if e.prev != prev {
-                return Ok(Some((e.seq, "does not follow the entry before it (deleted or reordered entries)".into())));
+                return Ok(Some((
+                    e.seq,
+                    "does not follow the entry before it (deleted or reordered entries)".into(),
+                )));
             }
-            let hash = link(&prev, e.seq, e.time, &e.actor, &e.env, &e.action, &e.plan_hash, &e.outcome, e.pipeline);
+            let hash = link(
+                &prev,
+                e.seq,
+                e.time,
+                &e.actor,
+                &e.env,
+                &e.action,
+                &e.plan_hash,
+                &e.outcome,
+                e.pipeline,
+            );
             if hash != e.hash {
-                return Ok(Some((e.seq, "its content does not match its hash (edited)".into())));
+                return Ok(Some((
+                    e.seq,
+                    "its content does not match its hash (edited)".into(),
+                )));
             }
             prev = e.hash;
             expected_seq += 1;

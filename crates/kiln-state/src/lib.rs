@@ -21,8 +21,8 @@ use rusqlite::types::Type;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
-pub use error::{Result, StateError};
 pub use audit::AuditEntry;
+pub use error::{Result, StateError};
 pub use lock::{EnvLock, LockInfo};
 
 /// An open state database. Cheap calls, each its own transaction.
@@ -84,7 +84,10 @@ impl State {
     /// Opens the database at `path`, creating it and its directory if
     /// needed, and migrates it to the current schema.
     pub fn open(path: &Path) -> Result<State> {
-        Ok(State { conn: schema::open(path)?, path: path.to_path_buf() })
+        Ok(State {
+            conn: schema::open(path)?,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The path the database was opened at.
@@ -93,12 +96,24 @@ impl State {
     }
 
     /// Maps a database error to `StateError::Db` with what was being done.
-    fn fail(&self, op: &'static str, subject: String) -> impl Fn(rusqlite::Error) -> StateError + '_ {
-        move |source| StateError::Db { path: self.path.clone(), op, subject: subject.clone(), source: Box::new(source) }
+    fn fail(
+        &self,
+        op: &'static str,
+        subject: String,
+    ) -> impl Fn(rusqlite::Error) -> StateError + '_ {
+        move |source| StateError::Db {
+            path: self.path.clone(),
+            op,
+            subject: subject.clone(),
+            source: Box::new(source),
+        }
     }
 
     fn missing(&self, subject: String) -> StateError {
-        StateError::Missing { path: self.path.clone(), subject }
+        StateError::Missing {
+            path: self.path.clone(),
+            subject,
+        }
     }
 
     /// A write transaction that holds SQLite's write lock from the start: a
@@ -111,7 +126,9 @@ impl State {
     /// The generation of `env`: 0 until its first write.
     pub fn generation(&self, env: &str) -> Result<i64> {
         self.conn
-            .query_row("SELECT generation FROM envs WHERE env = ?1", [env], |r| r.get(0))
+            .query_row("SELECT generation FROM envs WHERE env = ?1", [env], |r| {
+                r.get(0)
+            })
             .optional()
             .map(|g| g.unwrap_or(0))
             .map_err(self.fail("read the generation of", format!("environment `{env}`")))
@@ -119,12 +136,15 @@ impl State {
 
     /// Increments the generation of `env` and returns the new one.
     pub fn bump_generation(&self, env: &str) -> Result<i64> {
-        bump(&self.conn, env).map_err(self.fail("bump the generation of", format!("environment `{env}`")))
+        bump(&self.conn, env)
+            .map_err(self.fail("bump the generation of", format!("environment `{env}`")))
     }
 
     /// Servers of `env` (or of every environment), by env, role, slot, id.
     pub fn servers(&self, env: Option<&str>) -> Result<Vec<Server>> {
-        let subject = env.map_or("servers".to_string(), |e| format!("servers of environment `{e}`"));
+        let subject = env.map_or("servers".to_string(), |e| {
+            format!("servers of environment `{e}`")
+        });
         let err = self.fail("read", subject);
         let sql =
             format!("SELECT {SERVER_COLUMNS} FROM servers WHERE ?1 IS NULL OR env = ?1 ORDER BY env, role, slot, id");
@@ -136,14 +156,20 @@ impl State {
     /// The id of every server of every environment.
     pub fn server_ids(&self) -> Result<Vec<String>> {
         let err = self.fail("read", "server ids".to_string());
-        let mut stmt = self.conn.prepare_cached("SELECT id FROM servers").map_err(&err)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id FROM servers")
+            .map_err(&err)?;
         let rows = stmt.query_map([], |r| r.get(0)).map_err(&err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
 
     pub fn server(&self, id: &str) -> Result<Option<Server>> {
         let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE id = ?1");
-        self.conn.query_row(&sql, [id], server_row).optional().map_err(self.fail("read", format!("server `{id}`")))
+        self.conn
+            .query_row(&sql, [id], server_row)
+            .optional()
+            .map_err(self.fail("read", format!("server `{id}`")))
     }
 
     /// Inserts or replaces the server with `s.id`.
@@ -164,18 +190,34 @@ impl State {
     pub fn set_standby(&self, id: &str, until: i64) -> Result<()> {
         let err = self.fail("put on standby", format!("server `{id}`"));
         let tx = self.write_tx().map_err(&err)?;
-        let env = server_env(&tx, id).map_err(&err)?.ok_or_else(|| self.missing(format!("server `{id}`")))?;
-        tx.execute("UPDATE servers SET status = 'standby', standby_until = ?2 WHERE id = ?1", params![id, until]).map_err(&err)?;
+        let env = server_env(&tx, id)
+            .map_err(&err)?
+            .ok_or_else(|| self.missing(format!("server `{id}`")))?;
+        tx.execute(
+            "UPDATE servers SET status = 'standby', standby_until = ?2 WHERE id = ?1",
+            params![id, until],
+        )
+        .map_err(&err)?;
         bump(&tx, &env).map_err(&err)?;
         tx.commit().map_err(&err)
     }
 
-    pub fn set_server_status(&self, id: &str, status: ServerStatus, pid: Option<i32>) -> Result<()> {
+    pub fn set_server_status(
+        &self,
+        id: &str,
+        status: ServerStatus,
+        pid: Option<i32>,
+    ) -> Result<()> {
         let err = self.fail("set the status of", format!("server `{id}`"));
         let tx = self.write_tx().map_err(&err)?;
-        let env = server_env(&tx, id).map_err(&err)?.ok_or_else(|| self.missing(format!("server `{id}`")))?;
-        tx.execute("UPDATE servers SET status = ?2, pid = ?3 WHERE id = ?1", params![id, status.as_str(), pid])
-            .map_err(&err)?;
+        let env = server_env(&tx, id)
+            .map_err(&err)?
+            .ok_or_else(|| self.missing(format!("server `{id}`")))?;
+        tx.execute(
+            "UPDATE servers SET status = ?2, pid = ?3 WHERE id = ?1",
+            params![id, status.as_str(), pid],
+        )
+        .map_err(&err)?;
         bump(&tx, &env).map_err(&err)?;
         tx.commit().map_err(&err)
     }
@@ -186,7 +228,8 @@ impl State {
         let err = self.fail("remove", format!("server `{id}`"));
         let tx = self.write_tx().map_err(&err)?;
         if let Some(env) = server_env(&tx, id).map_err(&err)? {
-            tx.execute("DELETE FROM servers WHERE id = ?1", [id]).map_err(&err)?;
+            tx.execute("DELETE FROM servers WHERE id = ?1", [id])
+                .map_err(&err)?;
             bump(&tx, &env).map_err(&err)?;
         }
         tx.commit().map_err(&err)
@@ -205,7 +248,11 @@ impl State {
         let err = self.fail("begin a release of", format!("environment `{env}`"));
         let tx = self.write_tx().map_err(&err)?;
         let id: i64 = tx
-            .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM releases WHERE env = ?1", [env], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM releases WHERE env = ?1",
+                [env],
+                |r| r.get(0),
+            )
             .map_err(&err)?;
         tx.execute(
             &format!(
@@ -280,7 +327,14 @@ impl State {
 
     /// Journals the end of step `idx`: `done` or `failed`. An empty `detail`
     /// keeps the one given at the start.
-    pub fn step_finished(&self, env: &str, release: i64, idx: u32, ok: bool, detail: &str) -> Result<()> {
+    pub fn step_finished(
+        &self,
+        env: &str,
+        release: i64,
+        idx: u32,
+        ok: bool,
+        detail: &str,
+    ) -> Result<()> {
         let subject = format!("step {idx} of release {release} of environment `{env}`");
         let n = self
             .conn
@@ -298,7 +352,10 @@ impl State {
 
     /// Steps of a release, by index.
     pub fn steps(&self, env: &str, release: i64) -> Result<Vec<Step>> {
-        let err = self.fail("read the steps of", format!("release {release} of environment `{env}`"));
+        let err = self.fail(
+            "read the steps of",
+            format!("release {release} of environment `{env}`"),
+        );
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -333,10 +390,19 @@ impl State {
         let err = self.fail("read the events of", format!("environment `{env}`"));
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT time, actor, action, detail FROM events WHERE env = ?1 ORDER BY seq")
+            .prepare_cached(
+                "SELECT time, actor, action, detail FROM events WHERE env = ?1 ORDER BY seq",
+            )
             .map_err(&err)?;
         let rows = stmt
-            .query_map([env], |r| Ok(Event { time: r.get(0)?, actor: r.get(1)?, action: r.get(2)?, detail: r.get(3)? }))
+            .query_map([env], |r| {
+                Ok(Event {
+                    time: r.get(0)?,
+                    actor: r.get(1)?,
+                    action: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })
             .map_err(&err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
@@ -344,8 +410,10 @@ impl State {
     /// Every environment with a generation or servers, by name.
     pub fn envs(&self) -> Result<Vec<String>> {
         let err = self.fail("list", "environments".to_string());
-        let mut stmt =
-            self.conn.prepare_cached("SELECT env FROM envs UNION SELECT env FROM servers ORDER BY 1").map_err(&err)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT env FROM envs UNION SELECT env FROM servers ORDER BY 1")
+            .map_err(&err)?;
         let rows = stmt.query_map([], |r| r.get(0)).map_err(&err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
@@ -362,13 +430,18 @@ fn bump(conn: &Connection, env: &str) -> rusqlite::Result<i64> {
 }
 
 fn server_env(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row("SELECT env FROM servers WHERE id = ?1", [id], |r| r.get(0)).optional()
+    conn.query_row("SELECT env FROM servers WHERE id = ?1", [id], |r| r.get(0))
+        .optional()
 }
 
 fn server_row(r: &Row<'_>) -> rusqlite::Result<Server> {
     let status: String = r.get(9)?;
     let status = ServerStatus::parse(&status).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(9, Type::Text, format!("unknown server status `{status}`").into())
+        rusqlite::Error::FromSqlConversionFailure(
+            9,
+            Type::Text,
+            format!("unknown server status `{status}`").into(),
+        )
     })?;
     Ok(Server {
         id: r.get(0)?,
@@ -403,13 +476,17 @@ pub(crate) fn insert_event(
 
 /// Seconds since the epoch; a clock before 1970 reads as 0.
 pub(crate) fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `2026-11-21T10:00:00Z`, for messages.
 pub(crate) fn rfc3339(secs: i64) -> String {
-    chrono::DateTime::from_timestamp(secs, 0)
-        .map_or_else(|| secs.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+    chrono::DateTime::from_timestamp(secs, 0).map_or_else(
+        || secs.to_string(),
+        |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
 }
 
 /// Who is acting, for locks and history: `$KILN_ACTOR` (a pipeline's
@@ -428,10 +505,12 @@ fn user_name() -> String {
     let uid = unsafe { libc::getuid() }.to_string();
     std::fs::read_to_string("/etc/passwd")
         .ok()
-        .and_then(|p| p.lines().find_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            (f.nth(1)? == uid).then(|| name.to_string())
-        }))
+        .and_then(|p| {
+            p.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                (f.nth(1)? == uid).then(|| name.to_string())
+            })
+        })
         .unwrap_or(uid)
 }

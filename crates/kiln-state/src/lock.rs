@@ -50,10 +50,10 @@ impl EnvLock<'_> {
 impl Drop for EnvLock<'_> {
     fn drop(&mut self) {
         let i = &self.info;
-        let res = self
-            .state
-            .conn
-            .execute("DELETE FROM locks WHERE env = ?1 AND pid = ?2 AND host = ?3", params![i.env, i.pid, i.host]);
+        let res = self.state.conn.execute(
+            "DELETE FROM locks WHERE env = ?1 AND pid = ?2 AND host = ?3",
+            params![i.env, i.pid, i.host],
+        );
         // Drop cannot fail; a row left behind shows as a dead holder.
         if let Err(e) = res {
             tracing::warn!(env = %i.env, error = %e, "cannot release environment lock");
@@ -62,16 +62,20 @@ impl Drop for EnvLock<'_> {
 }
 
 fn read(conn: &Connection, env: &str) -> rusqlite::Result<Option<LockInfo>> {
-    conn.query_row("SELECT env, holder, pid, host, since, op FROM locks WHERE env = ?1", [env], |r| {
-        Ok(LockInfo {
-            env: r.get(0)?,
-            holder: r.get(1)?,
-            pid: r.get(2)?,
-            host: r.get(3)?,
-            since: r.get(4)?,
-            op: r.get(5)?,
-        })
-    })
+    conn.query_row(
+        "SELECT env, holder, pid, host, since, op FROM locks WHERE env = ?1",
+        [env],
+        |r| {
+            Ok(LockInfo {
+                env: r.get(0)?,
+                holder: r.get(1)?,
+                pid: r.get(2)?,
+                host: r.get(3)?,
+                since: r.get(4)?,
+                op: r.get(5)?,
+            })
+        },
+    )
     .optional()
 }
 
@@ -81,10 +85,15 @@ impl State {
         let err = self.fail("lock", format!("environment `{env}`"));
         // IMMEDIATE takes SQLite's write lock before the read, so two
         // processes cannot both see no row and both insert one.
-        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&err)?;
+        let tx =
+            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&err)?;
         if let Some(holder) = read(&tx, env).map_err(&err)? {
             let holder_alive = holder.holder_alive();
-            return Err(StateError::Locked { env: env.to_string(), holder: Box::new(holder), holder_alive });
+            return Err(StateError::Locked {
+                env: env.to_string(),
+                holder: Box::new(holder),
+                holder_alive,
+            });
         }
         let info = LockInfo {
             env: env.to_string(),
@@ -96,7 +105,14 @@ impl State {
         };
         tx.execute(
             "INSERT INTO locks (env, holder, pid, host, since, op) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![info.env, info.holder, info.pid, info.host, info.since, info.op],
+            params![
+                info.env,
+                info.holder,
+                info.pid,
+                info.host,
+                info.since,
+                info.op
+            ],
         )
         .map_err(&err)?;
         tx.commit().map_err(&err)?;
@@ -108,9 +124,16 @@ impl State {
     pub fn unlock(&self, env: &str, actor: &str) -> Result<Option<LockInfo>> {
         let err = self.fail("unlock", format!("environment `{env}`"));
         let tx = self.write_tx().map_err(&err)?;
-        let Some(held) = read(&tx, env).map_err(&err)? else { return Ok(None) };
-        tx.execute("DELETE FROM locks WHERE env = ?1", [env]).map_err(&err)?;
-        let gone = if held.holder_alive() { "" } else { ", process gone" };
+        let Some(held) = read(&tx, env).map_err(&err)? else {
+            return Ok(None);
+        };
+        tx.execute("DELETE FROM locks WHERE env = ?1", [env])
+            .map_err(&err)?;
+        let gone = if held.holder_alive() {
+            ""
+        } else {
+            ", process gone"
+        };
         let detail = format!(
             "lock held by {} (pid {} on host {}{gone}) since {} for {}",
             held.holder,

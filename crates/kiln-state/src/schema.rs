@@ -43,34 +43,56 @@ const MIGRATIONS: &[&str] = &[
 /// schema up to date.
 pub(crate) fn open(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
-    let err = |source| StateError::Open { path: path.to_path_buf(), source };
+    let err = |source| StateError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
     let conn = Connection::open(path).map_err(err)?;
     // Several kiln processes share the file (a `plan` while an `apply` runs):
     // they wait for each other's short write transactions instead of failing.
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(err)?;
     // WAL lets readers proceed while a writer commits. `synchronous` stays at
     // FULL: a row saying a server is being created must survive a power cut.
-    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(err)?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+        .map_err(err)?;
     migrate(&conn, path)?;
     Ok(conn)
 }
 
 fn migrate(conn: &Connection, path: &Path) -> Result<()> {
     let known = MIGRATIONS.len() as i64;
-    let err = |version, source| StateError::Migrate { path: path.to_path_buf(), version, source };
+    let err = |version, source| StateError::Migrate {
+        path: path.to_path_buf(),
+        version,
+        source,
+    };
     // IMMEDIATE: two processes opening a new file must not both migrate it.
-    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(|e| err(known, e))?;
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+        .map_err(|e| err(known, e))?;
     // `value` has no declared type so that it keeps whatever type is stored.
-    tx.execute_batch("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)").map_err(|e| err(known, e))?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
+        .map_err(|e| err(known, e))?;
     let found: i64 = tx
-        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(|e| err(known, e))?
         .unwrap_or(0);
     if found > known {
-        return Err(StateError::TooNew { path: path.to_path_buf(), found, known });
+        return Err(StateError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            known,
+        });
     }
     if found == known {
         return Ok(());
@@ -78,14 +100,22 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         tx.execute_batch(sql).map_err(|e| err(i as i64 + 1, e))?;
     }
-    tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)", [known])
-        .map_err(|e| err(known, e))?;
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+        [known],
+    )
+    .map_err(|e| err(known, e))?;
     tx.commit().map_err(|e| err(known, e))
 }
 
 #[cfg(test)]
 pub(crate) fn schema_version(conn: &Connection) -> i64 {
-    conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).expect("schema_version row")
+    conn.query_row(
+        "SELECT value FROM meta WHERE key = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )
+    .expect("schema_version row")
 }
 
 #[cfg(test)]

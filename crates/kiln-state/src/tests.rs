@@ -34,7 +34,10 @@ fn migrations_are_idempotent_on_reopen() {
     let st = open(&dir);
     assert_eq!(schema::schema_version(&st.conn), schema::KNOWN);
     assert_eq!(st.generation("staging").unwrap(), 1);
-    let mode: String = st.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = st
+        .conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
 }
 
@@ -42,10 +45,18 @@ fn migrations_are_idempotent_on_reopen() {
 fn newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let st = open(&dir);
-    st.conn.execute("UPDATE meta SET value = 999 WHERE key = 'schema_version'", []).unwrap();
+    st.conn
+        .execute(
+            "UPDATE meta SET value = 999 WHERE key = 'schema_version'",
+            [],
+        )
+        .unwrap();
     drop(st);
     let err = State::open(&dir.path().join(".kiln/state.db")).unwrap_err();
-    assert!(matches!(err, StateError::TooNew { found: 999, .. }), "{err}");
+    assert!(
+        matches!(err, StateError::TooNew { found: 999, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -59,19 +70,32 @@ fn servers_round_trip_in_order_and_bump_generation() {
         st.put_server(s).unwrap();
     }
     assert_eq!(st.generation("staging").unwrap(), 2);
-    assert_eq!(st.servers(Some("staging")).unwrap(), vec![a.clone(), b.clone()]);
-    assert_eq!(st.servers(None).unwrap(), vec![db.clone(), a.clone(), b.clone()]);
+    assert_eq!(
+        st.servers(Some("staging")).unwrap(),
+        vec![a.clone(), b.clone()]
+    );
+    assert_eq!(
+        st.servers(None).unwrap(),
+        vec![db.clone(), a.clone(), b.clone()]
+    );
     assert_eq!(st.server("app-0001").unwrap(), Some(a.clone()));
     assert_eq!(st.server("nope").unwrap(), None);
 
-    st.set_server_status("app-0001", ServerStatus::Running, Some(4242)).unwrap();
+    st.set_server_status("app-0001", ServerStatus::Running, Some(4242))
+        .unwrap();
     let got = st.server("app-0001").unwrap().unwrap();
     assert_eq!((got.status, got.pid), (ServerStatus::Running, Some(4242)));
-    assert!(matches!(st.set_server_status("nope", ServerStatus::Running, None), Err(StateError::Missing { .. })));
+    assert!(matches!(
+        st.set_server_status("nope", ServerStatus::Running, None),
+        Err(StateError::Missing { .. })
+    ));
     st.remove_server("app-0002").unwrap();
     st.remove_server("app-0002").unwrap();
     assert_eq!(st.generation("staging").unwrap(), 4);
-    assert_eq!(st.envs().unwrap(), vec!["prod".to_string(), "staging".to_string()]);
+    assert_eq!(
+        st.envs().unwrap(),
+        vec!["prod".to_string(), "staging".to_string()]
+    );
 }
 
 #[test]
@@ -94,9 +118,16 @@ fn held_lock_refuses_second_handle_and_drop_releases() {
     let guard = one.lock("staging", "apply").unwrap();
     assert_eq!(guard.env(), "staging");
     match two.lock("staging", "destroy") {
-        Err(StateError::Locked { env, holder, holder_alive }) => {
+        Err(StateError::Locked {
+            env,
+            holder,
+            holder_alive,
+        }) => {
             assert_eq!(env, "staging");
-            assert_eq!((holder.pid, holder.op.as_str()), (std::process::id(), "apply"));
+            assert_eq!(
+                (holder.pid, holder.op.as_str()),
+                (std::process::id(), "apply")
+            );
             assert!(holder_alive);
         }
         other => panic!("expected Locked, got {other:?}"),
@@ -119,20 +150,48 @@ fn dead_holder_is_reported_and_unlock_records_it() {
         )
         .unwrap();
     let err = st.lock("staging", "apply").unwrap_err();
-    assert!(matches!(err, StateError::Locked { holder_alive: false, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StateError::Locked {
+                holder_alive: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let msg = err.to_string();
-    assert!(msg.starts_with("environment `staging` is locked by root (pid 999999 on host "), "{msg}");
-    assert!(msg.contains("since 2023-11-14T22:13:20Z for apply"), "{msg}");
-    assert!(msg.ends_with("by a process that no longer exists; run `kiln unlock staging`"), "{msg}");
+    assert!(
+        msg.starts_with("environment `staging` is locked by root (pid 999999 on host "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("since 2023-11-14T22:13:20Z for apply"),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("by a process that no longer exists; run `kiln unlock staging`"),
+        "{msg}"
+    );
 
-    let removed = st.unlock("staging", "alice").unwrap().expect("a lock was held");
+    let removed = st
+        .unlock("staging", "alice")
+        .unwrap()
+        .expect("a lock was held");
     assert_eq!((removed.holder.as_str(), removed.pid), ("root", 999999));
     assert!(st.lock_info("staging").unwrap().is_none());
     assert!(st.unlock("staging", "alice").unwrap().is_none());
     let events = st.events("staging").unwrap();
     assert_eq!(events.len(), 1);
-    assert_eq!((events[0].actor.as_str(), events[0].action.as_str()), ("alice", "unlock"));
-    assert!(events[0].detail.contains("root (pid 999999"), "{}", events[0].detail);
+    assert_eq!(
+        (events[0].actor.as_str(), events[0].action.as_str()),
+        ("alice", "unlock")
+    );
+    assert!(
+        events[0].detail.contains("root (pid 999999"),
+        "{}",
+        events[0].detail
+    );
     drop(st.lock("staging", "apply").unwrap());
 }
 
@@ -140,36 +199,85 @@ fn dead_holder_is_reported_and_unlock_records_it() {
 fn releases_are_numbered_per_env() {
     let dir = tempfile::tempdir().unwrap();
     let st = open(&dir);
-    assert_eq!(st.begin_release("staging", "al", "apply", "p1", "+1", "{}").unwrap(), 1);
-    assert_eq!(st.begin_release("staging", "al", "destroy", "p2", "-1", "{}").unwrap(), 2);
-    assert_eq!(st.begin_release("prod", "bo", "apply", "p3", "+2", "{}").unwrap(), 1);
+    assert_eq!(
+        st.begin_release("staging", "al", "apply", "p1", "+1", "{}")
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        st.begin_release("staging", "al", "destroy", "p2", "-1", "{}")
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        st.begin_release("prod", "bo", "apply", "p3", "+2", "{}")
+            .unwrap(),
+        1
+    );
     st.finish_release("staging", 1, "succeeded", "").unwrap();
     st.finish_release("staging", 2, "failed", "boom").unwrap();
-    assert!(matches!(st.finish_release("staging", 9, "failed", ""), Err(StateError::Missing { .. })));
+    assert!(matches!(
+        st.finish_release("staging", 9, "failed", ""),
+        Err(StateError::Missing { .. })
+    ));
     let rs = st.releases("staging").unwrap();
     assert_eq!(rs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 2]);
-    assert_eq!((rs[0].outcome.as_str(), rs[0].kind.as_str()), ("succeeded", "apply"));
-    assert_eq!((rs[1].outcome.as_str(), rs[1].detail.as_str()), ("failed", "boom"));
+    assert_eq!(
+        (rs[0].outcome.as_str(), rs[0].kind.as_str()),
+        ("succeeded", "apply")
+    );
+    assert_eq!(
+        (rs[1].outcome.as_str(), rs[1].detail.as_str()),
+        ("failed", "boom")
+    );
     assert!(rs.iter().all(|r| r.finished.is_some()));
     let prod = st.releases("prod").unwrap();
-    assert_eq!((prod[0].outcome.as_str(), prod[0].finished), ("running", None));
+    assert_eq!(
+        (prod[0].outcome.as_str(), prod[0].finished),
+        ("running", None)
+    );
 }
 
 #[test]
 fn steps_journal_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let st = open(&dir);
-    let rel = st.begin_release("staging", "al", "apply", "p", "", "{}").unwrap();
-    st.step_started("staging", rel, 0, "create", "app-0001", "new server").unwrap();
-    st.step_started("staging", rel, 1, "destroy", "app-0000", "spec changed").unwrap();
+    let rel = st
+        .begin_release("staging", "al", "apply", "p", "", "{}")
+        .unwrap();
+    st.step_started("staging", rel, 0, "create", "app-0001", "new server")
+        .unwrap();
+    st.step_started("staging", rel, 1, "destroy", "app-0000", "spec changed")
+        .unwrap();
     st.step_finished("staging", rel, 0, true, "").unwrap();
-    st.step_finished("staging", rel, 1, false, "timeout").unwrap();
-    st.step_started("staging", rel, 2, "create", "app-0002", "").unwrap();
-    assert!(matches!(st.step_finished("staging", rel, 7, true, ""), Err(StateError::Missing { .. })));
+    st.step_finished("staging", rel, 1, false, "timeout")
+        .unwrap();
+    st.step_started("staging", rel, 2, "create", "app-0002", "")
+        .unwrap();
+    assert!(matches!(
+        st.step_finished("staging", rel, 7, true, ""),
+        Err(StateError::Missing { .. })
+    ));
     let steps = st.steps("staging", rel).unwrap();
-    let view: Vec<_> =
-        steps.iter().map(|s| (s.idx, s.status.as_str(), s.detail.as_str(), s.finished.is_some())).collect();
-    assert_eq!(view, vec![(0, "done", "new server", true), (1, "failed", "timeout", true), (2, "running", "", false)]);
+    let view: Vec<_> = steps
+        .iter()
+        .map(|s| {
+            (
+                s.idx,
+                s.status.as_str(),
+                s.detail.as_str(),
+                s.finished.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        view,
+        vec![
+            (0, "done", "new server", true),
+            (1, "failed", "timeout", true),
+            (2, "running", "", false)
+        ]
+    );
     assert_eq!(steps[0].server, "app-0001");
     assert!(st.steps("prod", rel).unwrap().is_empty());
 }

@@ -102,27 +102,44 @@ fn ctx(cli: &Cli) -> Result<Ctx> {
     let state_path = store.root().join("state.db");
     let state = State::open(&state_path)?;
     let local = Local::new(store.root());
-    Ok(Ctx { project, store, state, local })
+    Ok(Ctx {
+        project,
+        store,
+        state,
+        local,
+    })
 }
 
 /// The clock: wall time, or `KILN_NOW` (epoch seconds) when set, so that
 /// TTLs and rollback windows can be exercised with an injected time.
 fn now() -> i64 {
-    std::env::var("KILN_NOW").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| chrono::Utc::now().timestamp())
+    std::env::var("KILN_NOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| chrono::Utc::now().timestamp())
 }
 
 /// 16 random bits from the kernel, for new server ids.
 fn random() -> u16 {
     let mut b = [0u8; 2];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
-        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         return (n ^ std::process::id()) as u16;
     }
     u16::from_le_bytes(b)
 }
 
 fn health_timeout() -> Duration {
-    std::env::var("KILN_HEALTH_TIMEOUT").ok().and_then(|s| kiln_spec::parse_duration(&s).ok()).unwrap_or(Duration::from_secs(30))
+    std::env::var("KILN_HEALTH_TIMEOUT")
+        .ok()
+        .and_then(|s| kiln_spec::parse_duration(&s).ok())
+        .unwrap_or(Duration::from_secs(30))
 }
 
 impl Ctx {
@@ -134,7 +151,10 @@ impl Ctx {
             provider: &self.local,
             progress,
             clock: &now,
-            options: Options { health_timeout: health_timeout(), ..Options::default() },
+            options: Options {
+                health_timeout: health_timeout(),
+                ..Options::default()
+            },
         }
     }
 }
@@ -172,16 +192,27 @@ fn confirm(env: &str, yes: bool) -> Result<()> {
 
 /// A fresh plan of `env`, signed with its author.
 fn make_plan(engine: &Engine, env: &str, cold: bool, destroy: bool) -> Result<Plan> {
-    let mut plan = if destroy { engine.plan_destroy(env)? } else { engine.plan(env, cold, &mut random)? };
+    let mut plan = if destroy {
+        engine.plan_destroy(env)?
+    } else {
+        engine.plan(env, cold, &mut random)?
+    };
     plan.author = kiln_state::actor();
     Ok(plan)
 }
 
 fn read_plan(path: &std::path::Path, env: &str) -> Result<Plan> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read plan {}", path.display()))?;
-    let plan: Plan = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a kiln plan", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read plan {}", path.display()))?;
+    let plan: Plan = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a kiln plan", path.display()))?;
     if plan.env != env {
-        bail!("{} is a plan for `{}`, not `{}`", path.display(), plan.env, env);
+        bail!(
+            "{} is a plan for `{}`, not `{}`",
+            path.display(),
+            plan.env,
+            env
+        );
     }
     Ok(plan)
 }
@@ -202,21 +233,37 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<ExitCode> {
     let engine = c.engine(&|_| {});
     let plan = make_plan(&engine, &args.env, args.cold, args.destroy)?;
     if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_vec_pretty(&plan)?).with_context(|| format!("cannot write {}", out.display()))?;
+        std::fs::write(out, serde_json::to_vec_pretty(&plan)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
     }
     if cli.json {
         print_json(&plan)?;
     } else {
         print_plan(&plan);
         if let Some(out) = &args.out {
-            println!("\nSaved the plan to {} (plan {}). Apply exactly this plan with: kiln apply {} {}", out.display(), kiln_engine::plan_hash(&plan), args.env, out.display());
-            let required = c.project.envs.get(&args.env).map(|e| e.approvals).unwrap_or(0);
+            println!(
+                "\nSaved the plan to {} (plan {}). Apply exactly this plan with: kiln apply {} {}",
+                out.display(),
+                kiln_engine::plan_hash(&plan),
+                args.env,
+                out.display()
+            );
+            let required = c
+                .project
+                .envs
+                .get(&args.env)
+                .map(|e| e.approvals)
+                .unwrap_or(0);
             if required > 0 && !plan.is_empty() {
                 println!("`{}` needs {required} approval(s) first, by someone other than {}: kiln approve {} {}", args.env, plan.author, args.env, out.display());
             }
         }
     }
-    Ok(if args.detailed_exitcode && !plan.is_empty() { ExitCode::from(FOUND) } else { ExitCode::SUCCESS })
+    Ok(if args.detailed_exitcode && !plan.is_empty() {
+        ExitCode::from(FOUND)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn apply(cli: &Cli, args: &ApplyArgs) -> Result<ExitCode> {
@@ -227,7 +274,14 @@ pub fn apply(cli: &Cli, args: &ApplyArgs) -> Result<ExitCode> {
         Some(path) => read_plan(path, &args.env)?,
         None => make_plan(&engine, &args.env, false, false)?,
     };
-    let code = run_plan(cli, &c, &engine, &plan, kind_of(&plan), args.yes || args.plan.is_some())?;
+    let code = run_plan(
+        cli,
+        &c,
+        &engine,
+        &plan,
+        kind_of(&plan),
+        args.yes || args.plan.is_some(),
+    )?;
     if plan.destroy {
         remove_fronts(&c, &args.env)?;
     }
@@ -241,38 +295,77 @@ pub fn approve(cli: &Cli, args: &ApproveArgs) -> Result<ExitCode> {
     let plan = read_plan(&args.plan, &args.env)?;
     let actor = kiln_state::actor();
     let approvers = engine.approve(&plan, &actor)?;
-    let required = c.project.envs.get(&args.env).map(|e| e.approvals).unwrap_or(0);
+    let required = c
+        .project
+        .envs
+        .get(&args.env)
+        .map(|e| e.approvals)
+        .unwrap_or(0);
     let hash = kiln_engine::plan_hash(&plan);
     if cli.json {
-        print_json(&serde_json::json!({"env": args.env, "plan": hash, "author": plan.author, "approvers": approvers, "required": required, "ready": approvers.len() >= required as usize}))?;
+        print_json(
+            &serde_json::json!({"env": args.env, "plan": hash, "author": plan.author, "approvers": approvers, "required": required, "ready": approvers.len() >= required as usize}),
+        )?;
     } else {
         print_plan(&plan);
-        println!("\n{} plan {hash} of `{}` (made by {}) as {actor}: {} of {required} approval(s): {}.", style("Approved").green().bold(), args.env, plan.author, approvers.len(), approvers.join(", "));
+        println!(
+            "\n{} plan {hash} of `{}` (made by {}) as {actor}: {} of {required} approval(s): {}.",
+            style("Approved").green().bold(),
+            args.env,
+            plan.author,
+            approvers.len(),
+            approvers.join(", ")
+        );
         if approvers.len() >= required as usize {
-            println!("Apply it with: kiln apply {} {}", args.env, args.plan.display());
+            println!(
+                "Apply it with: kiln apply {} {}",
+                args.env,
+                args.plan.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_plan(cli: &Cli, c: &Ctx, engine: &Engine, plan: &Plan, kind: &str, yes: bool) -> Result<ExitCode> {
+fn run_plan(
+    cli: &Cli,
+    c: &Ctx,
+    engine: &Engine,
+    plan: &Plan,
+    kind: &str,
+    yes: bool,
+) -> Result<ExitCode> {
     if !cli.json {
         print_plan(plan);
     }
     if plan.is_empty() {
         if cli.json {
-            print_json(&serde_json::json!({"env": plan.env, "changes": 0, "servers": servers_json(c, &plan.env)?}))?;
+            print_json(
+                &serde_json::json!({"env": plan.env, "changes": 0, "servers": servers_json(c, &plan.env)?}),
+            )?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     // Refused before asking, not after.
     engine.check_approved(plan, kind)?;
     confirm(&plan.env, yes || cli.json)?;
-    let applied = if kind == "apply" { engine.apply_or_roll_back(plan, kind, &mut random)? } else { engine.apply(plan, kind)? };
-    if cli.json {
-        print_json(&serde_json::json!({"env": plan.env, "release": applied.release, "changes": applied.changes, "servers": servers_json(c, &plan.env)?}))?;
+    let applied = if kind == "apply" {
+        engine.apply_or_roll_back(plan, kind, &mut random)?
     } else {
-        println!("\n{} release #{} of `{}`: {} changes applied.", style("Done:").green().bold(), applied.release, plan.env, applied.changes);
+        engine.apply(plan, kind)?
+    };
+    if cli.json {
+        print_json(
+            &serde_json::json!({"env": plan.env, "release": applied.release, "changes": applied.changes, "servers": servers_json(c, &plan.env)?}),
+        )?;
+    } else {
+        println!(
+            "\n{} release #{} of `{}`: {} changes applied.",
+            style("Done:").green().bold(),
+            applied.release,
+            plan.env,
+            applied.changes
+        );
         print_addresses(c, &plan.env)?;
     }
     Ok(ExitCode::SUCCESS)
@@ -281,9 +374,17 @@ fn run_plan(cli: &Cli, c: &Ctx, engine: &Engine, plan: &Plan, kind: &str, yes: b
 fn print_addresses(c: &Ctx, env: &str) -> Result<()> {
     let spec = c.project.envs.get(env);
     for s in c.state.servers(Some(env))? {
-        let port = spec.and_then(|e| e.roles.get(&s.role)).and_then(|r| r.ports.first().copied());
+        let port = spec
+            .and_then(|e| e.roles.get(&s.role))
+            .and_then(|r| r.ports.first().copied());
         match port {
-            Some(p) => println!("  {} {:<10} http://{}:{}/", style("●").green(), s.id, s.address, p),
+            Some(p) => println!(
+                "  {} {:<10} http://{}:{}/",
+                style("●").green(),
+                s.id,
+                s.address,
+                p
+            ),
             None => println!("  {} {:<10} {}", style("●").green(), s.id, s.address),
         }
     }
@@ -304,46 +405,95 @@ fn progress_printer(quiet: bool) -> impl Fn(Progress) {
         }
         match p {
             Progress::Converged { detail } => eprintln!("{} {detail}", style("cleanup:").yellow()),
-            Progress::Step { index, total, change } => {
+            Progress::Step {
+                index,
+                total,
+                change,
+            } => {
                 let (mark, verb) = match change.action {
                     Action::Create => (style("+").green(), "creating"),
                     Action::Replace => (style("~").yellow(), "replacing"),
                     Action::Destroy => (style("-").red(), "destroying"),
                 };
-                let extra = change.replacement.as_ref().map(|r| format!(" by {r}")).unwrap_or_default();
-                eprintln!("[{index}/{total}] batch {} {mark} {verb} {}{extra} ({})", change.batch, change.server, change.reason);
+                let extra = change
+                    .replacement
+                    .as_ref()
+                    .map(|r| format!(" by {r}"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "[{index}/{total}] batch {} {mark} {verb} {}{extra} ({})",
+                    change.batch, change.server, change.reason
+                );
             }
             Progress::Waiting { server, address } if tty => {
                 let bar = indicatif::ProgressBar::new_spinner();
-                bar.set_style(indicatif::ProgressStyle::with_template("        {spinner:.cyan} {msg} [{elapsed}]").expect("template"));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "        {spinner:.cyan} {msg} [{elapsed}]",
+                    )
+                    .expect("template"),
+                );
                 bar.set_message(format!("waiting for {server} at {address} to be healthy"));
                 bar.enable_steady_tick(Duration::from_millis(80));
                 *spinner.lock().expect("spinner lock") = Some(bar);
             }
-            Progress::Waiting { server, address } => eprintln!("        waiting for {server} at {address} to be healthy"),
-            Progress::Healthy { server, elapsed, .. } => eprintln!("        {} {server} healthy after {} ms", style("✓").green(), elapsed.as_millis()),
-            Progress::Destroyed { server } => eprintln!("        {} {server} destroyed", style("✗").red()),
+            Progress::Waiting { server, address } => {
+                eprintln!("        waiting for {server} at {address} to be healthy")
+            }
+            Progress::Healthy {
+                server, elapsed, ..
+            } => eprintln!(
+                "        {} {server} healthy after {} ms",
+                style("✓").green(),
+                elapsed.as_millis()
+            ),
+            Progress::Destroyed { server } => {
+                eprintln!("        {} {server} destroyed", style("✗").red())
+            }
             Progress::Switched { roles, share } => {
                 let traffic: Vec<String> = share.iter().filter(|(_, _, total)| *total > 0).map(|(role, new, total)| format!("{role}: {new}/{total} servers on the new image, {}% of new connections", new * 100 / total)).collect();
-                eprintln!("        {} balancer of {} switched to the new servers ({})", style("⇄").cyan(), roles.join(", "), traffic.join("; "));
+                eprintln!(
+                    "        {} balancer of {} switched to the new servers ({})",
+                    style("⇄").cyan(),
+                    roles.join(", "),
+                    traffic.join("; ")
+                );
             }
-            Progress::Standby { server, secs } => eprintln!("        {} {server} kept warm out of the balancer for {} (rollback window)", style("◐").yellow(), kiln_spec::format_duration(secs)),
+            Progress::Standby { server, secs } => eprintln!(
+                "        {} {server} kept warm out of the balancer for {} (rollback window)",
+                style("◐").yellow(),
+                kiln_spec::format_duration(secs)
+            ),
             Progress::Baking { role, secs } if tty => {
                 let bar = indicatif::ProgressBar::new(secs.max(1));
-                bar.set_style(indicatif::ProgressStyle::with_template("        {spinner:.cyan} canary of {msg} baking [{bar:20}] {eta} left").expect("template"));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "        {spinner:.cyan} canary of {msg} baking [{bar:20}] {eta} left",
+                    )
+                    .expect("template"),
+                );
                 bar.set_message(role);
                 bar.enable_steady_tick(Duration::from_millis(200));
                 let ticker = bar.clone();
                 std::thread::spawn(move || {
-                    while !ticker.is_finished() && ticker.position() < ticker.length().unwrap_or(0) {
+                    while !ticker.is_finished() && ticker.position() < ticker.length().unwrap_or(0)
+                    {
                         std::thread::sleep(Duration::from_secs(1));
                         ticker.inc(1);
                     }
                 });
                 *spinner.lock().expect("spinner lock") = Some(bar);
             }
-            Progress::Baking { role, secs } => eprintln!("        {} canary of {role} baking for {}", style("…").cyan(), kiln_spec::format_duration(secs)),
-            Progress::RollingBack { to, reason } => eprintln!("{} {reason}\n{} returning to the images of release #{to}", style("failed:").red().bold(), style("rollback:").yellow().bold()),
+            Progress::Baking { role, secs } => eprintln!(
+                "        {} canary of {role} baking for {}",
+                style("…").cyan(),
+                kiln_spec::format_duration(secs)
+            ),
+            Progress::RollingBack { to, reason } => eprintln!(
+                "{} {reason}\n{} returning to the images of release #{to}",
+                style("failed:").red().bold(),
+                style("rollback:").yellow().bold()
+            ),
         }
     }
 }
@@ -365,7 +515,10 @@ pub fn rollback(cli: &Cli, args: &RollbackArgs) -> Result<ExitCode> {
     let engine = c.engine(&progress);
     let (release, targets) = engine.rollback_targets(&args.env, args.to)?;
     if !cli.json {
-        println!("Rolling `{}` back to the images of release #{release}:", args.env);
+        println!(
+            "Rolling `{}` back to the images of release #{release}:",
+            args.env
+        );
     }
     let plan = engine.plan_targets(&args.env, targets, false, &mut random)?;
     run_plan(cli, &c, &engine, &plan, "rollback", args.yes)
@@ -412,21 +565,51 @@ fn health_of(c: &Ctx, s: &kiln_model::Server, alive: bool) -> &'static str {
     if !alive {
         return "down";
     }
-    let check = c.project.envs.get(&s.env).and_then(|e| e.roles.get(&s.role)).and_then(|r| r.health.clone());
+    let check = c
+        .project
+        .envs
+        .get(&s.env)
+        .and_then(|e| e.roles.get(&s.role))
+        .and_then(|r| r.health.clone());
     let ok = match check {
-        Some(HealthCheck::Http { path, port }) => kiln_provider_local::http_ok(&s.address, port, &path),
-        Some(HealthCheck::Tcp { port }) => s.address.parse().ok().is_some_and(|ip| std::net::TcpStream::connect_timeout(&std::net::SocketAddr::new(ip, port), Duration::from_millis(300)).is_ok()),
+        Some(HealthCheck::Http { path, port }) => {
+            kiln_provider_local::http_ok(&s.address, port, &path)
+        }
+        Some(HealthCheck::Tcp { port }) => s.address.parse().ok().is_some_and(|ip| {
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(ip, port),
+                Duration::from_millis(300),
+            )
+            .is_ok()
+        }),
         Some(HealthCheck::Command { .. }) | None => true,
     };
-    if ok { "healthy" } else { "unhealthy" }
+    if ok {
+        "healthy"
+    } else {
+        "unhealthy"
+    }
 }
 
 /// Where a server stands at its role's balancer: `in rotation`, `failing
 /// checks` (taken out by the balancer's own health check), `draining`, or
 /// nothing when the balancer does not know it (standby, or no balancer).
-fn balancer_state(c: &Ctx, s: &kiln_model::Server, fronts: &mut std::collections::BTreeMap<String, Option<kiln_balancer::Status>>) -> Option<&'static str> {
-    let port = c.project.envs.get(&s.env).and_then(|e| e.roles.get(&s.role)).and_then(|r| r.balancer.as_ref()).map(|b| b.port)?;
-    let status = fronts.entry(s.role.clone()).or_insert_with(|| kiln_balancer::read_status(&c.local.balancer_dir(&s.env, &s.role))).as_ref()?;
+fn balancer_state(
+    c: &Ctx,
+    s: &kiln_model::Server,
+    fronts: &mut std::collections::BTreeMap<String, Option<kiln_balancer::Status>>,
+) -> Option<&'static str> {
+    let port = c
+        .project
+        .envs
+        .get(&s.env)
+        .and_then(|e| e.roles.get(&s.role))
+        .and_then(|r| r.balancer.as_ref())
+        .map(|b| b.port)?;
+    let status = fronts
+        .entry(s.role.clone())
+        .or_insert_with(|| kiln_balancer::read_status(&c.local.balancer_dir(&s.env, &s.role)))
+        .as_ref()?;
     let me = format!("{}:{port}", s.address);
     let b = status.backends.iter().find(|b| b.addr == me)?;
     Some(if !b.active {
@@ -439,7 +622,13 @@ fn balancer_state(c: &Ctx, s: &kiln_model::Server, fronts: &mut std::collections
 }
 
 fn servers_json(c: &Ctx, env: &str) -> Result<serde_json::Value> {
-    let alive: std::collections::BTreeSet<String> = c.local.inventory(env)?.into_iter().filter(|r| r.alive).map(|r| r.id).collect();
+    let alive: std::collections::BTreeSet<String> = c
+        .local
+        .inventory(env)?
+        .into_iter()
+        .filter(|r| r.alive)
+        .map(|r| r.id)
+        .collect();
     let mut fronts = std::collections::BTreeMap::new();
     let rows: Vec<_> = c
         .state
@@ -478,7 +667,9 @@ pub fn server_list(cli: &Cli, args: &ServerListArgs) -> Result<ExitCode> {
     let rows: Vec<Vec<String>> = all
         .iter()
         .map(|s| {
-            let created = chrono::DateTime::parse_from_rfc3339(s["created"].as_str().unwrap_or("")).map(|t| t.timestamp()).unwrap_or(0);
+            let created = chrono::DateTime::parse_from_rfc3339(s["created"].as_str().unwrap_or(""))
+                .map(|t| t.timestamp())
+                .unwrap_or(0);
             let health = s["health"].as_str().unwrap_or("").to_string();
             let health = match health.as_str() {
                 "healthy" => style(health).green().to_string(),
@@ -502,7 +693,12 @@ pub fn server_list(cli: &Cli, args: &ServerListArgs) -> Result<ExitCode> {
             ]
         })
         .collect();
-    crate::output::table(&["ID", "ENV", "ROLE", "IMAGE", "ADDRESS", "AGE", "HEALTH", "BALANCER"], &rows);
+    crate::output::table(
+        &[
+            "ID", "ENV", "ROLE", "IMAGE", "ADDRESS", "AGE", "HEALTH", "BALANCER",
+        ],
+        &rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -535,13 +731,19 @@ pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<ExitCode> {
     let mut offsets: std::collections::BTreeMap<PathBuf, u64> = std::collections::BTreeMap::new();
     loop {
         for (id, path) in scan() {
-            let Ok(mut f) = std::fs::File::open(&path) else { continue };
+            let Ok(mut f) = std::fs::File::open(&path) else {
+                continue;
+            };
             let offset = offsets.entry(path).or_insert(0);
             f.seek(std::io::SeekFrom::Start(*offset))?;
             let mut bytes = Vec::new();
             f.read_to_end(&mut bytes)?;
             // While following, a line still being written waits for its end.
-            let upto = if args.follow { bytes.iter().rposition(|b| *b == b'\n').map_or(0, |n| n + 1) } else { bytes.len() };
+            let upto = if args.follow {
+                bytes.iter().rposition(|b| *b == b'\n').map_or(0, |n| n + 1)
+            } else {
+                bytes.len()
+            };
             *offset += upto as u64;
             for line in String::from_utf8_lossy(&bytes[..upto]).lines() {
                 if prefix {
@@ -567,7 +769,12 @@ pub fn history(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
         print_json(&serde_json::json!({"env": args.env, "releases": releases, "events": events}))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let ts = |t: i64| chrono::DateTime::from_timestamp(t, 0).unwrap_or_default().format("%Y-%m-%d %H:%M:%S").to_string();
+    let ts = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .unwrap_or_default()
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string()
+    };
     let mut lines: Vec<(i64, String)> = Vec::new();
     for r in &releases {
         let outcome = match r.outcome.as_str() {
@@ -575,11 +782,35 @@ pub fn history(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
             "failed" => style(&r.outcome).red().to_string(),
             _ => style(&r.outcome).yellow().to_string(),
         };
-        let detail = if r.outcome == "failed" { format!("\n      {}", r.detail.lines().next().unwrap_or("")) } else { String::new() };
-        lines.push((r.created, format!("{}  #{:<3} {:<14} by {:<10} {outcome}: {}{detail}", ts(r.created), r.id, r.kind, r.actor, r.summary)));
+        let detail = if r.outcome == "failed" {
+            format!("\n      {}", r.detail.lines().next().unwrap_or(""))
+        } else {
+            String::new()
+        };
+        lines.push((
+            r.created,
+            format!(
+                "{}  #{:<3} {:<14} by {:<10} {outcome}: {}{detail}",
+                ts(r.created),
+                r.id,
+                r.kind,
+                r.actor,
+                r.summary
+            ),
+        ));
     }
     for e in &events {
-        lines.push((e.time, format!("{}  {:<4} {:<14} by {:<10} {}", ts(e.time), "", e.action, e.actor, e.detail)));
+        lines.push((
+            e.time,
+            format!(
+                "{}  {:<4} {:<14} by {:<10} {}",
+                ts(e.time),
+                "",
+                e.action,
+                e.actor,
+                e.detail
+            ),
+        ));
     }
     lines.sort_by_key(|l| l.0);
     if lines.is_empty() {
@@ -603,8 +834,21 @@ pub fn unlock(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
                 bail!("the lock on `{}` is held by a live process (pid {} on {}); stop it, or pass --yes to break the lock anyway", args.env, info.pid, info.host);
             }
             c.state.unlock(&args.env, &kiln_state::actor())?;
-            c.engine(&|_| {}).audit(&args.env, "unlock", "-", &format!("broke the lock of {} (pid {})", info.holder, info.pid))?;
-            println!("Broke the lock on `{}` held by {} (pid {}) since {}.", args.env, info.holder, info.pid, chrono::DateTime::from_timestamp(info.since, 0).unwrap_or_default().to_rfc3339());
+            c.engine(&|_| {}).audit(
+                &args.env,
+                "unlock",
+                "-",
+                &format!("broke the lock of {} (pid {})", info.holder, info.pid),
+            )?;
+            println!(
+                "Broke the lock on `{}` held by {} (pid {}) since {}.",
+                args.env,
+                info.holder,
+                info.pid,
+                chrono::DateTime::from_timestamp(info.since, 0)
+                    .unwrap_or_default()
+                    .to_rfc3339()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -620,7 +864,10 @@ pub struct BalancerArgs {
 
 /// `kiln balancer serve`: the balancer process itself (started by kiln).
 pub fn balancer_serve(args: &BalancerArgs) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(kiln_balancer::run(&args.listen, args.dir.clone()))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -665,7 +912,11 @@ pub fn drift(cli: &Cli, args: &DriftArgs) -> Result<ExitCode> {
     } else {
         print_drift(&report);
     }
-    Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(FOUND) })
+    Ok(if report.findings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(FOUND)
+    })
 }
 
 #[derive(Args, Debug)]
@@ -685,15 +936,23 @@ pub fn audit(cli: &Cli, args: &AuditArgs) -> Result<ExitCode> {
                 if cli.json {
                     print_json(&serde_json::json!({"ok": true, "entries": entries}))?;
                 } else {
-                    println!("{} the audit chain holds ({entries} entries).", style("ok").green().bold());
+                    println!(
+                        "{} the audit chain holds ({entries} entries).",
+                        style("ok").green().bold()
+                    );
                 }
                 Ok(ExitCode::SUCCESS)
             }
             Some((seq, why)) => {
                 if cli.json {
-                    print_json(&serde_json::json!({"ok": false, "entries": entries, "first_bad": seq, "reason": why}))?;
+                    print_json(
+                        &serde_json::json!({"ok": false, "entries": entries, "first_bad": seq, "reason": why}),
+                    )?;
                 } else {
-                    println!("{} audit entry #{seq} {why}.", style("TAMPERED").red().bold());
+                    println!(
+                        "{} audit entry #{seq} {why}.",
+                        style("TAMPERED").red().bold()
+                    );
                 }
                 Ok(ExitCode::from(FOUND))
             }
@@ -709,16 +968,28 @@ pub fn audit(cli: &Cli, args: &AuditArgs) -> Result<ExitCode> {
         .map(|e| {
             vec![
                 format!("#{}", e.seq),
-                chrono::DateTime::from_timestamp(e.time, 0).unwrap_or_default().format("%Y-%m-%d %H:%M:%S").to_string(),
+                chrono::DateTime::from_timestamp(e.time, 0)
+                    .unwrap_or_default()
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string(),
                 e.env.clone(),
-                if e.pipeline { e.actor.clone() } else { style(format!("{} (not a pipeline)", e.actor)).red().to_string() },
+                if e.pipeline {
+                    e.actor.clone()
+                } else {
+                    style(format!("{} (not a pipeline)", e.actor))
+                        .red()
+                        .to_string()
+                },
                 e.action.clone(),
                 e.plan_hash.clone(),
                 e.outcome.clone(),
             ]
         })
         .collect();
-    crate::output::table(&["SEQ", "TIME", "ENV", "ACTOR", "ACTION", "PLAN", "OUTCOME"], &rows);
+    crate::output::table(
+        &["SEQ", "TIME", "ENV", "ACTOR", "ACTION", "PLAN", "OUTCOME"],
+        &rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -748,7 +1019,11 @@ pub fn reconcile(cli: &Cli, args: &ReconcileArgs) -> Result<ExitCode> {
             // A watch loop outlives a failing pass (a lock held by an apply,
             // an image to rebuild, a self-heal that failed and alarmed): it
             // says so and tries again next time.
-            Err(e) if args.watch => eprintln!("{} {e:#}\nnext pass in {} ms", style("reconcile pass failed:").red().bold(), interval.as_millis()),
+            Err(e) if args.watch => eprintln!(
+                "{} {e:#}\nnext pass in {} ms",
+                style("reconcile pass failed:").red().bold(),
+                interval.as_millis()
+            ),
             Err(e) => return Err(e),
         }
         if !args.watch {
@@ -781,12 +1056,30 @@ fn reconcile_pass(cli: &Cli, args: &ReconcileArgs) -> Result<Option<ExitCode>> {
         for (id, why) in &pass.forced {
             println!("{} {id}: {why}", style("replace").yellow());
         }
-        for f in pass.report.findings.iter().filter(|f| !pass.forced.contains_key(&f.server)) {
-            println!("{} {}: {} {}", style("found").dim(), f.server, f.kind, f.detail);
+        for f in pass
+            .report
+            .findings
+            .iter()
+            .filter(|f| !pass.forced.contains_key(&f.server))
+        {
+            println!(
+                "{} {}: {} {}",
+                style("found").dim(),
+                f.server,
+                f.kind,
+                f.detail
+            );
         }
         for role in &pass.balancers_restarted {
-            let what = if args.dry_run { "is not running: it would be restarted" } else { "was not running: restarted" };
-            println!("{} the balancer of `{role}` {what}", style("self-heal").yellow());
+            let what = if args.dry_run {
+                "is not running: it would be restarted"
+            } else {
+                "was not running: restarted"
+            };
+            println!(
+                "{} the balancer of `{role}` {what}",
+                style("self-heal").yellow()
+            );
         }
         if pass.plan.is_empty() && pass.balancers_restarted.is_empty() {
             println!("`{}` needs nothing.", args.env);
@@ -794,7 +1087,11 @@ fn reconcile_pass(cli: &Cli, args: &ReconcileArgs) -> Result<Option<ExitCode>> {
             println!("Would carry out (dry run, nothing changed):");
             print_plan(&pass.plan);
         } else if let Some(r) = pass.release {
-            println!("{} reconciled `{}` as release #{r}.", style("Done:").green().bold(), args.env);
+            println!(
+                "{} reconciled `{}` as release #{r}.",
+                style("Done:").green().bold(),
+                args.env
+            );
         }
     }
     std::io::stdout().flush()?;

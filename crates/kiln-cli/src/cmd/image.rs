@@ -79,10 +79,23 @@ pub fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
                 Status::Previous => style("previous").dim().to_string(),
                 Status::Failed => style("failed").red().to_string(),
             };
-            vec![i.name.clone(), i.version.to_string(), i.digest.short().to_string(), i.parent.clone().unwrap_or_else(|| "-".into()), i.created.clone(), output::bytes(i.size), status]
+            vec![
+                i.name.clone(),
+                i.version.to_string(),
+                i.digest.short().to_string(),
+                i.parent.clone().unwrap_or_else(|| "-".into()),
+                i.created.clone(),
+                output::bytes(i.size),
+                status,
+            ]
         })
         .collect();
-    output::table(&["NAME", "VERSION", "DIGEST", "PARENT", "CREATED", "SIZE", "STATUS"], &rows);
+    output::table(
+        &[
+            "NAME", "VERSION", "DIGEST", "PARENT", "CREATED", "SIZE", "STATUS",
+        ],
+        &rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -93,10 +106,20 @@ pub fn show(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
         print_json(&s)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{} {}@{}  {:?}", style("image").bold(), s.name, s.version, s.status);
+    println!(
+        "{} {}@{}  {:?}",
+        style("image").bold(),
+        s.name,
+        s.version,
+        s.status
+    );
     println!("  digest     {}", s.digest);
     println!("  lineage    {}", s.lineage.join(" → "));
-    println!("  created    {}  (built in {:.1}s)", s.created, s.build_ms as f64 / 1000.0);
+    println!(
+        "  created    {}  (built in {:.1}s)",
+        s.created,
+        s.build_ms as f64 / 1000.0
+    );
     println!("  size       {}", output::bytes(s.size));
     println!("  seal root  {} ({} entries)", s.seal_root, s.files_sealed);
     println!("  layers");
@@ -105,8 +128,22 @@ pub fn show(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
     }
     println!("  inputs");
     println!("    source   {}", s.inputs.source);
-    println!("    files    {}", if s.inputs.files.is_empty() { "-".into() } else { s.inputs.files.join(", ") });
-    println!("    scripts  {}", if s.inputs.scripts.is_empty() { "-".into() } else { s.inputs.scripts.join(", ") });
+    println!(
+        "    files    {}",
+        if s.inputs.files.is_empty() {
+            "-".into()
+        } else {
+            s.inputs.files.join(", ")
+        }
+    );
+    println!(
+        "    scripts  {}",
+        if s.inputs.scripts.is_empty() {
+            "-".into()
+        } else {
+            s.inputs.scripts.join(", ")
+        }
+    );
     println!("    tests    {}", s.inputs.tests);
     println!("    cache    {}", s.inputs.cache_key);
     if let Some(e) = &s.error {
@@ -121,9 +158,21 @@ pub fn verify(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
     if cli.json {
         print_json(&v)?;
     } else if v.ok() {
-        println!("{} {}@{} matches its seal ({} entries, {})", style("ok").green().bold(), v.name, v.version, v.entries, output::bytes(v.bytes));
+        println!(
+            "{} {}@{} matches its seal ({} entries, {})",
+            style("ok").green().bold(),
+            v.name,
+            v.version,
+            v.entries,
+            output::bytes(v.bytes)
+        );
     } else {
-        println!("{} {}@{} differs from its seal:", style("TAMPERED").red().bold(), v.name, v.version);
+        println!(
+            "{} {}@{} differs from its seal:",
+            style("TAMPERED").red().bold(),
+            v.name,
+            v.version
+        );
         for d in &v.differences {
             println!("  {d}");
         }
@@ -131,7 +180,11 @@ pub fn verify(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
             println!("  corrupt blob {b}");
         }
     }
-    Ok(if v.ok() { ExitCode::SUCCESS } else { ExitCode::from(FOUND) })
+    Ok(if v.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(FOUND)
+    })
 }
 
 pub fn gc(cli: &Cli, args: &GcArgs) -> Result<ExitCode> {
@@ -144,7 +197,11 @@ pub fn gc(cli: &Cli, args: &GcArgs) -> Result<ExitCode> {
         println!(
             "removed {} versions ({}), {} blobs, {} roots, {} retired roots; freed {}",
             collected.versions.len(),
-            if collected.versions.is_empty() { "-".into() } else { collected.versions.join(", ") },
+            if collected.versions.is_empty() {
+                "-".into()
+            } else {
+                collected.versions.join(", ")
+            },
             collected.blobs,
             collected.roots,
             collected.retired,
@@ -171,8 +228,13 @@ fn in_use(store: &kiln_image::Store) -> Result<BTreeSet<kiln_image::Digest>> {
     }
     for env in state.envs()? {
         for r in state.releases(&env)?.iter().rev().take(5) {
-            let targets: Vec<kiln_model::RoleTarget> = serde_json::from_str(&r.roles_json).unwrap_or_default();
-            out.extend(targets.into_iter().map(|t| kiln_image::Digest(t.image_digest)));
+            let targets: Vec<kiln_model::RoleTarget> =
+                serde_json::from_str(&r.roles_json).unwrap_or_default();
+            out.extend(
+                targets
+                    .into_iter()
+                    .map(|t| kiln_image::Digest(t.image_digest)),
+            );
         }
     }
     Ok(out)

@@ -24,18 +24,39 @@ pub fn run(cli: &Cli, args: &InitArgs) -> Result<ExitCode> {
         None => base,
     };
     if dir.join(kiln_spec::PROJECT_FILE).exists() {
-        bail!("{} already has a {}; not overwriting it", dir.display(), kiln_spec::PROJECT_FILE);
+        bail!(
+            "{} already has a {}; not overwriting it",
+            dir.display(),
+            kiln_spec::PROJECT_FILE
+        );
     }
     let name = match &args.name {
         Some(n) => n.clone(),
         None => {
             let abs = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
-            let raw = abs.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_else(|| "shop".into());
-            let cleaned: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
-            if cleaned.starts_with(|c: char| c.is_ascii_lowercase()) { cleaned } else { "shop".into() }
+            let raw = abs
+                .file_name()
+                .map(|n| n.to_string_lossy().to_lowercase())
+                .unwrap_or_else(|| "shop".into());
+            let cleaned: String = raw
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            if cleaned.starts_with(|c: char| c.is_ascii_lowercase()) {
+                cleaned
+            } else {
+                "shop".into()
+            }
         }
     };
-    let written = crate::scaffold::write(&dir, &name).with_context(|| format!("cannot scaffold {}", dir.display()))?;
+    let written = crate::scaffold::write(&dir, &name)
+        .with_context(|| format!("cannot scaffold {}", dir.display()))?;
     if cli.json {
         super::print_json(&serde_json::json!({ "dir": dir, "name": name, "files": written }))?;
     } else {

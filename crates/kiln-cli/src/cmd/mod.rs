@@ -60,7 +60,8 @@ pub fn store(cli: &Cli) -> Result<kiln_image::Store> {
         Some(s) => s.clone(),
         None => project_dir(cli)?.join(kiln_image::store::DEFAULT_DIR),
     };
-    kiln_image::Store::open(&path).with_context(|| format!("cannot open the image store at {}", path.display()))
+    kiln_image::Store::open(&path)
+        .with_context(|| format!("cannot open the image store at {}", path.display()))
 }
 
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {

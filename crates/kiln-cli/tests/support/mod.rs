@@ -25,13 +25,21 @@ pub struct Run {
 
 impl Run {
     fn from(out: Output, what: String) -> Run {
-        Run { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into(), what }
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+            what,
+        }
     }
 
     /// Panics with the whole context unless the exit code is `code`.
     pub fn expect(self, code: i32) -> Run {
         if self.code != code {
-            panic!("`{}` exited {} (wanted {code})\n--- stdout\n{}\n--- stderr\n{}", self.what, self.code, self.stdout, self.stderr);
+            panic!(
+                "`{}` exited {} (wanted {code})\n--- stdout\n{}\n--- stderr\n{}",
+                self.what, self.code, self.stdout, self.stderr
+            );
         }
         self
     }
@@ -41,13 +49,23 @@ impl Run {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("`{}` printed no JSON ({e}):\n{}\n--- stderr\n{}", self.what, self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`{}` printed no JSON ({e}):\n{}\n--- stderr\n{}",
+                self.what, self.stdout, self.stderr
+            )
+        })
     }
 }
 
 impl Project {
     pub fn new() -> Project {
-        Project { dir: tempfile::Builder::new().prefix("kiln-e2e-").tempdir().expect("temp dir") }
+        Project {
+            dir: tempfile::Builder::new()
+                .prefix("kiln-e2e-")
+                .tempdir()
+                .expect("temp dir"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -62,7 +80,10 @@ impl Project {
     }
 
     pub fn script(&self, image: &str, name: &str, body: &str) {
-        let p = self.write(&format!("images/{image}/scripts/{name}"), &format!("#!/bin/sh\nset -e\n{body}\n"));
+        let p = self.write(
+            &format!("images/{image}/scripts/{name}"),
+            &format!("#!/bin/sh\nset -e\n{body}\n"),
+        );
         fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
     }
 
@@ -72,7 +93,13 @@ impl Project {
     }
 
     pub fn kiln_in(&self, dir: &Path, args: &[&str]) -> Run {
-        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("-C").arg(dir).args(args).env("NO_COLOR", "1").output().expect("run kiln");
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run kiln");
         Run::from(out, format!("kiln -C {} {}", dir.display(), args.join(" ")))
     }
 
@@ -83,7 +110,11 @@ impl Project {
     /// The unpacked root of an image's current version.
     pub fn root_of(&self, image: &str) -> PathBuf {
         let shown = self.kiln(&["image", "show", image, "--json"]).ok().json();
-        let digest = shown["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        let digest = shown["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string();
         self.store().join("roots").join(digest)
     }
 
@@ -93,12 +124,26 @@ impl Project {
         make_busybox_root(&staging);
         let out = self.path().join(name);
         let flag = if name.ends_with(".gz") { "-czf" } else { "-cf" };
-        let st = Command::new("tar").arg("-C").arg(&staging).arg("--numeric-owner").arg(flag).arg(&out).arg(".").status().unwrap();
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&staging)
+            .arg("--numeric-owner")
+            .arg(flag)
+            .arg(&out)
+            .arg(".")
+            .status()
+            .unwrap();
         assert!(st.success());
         if name.ends_with(".zst") {
             let plain = self.path().join(format!("{name}.tmp"));
             fs::rename(&out, &plain).unwrap();
-            let st = Command::new("zstd").arg("-q").arg(&plain).arg("-o").arg(&out).status().unwrap();
+            let st = Command::new("zstd")
+                .arg("-q")
+                .arg(&plain)
+                .arg("-o")
+                .arg(&out)
+                .status()
+                .unwrap();
             assert!(st.success());
             fs::remove_file(plain).unwrap();
         }
@@ -111,8 +156,12 @@ impl Project {
 pub fn make_busybox_root(root: &Path) {
     fs::create_dir_all(root.join("bin")).unwrap();
     fs::create_dir_all(root.join("etc")).unwrap();
-    fs::copy(BUSYBOX, root.join("bin/busybox")).expect("busybox-static is installed (apt-get install busybox-static)");
-    for applet in ["sh", "echo", "cat", "ls", "touch", "test", "mkdir", "rm", "sleep", "hostname", "id", "wc", "grep", "chmod", "true", "false", "env"] {
+    fs::copy(BUSYBOX, root.join("bin/busybox"))
+        .expect("busybox-static is installed (apt-get install busybox-static)");
+    for applet in [
+        "sh", "echo", "cat", "ls", "touch", "test", "mkdir", "rm", "sleep", "hostname", "id", "wc",
+        "grep", "chmod", "true", "false", "env",
+    ] {
         let link = root.join("bin").join(applet);
         if !link.exists() {
             std::os::unix::fs::symlink("busybox", link).unwrap();
@@ -127,7 +176,12 @@ pub fn python_tar(out: &Path, script: &str) {
     let program = format!(
         "import tarfile, io, sys\nt = tarfile.open(sys.argv[1], 'w')\ndef add(name, data=b'x', **kw):\n    i = tarfile.TarInfo(name)\n    for k, v in kw.items(): setattr(i, k, v)\n    i.size = len(data) if i.type == tarfile.REGTYPE else 0\n    t.addfile(i, io.BytesIO(data) if i.type == tarfile.REGTYPE else None)\n{script}\nt.close()\n"
     );
-    let st = Command::new("python3").arg("-c").arg(program).arg(out).status().expect("python3");
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(program)
+        .arg(out)
+        .status()
+        .expect("python3");
     assert!(st.success(), "python tar writer failed");
 }
 
@@ -144,7 +198,11 @@ pub fn entries(dir: &Path) -> Vec<String> {
 
 /// A free TCP port on loopback (for a balancer's listen address).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A busybox base, a `web` image serving `/srv/www` (with `/healthz`) on
@@ -195,19 +253,35 @@ impl Drop for Teardown<'_> {
 impl Project {
     /// `kiln server list staging --json`.
     pub fn servers(&self) -> Vec<serde_json::Value> {
-        self.kiln(&["server", "list", "staging", "--json"]).ok().json().as_array().unwrap().clone()
+        self.kiln(&["server", "list", "staging", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     /// Sorted ids of staging's servers.
     pub fn ids(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.servers().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+        let mut v: Vec<String> = self
+            .servers()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
         v.sort();
         v
     }
 
     /// Runs kiln with extra environment variables.
     pub fn kiln_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
-        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("-C").arg(self.path()).args(args).envs(env.iter().copied()).env("NO_COLOR", "1").output().expect("run kiln");
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("-C")
+            .arg(self.path())
+            .args(args)
+            .envs(env.iter().copied())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run kiln");
         Run::from(out, format!("kiln {}", args.join(" ")))
     }
 }
@@ -217,7 +291,10 @@ impl Project {
 pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !cond() {
-        assert!(std::time::Instant::now() < deadline, "waited 30 s for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 30 s for {what}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -230,11 +307,22 @@ pub fn dead(pid: i32) -> bool {
 /// Whether a process in the pid namespace of `server_pid` runs `cmdline`
 /// (arguments joined by spaces): someone who entered the server.
 pub fn runs_in(server_pid: i32, cmdline: &str) -> bool {
-    let Ok(ns) = fs::read_link(format!("/proc/{server_pid}/ns/pid")) else { return false };
-    let Ok(procs) = fs::read_dir("/proc") else { return false };
+    let Ok(ns) = fs::read_link(format!("/proc/{server_pid}/ns/pid")) else {
+        return false;
+    };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return false;
+    };
     procs.flatten().any(|p| {
         fs::read_link(p.path().join("ns/pid")).is_ok_and(|n| n == ns)
-            && fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" ") == cmdline)
+            && fs::read(p.path().join("cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .split('\0')
+                    .filter(|a| !a.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    == cmdline
+            })
     })
 }
 
@@ -246,6 +334,8 @@ impl Project {
 
     /// What `staging`'s `web` balancer last reported about its backends.
     pub fn web_backends(&self) -> Vec<kiln_balancer::BackendStatus> {
-        kiln_balancer::read_status(&self.web_front()).map(|s| s.backends).unwrap_or_default()
+        kiln_balancer::read_status(&self.web_front())
+            .map(|s| s.backends)
+            .unwrap_or_default()
     }
 }
