@@ -358,45 +358,29 @@ fn server_start(o: &Opts) -> Result<()> {
     kiln(o, dir.path(), &["image", "build", "web"])?;
     let store = kiln_image::Store::open(dir.path().join(".kiln"))?;
     let rec = store.current_record("web")?;
-    let local = kiln_provider_local::Local::new(store.root());
+    let local = kiln_provider_local::Local::new(&store);
     let mut samples = Vec::new();
+    let argv = ["/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"];
     for i in 0..50 {
-        let req = kiln_provider::ServerRequest {
-            env: "bench".into(),
-            id: format!("web-b{i:03}"),
-            role: "web".into(),
-            release: 1,
-            slot: 0,
-            address: "10.77.90.2".into(),
-            subnet: "10.77.90.0/24".into(),
-            root: store.root_path(&rec.digest),
-            image_digest: rec.digest.0.clone(),
-            argv: vec![
-                "/busybox".into(),
-                "httpd".into(),
-                "-f".into(),
-                "-p".into(),
-                "8080".into(),
-                "-h".into(),
-                "/www".into(),
-            ],
-            env_vars: vec!["PATH=/".into()],
-            workdir: "/".into(),
-            cpus: 0.5,
-            memory_bytes: 64 << 20,
-            volumes: vec![],
-        };
+        let req = request(
+            &format!("web-b{i:03}"),
+            "10.77.90.2",
+            "10.77.90.0/24",
+            &rec,
+            &argv,
+        );
         let t = Instant::now();
         local.create(&req)?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !kiln_provider_local::http_ok(&req.address, 8080, "/healthz") {
+        let health: std::net::SocketAddr = format!("{}:8080", req.address).parse()?;
+        while !kiln_provider::check::http(health, "/healthz") {
             anyhow::ensure!(Instant::now() < deadline, "server never became healthy");
             std::thread::sleep(Duration::from_micros(500));
         }
         samples.push(t.elapsed());
         local.destroy("bench", &req.id)?;
     }
-    local.remove_network("bench")?;
+    local.teardown("bench")?;
     println!(
         "| server start, launch call → first passing HTTP health check (scratch + static busybox httpd, own netns + veth) | p50 {} · p95 {} · max {} (50 starts) |",
         ms(percentile(&mut samples, 0.5)),
@@ -404,6 +388,46 @@ fn server_start(o: &Opts) -> Result<()> {
         ms(percentile(&mut samples, 1.0))
     );
     Ok(())
+}
+
+/// A request for a server of role `web` in environment `bench`.
+fn request(
+    id: &str,
+    address: &str,
+    subnet: &str,
+    rec: &kiln_image::store::VersionRecord,
+    argv: &[&str],
+) -> kiln_provider::ServerRequest {
+    kiln_provider::ServerRequest {
+        env: "bench".into(),
+        id: id.into(),
+        role: "web".into(),
+        release: 1,
+        slot: 0,
+        address: address.into(),
+        subnet: subnet.parse().expect("a valid subnet"),
+        image: image_ref(rec),
+        launch: kiln_model::Launch {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: vec!["PATH=/".into()],
+            workdir: "/".into(),
+            user: None,
+        },
+        size: kiln_model::Size {
+            cpus: 0.5,
+            memory_bytes: 64 << 20,
+        },
+        ports: vec![8080],
+        volumes: vec![],
+    }
+}
+
+fn image_ref(rec: &kiln_image::store::VersionRecord) -> kiln_model::ImageRef {
+    kiln_model::ImageRef {
+        name: rec.name.clone(),
+        version: rec.version,
+        digest: rec.digest.0.clone(),
+    }
 }
 
 /// The planner and the state on 10,000 servers.
@@ -433,6 +457,8 @@ fn plan_10k() -> Result<()> {
             pid: Some(1),
             release: 1,
             standby_until: None,
+            node: None,
+            published: Default::default(),
         })?;
     }
     let insert = t.elapsed();
@@ -447,11 +473,16 @@ fn plan_10k() -> Result<()> {
         load.push(t.elapsed());
         let targets = vec![kiln_model::RoleTarget {
             role: "app".into(),
-            image: "app@2".into(),
-            image_digest: "sha256:2".into(),
+            image: kiln_model::ImageRef {
+                name: "app".into(),
+                version: 2,
+                digest: "sha256:2".into(),
+            },
             spec_hash: hash.clone(),
             servers: 10_000,
             cold: false,
+            launch: Default::default(),
+            spec: role.clone(),
         }];
         let dead = Default::default();
         let input = kiln_planner::Input {
@@ -461,9 +492,10 @@ fn plan_10k() -> Result<()> {
             dead: &dead,
             generation: 0,
             now: 0,
-            cold: false,
+            kind: kiln_model::PlanKind::Apply,
             force: &Default::default(),
             taken: &taken,
+            strays: &[],
         };
         let mut n = 0u16;
         let t = Instant::now();
@@ -831,25 +863,13 @@ fn reconcile_cpu(o: &Opts) -> Result<()> {
             pid: Some(1),
             release: 1,
             standby_until: None,
+            node: None,
+            published: Default::default(),
         };
         state.put_server(&s)?;
-        let req = kiln_provider::ServerRequest {
-            env: "big".into(),
-            id: s.id.clone(),
-            role: "app".into(),
-            release: 1,
-            slot: i,
-            address: a,
-            subnet: "10.0.0.0/16".into(),
-            root: store.root_path(&rec.digest),
-            image_digest: rec.digest.0.clone(),
-            argv: vec![],
-            env_vars: vec![],
-            workdir: "/".into(),
-            cpus: 1.0,
-            memory_bytes: 1,
-            volumes: vec![],
-        };
+        let mut req = request(&s.id, &a, "10.0.0.0/16", &rec, &[]);
+        req.env = "big".into();
+        req.role = "app".into();
         fake.create(&req)?;
     }
     let engine = kiln_engine::Engine {

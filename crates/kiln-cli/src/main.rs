@@ -39,32 +39,34 @@ pub enum Command {
     #[command(subcommand)]
     Image(ImageCommand),
     /// Show what would change in an environment, and why.
-    Plan(cmd::env::PlanArgs),
+    Plan(cmd::plan::PlanArgs),
     /// Approve a saved plan (environments with `approvals = N` need N, not by its author).
-    Approve(cmd::env::ApproveArgs),
+    Approve(cmd::approve::ApproveArgs),
     /// Make an environment match its declaration (or apply a saved plan).
-    Apply(cmd::env::ApplyArgs),
+    Apply(cmd::apply::ApplyArgs),
     /// Destroy every server of an environment, then create it afresh.
-    Deploy(cmd::env::DeployArgs),
+    Deploy(cmd::apply::DeployArgs),
     /// Destroy every server of an environment.
-    Destroy(cmd::env::EnvArgs),
-    /// Return an environment to a previous release's images, with zero downtime.
-    Rollback(cmd::env::RollbackArgs),
+    Destroy(cmd::apply::EnvArgs),
+    /// Return an environment to a previous release, with zero downtime.
+    Rollback(cmd::apply::RollbackArgs),
+    /// Plan (and apply) an environment with exactly the image digests another runs.
+    Promote(cmd::promote::PromoteArgs),
     /// Servers of one or every environment.
     #[command(subcommand)]
     Server(ServerCommand),
     /// Logs of an environment's servers, including destroyed ones.
-    Logs(cmd::env::LogsArgs),
+    Logs(cmd::logs::LogsArgs),
     /// What differs from the declaration: files, processes, config, stale, expired, unmanaged.
-    Drift(cmd::env::DriftArgs),
+    Drift(cmd::drift::DriftArgs),
     /// Heal crashed servers, rotate expired ones, replace stale and drifted ones.
-    Reconcile(cmd::env::ReconcileArgs),
+    Reconcile(cmd::reconcile::ReconcileArgs),
     /// The tamper-evident log of every write; `kiln audit verify` checks it.
-    Audit(cmd::env::AuditArgs),
+    Audit(cmd::audit::AuditArgs),
     /// Releases and events of an environment.
-    History(cmd::env::EnvArgs),
+    History(cmd::apply::EnvArgs),
     /// Break an environment's lock whose holder died.
-    Unlock(cmd::env::EnvArgs),
+    Unlock(cmd::apply::EnvArgs),
     /// The balancer process (started and supervised by kiln itself).
     #[command(subcommand, hide = true)]
     Balancer(BalancerCommand),
@@ -73,13 +75,13 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum BalancerCommand {
     /// Run a balancer in the foreground.
-    Serve(cmd::env::BalancerArgs),
+    Serve(cmd::balancer::BalancerArgs),
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ServerCommand {
     /// id, role, image, address, age and health of each server.
-    List(cmd::env::ServerListArgs),
+    List(cmd::server::ServerListArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +106,13 @@ pub struct RefArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Balancer(_)) {
+        // A command whose output is cut short (`| head`) ends quietly, the
+        // way Unix tools do, instead of panicking in `println!`. Servers
+        // (the balancer) keep Rust's default: a closed socket is an error
+        // to handle, not a reason to die.
+        restore_sigpipe();
+    }
     output::init(cli.no_color);
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -121,4 +130,14 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Puts SIGPIPE back to its default action (terminate), which Rust's
+/// runtime sets to "ignore" before `main`.
+fn restore_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called at the start of `main`, before any thread exists;
+    // SIG_DFL installs no handler of ours, so there is no handler code
+    // that could be unsafe to run asynchronously.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use console::style;
 use indicatif::{ProgressBar, ProgressStyle};
+use kiln_engine::Progress;
 use kiln_image::bake::Event;
+use kiln_model::{Action, Change};
 
 pub fn init(no_color: bool) {
     let off = no_color || std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
@@ -159,5 +161,113 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     line(header.iter().map(|h| style(h).bold().to_string()).collect());
     for r in rows {
         line(r.clone());
+    }
+}
+
+/// Renders engine progress to stderr: plain lines, plus a spinner while a
+/// server's health is awaited when stderr is a terminal.
+pub fn engine_progress(quiet: bool) -> impl Fn(Progress) {
+    let spinner: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+    let tty = stderr_is_tty();
+    move |p| {
+        if quiet {
+            return;
+        }
+        if let Some(bar) = spinner.lock().expect("spinner lock").take() {
+            bar.finish_and_clear();
+        }
+        match p {
+            Progress::Converged { detail } => eprintln!("{} {detail}", style("cleanup:").yellow()),
+            Progress::Step {
+                index,
+                total,
+                change,
+            } => {
+                let (mark, verb) = match change.action() {
+                    Action::Create => (style("+").green(), "creating"),
+                    Action::Replace => (style("~").yellow(), "replacing"),
+                    Action::Destroy => (style("-").red(), "destroying"),
+                };
+                let extra = match &change {
+                    Change::Replace(r) => format!(" by {}", r.replacement),
+                    _ => String::new(),
+                };
+                eprintln!(
+                    "[{index}/{total}] batch {} {mark} {verb} {}{extra} ({})",
+                    change.batch(),
+                    change.server(),
+                    change.reason()
+                );
+            }
+            Progress::Waiting { server, address } if tty => {
+                let bar = indicatif::ProgressBar::new_spinner();
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "        {spinner:.cyan} {msg} [{elapsed}]",
+                    )
+                    .expect("template"),
+                );
+                bar.set_message(format!("waiting for {server} at {address} to be healthy"));
+                bar.enable_steady_tick(Duration::from_millis(80));
+                *spinner.lock().expect("spinner lock") = Some(bar);
+            }
+            Progress::Waiting { server, address } => {
+                eprintln!("        waiting for {server} at {address} to be healthy")
+            }
+            Progress::Healthy {
+                server, elapsed, ..
+            } => eprintln!(
+                "        {} {server} healthy after {} ms",
+                style("✓").green(),
+                elapsed.as_millis()
+            ),
+            Progress::Destroyed { server } => {
+                eprintln!("        {} {server} destroyed", style("✗").red())
+            }
+            Progress::Switched { roles, share } => {
+                let traffic: Vec<String> = share.iter().filter(|(_, _, total)| *total > 0).map(|(role, new, total)| format!("{role}: {new}/{total} servers on the new image, {}% of new connections", new * 100 / total)).collect();
+                eprintln!(
+                    "        {} balancer of {} switched to the new servers ({})",
+                    style("⇄").cyan(),
+                    roles.join(", "),
+                    traffic.join("; ")
+                );
+            }
+            Progress::Standby { server, secs } => eprintln!(
+                "        {} {server} kept warm out of the balancer for {} (rollback window)",
+                style("◐").yellow(),
+                kiln_spec::format_duration(secs)
+            ),
+            Progress::Baking { role, secs } if tty => {
+                let bar = indicatif::ProgressBar::new(secs.max(1));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "        {spinner:.cyan} canary of {msg} baking [{bar:20}] {eta} left",
+                    )
+                    .expect("template"),
+                );
+                bar.set_message(role);
+                bar.enable_steady_tick(Duration::from_millis(200));
+                let ticker = bar.clone();
+                std::thread::spawn(move || {
+                    while !ticker.is_finished() && ticker.position() < ticker.length().unwrap_or(0)
+                    {
+                        std::thread::sleep(Duration::from_secs(1));
+                        ticker.inc(1);
+                    }
+                });
+                *spinner.lock().expect("spinner lock") = Some(bar);
+            }
+            Progress::Baking { role, secs } => eprintln!(
+                "        {} canary of {role} baking for {}",
+                style("…").cyan(),
+                kiln_spec::format_duration(secs)
+            ),
+            Progress::RollingBack { to, reason } => eprintln!(
+                "{} {reason}\n{} returning to the images of release #{to}",
+                style("failed:").red().bold(),
+                style("rollback:").yellow().bold()
+            ),
+        }
     }
 }

@@ -1,24 +1,91 @@
 //! Drift: everything about an environment that differs from what was
 //! declared and applied. Files against the image seal (each image version
-//! verified once, not once per server), writable areas, processes that do
-//! not descend from the entrypoint, running config, stale images, servers
-//! past their TTL, and servers nobody declared. Findings matching an entry
-//! of the project's `.kilnignore` are silenced.
+//! verified once, not once per server, through the provider), what servers
+//! write (executables, setuid files and watched paths; ordinary data in
+//! volumes and tmpfs is not drift), processes that do not descend from the
+//! entrypoint, running config, stale images, servers past their TTL, and
+//! servers nobody declared. Findings matching an entry of the project's
+//! `.kilnignore` are silenced. Read-only: drift changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::Path;
 
-use kiln_model::ServerStatus;
+use kiln_model::{Balancer, EnvSpec, HealthCheck, ImageRef, RoleSpec, Server, ServerStatus};
 use serde::Serialize;
 
 use crate::{Engine, Result};
 
-/// One thing that differs. `kind` is one of: files, writable, process,
-/// config, stale, expired, unmanaged.
+/// What kind of difference a finding is. Reconcile acts on kinds, never on
+/// the text of a finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// A file of the image root differs from its seal.
+    Files,
+    /// An executable, setuid file or watched path written at runtime.
+    Writable,
+    /// A process that was not started by the server's entrypoint.
+    Process,
+    /// Running configuration differs from the declaration.
+    Config,
+    /// The server runs another version than the role's current image.
+    Stale,
+    /// The server is older than its role's TTL.
+    Expired,
+    /// Something nobody declared: a stray sandbox, a rogue backend, a
+    /// state entry whose process is gone.
+    Unmanaged,
+}
+
+impl FindingKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::Files => "files",
+            FindingKind::Writable => "writable",
+            FindingKind::Process => "process",
+            FindingKind::Config => "config",
+            FindingKind::Stale => "stale",
+            FindingKind::Expired => "expired",
+            FindingKind::Unmanaged => "unmanaged",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FindingKind> {
+        use FindingKind::*;
+        [Files, Writable, Process, Config, Stale, Expired, Unmanaged]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+
+    /// A change made to a server (as opposed to time passing or a newer
+    /// image): the drift policy (`replace`, `kill`) acts on these.
+    pub fn is_tampering(self) -> bool {
+        matches!(
+            self,
+            FindingKind::Files | FindingKind::Writable | FindingKind::Process | FindingKind::Config
+        )
+    }
+}
+
+impl fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One thing that differs.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Finding {
+    /// The server (or `balancer:ROLE`, or a backend address) it is about.
     pub server: String,
-    pub kind: String,
+    pub kind: FindingKind,
+    /// The role it belongs to, when one is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// A path inside the server it is about, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     pub detail: String,
 }
 
@@ -70,20 +137,19 @@ pub fn render(report: &Report) -> String {
             out.push_str(&format!("  {}\n", f.server));
             last = &f.server;
         }
-        out.push_str(&format!("    {:<9} {}\n", f.kind, f.detail));
+        out.push_str(&format!("    {:<9} {}\n", f.kind.as_str(), f.detail));
     }
     out
 }
 
 /// One `.kilnignore` line: `KIND SERVER PATH [until=YYYY-MM-DD] # reason`,
 /// each of KIND, SERVER and PATH a value or `*` (PATH matches as a prefix
-/// of the finding's detail path).
+/// of the finding's path).
 #[derive(Debug, Clone)]
 struct Ignore {
-    kind: String,
+    kind: Option<FindingKind>,
     server: String,
     path: String,
-    until: Option<i64>,
 }
 
 fn load_ignores(dir: &Path, now: i64) -> Vec<Ignore> {
@@ -95,24 +161,31 @@ fn load_ignores(dir: &Path, now: i64) -> Vec<Ignore> {
             let l = l.split('#').next().unwrap_or("").trim();
             let mut f = l.split_whitespace();
             let (kind, server, path) = (f.next()?, f.next()?, f.next()?);
-            let until = f
-                .find_map(|w| w.strip_prefix("until="))
-                .and_then(chrono_day);
+            let until = f.find_map(|w| w.strip_prefix("until="));
+            if until.is_some_and(|u| day(u).is_none_or(|t| t <= now)) {
+                return None;
+            }
+            let kind = match kind {
+                "*" => None,
+                k => Some(FindingKind::parse(k)?),
+            };
             Some(Ignore {
-                kind: kind.into(),
+                kind,
                 server: server.into(),
                 path: path.into(),
-                until,
             })
         })
-        .filter(|i| i.until.is_none_or(|u| u > now))
         .collect()
 }
 
-/// `YYYY-MM-DD` → epoch seconds (UTC midnight), by the civil-from-days algorithm.
-fn chrono_day(s: &str) -> Option<i64> {
+/// `YYYY-MM-DD` → epoch seconds (UTC midnight), by the civil-from-days
+/// algorithm; `None` for anything else.
+fn day(s: &str) -> Option<i64> {
     let mut p = s.split('-').map(|x| x.parse::<i64>().ok());
     let (y, m, d) = (p.next()??, p.next()??, p.next()??);
+    if p.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -123,14 +196,53 @@ fn chrono_day(s: &str) -> Option<i64> {
 
 impl Ignore {
     fn matches(&self, f: &Finding) -> bool {
-        let path = f
-            .detail
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .unwrap_or("");
-        (self.kind == "*" || self.kind == f.kind)
+        self.kind.is_none_or(|k| k == f.kind)
             && (self.server == "*" || self.server == f.server)
-            && (self.path == "*" || path.starts_with(&self.path))
+            && (self.path == "*" || f.path.as_deref().unwrap_or("").starts_with(&self.path))
+    }
+}
+
+/// The roles of `roles` that have a balancer, with it.
+pub fn fronts<'a>(roles: impl Iterator<Item = &'a RoleSpec>) -> Vec<(String, Balancer)> {
+    roles
+        .filter_map(|r| r.balancer.clone().map(|b| (r.name.clone(), b)))
+        .collect()
+}
+
+/// Ports a role's servers may listen on: declared ports, the balancer's
+/// port and the health check's.
+fn declared_ports(role: &RoleSpec) -> BTreeSet<u16> {
+    let mut declared: BTreeSet<u16> = role.ports.iter().copied().collect();
+    declared.extend(role.balancer.as_ref().map(|b| b.port));
+    declared.extend(role.health.as_ref().and_then(|h| match h {
+        HealthCheck::Http { port, .. } | HealthCheck::Tcp { port } => Some(*port),
+        HealthCheck::Command { .. } => None,
+    }));
+    declared
+}
+
+/// Findings being collected.
+struct Findings(Vec<Finding>);
+
+impl Findings {
+    fn push(&mut self, server: &str, kind: FindingKind, role: Option<&str>, detail: String) {
+        self.0.push(Finding {
+            server: server.into(),
+            kind,
+            role: role.map(str::to_string),
+            path: None,
+            detail,
+        });
+    }
+
+    fn at(&mut self, s: &Server, kind: FindingKind, path: &str, detail: String) {
+        self.0.push(Finding {
+            server: s.id.clone(),
+            kind,
+            role: Some(s.role.clone()),
+            path: Some(path.to_string()),
+            detail,
+        });
     }
 }
 
@@ -140,25 +252,28 @@ impl Engine<'_> {
     /// balancer, or one left behind by a crash.
     pub fn unknown_backends(
         &self,
-        env_name: &str,
-        servers: &[kiln_model::Server],
-    ) -> Result<Vec<(String, String)>> {
-        let env = self.env(env_name)?;
+        env: &str,
+        servers: &[Server],
+        fronts: &[(String, Balancer)],
+    ) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for role in env.roles.values() {
-            let Some(b) = &role.balancer else { continue };
+        for (role, b) in fronts {
             let known: BTreeSet<String> = servers
                 .iter()
-                .filter(|s| s.role == role.name && s.status == ServerStatus::Running)
-                .map(|s| format!("{}:{}", s.address, b.port))
+                .filter(|s| &s.role == role && s.status == ServerStatus::Running)
+                .map(|s| s.endpoint(b.port))
                 .collect();
-            for addr in self.provider.balancer_backends(env_name, &role.name) {
-                if !known.contains(&addr) {
-                    out.push((role.name.clone(), addr));
+            let Some(state) = self.provider.balancer(env, role) else {
+                continue;
+            };
+            for backend in state.backends {
+                let routed = backend.rotation != kiln_provider::Rotation::Draining;
+                if routed && !known.contains(&backend.addr) {
+                    out.push((role.clone(), backend.addr));
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     /// Checks `env` for drift. Read-only: changes nothing. With `full`,
@@ -175,198 +290,65 @@ impl Engine<'_> {
             .map(|r| r.id.as_str())
             .collect();
         let known: BTreeSet<&str> = servers.iter().map(|s| s.id.as_str()).collect();
-        let mut findings = Vec::new();
-        let mut push = |server: &str, kind: &str, detail: String| {
-            findings.push(Finding {
-                server: server.into(),
-                kind: kind.into(),
-                detail,
-            })
-        };
+        let mut found = Findings(Vec::new());
+        use FindingKind::*;
 
         for r in running.iter().filter(|r| !known.contains(r.id.as_str())) {
-            push(
-                &r.id,
-                "unmanaged",
-                format!(
-                    "sandbox labelled `{env_name}` (role `{}`) that the state does not know",
-                    r.role
-                ),
+            let detail = format!(
+                "sandbox labelled `{env_name}` (role `{}`) that the state does not know",
+                r.role
             );
+            found.push(&r.id, Unmanaged, Some(&r.role), detail);
         }
         for s in servers.iter().filter(|s| {
             matches!(s.status, ServerStatus::Running | ServerStatus::Standby)
                 && !alive.contains(s.id.as_str())
         }) {
-            push(
-                &s.id,
-                "unmanaged",
-                "in the state, but its process is gone".into(),
-            );
+            let detail = "in the state, but its process is gone".to_string();
+            found.push(&s.id, Unmanaged, Some(&s.role), detail);
         }
-        for role in env.roles.values().filter(|r| r.balancer.is_some()) {
-            let serving = servers
-                .iter()
-                .any(|s| s.role == role.name && s.status == ServerStatus::Running);
-            if serving && !self.provider.balancer_alive(env_name, &role.name) {
-                push(&format!("balancer:{}", role.name), "config", format!("the balancer of role `{}` is not running: its front is down (reconcile restarts it)", role.name));
-            }
-        }
-        for (role, addr) in self.unknown_backends(env_name, &servers)? {
-            push(&addr, "unmanaged", format!("balancer of `{env_name}` role `{role}` routes to it, but no running server of the state has this address"));
-        }
+        self.drift_fronts(env, &servers, &mut found);
+        let verified = self.drift_files(&servers, &alive, full, &mut found);
 
-        // Files: each image version verified once, findings on every server running it.
-        let mut verified = Vec::new();
-        let mut by_image: BTreeMap<&str, Vec<&kiln_model::Server>> = BTreeMap::new();
-        for s in servers.iter().filter(|s| alive.contains(s.id.as_str())) {
-            by_image.entry(s.image.as_str()).or_default().push(s);
-        }
-        for (image, on) in &by_image {
-            match kiln_image::ops::verify_with(self.store, image, full, false) {
-                Ok(v) => {
-                    verified.push(image.to_string());
-                    for s in on {
-                        for d in &v.differences {
-                            push(
-                                &s.id,
-                                "files",
-                                d.to_string()
-                                    .split_whitespace()
-                                    .collect::<Vec<_>>()
-                                    .join(" "),
-                            );
-                        }
-                        for b in &v.corrupt_blobs {
-                            push(&s.id, "files", format!("image blob {b} is corrupt"));
-                        }
-                    }
-                }
-                Err(e) => {
-                    for s in on {
-                        push(
-                            &s.id,
-                            "files",
-                            format!("image {image} cannot be verified: {e}"),
-                        );
-                    }
-                }
-            }
-        }
-
-        let targets = self.targets(env).unwrap_or_default();
+        let targets: BTreeMap<String, (String, String, String)> = env
+            .roles
+            .values()
+            .filter_map(|r| {
+                let rec = self.store.current_record(&r.image).ok()?;
+                let image = format!("{}@{}", rec.name, rec.version);
+                let hash = kiln_planner::spec_hash(r);
+                Some((r.name.clone(), (image, rec.digest.0.clone(), hash)))
+            })
+            .collect();
         for s in servers.iter().filter(|s| alive.contains(s.id.as_str())) {
             let Some(role) = env.roles.get(&s.role) else {
-                push(
-                    &s.id,
-                    "unmanaged",
-                    format!("role `{}` is no longer declared", s.role),
-                );
+                let detail = format!("role `{}` is no longer declared", s.role);
+                found.push(&s.id, Unmanaged, Some(&s.role), detail);
                 continue;
             };
-            let volumes: Vec<(String, std::path::PathBuf)> = role
-                .volumes
-                .iter()
-                .map(|v| {
-                    (
-                        v.path.clone(),
-                        self.store
-                            .root()
-                            .join("volumes")
-                            .join(env_name)
-                            .join(format!("{}-{}", s.role, s.slot))
-                            .join(&v.name),
-                    )
-                })
-                .collect();
-            let seen = self.provider.inspect(env_name, &s.id, &volumes);
-            for p in &seen.foreign_processes {
-                push(
-                    &s.id,
-                    "process",
-                    format!("process not started by the entrypoint (an interactive login?): {p}"),
-                );
+            self.drift_server(s, role, &mut found);
+            if s.status != ServerStatus::Running {
+                continue;
             }
-            for (path, exec) in &seen.writable {
-                if *exec {
-                    push(&s.id, "writable", format!("new executable {path}"));
-                } else if !role.volumes.iter().any(|v| path.starts_with(&v.path)) {
-                    push(&s.id, "writable", format!("new file {path}"));
+            if let Some((image, digest, hash)) = targets.get(&s.role) {
+                if digest != &s.image_digest {
+                    let detail = format!("runs {}, the role's current image is {image}", s.image);
+                    found.push(&s.id, Stale, Some(&s.role), detail);
+                } else if hash != &s.spec_hash {
+                    let detail =
+                        "created with a different role spec (size, ports, volumes or env)".into();
+                    found.push(&s.id, Config, Some(&s.role), detail);
                 }
             }
-            if let (Some(running), Ok(rec)) = (
-                seen.root_inode,
-                kiln_image::ops::resolve(self.store, &s.image),
-            ) {
-                use std::os::unix::fs::MetadataExt;
-                if let Ok(m) = std::fs::metadata(self.store.root_path(&rec.digest)) {
-                    if (m.dev(), m.ino()) != running {
-                        push(&s.id, "files", format!("runs a root of {} that was replaced after tampering; it must be replaced", s.image));
-                    }
-                }
-            }
-            if let Some(label) = &seen.image_label {
-                if label != &s.image_digest {
-                    push(
-                        &s.id,
-                        "config",
-                        format!("runs image {label}, its release says {}", s.image_digest),
-                    );
-                }
-            }
-            // Whatever listens must be declared: a port nobody declared is a
-            // changed server (a debug listener, a bind shell).
-            let mut declared: BTreeSet<u16> = role.ports.iter().copied().collect();
-            declared.extend(role.balancer.as_ref().map(|b| b.port));
-            declared.extend(role.health.as_ref().and_then(|h| match h {
-                kiln_model::HealthCheck::Http { port, .. }
-                | kiln_model::HealthCheck::Tcp { port } => Some(*port),
-                kiln_model::HealthCheck::Command { .. } => None,
-            }));
-            for port in seen.listening.iter().filter(|p| !declared.contains(p)) {
-                push(&s.id, "config", format!("listens on TCP port {port}, which the role does not declare (ports = {:?})", role.ports));
-            }
-            if let Some(limit) = seen.memory_limit {
-                if limit != role.size.memory_bytes {
-                    push(
-                        &s.id,
-                        "config",
-                        format!(
-                            "memory limit {limit} bytes, declared {}",
-                            role.size.memory_bytes
-                        ),
-                    );
-                }
-            }
-            if s.status == ServerStatus::Running {
-                if let Some(t) = targets.iter().find(|t| t.role == s.role) {
-                    if t.image_digest != s.image_digest {
-                        push(
-                            &s.id,
-                            "stale",
-                            format!("runs {}, the role's current image is {}", s.image, t.image),
-                        );
-                    } else if t.spec_hash != s.spec_hash {
-                        push(
-                            &s.id,
-                            "config",
-                            "created with a different role spec (size, ports, volumes or env)"
-                                .into(),
-                        );
-                    }
-                }
-                if let Some(ttl) = role.ttl_secs {
-                    let age = (now - s.created).max(0) as u64;
-                    if age > ttl {
-                        push(
-                            &s.id,
-                            "expired",
-                            format!("{} old, ttl {}", kiln_spec_fmt(age), kiln_spec_fmt(ttl)),
-                        );
-                    }
+            if let Some(ttl) = role.ttl_secs {
+                let age = (now - s.created).max(0) as u64;
+                if age > ttl {
+                    let detail = format!("{} old, ttl {}", age_text(age), age_text(ttl));
+                    found.push(&s.id, Expired, Some(&s.role), detail);
                 }
             }
         }
+        let mut findings = found.0;
         let ignores = load_ignores(&self.project.dir, now);
         let before = findings.len();
         findings.retain(|f| !ignores.iter().any(|i| i.matches(f)));
@@ -381,22 +363,155 @@ impl Engine<'_> {
             ignored,
         })
     }
+
+    /// Balancers that are down while their role serves, and backends nobody declared.
+    fn drift_fronts(&self, env: &EnvSpec, servers: &[Server], found: &mut Findings) {
+        let fronts = fronts(env.roles.values());
+        for (role, _) in &fronts {
+            let serving = servers
+                .iter()
+                .any(|s| &s.role == role && s.status == ServerStatus::Running);
+            let alive = self
+                .provider
+                .balancer(&env.name, role)
+                .is_some_and(|b| b.alive);
+            if serving && !alive {
+                let detail = format!("the balancer of role `{role}` is not running: its front is down (reconcile restarts it)");
+                found.push(
+                    &format!("balancer:{role}"),
+                    FindingKind::Config,
+                    Some(role),
+                    detail,
+                );
+            }
+        }
+        for (role, addr) in self.unknown_backends(&env.name, servers, &fronts) {
+            let detail = format!("balancer of `{}` role `{role}` routes to it, but no running server of the state has this address", env.name);
+            found.push(&addr, FindingKind::Unmanaged, Some(&role), detail);
+        }
+    }
+
+    /// Files of every live server against its image's seal, each image
+    /// version verified once. Returns the versions verified.
+    fn drift_files(
+        &self,
+        servers: &[Server],
+        alive: &BTreeSet<&str>,
+        full: bool,
+        found: &mut Findings,
+    ) -> Vec<String> {
+        let mut by_image: BTreeMap<ImageRef, Vec<&Server>> = BTreeMap::new();
+        for s in servers.iter().filter(|s| alive.contains(s.id.as_str())) {
+            let (name, version) = s.image.rsplit_once('@').unwrap_or((&s.image, "0"));
+            let image = ImageRef {
+                name: name.to_string(),
+                version: version.parse().unwrap_or(0),
+                digest: s.image_digest.clone(),
+            };
+            by_image.entry(image).or_default().push(s);
+        }
+        let mut verified = Vec::new();
+        for (image, on) in &by_image {
+            match self.provider.verify_files(image, on, full) {
+                Ok(check) => {
+                    verified.push(image.to_string());
+                    for s in on {
+                        for d in check.differences.get(&s.id).into_iter().flatten() {
+                            let path = d.split_whitespace().find(|w| w.starts_with('/'));
+                            found.at(s, FindingKind::Files, path.unwrap_or(""), d.clone());
+                        }
+                    }
+                }
+                Err(e) => {
+                    for s in on {
+                        let detail = format!("image {image} cannot be verified: {e}");
+                        found.push(&s.id, FindingKind::Files, Some(&s.role), detail);
+                    }
+                }
+            }
+        }
+        verified
+    }
+
+    /// What the provider sees inside one live server.
+    fn drift_server(&self, s: &Server, role: &RoleSpec, found: &mut Findings) {
+        use FindingKind::*;
+        let seen = self.provider.inspect(s, &role.volumes);
+        for p in &seen.foreign_processes {
+            let detail =
+                format!("process not started by the entrypoint (an interactive login?): {p}");
+            found.push(&s.id, Process, Some(&s.role), detail);
+        }
+        for session in &seen.sessions {
+            let detail = format!("interactive session into the server: {session}");
+            found.push(&s.id, Process, Some(&s.role), detail);
+        }
+        for w in &seen.written {
+            let watched = role.watch.iter().find(|p| under(&w.path, p));
+            let what = if w.setid {
+                "new setuid/setgid file"
+            } else if w.executable {
+                "new executable"
+            } else if watched.is_some() {
+                "file written under a watched path"
+            } else {
+                continue;
+            };
+            found.at(s, Writable, &w.path, format!("{what} {}", w.path));
+        }
+        if seen.replaced_root {
+            let detail = format!(
+                "runs a root of {} that was replaced after tampering; it must be replaced",
+                s.image
+            );
+            found.push(&s.id, Files, Some(&s.role), detail);
+        }
+        if let Some(label) = &seen.image_digest {
+            if label != &s.image_digest {
+                let detail = format!("runs image {label}, its release says {}", s.image_digest);
+                found.push(&s.id, Config, Some(&s.role), detail);
+            }
+        }
+        // Whatever listens must be declared: a port nobody declared is a
+        // changed server (a debug listener, a bind shell).
+        let declared = declared_ports(role);
+        for port in seen.listening.iter().filter(|p| !declared.contains(p)) {
+            let detail = format!(
+                "listens on TCP port {port}, which the role does not declare (ports = {:?})",
+                role.ports
+            );
+            found.push(&s.id, Config, Some(&s.role), detail);
+        }
+        if let Some(limit) = seen.memory_limit {
+            if limit != role.size.memory_bytes {
+                let detail = format!(
+                    "memory limit {limit} bytes, declared {}",
+                    role.size.memory_bytes
+                );
+                found.push(&s.id, Config, Some(&s.role), detail);
+            }
+        }
+        for setting in &seen.settings {
+            found.push(&s.id, Config, Some(&s.role), setting.clone());
+        }
+    }
 }
 
-fn kiln_spec_fmt(secs: u64) -> String {
+/// Whether `path` is `dir` or below it.
+fn under(path: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    path == dir || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+}
+
+fn age_text(secs: u64) -> String {
     let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
-    if d > 0 {
-        format!(
-            "{d}d{}",
-            if h > 0 {
-                format!("{h}h")
-            } else {
-                String::new()
-            }
-        )
+    if d > 0 && h > 0 {
+        format!("{d}d{h}h")
+    } else if d > 0 {
+        format!("{d}d")
     } else if h > 0 {
         format!("{h}h{m}m")
     } else {
-        format!("{}s", secs)
+        format!("{secs}s")
     }
 }

@@ -1,12 +1,18 @@
 //! Hermetic engine tests: a real SQLite state and a real image store on a
-//! temporary directory, images written by hand, and the in-memory provider.
+//! temporary directory, images written by hand, and the scriptable
+//! in-memory provider. Update snapshots with `UPDATE_EXPECT=1`.
 
 use std::cell::RefCell;
+use std::time::Duration;
 
-use kiln_image::store::{Digest, Inputs, Outcome, VersionRecord};
+use expect_test::expect;
+use kiln_image::store::{Inputs, Outcome as BuildOutcome, VersionRecord};
+use kiln_model::{Outcome, ServerStatus};
 use kiln_provider::fake::Fake;
+use kiln_provider::{Inspection, Provider, Written};
 
 use super::*;
+use crate::drift::FindingKind;
 
 const SPEC: &str = r#"
 [project]
@@ -16,14 +22,17 @@ from = "scratch"
 [images.app]
 from = "scratch"
 [env.staging]
+subnet = "10.88.1.0/24"
 [env.staging.roles.db]
 image = "base"
 servers = 1
+volumes = { data = "/var/lib/db" }
 [env.staging.roles.app]
 image = "app"
 servers = 2
 depends_on = ["db"]
 health = { tcp = 8080 }
+env = { GREETING = "reviewed" }
 "#;
 
 struct World {
@@ -37,7 +46,7 @@ struct World {
 
 /// Writes version `version` of `name` into the store: config, empty seal, root.
 fn image(store: &Store, name: &str, version: u32) {
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["/bin/app"], "Env": ["A=1"]}, "rootfs": {"type": "layers", "diff_ids": []}});
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["/bin/app"], "Env": ["A=1", "GREETING=image"]}, "rootfs": {"type": "layers", "diff_ids": []}});
     let (config, _) = store.put_json(&config).unwrap();
     let seal = kiln_image::seal::Seal::from_entries(vec![]);
     let (seal_digest, _) = store.put_json(&seal).unwrap();
@@ -53,7 +62,7 @@ fn image(store: &Store, name: &str, version: u32) {
         parent_digest: None,
         created: "now".into(),
         size: 0,
-        outcome: Outcome::Ok,
+        outcome: BuildOutcome::Ok,
         error: None,
         seal_root: seal.root.clone(),
         seal: seal_digest,
@@ -72,9 +81,9 @@ fn image(store: &Store, name: &str, version: u32) {
     store.set_current(name, version).unwrap();
 }
 
-fn world() -> World {
+fn world_with(spec: &str) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let project = kiln_spec::parse(SPEC, std::path::Path::new("kiln.toml"), dir.path()).unwrap();
+    let project = kiln_spec::parse(spec, std::path::Path::new("kiln.toml"), dir.path()).unwrap();
     let store = Store::open(dir.path().join(".kiln")).unwrap();
     image(&store, "base", 1);
     image(&store, "app", 1);
@@ -87,6 +96,10 @@ fn world() -> World {
         fake: Fake::default(),
         seq: RefCell::new(0),
     }
+}
+
+fn world() -> World {
+    world_with(SPEC)
 }
 
 impl World {
@@ -106,13 +119,24 @@ impl World {
             },
         }
     }
-    fn plan(&self) -> Plan {
-        let mut r = || {
+
+    fn random(&self) -> impl FnMut() -> u16 + '_ {
+        || {
             *self.seq.borrow_mut() += 1;
             *self.seq.borrow()
-        };
-        self.engine().plan("staging", false, &mut r).unwrap()
+        }
     }
+
+    fn plan(&self) -> Plan {
+        self.engine()
+            .plan("staging", PlanKind::Apply, &mut self.random())
+            .unwrap()
+    }
+
+    fn apply(&self) -> Applied {
+        self.engine().apply(&self.plan()).unwrap()
+    }
+
     fn ids(&self) -> Vec<String> {
         self.state
             .servers(Some("staging"))
@@ -121,16 +145,31 @@ impl World {
             .map(|s| format!("{} {} {}", s.id, s.image, s.status.as_str()))
             .collect()
     }
+
+    fn app_mut(&mut self) -> &mut kiln_model::RoleSpec {
+        self.project
+            .envs
+            .get_mut("staging")
+            .unwrap()
+            .roles
+            .get_mut("app")
+            .unwrap()
+    }
 }
 
 #[test]
 fn apply_creates_in_dependency_order_and_converges() {
     let w = world();
-    let plan = w.plan();
-    w.engine().apply(&plan, "apply").unwrap();
+    w.apply();
     assert_eq!(
         *w.fake.calls.borrow(),
-        ["create db-0001", "create app-0002", "create app-0003"]
+        [
+            "prepare app@1",
+            "prepare base@1",
+            "create db-0001",
+            "create app-0002",
+            "create app-0003"
+        ]
     );
     assert_eq!(
         w.ids(),
@@ -142,26 +181,91 @@ fn apply_creates_in_dependency_order_and_converges() {
     );
     assert!(w.plan().is_empty(), "a second plan has nothing to do");
     let releases = w.state.releases("staging").unwrap();
-    assert_eq!(releases.last().unwrap().outcome, "succeeded");
+    let last = releases.last().unwrap();
     assert_eq!(
-        w.state
-            .steps("staging", releases.last().unwrap().id)
-            .unwrap()
-            .len(),
-        3
+        (last.outcome, last.kind),
+        (Outcome::Succeeded, PlanKind::Apply)
     );
+    assert_eq!(last.targets.len(), 2, "the release keeps its targets");
+    assert_eq!(w.state.steps("staging", last.id).unwrap().len(), 3);
+}
+
+#[test]
+fn servers_launch_from_what_the_plan_carries() {
+    let mut w = world();
+    let plan = w.plan();
+    // kiln.toml is edited after planning: a saved plan is refused, naming
+    // the role and every field that changed.
+    w.app_mut()
+        .env
+        .insert("GREETING".into(), "sneaked-in".into());
+    w.app_mut().size.memory_bytes = 2 << 30;
+    let err = w.engine().check_saved(&plan, "staging").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the plan no longer matches kiln.toml: `env` of role `app` changed, `size` of role `app` changed; plan again (and have it approved again)"
+    );
+    // Even executed as it is, the plan launches only what it carries: the
+    // environment and size reviewed at planning time.
+    w.engine().apply(&plan).unwrap();
+    let requests = w.fake.requests.borrow();
+    let app = requests.iter().find(|r| r.role == "app").unwrap();
+    assert!(
+        app.launch.env.contains(&"GREETING=reviewed".to_string()),
+        "{:?}",
+        app.launch.env
+    );
+    assert!(
+        app.launch.env.contains(&"A=1".to_string()),
+        "the image's env is kept"
+    );
+    assert_eq!(app.size.memory_bytes, 256 << 20);
+    assert_eq!(app.launch.argv, ["/bin/app"]);
+}
+
+#[test]
+fn saved_plans_of_other_formats_kinds_or_roles_are_refused() {
+    let w = world();
+    let plan = w.plan();
+    let future = Plan {
+        format: 99,
+        ..plan.clone()
+    };
+    assert!(matches!(
+        w.engine().check_saved(&future, "staging"),
+        Err(EngineError::Format { found: 99, .. })
+    ));
+    let reconcile = Plan {
+        kind: PlanKind::Reconcile,
+        ..plan.clone()
+    };
+    assert!(matches!(
+        w.engine().check_saved(&reconcile, "staging"),
+        Err(EngineError::NotSavable { .. })
+    ));
+    let mut ghost = plan.clone();
+    ghost.targets.retain(|t| t.role != "app");
+    assert!(matches!(
+        w.engine().check_saved(&ghost, "staging"),
+        Err(EngineError::UnknownRole { ref role }) if role == "app"
+    ));
+    assert!(matches!(
+        w.engine().check_saved(&plan, "production"),
+        Err(EngineError::WrongEnv { .. })
+    ));
 }
 
 #[test]
 fn new_image_replaces_create_first() {
     let w = world();
-    w.engine().apply(&w.plan(), "apply").unwrap();
+    w.apply();
     image(&w.store, "app", 2);
     w.fake.calls.borrow_mut().clear();
-    w.engine().apply(&w.plan(), "apply").unwrap();
+    w.apply();
     assert_eq!(
         *w.fake.calls.borrow(),
         [
+            "prepare app@2",
             "create app-0004",
             "destroy app-0002",
             "create app-0005",
@@ -182,19 +286,41 @@ fn new_image_replaces_create_first() {
 fn stale_plan_is_refused() {
     let w = world();
     let plan = w.plan();
-    w.engine().apply(&w.plan(), "apply").unwrap();
-    let err = w.engine().apply(&plan, "apply").unwrap_err();
+    w.apply();
+    let err = w.engine().apply(&plan).unwrap_err();
     assert!(matches!(err, EngineError::Stale { .. }), "{err}");
 }
 
 #[test]
-fn unhealthy_server_fails_and_keeps_the_old_ones() {
+fn a_failed_prepare_changes_nothing() {
     let w = world();
-    w.engine().apply(&w.plan(), "apply").unwrap();
+    let digest = w.store.current_record("app").unwrap().digest.0;
+    w.fake.fail_prepare.borrow_mut().insert(digest);
+    let err = w.engine().apply(&w.plan()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot make image app@1 available"),
+        "{err}"
+    );
+    assert!(w.state.servers(None).unwrap().is_empty());
+    assert!(!w
+        .fake
+        .calls
+        .borrow()
+        .iter()
+        .any(|c| c.starts_with("create")));
+}
+
+#[test]
+fn unhealthy_server_fails_rolls_back_and_keeps_the_old_ones() {
+    let w = world();
+    w.apply();
     image(&w.store, "app", 2);
     let bad = w.store.current_record("app").unwrap().digest.0;
     w.fake.unhealthy_images.borrow_mut().insert(bad);
-    let err = w.engine().apply(&w.plan(), "apply").unwrap_err();
+    let plan = w.plan();
+    let err = w.engine().run(&plan, &mut w.random()).unwrap_err();
+    // The first new server failed before anything changed: nothing to roll back.
     assert!(
         matches!(err, EngineError::Unhealthy { ref role, .. } if role == "app"),
         "{err}"
@@ -211,54 +337,49 @@ fn unhealthy_server_fails_and_keeps_the_old_ones() {
         !w.fake.servers.borrow().contains_key("app-0004"),
         "the unhealthy server was removed"
     );
+    let kinds: Vec<(PlanKind, Outcome)> = w
+        .state
+        .releases("staging")
+        .unwrap()
+        .iter()
+        .map(|r| (r.kind, r.outcome))
+        .collect();
     assert_eq!(
-        w.state.releases("staging").unwrap().last().unwrap().outcome,
-        "failed"
+        kinds,
+        [
+            (PlanKind::Apply, Outcome::Succeeded),
+            (PlanKind::Apply, Outcome::Failed)
+        ],
+        "nothing changed before the failure, so nothing was rolled back by a release"
     );
 }
 
 #[test]
-fn crash_leftovers_are_cleaned_and_converged() {
+fn crash_leftovers_are_planned_cleaned_and_converged() {
     let w = world();
-    w.engine().apply(&w.plan(), "apply").unwrap();
-    // A crash mid-create: a row in `creating` and its sandbox; a stray
-    // sandbox the state never heard of; a server whose process died.
+    w.apply();
+    // A crash mid-create: a row in `creating`; a stray sandbox the state
+    // never heard of; a server whose process died.
     let mut half = w.state.server("app-0002").unwrap().unwrap();
     half.id = "app-dead".into();
     half.status = ServerStatus::Creating;
     half.address = "10.88.1.99".into();
     w.state.put_server(&half).unwrap();
-    let req = w
-        .engine()
-        .request(
-            "staging",
-            &Change {
-                address: Some("10.88.1.98".into()),
-                image: Some("app@1".into()),
-                ..Change::new(Action::Create, "app", "app-stray", 0, "")
-            },
-            "app-stray",
-            1,
-        )
-        .unwrap();
-    w.fake.create(&req).unwrap();
-    w.fake
-        .servers
-        .borrow_mut()
-        .get_mut("app-0003")
-        .unwrap()
-        .alive = false;
+    w.fake.start_stray("staging", "app", "app-stray");
+    w.fake.crash("app-0003");
     let plan = w.plan();
-    assert_eq!(
-        kiln_planner::render(&plan)
-            .lines()
-            .filter(|l| l.starts_with("  +"))
-            .count(),
-        1,
-        "{}",
-        kiln_planner::render(&plan)
-    );
-    w.engine().apply(&plan, "apply").unwrap();
+    expect![[r#"
+        kiln will make these changes to `staging`:
+
+          - app-dead   destroy  (half-created by an interrupted apply)
+          - app-0003   destroy  (its process is gone)
+          - app-stray  destroy  (stray: labelled with the environment, unknown to the state)
+          + app-0004   create   app@1 at 10.88.1.5  (slot 1 has no running server)
+
+        Plan: 1 to create, 0 to replace, 3 to destroy.
+    "#]]
+    .assert_eq(&kiln_planner::render(&plan));
+    w.engine().apply(&plan).unwrap();
     let ids = w.ids();
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(ids.iter().all(|s| s.ends_with("running")));
@@ -276,7 +397,7 @@ fn crash_leftovers_are_cleaned_and_converged() {
         .map(|e| e.detail)
         .collect();
     assert!(
-        events.iter().any(|e| e.contains("stray server app-stray")),
+        events.iter().any(|e| e.contains("removed server app-dead")),
         "{events:?}"
     );
 }
@@ -290,7 +411,7 @@ fn a_held_lock_refuses_a_second_writer() {
         state: &other,
         ..w.engine()
     };
-    let err = engine.apply(&w.plan(), "apply").unwrap_err();
+    let err = engine.apply(&w.plan()).unwrap_err();
     assert!(err.to_string().contains("is locked by"), "{err}");
 }
 
@@ -299,10 +420,9 @@ fn tampered_image_is_refused_at_launch() {
     let w = world();
     let rec = w.store.current_record("app").unwrap();
     std::fs::write(w.store.root_path(&rec.digest).join("implant"), "x").unwrap();
-    let err = w.engine().apply(&w.plan(), "apply").unwrap_err();
+    let err = w.engine().apply(&w.plan()).unwrap_err();
     assert!(matches!(err, EngineError::Tampered { .. }), "{err}");
     assert!(w.fake.calls.borrow().is_empty(), "nothing was launched");
-    let _ = Digest::of(b"");
 }
 
 #[test]
@@ -312,7 +432,7 @@ fn approvals_gate_apply_but_not_rollback_or_reconcile() {
     let mut plan = w.plan();
     plan.author = "alice".into();
     // Unapproved: refused before anything runs, and the refusal is audited.
-    let err = w.engine().apply(&plan, "apply").unwrap_err();
+    let err = w.engine().apply(&plan).unwrap_err();
     assert!(
         matches!(
             err,
@@ -342,82 +462,313 @@ fn approvals_gate_apply_but_not_rollback_or_reconcile() {
     let mut edited = plan.clone();
     edited.changes.pop();
     assert!(matches!(
-        w.engine().apply(&edited, "apply").unwrap_err(),
+        w.engine().apply(&edited).unwrap_err(),
         EngineError::NotApproved { have: 0, .. }
     ));
     // A second approval by the same person counts once.
     assert_eq!(w.engine().approve(&plan, "bob").unwrap(), ["bob"]);
-    w.engine().apply(&plan, "apply").unwrap();
+    w.engine().apply(&plan).unwrap();
     assert_eq!(w.state.servers(Some("staging")).unwrap().len(), 3);
     // Once applied, the generation moved: the plan cannot be approved again.
     assert!(matches!(
         w.engine().approve(&plan, "carol").unwrap_err(),
         EngineError::Stale { .. }
     ));
-    // Rollbacks and reconcile passes are not gated; apply, cold deploys
-    // and destroys are.
     assert!(
-        w.engine().check_approved(&w.plan(), "apply").is_ok(),
+        w.engine().check_approved(&w.plan()).is_ok(),
         "an empty plan needs nothing"
     );
     image(&w.store, "app", 2);
     let next = w.plan();
     assert!(!next.is_empty());
-    for kind in ["apply", "deploy --cold", "destroy"] {
-        assert!(w.engine().check_approved(&next, kind).is_err(), "{kind}");
+    for kind in [
+        PlanKind::Apply,
+        PlanKind::DeployCold,
+        PlanKind::Destroy,
+        PlanKind::Promote,
+    ] {
+        let p = Plan {
+            kind,
+            ..next.clone()
+        };
+        assert!(w.engine().check_approved(&p).is_err(), "{kind}");
     }
-    for kind in ["rollback", "rollback (automatic)", "reconcile"] {
-        assert!(w.engine().check_approved(&next, kind).is_ok(), "{kind}");
+    for kind in [
+        PlanKind::Rollback,
+        PlanKind::AutoRollback,
+        PlanKind::Reconcile,
+    ] {
+        let p = Plan {
+            kind,
+            ..next.clone()
+        };
+        assert!(w.engine().check_approved(&p).is_ok(), "{kind}");
+        // ... and no file can carry such a plan past the gate.
+        assert!(matches!(
+            w.engine().check_saved(&p, "staging"),
+            Err(EngineError::NotSavable { .. })
+        ));
     }
 }
 
 #[test]
-fn destroy_takes_dependents_down_first() {
+fn destroy_takes_dependents_down_first_and_tears_down() {
     let w = world();
-    w.engine().apply(&w.plan(), "apply").unwrap();
+    w.apply();
     let plan = w.engine().plan_destroy("staging").unwrap();
-    let order: Vec<&str> = plan.changes.iter().map(|c| c.server.as_str()).collect();
+    let order: Vec<&str> = plan.changes.iter().map(|c| c.server()).collect();
     assert_eq!(
         order,
         ["app-0002", "app-0003", "db-0001"],
         "app depends on db: it goes first"
     );
     w.fake.calls.borrow_mut().clear();
-    w.engine().apply(&plan, "destroy").unwrap();
+    w.engine().apply(&plan).unwrap();
     assert_eq!(
         *w.fake.calls.borrow(),
-        ["destroy app-0002", "destroy app-0003", "destroy db-0001"]
+        [
+            "destroy app-0002",
+            "destroy app-0003",
+            "destroy db-0001",
+            "remove balancer app",
+            "remove balancer db",
+            "teardown staging"
+        ]
     );
     // The order follows depends_on, not names: make db depend on app.
     let mut w = world();
     let staging = w.project.envs.get_mut("staging").unwrap();
     staging.roles.get_mut("app").unwrap().depends_on.clear();
     staging.roles.get_mut("db").unwrap().depends_on = vec!["app".into()];
-    w.engine().apply(&w.plan(), "apply").unwrap();
+    w.apply();
     let plan = w.engine().plan_destroy("staging").unwrap();
+    let roles: Vec<&str> = plan.changes.iter().map(|c| c.role()).collect();
+    assert_eq!(roles, ["db", "app", "app"]);
+}
+
+#[test]
+fn rollback_returns_to_the_previous_release_targets() {
+    let mut w = world();
+    w.apply();
+    image(&w.store, "app", 2);
+    w.app_mut().env.insert("GREETING".into(), "v2".into());
+    w.apply();
+    let plan = w
+        .engine()
+        .plan_rollback("staging", None, &mut w.random())
+        .unwrap();
+    assert_eq!(plan.rollback_to, Some(1));
+    let app = plan.target("app").unwrap();
+    assert_eq!(app.image.to_string(), "app@1");
+    assert!(
+        app.launch.env.contains(&"GREETING=reviewed".to_string()),
+        "the release's own spec comes back, not today's"
+    );
+    w.fake.requests.borrow_mut().clear();
+    w.engine().run(&plan, &mut w.random()).unwrap();
+    let released = w.state.releases("staging").unwrap();
+    assert_eq!(released.last().unwrap().kind, PlanKind::Rollback);
+    assert!(w
+        .fake
+        .requests
+        .borrow()
+        .iter()
+        .all(|r| r.image.to_string() == "app@1"));
+}
+
+fn fronted(strategy: &str) -> World {
+    let spec = SPEC.replace(
+        "env = { GREETING = \"reviewed\" }",
+        &format!("env = {{ GREETING = \"reviewed\" }}\nballancer_placeholder = 1\n{strategy}"),
+    );
+    let spec = spec.replace(
+        "ballancer_placeholder = 1",
+        "balancer = { listen = \"127.0.0.1:8000\", port = 8080, drain_timeout = \"1s\" }",
+    );
+    world_with(&spec)
+}
+
+#[test]
+fn canary_gate_fails_on_the_balancers_error_rate_and_the_old_servers_stay() {
+    let w = fronted(
+        "strategy = { kind = \"canary\", share = 50, bake = \"1s\", max_error_rate = 0.1 }",
+    );
+    w.apply();
     assert_eq!(
-        plan.changes
+        w.fake.backends("staging", "app"),
+        ["10.88.1.3:8080", "10.88.1.4:8080"]
+    );
+    image(&w.store, "app", 2);
+    let plan = w.plan();
+    // The canary (the first replacement) answers one request in two with a 5xx.
+    let canary = match &plan.changes[0] {
+        Change::Replace(r) => format!("{}:8080", r.address),
+        other => panic!("{other:?}"),
+    };
+    w.fake.traffic.borrow_mut().insert(canary.clone(), (10, 5));
+    let err = w.engine().run(&plan, &mut w.random()).unwrap_err();
+    assert!(
+        matches!(err, EngineError::CanaryFailed { .. }) && err.to_string().contains("above 0.1"),
+        "{err}"
+    );
+    assert_eq!(
+        w.fake.backends("staging", "app"),
+        ["10.88.1.3:8080", "10.88.1.4:8080"],
+        "the old servers serve, the canary is gone"
+    );
+    assert!(
+        w.fake.calls.borrow().contains(&format!("drain {canary}")),
+        "drained before destroyed"
+    );
+}
+
+#[test]
+fn canary_that_stays_clean_rolls_the_rest() {
+    let w = fronted(
+        "strategy = { kind = \"canary\", share = 50, bake = \"0s\", max_error_rate = 0.1 }",
+    );
+    w.apply();
+    image(&w.store, "app", 2);
+    w.engine().run(&w.plan(), &mut w.random()).unwrap();
+    assert!(w
+        .ids()
+        .iter()
+        .filter(|s| s.starts_with("app"))
+        .all(|s| s.contains("app@2")));
+}
+
+#[test]
+fn reconcile_restarts_a_dead_balancer() {
+    let w = fronted("");
+    w.apply();
+    w.fake.kill_balancer("staging", "app");
+    let report = w.engine().drift("staging", false).unwrap();
+    assert!(report
+        .findings
+        .iter()
+        .any(|f| f.server == "balancer:app" && f.kind == FindingKind::Config));
+    let dry = w
+        .engine()
+        .reconcile("staging", true, &mut w.random())
+        .unwrap();
+    assert_eq!(dry.balancers_restarted, ["app"]);
+    assert!(
+        !w.fake.balancer("staging", "app").unwrap().alive,
+        "a dry run changes nothing"
+    );
+    let pass = w
+        .engine()
+        .reconcile("staging", false, &mut w.random())
+        .unwrap();
+    assert_eq!(pass.balancers_restarted, ["app"]);
+    assert!(w.fake.balancer("staging", "app").unwrap().alive);
+    let events: Vec<String> = w
+        .state
+        .events("staging")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.detail)
+        .collect();
+    assert!(
+        events
             .iter()
-            .map(|c| c.role.as_str())
-            .collect::<Vec<_>>(),
-        ["db", "app", "app"]
+            .any(|e| e.contains("restarted the balancer of `app`")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn drift_reads_what_the_provider_sees() {
+    let mut w = fronted("");
+    w.app_mut().watch = vec!["/etc/app".into()];
+    w.apply();
+    let written = |path: &str, executable: bool, setid: bool, in_volume: bool| Written {
+        path: path.into(),
+        executable,
+        setid,
+        in_volume,
+    };
+    w.fake.inspections.borrow_mut().insert(
+        "app-0002".into(),
+        Inspection {
+            foreign_processes: vec!["4242: /bin/sh".into()],
+            written: vec![
+                written("/tmp/cache.db", false, false, false),
+                written("/tmp/x", true, false, false),
+                written("/etc/app/conf", false, false, false),
+            ],
+            listening: vec![8080, 4444],
+            image_digest: Some(w.state.server("app-0002").unwrap().unwrap().image_digest),
+            ..Inspection::default()
+        },
+    );
+    w.fake.inspections.borrow_mut().insert(
+        "db-0001".into(),
+        Inspection {
+            written: vec![
+                written("/var/lib/db/base/1", false, false, true),
+                written("/var/lib/db/suid", false, true, true),
+            ],
+            memory_limit: Some(1),
+            ..Inspection::default()
+        },
+    );
+    w.fake
+        .file_differences
+        .borrow_mut()
+        .insert("app-0003".into(), vec!["changed /bin/app (content)".into()]);
+    w.fake.add_backend("staging", "app", "10.88.1.99:8080");
+    w.fake.start_stray("staging", "app", "app-beef");
+    let report = w.engine().drift("staging", false).unwrap();
+    expect![[r#"
+        DRIFT in `staging`: 9 findings on 5 servers
+          10.88.1.99:8080
+            unmanaged balancer of `staging` role `app` routes to it, but no running server of the state has this address
+          app-0002
+            writable  file written under a watched path /etc/app/conf
+            writable  new executable /tmp/x
+            process   process not started by the entrypoint (an interactive login?): 4242: /bin/sh
+            config    listens on TCP port 4444, which the role does not declare (ports = [])
+          app-0003
+            files     changed /bin/app (content)
+          app-beef
+            unmanaged sandbox labelled `staging` (role `app`) that the state does not know
+          db-0001
+            writable  new setuid/setgid file /var/lib/db/suid
+            config    memory limit 1 bytes, declared 268435456
+    "#]]
+    .assert_eq(&drift::render(&report));
+    let files = report
+        .findings
+        .iter()
+        .find(|f| f.kind == FindingKind::Files)
+        .unwrap();
+    assert_eq!(
+        (files.role.as_deref(), files.path.as_deref()),
+        (Some("app"), Some("/bin/app"))
+    );
+    assert!(
+        !report
+            .findings
+            .iter()
+            .any(|f| f.detail.contains("cache.db") || f.detail.contains("base/1")),
+        "ordinary data is not drift"
     );
 }
 
 #[test]
 fn reconcile_replaces_hung_servers_within_the_share() {
     let w = world();
-    w.engine().apply(&w.plan(), "apply").unwrap();
+    w.apply();
     // Both app servers run but fail every health check.
     w.fake
         .hung
         .borrow_mut()
         .extend(["app-0002".to_string(), "app-0003".to_string()]);
-    let mut r = || {
-        *w.seq.borrow_mut() += 1;
-        *w.seq.borrow()
-    };
-    let dry = w.engine().reconcile("staging", true, &mut r).unwrap();
+    let dry = w
+        .engine()
+        .reconcile("staging", true, &mut w.random())
+        .unwrap();
     assert_eq!(
         dry.forced.len(),
         1,
@@ -441,7 +792,10 @@ fn reconcile_replaces_hung_servers_within_the_share() {
     // db has no health check: never judged unhealthy.
     assert!(!dry.forced.contains_key("db-0001"));
     let id = id.clone();
-    let pass = w.engine().reconcile("staging", false, &mut r).unwrap();
+    let pass = w
+        .engine()
+        .reconcile("staging", false, &mut w.random())
+        .unwrap();
     assert!(pass.release.is_some());
     assert!(
         w.fake.calls.borrow().contains(&format!("destroy {id}")),
@@ -452,18 +806,63 @@ fn reconcile_replaces_hung_servers_within_the_share() {
     w.fake.hung.borrow_mut().clear();
     assert!(w
         .engine()
-        .reconcile("staging", true, &mut r)
+        .reconcile("staging", true, &mut w.random())
         .unwrap()
         .forced
         .is_empty());
 }
 
 #[test]
+fn reconcile_kills_drifted_servers_into_quarantine_and_strays_by_policy() {
+    let w = world_with(&SPEC.replace(
+        "[env.staging]\n",
+        "[env.staging]\ndrift = \"kill\"\nunmanaged = \"kill\"\n",
+    ));
+    w.apply();
+    w.fake
+        .file_differences
+        .borrow_mut()
+        .insert("app-0002".into(), vec!["added /bin/implant".into()]);
+    w.fake.start_stray("staging", "app", "app-beef");
+    let pass = w
+        .engine()
+        .reconcile("staging", false, &mut w.random())
+        .unwrap();
+    assert_eq!(pass.quarantined, ["app-0002"]);
+    let kept = w.fake.quarantined.borrow();
+    assert!(
+        kept["app-0002"].1.contains("/bin/implant"),
+        "{:?}",
+        kept["app-0002"]
+    );
+    assert!(
+        !w.fake.servers.borrow().contains_key("app-beef"),
+        "the stray was killed"
+    );
+    assert!(!w.fake.servers.borrow().contains_key("app-0002"));
+    let stray_alarm = world();
+    stray_alarm.apply();
+    stray_alarm.fake.start_stray("staging", "app", "app-beef");
+    let pass = stray_alarm
+        .engine()
+        .reconcile("staging", false, &mut stray_alarm.random())
+        .unwrap();
+    assert!(
+        pass.plan.is_empty(),
+        "`alarm` leaves it: {}",
+        kiln_planner::render(&pass.plan)
+    );
+    assert!(stray_alarm.fake.servers.borrow().contains_key("app-beef"));
+}
+
+#[test]
 fn drift_report_renders_grouped_by_server() {
     use crate::drift::{render, Finding, Report};
-    let f = |server: &str, kind: &str, detail: &str| Finding {
+    let f = |server: &str, kind: FindingKind, detail: &str| Finding {
         server: server.into(),
-        kind: kind.into(),
+        kind,
+        role: None,
+        path: None,
         detail: detail.into(),
     };
     let report = Report {
@@ -472,33 +871,31 @@ fn drift_report_renders_grouped_by_server() {
         servers: 3,
         images_verified: vec!["web@2".into()],
         findings: vec![
-            f("web-0001", "files", "changed /srv/www/index.html (content)"),
-            f("web-0001", "process", "process not started by the entrypoint (an interactive login?): 4242: /bin/sleep 300"),
-            f("web-0002", "config", "listens on TCP port 4444, which the role does not declare (ports = [8080])"),
-            f("10.88.1.99:8080", "unmanaged", "balancer of `staging` role `web` routes to it, but no running server of the state has this address"),
+            f("web-0001", FindingKind::Files, "changed /srv/www/index.html (content)"),
+            f("web-0001", FindingKind::Process, "process not started by the entrypoint (an interactive login?): 4242: /bin/sleep 300"),
+            f("web-0002", FindingKind::Config, "listens on TCP port 4444, which the role does not declare (ports = [8080])"),
+            f("10.88.1.99:8080", FindingKind::Unmanaged, "balancer of `staging` role `web` routes to it, but no running server of the state has this address"),
         ],
         ignored: 1,
     };
-    assert_eq!(
-        render(&report),
-        "\
-DRIFT in `staging`: 4 findings on 3 servers (1 ignored)
-  web-0001
-    files     changed /srv/www/index.html (content)
-    process   process not started by the entrypoint (an interactive login?): 4242: /bin/sleep 300
-  web-0002
-    config    listens on TCP port 4444, which the role does not declare (ports = [8080])
-  10.88.1.99:8080
-    unmanaged balancer of `staging` role `web` routes to it, but no running server of the state has this address
-"
-    );
+    expect![[r#"
+        DRIFT in `staging`: 4 findings on 3 servers (1 ignored)
+          web-0001
+            files     changed /srv/www/index.html (content)
+            process   process not started by the entrypoint (an interactive login?): 4242: /bin/sleep 300
+          web-0002
+            config    listens on TCP port 4444, which the role does not declare (ports = [8080])
+          10.88.1.99:8080
+            unmanaged balancer of `staging` role `web` routes to it, but no running server of the state has this address
+    "#]]
+    .assert_eq(&render(&report));
     let clean = Report {
         findings: vec![],
         ignored: 0,
         ..report
     };
-    assert_eq!(
-        render(&clean),
-        "no drift in `staging`: 3 servers match their declaration (1 image versions verified).\n"
-    );
+    expect![[r#"
+        no drift in `staging`: 3 servers match their declaration (1 image versions verified).
+    "#]]
+    .assert_eq(&render(&clean));
 }

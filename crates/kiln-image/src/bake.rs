@@ -673,7 +673,7 @@ impl<'a> Baker<'a> {
                     parent: Some(format!("{p}@{}", rec.version)),
                     parent_digest: Some(rec.digest.clone()),
                     env,
-                    origin: BaseOrigin::Parent(rec),
+                    origin: BaseOrigin::Parent(Box::new(rec)),
                 })
             }
             source => {
@@ -719,7 +719,7 @@ struct Base {
 
 enum BaseOrigin {
     Scratch,
-    Parent(VersionRecord),
+    Parent(Box<VersionRecord>),
     Imported(BaseRecord),
 }
 
@@ -748,12 +748,15 @@ fn list_scripts(dir: &Path) -> Result<Vec<(String, PathBuf, String)>> {
     Ok(out)
 }
 
+/// One file of a cache key: path, kind, mode, content hash, link target.
+type KeyFile<'a> = (&'a str, Kind, u32, Option<&'a str>, Option<&'a str>);
+
 #[derive(Serialize)]
 struct KeyInputs<'a> {
     kiln: &'static str,
     name: &'a str,
     base: &'a str,
-    files: Vec<(&'a str, Kind, u32, Option<&'a str>, Option<&'a str>)>,
+    files: Vec<KeyFile<'a>>,
     scripts: Vec<(&'a str, &'a str)>,
     entrypoint: &'a [String],
     cmd: &'a [String],

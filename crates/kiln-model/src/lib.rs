@@ -5,10 +5,18 @@
 //! Everything here is already validated: a `Project` that exists is one whose
 //! images form a forest and whose roles name images that exist.
 
+mod plan;
+mod release;
+mod subnet;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+pub use plan::*;
+pub use release::*;
+pub use subnet::{Subnet, SubnetError, MAX_PREFIX, MIN_PREFIX};
 
 /// A validated project: the images it bakes and the environments it fires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,15 +216,30 @@ pub struct RoleSpec {
     pub drift: DriftPolicy,
     pub unmanaged: UnmanagedPolicy,
     pub env: BTreeMap<String, String>,
+    /// Absolute paths inside the server whose writable files are drift even
+    /// when they are ordinary data (config a server rewrites, say).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<String>,
+}
+
+/// Where an environment's servers run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderSpec {
+    /// Sandboxes on this host (the embedded default).
+    Local,
 }
 
 /// An environment: `staging`, `production`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnvSpec {
     pub name: String,
-    pub provider: String,
+    pub provider: ProviderSpec,
     /// Subnet of the environment's servers, e.g. `10.77.1.0/24`.
-    pub subnet: String,
+    pub subnet: Subnet,
+    /// Whether `subnet` was declared (otherwise it was derived from the
+    /// project's and environment's names).
+    pub subnet_declared: bool,
     pub approvals: u32,
     pub pipeline_identities: Vec<String>,
     pub alarm: Option<String>,
@@ -287,129 +310,19 @@ pub struct Server {
     /// For a `standby` server: when its rollback window ends (epoch seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby_until: Option<i64>,
+    /// The machine it runs on, for providers with several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Declared port → the port it is reachable on at `address`, where the
+    /// provider publishes it elsewhere; a port not listed is itself.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub published: BTreeMap<u16, u16>,
 }
 
-/// What a role should run, resolved from the spec and the image store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoleTarget {
-    pub role: String,
-    /// `name@version`.
-    pub image: String,
-    pub image_digest: String,
-    pub spec_hash: String,
-    pub servers: u32,
-    /// Destroy-then-create replacement (declared `cold_only`, or a role with volumes).
-    pub cold: bool,
-}
-
-/// One step of a plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Create,
-    Replace,
-    Destroy,
-}
-
-/// One change of a plan: fully decided (ids, slots, addresses) so that
-/// execution makes no choices.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Change {
-    pub action: Action,
-    pub role: String,
-    /// The server acted on: the new id for `create`, the old id for
-    /// `replace` and `destroy`.
-    pub server: String,
-    /// For `replace`: the id of the server that replaces it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replacement: Option<String>,
-    pub slot: u32,
-    /// Address of the new server (create and replace).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
-    /// `name@version` of the new server's image (create and replace).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// Why: `new server`, `image changed (app@1 → app@2)`, `spec changed`, ...
-    pub reason: String,
-    /// Replacement destroys the old server before creating the new one.
-    #[serde(default)]
-    pub cold: bool,
-    /// Changes with the same batch number are carried out together: their
-    /// new servers come up and pass health checks, the balancer switches to
-    /// them in one step, then the old servers are drained.
-    #[serde(default)]
-    pub batch: u32,
-    /// For `replace`: the replacement already exists (a warm standby server
-    /// of a blue-green rollout) and is switched back to, not created.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub promote: bool,
-    /// For `replace`: keep the old server warm, out of the balancer, for
-    /// this many seconds instead of destroying it (blue-green).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keep_warm_secs: Option<u64>,
-    /// After this batch switches, watch it for this many seconds (canary
-    /// bake) before going on; a failed health check or an error rate above
-    /// `max_error_rate` at the balancer rolls the release back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bake_secs: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_error_rate: Option<f64>,
-}
-
-impl Change {
-    /// A change with nothing but its action, role, server, slot and reason set.
-    pub fn new(action: Action, role: &str, server: &str, slot: u32, reason: &str) -> Change {
-        Change {
-            action,
-            role: role.to_string(),
-            server: server.to_string(),
-            replacement: None,
-            slot,
-            address: None,
-            image: None,
-            reason: reason.to_string(),
-            cold: false,
-            batch: 0,
-            promote: false,
-            keep_warm_secs: None,
-            bake_secs: None,
-            max_error_rate: None,
-        }
-    }
-}
-
-/// A plan for one environment: the contract of `kiln plan -o` and `--json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Plan {
-    /// Format version of this document.
-    pub format: u32,
-    pub env: String,
-    /// The environment's generation the plan was made against; a plan whose
-    /// generation is not the current one is stale and refused.
-    pub generation: i64,
-    /// When it was planned (seconds since the epoch).
-    pub created: i64,
-    /// Roles in start order (`depends_on` first).
-    pub order: Vec<String>,
-    pub targets: Vec<RoleTarget>,
-    pub changes: Vec<Change>,
-    /// Destroy everything first (`kiln deploy --cold`).
-    #[serde(default)]
-    pub cold: bool,
-    /// Destroys the whole environment (`kiln destroy`, `kiln plan --destroy`).
-    #[serde(default)]
-    pub destroy: bool,
-    /// Who made the plan: an approval must come from someone else.
-    #[serde(default)]
-    pub author: String,
-}
-
-impl Plan {
-    pub fn count(&self, action: Action) -> usize {
-        self.changes.iter().filter(|c| c.action == action).count()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
+impl Server {
+    /// `address:port` where the server's declared `port` is reached.
+    pub fn endpoint(&self, port: u16) -> String {
+        let p = self.published.get(&port).copied().unwrap_or(port);
+        format!("{}:{p}", self.address)
     }
 }

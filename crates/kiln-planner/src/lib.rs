@@ -1,38 +1,56 @@
-//! The planner: a pure function from (desired environment, resolved role
-//! targets, observed servers, clock, randomness) to a [`Plan`].
+//! The planner: pure functions from (declared environment, resolved role
+//! targets, observed servers, releases, clock, randomness) to a [`Plan`].
+//! Apply, cold deploy, destroy, rollback target selection, the automatic
+//! rollback after a failed apply and reconcile's forced replacements are all
+//! decided here; the engine only executes.
 //!
 //! Invariants: no I/O, no clock or random source of its own (both are
 //! arguments), deterministic for the same inputs. Everything execution
-//! needs is decided here: new server ids, slots and addresses, so the
-//! engine makes no choices.
+//! needs is decided here: new server ids, slots, addresses, batches and
+//! order, so the engine makes no choices.
+
+mod render;
+mod rollback;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use kiln_model::{
-    Action, Change, EnvSpec, Plan, RoleSpec, RoleTarget, Server, ServerStatus, Strategy,
+    Canary, Change, Create, Destroy, EnvSpec, EnvTarget, Plan, PlanKind, Replace, ReplaceOrder,
+    RoleSpec, RoleTarget, Server, ServerStatus, Strategy,
 };
 
-/// Version of the plan file format written by this planner.
-pub const PLAN_FORMAT: u32 = 1;
+pub use render::render;
+pub use rollback::{auto_rollback, declared_changes, rollback_targets, DeclaredChange};
+
+/// Version of the plan file format written by this planner. Format 2:
+/// self-contained targets and typed changes.
+pub const PLAN_FORMAT: u32 = 2;
+
+/// Server ids are `ROLE-XXXX`: at most this many servers of one role exist
+/// at once, old and new together.
+pub const MAX_IDS_PER_ROLE: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
     /// The environment's subnet cannot hold the servers it declares.
     #[error("subnet {subnet} of environment `{env}` has no free address for another server")]
     SubnetFull { env: String, subnet: String },
-    /// The subnet is not an IPv4 CIDR.
-    #[error("subnet `{subnet}` of environment `{env}` is not an IPv4 network like 10.88.1.0/24")]
-    BadSubnet { env: String, subnet: String },
     /// A role has no resolved target (its image was not built).
     #[error("role `{role}` has no target; its image must be built first")]
     NoTarget { role: String },
+    /// Every id of a role is taken.
+    #[error("role `{role}` has no free server id left (at most 65,536 servers of one role)")]
+    IdsExhausted { role: String },
+    /// There is nothing to roll back to.
+    #[error("cannot roll back `{env}`: {reason}")]
+    NoRollback { env: String, reason: String },
 }
 
 /// Everything the planner looks at.
 pub struct Input<'a> {
     pub env: &'a EnvSpec,
-    /// One per role of `env`, resolved from the image store.
+    /// One per role of `env`.
     pub targets: &'a [RoleTarget],
     /// Every server the state records for this environment, any status.
     pub observed: &'a [Server],
@@ -40,14 +58,16 @@ pub struct Input<'a> {
     pub dead: &'a BTreeSet<String>,
     pub generation: i64,
     pub now: i64,
-    /// `kiln deploy --cold`: destroy everything, then create afresh.
-    pub cold: bool,
+    pub kind: PlanKind,
     /// Servers to replace although their image and spec are current, with
-    /// why (reconcile: drift policy, TTL).
+    /// why (reconcile: drift policy, TTL, self-healing).
     pub force: &'a BTreeMap<String, String>,
     /// Server ids in use outside this environment (other environments,
     /// other projects on the same host): new ids avoid them.
     pub taken: &'a BTreeSet<String>,
+    /// Servers the runtime runs for this environment that the state does
+    /// not know, as (id, role): planned to be destroyed.
+    pub strays: &'a [(String, String)],
 }
 
 /// Roles in start order: every role after the roles it depends on, ties by name.
@@ -56,7 +76,12 @@ pub fn role_order(env: &EnvSpec) -> Vec<String> {
         if !seen.insert(r.to_string()) {
             return;
         }
-        for d in &env.roles[r].depends_on {
+        for d in env
+            .roles
+            .get(r)
+            .map(|r| r.depends_on.as_slice())
+            .unwrap_or(&[])
+        {
             visit(d, env, seen, out);
         }
         out.push(r.to_string());
@@ -83,67 +108,97 @@ pub fn spec_hash(role: &RoleSpec) -> String {
     blake3::hash(v.to_string().as_bytes()).to_hex()[..16].to_string()
 }
 
-/// `10.88.1.0/24` → (network, prefix).
-pub fn parse_subnet(cidr: &str) -> Option<(Ipv4Addr, u8)> {
-    let (a, p) = cidr.split_once('/')?;
-    let addr: Ipv4Addr = a.parse().ok()?;
-    let prefix: u8 = p.parse().ok()?;
-    if !(8..=30).contains(&prefix) {
-        return None;
-    }
-    let mask = u32::MAX << (32 - prefix);
-    Some((Ipv4Addr::from(u32::from(addr) & mask), prefix))
+/// Hands out new ids and addresses: ids never used by any observed or
+/// taken server, addresses from the lowest free one, in one pass.
+struct Allocator<'a> {
+    env: &'a EnvSpec,
+    ids: BTreeSet<String>,
+    per_role: BTreeMap<String, usize>,
+    used: BTreeSet<Ipv4Addr>,
+    hosts: Box<dyn Iterator<Item = Ipv4Addr> + 'a>,
 }
 
-/// Makes the plan. `random` supplies the 16-bit suffixes of new server ids.
-pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, PlanError> {
-    let env = input.env;
-    let order = role_order(env);
-    let (net, prefix) = parse_subnet(&env.subnet).ok_or_else(|| PlanError::BadSubnet {
-        env: env.name.clone(),
-        subnet: env.subnet.clone(),
-    })?;
-    let mut ids: BTreeSet<String> = input
-        .observed
-        .iter()
-        .map(|s| s.id.clone())
-        .chain(input.taken.iter().cloned())
-        .collect();
-    let mut used: BTreeSet<Ipv4Addr> = input
-        .observed
-        .iter()
-        .filter_map(|s| s.address.parse().ok())
-        .collect();
-    let hosts = (1u32 << (32 - prefix)) - 2;
-    // .1 is the gateway; servers take the lowest free address from .2. The
-    // cursor only moves forward: addresses are handed out in one pass.
-    let mut cursor = 2u32;
-    let mut next_addr = || -> Result<String, PlanError> {
-        while cursor <= hosts {
-            let a = Ipv4Addr::from(u32::from(net) + cursor);
-            cursor += 1;
-            if used.insert(a) {
+impl<'a> Allocator<'a> {
+    fn new(input: &Input<'a>) -> Allocator<'a> {
+        let ids: BTreeSet<String> = input
+            .observed
+            .iter()
+            .map(|s| s.id.clone())
+            .chain(input.taken.iter().cloned())
+            .collect();
+        let mut per_role: BTreeMap<String, usize> = BTreeMap::new();
+        for id in &ids {
+            if let Some((role, _)) = id.rsplit_once('-') {
+                *per_role.entry(role.to_string()).or_default() += 1;
+            }
+        }
+        Allocator {
+            env: input.env,
+            ids,
+            per_role,
+            used: input
+                .observed
+                .iter()
+                .filter_map(|s| s.address.parse().ok())
+                .collect(),
+            hosts: Box::new(input.env.subnet.hosts()),
+        }
+    }
+
+    fn address(&mut self) -> Result<String, PlanError> {
+        for a in self.hosts.by_ref() {
+            if self.used.insert(a) {
                 return Ok(a.to_string());
             }
         }
         Err(PlanError::SubnetFull {
-            env: env.name.clone(),
-            subnet: env.subnet.clone(),
+            env: self.env.name.clone(),
+            subnet: self.env.subnet.to_string(),
         })
-    };
-    let had_slot: BTreeSet<(&str, u32)> = input
-        .observed
-        .iter()
-        .map(|s| (s.role.as_str(), s.slot))
-        .collect();
-    let mut new_id = |role: &str| -> String {
-        loop {
-            let id = format!("{role}-{:04x}", random());
-            if ids.insert(id.clone()) {
-                return id;
-            }
+    }
+
+    fn id(&mut self, role: &str, random: &mut dyn FnMut() -> u16) -> Result<String, PlanError> {
+        let count = self.per_role.entry(role.to_string()).or_default();
+        if *count >= MAX_IDS_PER_ROLE {
+            return Err(PlanError::IdsExhausted { role: role.into() });
         }
-    };
+        // With ids left, a random pick collides with probability < 1; after
+        // a few tries, walk up from the last pick so the search ends.
+        let mut n = random();
+        for attempt in 0..MAX_IDS_PER_ROLE {
+            let id = format!("{role}-{n:04x}");
+            if self.ids.insert(id.clone()) {
+                *count += 1;
+                return Ok(id);
+            }
+            n = if attempt < 16 {
+                random()
+            } else {
+                n.wrapping_add(1)
+            };
+        }
+        Err(PlanError::IdsExhausted { role: role.into() })
+    }
+}
+
+struct Batches(u32);
+
+impl Batches {
+    fn next(&mut self) -> u32 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+/// Makes the plan for `input.kind` (apply, cold deploy, rollback,
+/// automatic rollback, reconcile, promote). `random` supplies the 16-bit
+/// suffixes of new server ids.
+pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, PlanError> {
+    let env = input.env;
+    let cold = input.kind == PlanKind::DeployCold;
+    let order = role_order(env);
+    let mut alloc = Allocator::new(input);
+    let mut batch = Batches(0);
     let targets: BTreeMap<&str, &RoleTarget> =
         input.targets.iter().map(|t| (t.role.as_str(), t)).collect();
     // Only running, live servers count as present; the engine cleans up
@@ -153,21 +208,24 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
         .iter()
         .filter(|s| s.status == ServerStatus::Running && !input.dead.contains(&s.id))
         .collect();
-    let mut changes = Vec::new();
+    let mut changes = leftovers(input, &mut batch);
 
-    let mut batch = 0u32;
-    if input.cold {
+    if cold {
         for role in order.iter().rev() {
             for s in live.iter().filter(|s| &s.role == role) {
-                let mut d = destroy(s, "cold deploy: every server is destroyed first");
-                d.batch = next(&mut batch);
-                changes.push(d);
+                changes.push(destroy(
+                    s,
+                    "cold deploy: every server is destroyed first",
+                    batch.next(),
+                ));
             }
         }
         for s in live.iter().filter(|s| !env.roles.contains_key(&s.role)) {
-            let mut d = destroy(s, "role removed from the environment");
-            d.batch = next(&mut batch);
-            changes.push(d);
+            changes.push(destroy(
+                s,
+                "role removed from the environment",
+                batch.next(),
+            ));
         }
     }
 
@@ -175,76 +233,159 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
         let t = targets
             .get(role.as_str())
             .ok_or_else(|| PlanError::NoTarget { role: role.clone() })?;
-        let spec = &env.roles[role];
-        let mut by_slot: BTreeMap<u32, &Server> = BTreeMap::new();
-        let mut extra = Vec::new();
-        if !input.cold {
-            let mut mine: Vec<&&Server> = live.iter().filter(|s| &s.role == role).collect();
-            mine.sort_by_key(|s| (s.slot, s.created, s.id.clone()));
-            for s in mine {
-                if s.slot < t.servers && !by_slot.contains_key(&s.slot) {
-                    by_slot.insert(s.slot, s);
-                } else {
-                    extra.push(*s);
-                }
-            }
+        plan_role(
+            input,
+            t,
+            &live,
+            &mut alloc,
+            &mut batch,
+            &mut changes,
+            random,
+        )?;
+    }
+    if !cold {
+        let removed = input.observed.iter().filter(|s| {
+            !env.roles.contains_key(&s.role)
+                && !input.dead.contains(&s.id)
+                && matches!(s.status, ServerStatus::Running | ServerStatus::Standby)
+        });
+        for s in removed {
+            changes.push(destroy(
+                s,
+                "role removed from the environment",
+                batch.next(),
+            ));
         }
-        // Warm standby servers of a blue-green rollout: destroyed once their
-        // window is over, otherwise available for an instant switch back.
-        let mut standby: Vec<&Server> = Vec::new();
-        for s in input.observed.iter().filter(|s| {
-            &s.role == role && s.status == ServerStatus::Standby && !input.dead.contains(&s.id)
-        }) {
-            if input.cold || s.standby_until.is_none_or(|u| u <= input.now) {
-                let mut d = destroy(s, "blue-green rollback window is over");
-                d.batch = next(&mut batch);
-                changes.push(d);
+    }
+    Ok(Plan {
+        format: PLAN_FORMAT,
+        kind: input.kind,
+        env: env.name.clone(),
+        generation: input.generation,
+        created: input.now,
+        author: String::new(),
+        rollback_to: None,
+        promoted_from: None,
+        target: EnvTarget { subnet: env.subnet },
+        order,
+        targets: input.targets.to_vec(),
+        changes,
+    })
+}
+
+/// What a crashed run or a dead process left behind: rows half-created or
+/// half-destroyed, servers whose process is gone, and strays. Destroying
+/// them first makes the plan say what the engine cleans up.
+fn leftovers(input: &Input, batch: &mut Batches) -> Vec<Change> {
+    let mut out = Vec::new();
+    for s in input.observed {
+        let why = match s.status {
+            ServerStatus::Creating => "half-created by an interrupted apply",
+            ServerStatus::Destroying => "half-destroyed by an interrupted apply",
+            _ if input.dead.contains(&s.id) => "its process is gone",
+            _ => continue,
+        };
+        out.push(destroy(s, why, batch.next()));
+    }
+    for (id, role) in input.strays {
+        out.push(Change::Destroy(Destroy {
+            role: role.clone(),
+            server: id.clone(),
+            slot: 0,
+            reason: "stray: labelled with the environment, unknown to the state".into(),
+            batch: batch.next(),
+        }));
+    }
+    out
+}
+
+/// The changes of one role: new servers in empty slots, replacements in
+/// batches by strategy, standby servers past their window, scale-down.
+fn plan_role(
+    input: &Input,
+    t: &RoleTarget,
+    live: &[&Server],
+    alloc: &mut Allocator,
+    batch: &mut Batches,
+    changes: &mut Vec<Change>,
+    random: &mut dyn FnMut() -> u16,
+) -> Result<(), PlanError> {
+    let role = t.role.as_str();
+    let cold = input.kind == PlanKind::DeployCold;
+    let had_slot: BTreeSet<u32> = input
+        .observed
+        .iter()
+        .filter(|s| s.role == role)
+        .map(|s| s.slot)
+        .collect();
+    let mut by_slot: BTreeMap<u32, &Server> = BTreeMap::new();
+    let mut extra = Vec::new();
+    if !cold {
+        let mut mine: Vec<&Server> = live.iter().copied().filter(|s| s.role == role).collect();
+        mine.sort_by_key(|s| (s.slot, s.created, s.id.clone()));
+        for s in mine {
+            if s.slot < t.servers && !by_slot.contains_key(&s.slot) {
+                by_slot.insert(s.slot, s);
             } else {
-                standby.push(s);
+                extra.push(s);
             }
         }
-        let mut replaces = Vec::new();
-        for slot in 0..t.servers {
-            match by_slot.get(&slot) {
-                None => {
-                    let id = new_id(role);
-                    let had = had_slot.contains(&(role.as_str(), slot));
-                    let reason = if input.cold {
-                        "cold deploy".to_string()
-                    } else if had {
-                        format!("slot {slot} has no running server")
-                    } else {
-                        "new server".to_string()
-                    };
-                    let mut c = Change::new(Action::Create, role, &id, slot, &reason);
-                    c.address = Some(next_addr()?);
-                    c.image = Some(t.image.clone());
-                    c.batch = next(&mut batch);
-                    changes.push(c);
-                }
-                Some(s) => {
-                    let reason = if s.image_digest != t.image_digest {
-                        Some(format!("image changed ({} → {})", s.image, t.image))
-                    } else if s.spec_hash != t.spec_hash {
-                        Some("spec changed".to_string())
-                    } else {
-                        input.force.get(&s.id).cloned()
-                    };
-                    if let Some(reason) = reason {
-                        let mut c = Change::new(Action::Replace, role, &s.id, slot, &reason);
-                        c.image = Some(t.image.clone());
-                        c.cold = t.cold;
-                        if t.cold {
-                            c.reason = format!(
-                                "{reason}; cold-only: destroyed before its replacement starts"
-                            );
-                        }
-                        replaces.push(c);
-                    }
-                }
-            }
+    }
+    // Warm standby servers of a blue-green rollout: destroyed once their
+    // window is over, otherwise available for an instant switch back.
+    let mut standby: Vec<&Server> = Vec::new();
+    let standbys = input.observed.iter().filter(|s| {
+        s.role == role && s.status == ServerStatus::Standby && !input.dead.contains(&s.id)
+    });
+    for s in standbys {
+        if cold || s.standby_until.is_none_or(|u| u <= input.now) {
+            changes.push(destroy(
+                s,
+                "blue-green rollback window is over",
+                batch.next(),
+            ));
+        } else {
+            standby.push(s);
         }
-        // Batches of replacements, by strategy.
+    }
+    let mut replaces: Vec<(&Server, String)> = Vec::new();
+    for slot in 0..t.servers {
+        let Some(s) = by_slot.get(&slot) else {
+            let reason = if cold {
+                "cold deploy".to_string()
+            } else if had_slot.contains(&slot) {
+                format!("slot {slot} has no running server")
+            } else {
+                "new server".to_string()
+            };
+            changes.push(Change::Create(Create {
+                role: role.into(),
+                server: alloc.id(role, random)?,
+                slot,
+                address: alloc.address()?,
+                image: t.image.to_string(),
+                reason,
+                batch: batch.next(),
+            }));
+            continue;
+        };
+        let reason = if s.image_digest != t.image.digest {
+            Some(format!("image changed ({} → {})", s.image, t.image))
+        } else if s.spec_hash != t.spec_hash {
+            Some("spec changed".to_string())
+        } else {
+            input.force.get(&s.id).cloned()
+        };
+        if let Some(reason) = reason {
+            replaces.push((s, reason));
+        }
+    }
+    if !replaces.is_empty() {
+        let promotable: Vec<&Server> = standby
+            .iter()
+            .copied()
+            .filter(|s| s.image_digest == t.image.digest && s.spec_hash == t.spec_hash)
+            .collect();
         let strategy = if t.cold {
             Strategy::Rolling {
                 max_surge: 1,
@@ -252,45 +393,83 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                 min_healthy_secs: 0,
             }
         } else {
-            spec.strategy.clone()
+            t.spec.strategy.clone()
         };
-        let promotable: Vec<&Server> = standby
-            .iter()
-            .copied()
-            .filter(|s| s.image_digest == t.image_digest && s.spec_hash == t.spec_hash)
-            .collect();
+        let ctx = Batching {
+            t,
+            standby: &standby,
+            promotable: &promotable,
+        };
+        ctx.replace(strategy, replaces, alloc, batch, changes, random)?;
+    }
+    for s in extra {
+        let why = format!("scaled down to {} servers", t.servers);
+        changes.push(destroy(s, &why, batch.next()));
+    }
+    Ok(())
+}
+
+/// Turns a role's replacements into batches according to its strategy.
+struct Batching<'a> {
+    t: &'a RoleTarget,
+    standby: &'a [&'a Server],
+    promotable: &'a [&'a Server],
+}
+
+impl Batching<'_> {
+    fn replace(
+        &self,
+        strategy: Strategy,
+        replaces: Vec<(&Server, String)>,
+        alloc: &mut Allocator,
+        batch: &mut Batches,
+        changes: &mut Vec<Change>,
+        random: &mut dyn FnMut() -> u16,
+    ) -> Result<(), PlanError> {
+        let role = self.t.role.as_str();
+        let base = |s: &Server, reason: String, batch: u32| Replace {
+            role: role.into(),
+            server: s.id.clone(),
+            replacement: String::new(),
+            slot: s.slot,
+            address: String::new(),
+            image: self.t.image.to_string(),
+            reason,
+            batch,
+            order: ReplaceOrder::CreateFirst,
+            keep_warm_secs: None,
+            canary: None,
+        };
         match strategy {
             Strategy::BlueGreen {
                 rollback_window_secs,
-            } if !replaces.is_empty() => {
-                let b = next(&mut batch);
-                let switch_back = promotable.len() >= replaces.len();
-                for (i, mut c) in replaces.into_iter().enumerate() {
-                    c.batch = b;
+            } => {
+                let b = batch.next();
+                let switch_back = self.promotable.len() >= replaces.len();
+                for (i, (s, reason)) in replaces.into_iter().enumerate() {
+                    let mut c = base(s, reason, b);
                     if switch_back {
-                        let s = promotable[i];
-                        c.replacement = Some(s.id.clone());
-                        c.address = Some(s.address.clone());
-                        c.promote = true;
+                        let warm = self.promotable[i];
+                        c.replacement = warm.id.clone();
+                        c.address = warm.address.clone();
+                        c.order = ReplaceOrder::SwitchBack;
                         c.reason =
-                            format!("{}; blue-green: switch back to warm {}", c.reason, s.id);
+                            format!("{}; blue-green: switch back to warm {}", c.reason, warm.id);
                     } else {
-                        c.replacement = Some(new_id(role));
-                        c.address = Some(next_addr()?);
+                        c.replacement = alloc.id(role, random)?;
+                        c.address = alloc.address()?;
                         c.keep_warm_secs = Some(rollback_window_secs);
                         c.reason = format!(
-                            "{}; blue-green: new set, one switch, old set warm for {}s",
-                            c.reason, rollback_window_secs
+                            "{}; blue-green: new set, one switch, old set warm for {rollback_window_secs}s",
+                            c.reason
                         );
                     }
-                    changes.push(c);
+                    changes.push(Change::Replace(c));
                 }
                 // Standby servers that are not switched back to are of no further use.
                 if !switch_back {
-                    for s in &standby {
-                        let mut d = destroy(s, "superseded standby server");
-                        d.batch = b;
-                        changes.push(d);
+                    for s in self.standby {
+                        changes.push(destroy(s, "superseded standby server", b));
                     }
                 }
             }
@@ -298,25 +477,28 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                 share_percent,
                 bake_secs,
                 max_error_rate,
-            } if !replaces.is_empty() => {
-                let first =
-                    ((replaces.len() as u64 * share_percent as u64).div_ceil(100)).max(1) as usize;
-                let b = next(&mut batch);
-                for (i, mut c) in replaces.into_iter().enumerate() {
-                    c.replacement = Some(new_id(role));
-                    c.address = Some(next_addr()?);
+            } => {
+                let first = (replaces.len() as u64 * share_percent as u64)
+                    .div_ceil(100)
+                    .max(1) as usize;
+                let b = batch.next();
+                for (i, (s, reason)) in replaces.into_iter().enumerate() {
+                    let mut c = base(s, reason, b);
+                    c.replacement = alloc.id(role, random)?;
+                    c.address = alloc.address()?;
                     if i < first {
-                        c.batch = b;
-                        c.bake_secs = Some(bake_secs);
-                        c.max_error_rate = Some(max_error_rate);
+                        c.canary = Some(Canary {
+                            bake_secs,
+                            max_error_rate,
+                        });
                         c.reason = format!(
                             "{}; canary ({share_percent}%), baked {bake_secs}s",
                             c.reason
                         );
                     } else {
-                        c.batch = next(&mut batch);
+                        c.batch = batch.next();
                     }
-                    changes.push(c);
+                    changes.push(Change::Replace(c));
                 }
             }
             Strategy::Rolling {
@@ -328,146 +510,93 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
                 // max_unavailable` servers; `max_unavailable` of them are
                 // destroyed before their replacements start (capacity may
                 // drop by that much), the rest are surged (created first).
-                let (surge, unavailable) = if t.cold {
-                    (1, 0)
+                let (surge, unavailable) = if self.t.cold {
+                    (0, 1)
                 } else {
                     (max_surge as usize, max_unavailable as usize)
                 };
                 let size = (surge + unavailable).max(1);
-                for (i, mut c) in replaces.into_iter().enumerate() {
-                    if i % size < unavailable && !c.cold {
-                        c.cold = true;
-                        c.reason = format!("{}; max_unavailable = {unavailable}: destroyed before its replacement starts", c.reason);
-                    }
-                    c.replacement = Some(new_id(role));
-                    c.address = Some(next_addr()?);
+                let mut b = 0;
+                for (i, (s, reason)) in replaces.into_iter().enumerate() {
                     if i % size == 0 {
-                        next(&mut batch);
+                        b = batch.next();
                     }
-                    c.batch = batch;
-                    changes.push(c);
+                    let mut c = base(s, reason, b);
+                    if self.t.cold {
+                        c.order = ReplaceOrder::DestroyFirst;
+                        c.reason = format!(
+                            "{}; cold-only: destroyed before its replacement starts",
+                            c.reason
+                        );
+                    } else if i % size < unavailable {
+                        c.order = ReplaceOrder::DestroyFirst;
+                        c.reason = format!(
+                            "{}; max_unavailable = {unavailable}: destroyed before its replacement starts",
+                            c.reason
+                        );
+                    }
+                    c.replacement = alloc.id(role, random)?;
+                    c.address = alloc.address()?;
+                    changes.push(Change::Replace(c));
                 }
             }
-            _ => {}
         }
-        for s in extra {
-            let mut d = destroy(s, &format!("scaled down to {} servers", t.servers));
-            d.batch = next(&mut batch);
-            changes.push(d);
-        }
+        Ok(())
     }
-    if !input.cold {
-        for s in input.observed.iter().filter(|s| {
-            !env.roles.contains_key(&s.role)
-                && !input.dead.contains(&s.id)
-                && matches!(s.status, ServerStatus::Running | ServerStatus::Standby)
-        }) {
-            let mut d = destroy(s, "role removed from the environment");
-            d.batch = next(&mut batch);
-            changes.push(d);
-        }
+}
+
+/// A plan that destroys every server of an environment: dependents before
+/// what they depend on (`app` before the `db` it uses), servers of roles no
+/// longer declared first of all.
+pub fn plan_destroy(
+    env: &EnvSpec,
+    observed: &[Server],
+    strays: &[(String, String)],
+    generation: i64,
+    now: i64,
+) -> Plan {
+    let order = role_order(env);
+    let rank = |role: &str| order.iter().position(|r| r == role).unwrap_or(usize::MAX);
+    let mut servers: Vec<&Server> = observed.iter().collect();
+    servers.sort_by(|a, b| rank(&b.role).cmp(&rank(&a.role)).then(a.id.cmp(&b.id)));
+    let mut changes: Vec<Change> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| destroy(s, "environment destroyed", i as u32 + 1))
+        .collect();
+    for (id, role) in strays {
+        changes.push(Change::Destroy(Destroy {
+            role: role.clone(),
+            server: id.clone(),
+            slot: 0,
+            reason: "stray: labelled with the environment, unknown to the state".into(),
+            batch: changes.len() as u32 + 1,
+        }));
     }
-    Ok(Plan {
+    Plan {
         format: PLAN_FORMAT,
+        kind: PlanKind::Destroy,
         env: env.name.clone(),
-        generation: input.generation,
-        created: input.now,
-        order,
-        targets: input.targets.to_vec(),
-        changes,
-        cold: input.cold,
-        destroy: false,
+        generation,
+        created: now,
         author: String::new(),
+        rollback_to: None,
+        promoted_from: None,
+        target: EnvTarget { subnet: env.subnet },
+        order: vec![],
+        targets: vec![],
+        changes,
+    }
+}
+
+fn destroy(s: &Server, reason: &str, batch: u32) -> Change {
+    Change::Destroy(Destroy {
+        role: s.role.clone(),
+        server: s.id.clone(),
+        slot: s.slot,
+        reason: reason.to_string(),
+        batch,
     })
-}
-
-fn destroy(s: &Server, reason: &str) -> Change {
-    Change::new(Action::Destroy, &s.role, &s.id, s.slot, reason)
-}
-
-fn next(batch: &mut u32) -> u32 {
-    *batch += 1;
-    *batch
-}
-
-/// The plan as text, one line per change, Terraform-style markers (`+`
-/// create, `~` replace, `-` destroy) and a summary. Colours are the CLI's.
-pub fn render(plan: &Plan) -> String {
-    let mut out = String::new();
-    if plan.changes.is_empty() {
-        out.push_str(&format!(
-            "No changes. Environment `{}` matches its declaration.\n",
-            plan.env
-        ));
-        return out;
-    }
-    out.push_str(&format!(
-        "kiln will make these changes to `{}`{}:\n\n",
-        plan.env,
-        if plan.cold {
-            " (cold deploy: NOT zero-downtime)"
-        } else {
-            ""
-        }
-    ));
-    let mut sizes: BTreeMap<u32, usize> = BTreeMap::new();
-    for c in &plan.changes {
-        *sizes.entry(c.batch).or_default() += 1;
-    }
-    let mut shown = BTreeSet::new();
-    for c in &plan.changes {
-        if sizes[&c.batch] > 1 && shown.insert(c.batch) {
-            let what = if c.promote {
-                "switch back in one step"
-            } else if c.keep_warm_secs.is_some() {
-                "blue-green: all up and healthy, then one switch"
-            } else if c.bake_secs.is_some() {
-                "canary: up, switched, then baked before the rest"
-            } else if plan.changes.iter().any(|o| o.batch == c.batch && o.cold) {
-                "together: destroy-first ones drained and destroyed, then all up and healthy, then one switch"
-            } else {
-                "together: up and healthy, then one switch"
-            };
-            out.push_str(&format!(
-                "  batch {} ({} servers, {what}):\n",
-                c.batch, sizes[&c.batch]
-            ));
-        }
-        let line = match c.action {
-            Action::Create => format!(
-                "  + {:<10} create   {} at {}  ({})",
-                c.server,
-                c.image.as_deref().unwrap_or("?"),
-                c.address.as_deref().unwrap_or("?"),
-                c.reason
-            ),
-            Action::Replace => format!(
-                "  ~ {:<10} replace  by {} ({} at {}){}  ({})",
-                c.server,
-                c.replacement.as_deref().unwrap_or("?"),
-                c.image.as_deref().unwrap_or("?"),
-                c.address.as_deref().unwrap_or("?"),
-                if c.promote {
-                    ", switch back"
-                } else if c.cold {
-                    ", destroy first"
-                } else {
-                    ", create first"
-                },
-                c.reason
-            ),
-            Action::Destroy => format!("  - {:<10} destroy  ({})", c.server, c.reason),
-        };
-        out.push_str(&line);
-        out.push('\n');
-    }
-    out.push_str(&format!(
-        "\nPlan: {} to create, {} to replace, {} to destroy.\n",
-        plan.count(Action::Create),
-        plan.count(Action::Replace),
-        plan.count(Action::Destroy)
-    ));
-    out
 }
 
 #[cfg(test)]

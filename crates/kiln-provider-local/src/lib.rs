@@ -3,22 +3,30 @@
 //! read-only unpacked root, with new pid/mount/uts/ipc/cgroup namespaces, a
 //! network namespace of its own on the environment's bridge (its own
 //! address, reachable from the host), tmpfs `/tmp` and `/run`, only its
-//! declared volumes writable, cgroup limits from its size, hostname = its
-//! id, and the minimal capability set. Its stdout and stderr go to
-//! `<dir>/logs/<env>/<id>.log`, which outlives it. Servers outlive kiln.
+//! declared volumes writable, cgroup limits from its size, and hostname =
+//! its id. Its stdout and stderr go to a log file that outlives it.
+//! Servers and balancers outlive kiln.
 //!
-//! Layout under `<dir>` (the store, `.kiln/`): `servers/` (libcontainer
-//! state and bundles), `logs/`, `volumes/<env>/<role>-<slot>/<volume>/`.
+//! Layout under `<dir>` (the store, `.kiln/`), the provider's own:
+//! `servers/` (libcontainer state and bundles), `logs/<env>/<id>.log`,
+//! `volumes/<env>/<role>-<slot>/<volume>/`, `balancers/<env>-<role>/`,
+//! `quarantine/<env>/<id>/`.
 
+mod balancer;
+mod inspect;
 pub mod net;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use kiln_model::{Balancer, HealthCheck};
-use kiln_provider::{Inspection, Provider, ProviderError, Running, ServerRequest};
+use kiln_image::Store;
+use kiln_model::{Balancer, HealthCheck, ImageRef, Server, Volume};
+use kiln_provider::{
+    check, BalancerState, FileCheck, Inspection, LogChunk, Provider, ProviderError, Running,
+    ServerRequest, Started,
+};
 use kiln_sandbox::{alive, Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
 
 /// Labels written on every server sandbox, so strays are found by what they claim to be.
@@ -29,60 +37,20 @@ pub const LABEL_DIGEST: &str = "dev.kiln.image";
 
 pub struct Local {
     dir: PathBuf,
+    store: Store,
     runtime: Runtime,
     /// One reading of /proc shared by the inspections of a drift scan.
-    procs: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Procs>)>>,
-}
-
-/// Every process on the host: parent, pid namespace, whether a zombie.
-struct Procs {
-    parent: std::collections::BTreeMap<i32, i32>,
-    ns: std::collections::BTreeMap<i32, PathBuf>,
-    zombie: std::collections::BTreeSet<i32>,
-}
-
-impl Procs {
-    fn read() -> Procs {
-        let mut p = Procs {
-            parent: Default::default(),
-            ns: Default::default(),
-            zombie: Default::default(),
-        };
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-            p.parent.insert(
-                pid,
-                rest.split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
-            );
-            if rest.starts_with('Z') || rest.starts_with('X') {
-                p.zombie.insert(pid);
-            }
-            if let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/pid")) {
-                p.ns.insert(pid, ns);
-            }
-        }
-        p
-    }
+    procs: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<inspect::Procs>)>>,
 }
 
 impl Local {
-    pub fn new(dir: &Path) -> Local {
+    /// The provider over `store` (its directory holds the provider's layout too).
+    pub fn new(store: &Store) -> Local {
+        let dir = store.root().to_path_buf();
         Local {
-            dir: dir.to_path_buf(),
             runtime: Runtime::new(&dir.join("servers")),
+            dir,
+            store: store.clone(),
             procs: std::sync::Mutex::new(None),
         }
     }
@@ -95,37 +63,101 @@ impl Local {
             .join(name)
     }
 
+    fn log_path(&self, env: &str, id: &str) -> PathBuf {
+        self.dir.join("logs").join(env).join(format!("{id}.log"))
+    }
+
     /// The name an environment's network is derived from: the store's
     /// path and the environment, so two projects' `staging` never share a bridge.
     pub fn net_key(&self, env: &str) -> String {
         format!("{}:{env}", self.dir.display())
     }
 
-    /// Removes an environment's bridge (after its last server is gone).
-    pub fn remove_network(&self, env: &str) -> Result<(), net::NetError> {
-        net::remove_env(&self.net_key(env))
-    }
-
-    /// The sandbox runtime servers live in (for drift and stray detection).
+    /// The sandbox runtime servers live in.
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+
+    fn procs(&self) -> std::sync::Arc<inspect::Procs> {
+        let mut cached = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        match cached.as_ref() {
+            Some((at, p)) if at.elapsed() < Duration::from_millis(500) => p.clone(),
+            _ => {
+                let p = std::sync::Arc::new(inspect::Procs::read());
+                *cached = Some((std::time::Instant::now(), p.clone()));
+                p
+            }
+        }
+    }
+
+    fn sandbox_spec(&self, req: &ServerRequest, netns: PathBuf) -> Result<SandboxSpec, String> {
+        let root = self
+            .store
+            .root_path(&kiln_image::Digest(req.image.digest.clone()));
+        let mut binds = Vec::new();
+        for v in &req.volumes {
+            let host = self.volume_dir(&req.env, &req.role, req.slot, &v.name);
+            std::fs::create_dir_all(&host)
+                .map_err(|e| format!("create volume {}: {e}", host.display()))?;
+            binds.push(Bind {
+                source: host,
+                destination: v.path.clone(),
+                readonly: false,
+            });
+        }
+        let log = self.log_path(&req.env, &req.id);
+        let mut spec = SandboxSpec::readonly(&req.id, &root, req.launch.argv.clone(), &log);
+        spec.env = req.launch.env.clone();
+        spec.cwd = req.launch.workdir.clone();
+        spec.network = Network::Join(netns);
+        spec.binds = binds;
+        spec.privilege = Privilege::Minimal;
+        spec.limits = Some(Limits {
+            memory_bytes: Some(req.size.memory_bytes as i64),
+            cpus: Some(req.size.cpus),
+            pids: Some(1024),
+        });
+        spec.labels = vec![
+            (LABEL_ENV.into(), req.env.clone()),
+            (LABEL_ROLE.into(), req.role.clone()),
+            (LABEL_RELEASE.into(), req.release.to_string()),
+            (LABEL_DIGEST.into(), req.image.digest.clone()),
+        ];
+        Ok(spec)
     }
 }
 
 impl Provider for Local {
-    fn create(&self, req: &ServerRequest) -> Result<i32, ProviderError> {
+    fn prepare(&self, images: &[ImageRef]) -> Result<(), ProviderError> {
+        // Roots are already unpacked in the store this provider runs from.
+        for i in images {
+            let root = self.store.root_path(&kiln_image::Digest(i.digest.clone()));
+            if !root.is_dir() {
+                return Err(ProviderError::Prepare {
+                    image: i.to_string(),
+                    detail: format!("no unpacked root at {}", root.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn create(&self, req: &ServerRequest) -> Result<Started, ProviderError> {
         let fail = |detail: String| ProviderError::Create {
             id: req.id.clone(),
             detail,
         };
+        let root = self
+            .store
+            .root_path(&kiln_image::Digest(req.image.digest.clone()));
         // The runtime would create a missing mount point inside the shared,
         // sealed image root: refuse instead, the image must provide it.
         for v in &req.volumes {
-            if !req.root.join(v.path.trim_start_matches('/')).is_dir() {
+            if !root.join(v.path.trim_start_matches('/')).is_dir() {
                 return Err(fail(format!("the image has no directory {} for volume `{}`; create it in the image (files/ or a script)", v.path, v.name)));
             }
         }
-        let envnet = net::ensure_env(&self.net_key(&req.env), &req.subnet)
+        let envnet = net::ensure_env(&self.net_key(&req.env), req.subnet)
             .map_err(|e| fail(e.to_string()))?;
         let addr = req
             .address
@@ -133,41 +165,22 @@ impl Provider for Local {
             .map_err(|_| fail(format!("bad address {}", req.address)))?;
         let netns = net::attach(&envnet, &req.id, addr).map_err(|e| fail(e.to_string()))?;
         let log = self.log_path(&req.env, &req.id);
-        std::fs::create_dir_all(log.parent().expect("log has a parent"))
-            .map_err(|e| fail(e.to_string()))?;
-        let mut binds = Vec::new();
-        for v in &req.volumes {
-            let host = self.volume_dir(&req.env, &req.role, req.slot, &v.name);
-            std::fs::create_dir_all(&host)
-                .map_err(|e| fail(format!("create volume {}: {e}", host.display())))?;
-            binds.push(Bind {
-                source: host,
-                destination: v.path.clone(),
-                readonly: false,
-            });
-        }
-        let mut spec = SandboxSpec::readonly(&req.id, &req.root, req.argv.clone(), &log);
-        spec.env = req.env_vars.clone();
-        spec.cwd = req.workdir.clone();
-        spec.network = Network::Join(netns);
-        spec.binds = binds;
-        spec.privilege = Privilege::Minimal;
-        spec.limits = Some(Limits {
-            memory_bytes: Some(req.memory_bytes as i64),
-            cpus: Some(req.cpus),
-            pids: Some(1024),
-        });
-        spec.labels = vec![
-            (LABEL_ENV.into(), req.env.clone()),
-            (LABEL_ROLE.into(), req.role.clone()),
-            (LABEL_RELEASE.into(), req.release.to_string()),
-            (LABEL_DIGEST.into(), req.image_digest.clone()),
-        ];
-        match self.runtime.start(&spec) {
-            Ok(pid) => Ok(pid),
+        let prepared = log
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .map_err(|e| e.to_string())
+            .and_then(|_| self.sandbox_spec(req, netns));
+        let started =
+            prepared.and_then(|spec| self.runtime.start(&spec).map_err(|e| e.to_string()));
+        match started {
+            Ok(pid) => Ok(Started {
+                pid: Some(pid),
+                ..Started::default()
+            }),
             Err(e) => {
                 let _ = net::detach(&req.id);
-                Err(fail(e.to_string()))
+                Err(fail(e))
             }
         }
     }
@@ -198,13 +211,11 @@ impl Provider for Local {
                     .find(|(n, _)| n == k)
                     .map(|(_, v)| v.clone())
             };
-            // Build and test sandboxes live elsewhere; anything here without
-            // an environment label is still reported under no environment.
             if label(LABEL_ENV).as_deref() != Some(env) {
                 continue;
             }
-            let alive = f.running && f.pid.is_some_and(alive);
             out.push(Running {
+                alive: f.running && f.pid.is_some_and(alive),
                 id: f.id.clone(),
                 env: env.to_string(),
                 role: label(LABEL_ROLE).unwrap_or_default(),
@@ -212,35 +223,36 @@ impl Provider for Local {
                     .and_then(|r| r.parse().ok())
                     .unwrap_or(0),
                 pid: f.pid,
-                alive,
             });
         }
         Ok(out)
     }
 
-    fn probe(&self, req: &ServerRequest, check: &HealthCheck) -> bool {
+    fn probe(&self, server: &Server, check: &HealthCheck) -> bool {
+        let Ok(ip) = server.address.parse() else {
+            return false;
+        };
         match check {
-            HealthCheck::Http { path, port } => http_ok(&req.address, *port, path),
-            HealthCheck::Tcp { port } => req.address.parse().ok().is_some_and(|ip| {
-                TcpStream::connect_timeout(&SocketAddr::new(ip, *port), Duration::from_millis(500))
-                    .is_ok()
-            }),
+            HealthCheck::Http { path, port } => check::http(SocketAddr::new(ip, *port), path),
+            HealthCheck::Tcp { port } => check::tcp(SocketAddr::new(ip, *port)),
             HealthCheck::Command { argv } => {
                 // The command runs in a sandbox of the same image, in the
                 // server's network namespace: never inside the server itself.
                 let log = self
                     .dir
                     .join("logs")
-                    .join(&req.env)
-                    .join(format!("{}.health.log", req.id));
+                    .join(&server.env)
+                    .join(format!("{}.health.log", server.id));
+                let root = self
+                    .store
+                    .root_path(&kiln_image::Digest(server.image_digest.clone()));
                 let mut spec = SandboxSpec::readonly(
-                    &format!("kiln-probe-{}", req.id),
-                    &req.root,
+                    &format!("kiln-probe-{}", server.id),
+                    &root,
                     argv.clone(),
                     &log,
                 );
-                spec.env = req.env_vars.clone();
-                spec.network = Network::Join(net::netns_path(&req.id));
+                spec.network = Network::Join(net::netns_path(&server.id));
                 let _ = std::fs::remove_file(&log);
                 matches!(
                     self.runtime
@@ -251,8 +263,46 @@ impl Provider for Local {
         }
     }
 
-    fn log_path(&self, env: &str, id: &str) -> PathBuf {
-        self.dir.join("logs").join(env).join(format!("{id}.log"))
+    fn log_ids(&self, env: &str) -> Result<Vec<String>, ProviderError> {
+        let dir = self.dir.join("logs").join(env);
+        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|i| {
+                let name = i.file_name().to_string_lossy().into_owned();
+                let id = name.strip_suffix(".log")?;
+                (!id.ends_with(".health")).then(|| id.to_string())
+            })
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn read_log(&self, env: &str, id: &str, offset: u64) -> Result<LogChunk, ProviderError> {
+        use std::io::{Read, Seek};
+        let path = self.log_path(env, id);
+        let fail = |e: std::io::Error| ProviderError::Other {
+            what: format!("read the log of {id}"),
+            detail: e.to_string(),
+        };
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(LogChunk {
+                    bytes: Vec::new(),
+                    next: offset,
+                })
+            }
+            Err(e) => return Err(fail(e)),
+        };
+        f.seek(std::io::SeekFrom::Start(offset)).map_err(fail)?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).map_err(fail)?;
+        Ok(LogChunk {
+            next: offset + bytes.len() as u64,
+            bytes,
+        })
     }
 
     fn balance(
@@ -295,12 +345,21 @@ impl Provider for Local {
         kiln_balancer::wait_drained(&self.balancer_dir(env, role), backend, timeout)
     }
 
-    fn inspect(&self, _env: &str, id: &str, volumes: &[(String, PathBuf)]) -> Inspection {
-        let Some(found) = self.runtime.find(id) else {
+    fn balancer(&self, env: &str, role: &str) -> Option<BalancerState> {
+        self.balancer_state(env, role)
+    }
+
+    fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError> {
+        self.stop_balancer(env, role);
+        Ok(())
+    }
+
+    fn inspect(&self, server: &Server, volumes: &[Volume]) -> Inspection {
+        let Some(found) = self.runtime.find(&server.id) else {
             return Inspection::default();
         };
         let mut out = Inspection {
-            image_label: found
+            image_digest: found
                 .labels
                 .iter()
                 .find(|(k, _)| k == LABEL_DIGEST)
@@ -308,77 +367,140 @@ impl Provider for Local {
             ..Default::default()
         };
         let Some(pid) = found.pid else { return out };
-        let procs = {
-            let mut cached = self.procs.lock().expect("procs lock");
-            match cached.as_ref() {
-                Some((at, p)) if at.elapsed() < Duration::from_millis(500) => p.clone(),
-                _ => {
-                    let p = std::sync::Arc::new(Procs::read());
-                    *cached = Some((std::time::Instant::now(), p.clone()));
-                    p
-                }
-            }
-        };
-        out.foreign_processes = foreign_processes(pid, &procs);
-        out.root_inode = std::fs::metadata(format!("/proc/{pid}/root"))
-            .ok()
-            .map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                (m.dev(), m.ino())
-            });
-        // tmpfs areas are seen through the server's own root.
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
-        for area in ["tmp", "run"] {
-            walk_files(&root.join(area), &format!("/{area}"), &mut out.writable);
+        out.foreign_processes = inspect::foreign_processes(pid, &self.procs());
+        let root = self
+            .store
+            .root_path(&kiln_image::Digest(server.image_digest.clone()));
+        if let (Some(running), Ok(m)) = (inspect::root_inode(pid), std::fs::metadata(&root)) {
+            use std::os::unix::fs::MetadataExt;
+            out.replaced_root = (m.dev(), m.ino()) != running;
         }
-        for (inside, host) in volumes {
-            walk_files(host, inside, &mut out.writable);
+        // tmpfs areas are seen through the server's own root.
+        let inside = PathBuf::from(format!("/proc/{pid}/root"));
+        for area in ["tmp", "run"] {
+            inspect::walk_files(
+                &inside.join(area),
+                &format!("/{area}"),
+                false,
+                &mut out.written,
+            );
+        }
+        for v in volumes {
+            let host = self.volume_dir(&server.env, &server.role, server.slot, &v.name);
+            inspect::walk_files(&host, &v.path, true, &mut out.written);
         }
         out.memory_limit = std::fs::read_to_string(format!(
-            "/sys/fs/cgroup/memory/kiln/{id}/memory.limit_in_bytes"
+            "/sys/fs/cgroup/memory/kiln/{}/memory.limit_in_bytes",
+            server.id
         ))
         .ok()
         .and_then(|s| s.trim().parse().ok());
-        out.listening = listening_ports(pid);
+        out.listening = inspect::listening_ports(pid);
         out
     }
 
-    fn backend_stats(&self, env: &str, role: &str) -> Vec<(String, u64, u64)> {
-        // Attempts: connections made plus connections that failed; failures:
-        // connections that failed plus responses with an HTTP 5xx status.
-        kiln_balancer::read_status(&self.balancer_dir(env, role))
-            .map(|s| {
-                s.backends
-                    .into_iter()
-                    .map(|b| (b.addr, b.total + b.errors, b.errors + b.responses_5xx))
-                    .collect()
+    fn verify_files(
+        &self,
+        image: &ImageRef,
+        servers: &[&Server],
+        full: bool,
+    ) -> Result<FileCheck, ProviderError> {
+        // Every server of a version runs from the one shared root: verified once.
+        let v = kiln_image::ops::verify_with(&self.store, &image.to_string(), full, false)
+            .map_err(|e| ProviderError::Other {
+                what: format!("verify image {image}"),
+                detail: e.to_string(),
+            })?;
+        let mut lines: Vec<String> = v
+            .differences
+            .iter()
+            .map(|d| {
+                d.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
             })
-            .unwrap_or_default()
-    }
-
-    fn balancer_alive(&self, env: &str, role: &str) -> bool {
-        balancer_pid(&self.balancer_dir(env, role)).is_some()
-    }
-
-    fn balancer_backends(&self, env: &str, role: &str) -> Vec<String> {
-        let dir = self.balancer_dir(env, role);
-        match kiln_balancer::read_status(&dir) {
-            Some(s) => s
-                .backends
-                .into_iter()
-                .filter(|b| b.active)
-                .map(|b| b.addr)
+            .collect();
+        lines.extend(
+            v.corrupt_blobs
+                .iter()
+                .map(|b| format!("image blob {b} is corrupt")),
+        );
+        Ok(FileCheck {
+            differences: servers
+                .iter()
+                .filter(|_| !lines.is_empty())
+                .map(|s| (s.id.clone(), lines.clone()))
                 .collect(),
-            None => kiln_balancer::read_backends(&dir)
-                .map(|b| b.backends)
-                .unwrap_or_default(),
-        }
+            full,
+        })
     }
 
-    fn taken_ids(&self) -> std::collections::BTreeSet<String> {
+    fn quarantine(
+        &self,
+        server: &Server,
+        volumes: &[Volume],
+        findings_json: &str,
+    ) -> Result<String, ProviderError> {
+        let dir = self.quarantine_dir(&server.env).join(&server.id);
+        let fail = |e: std::io::Error| ProviderError::Other {
+            what: format!("quarantine {}", server.id),
+            detail: e.to_string(),
+        };
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        std::fs::write(dir.join("findings.json"), findings_json).map_err(fail)?;
+        let _ = std::fs::copy(
+            self.log_path(&server.env, &server.id),
+            dir.join("server.log"),
+        );
+        let mut areas: Vec<(PathBuf, String)> = Vec::new();
+        if let Some(pid) = server.pid {
+            for area in ["tmp", "run"] {
+                areas.push((
+                    PathBuf::from(format!("/proc/{pid}/root/{area}")),
+                    area.into(),
+                ));
+            }
+        }
+        for v in volumes {
+            let host = self.volume_dir(&server.env, &server.role, server.slot, &v.name);
+            areas.push((host, format!("volume-{}", v.name)));
+        }
+        for (from, to) in areas {
+            // `cp -a` keeps modes, owners, times and links as they were:
+            // evidence, not a working copy.
+            let _ = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&from)
+                .arg(dir.join(to))
+                .status();
+        }
+        Ok(dir.display().to_string())
+    }
+
+    fn expire_quarantine(&self, env: &str, before: i64) -> Result<Vec<String>, ProviderError> {
+        let mut gone = Vec::new();
+        for item in std::fs::read_dir(self.quarantine_dir(env))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let at = std::fs::read(item.path().join("findings.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["quarantined_at"].as_i64());
+            if at.is_some_and(|t| t < before) {
+                let _ = std::fs::remove_dir_all(item.path());
+                gone.push(item.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(gone)
+    }
+
+    fn taken_ids(&self) -> Result<BTreeSet<String>, ProviderError> {
         // Network namespaces and cgroups are host-wide: ids used by any
         // project's servers (and this project's containers) are taken.
-        let mut out: std::collections::BTreeSet<String> = net::netns_ids().into_iter().collect();
+        let mut out: BTreeSet<String> = net::netns_ids().into_iter().collect();
         if let Ok(items) = std::fs::read_dir(&self.runtime.state) {
             out.extend(
                 items
@@ -386,232 +508,31 @@ impl Provider for Local {
                     .map(|i| i.file_name().to_string_lossy().into_owned()),
             );
         }
-        out
+        Ok(out)
     }
 
-    fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError> {
-        let dir = self.balancer_dir(env, role);
-        if let Some(pid) = balancer_pid(&dir) {
-            // SAFETY: kill(2) on a pid we verified runs our balancer.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            for _ in 0..200 {
-                if !alive(pid) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            reap(pid);
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(())
+    fn teardown(&self, env: &str) -> Result<(), ProviderError> {
+        net::remove_env(&self.net_key(env)).map_err(|e| ProviderError::Other {
+            what: format!("remove the network of `{env}`"),
+            detail: e.to_string(),
+        })
     }
 }
 
 impl Local {
-    /// `.kiln/balancers/<env>-<role>/`: the balancer's control directory.
-    pub fn balancer_dir(&self, env: &str, role: &str) -> PathBuf {
-        self.dir.join("balancers").join(format!("{env}-{role}"))
+    fn quarantine_dir(&self, env: &str) -> PathBuf {
+        self.dir.join("quarantine").join(env)
     }
-
-    /// Starts the role's balancer unless it runs. It is `kiln balancer
-    /// serve` in a session of its own, so it outlives this process; any
-    /// kiln command that needs it restarts it if it died.
-    fn ensure_balancer(&self, dir: &Path, listen: &str) -> Result<(), String> {
-        if balancer_pid(dir).is_some() {
-            return Ok(());
-        }
-        let exe = std::env::var_os("KILN_EXE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::current_exe().ok())
-            .ok_or("cannot find the kiln executable")?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("balancer.log"))
-            .map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_file(dir.join("pid"));
-        let mut cmd = std::process::Command::new(exe);
-        cmd.arg("balancer")
-            .arg("serve")
-            .arg("--listen")
-            .arg(listen)
-            .arg("--dir")
-            .arg(dir);
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log);
-        // SAFETY: setsid is async-signal-safe; it detaches the balancer
-        // from kiln's session so it survives the terminal and kiln.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start the balancer: {e}"))?;
-        let start = std::time::Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if kiln_balancer::read_status(dir).is_some_and(|s| s.pid == child.id()) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Err(format!(
-            "the balancer did not start; see {}",
-            dir.join("balancer.log").display()
-        ))
-    }
-}
-
-/// The pid of a live balancer for `dir`, if one runs.
-fn balancer_pid(dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(dir.join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (alive(pid) && cmdline.windows(8).any(|w| w == b"balancer")).then_some(pid)
-}
-
-/// One HTTP/1.0 GET; healthy on a 2xx or 3xx status line. Hand-written on
-/// purpose: a status line over a plain socket, with a hard per-attempt
-/// timeout, is all a health probe needs, and an HTTP client crate would
-/// bring TLS and a larger tree for nothing.
-pub fn http_ok(address: &str, port: u16, path: &str) -> bool {
-    let Ok(ip) = address.parse() else {
-        return false;
-    };
-    let timeout = Duration::from_millis(500);
-    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(ip, port), timeout) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(timeout));
-    let _ = s.set_write_timeout(Some(timeout));
-    if s.write_all(
-        format!("GET {path} HTTP/1.0\r\nHost: {address}\r\nUser-Agent: kiln-health\r\n\r\n")
-            .as_bytes(),
-    )
-    .is_err()
-    {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    let mut got = 0;
-    while got < 12 {
-        match s.read(&mut buf[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    kiln_balancer::passes(&buf[..got])
 }
 
 /// Reaps a killed server if it is this process's child (servers started by
 /// this kiln process are); otherwise init does.
-fn reap(pid: i32) {
-    use nix::sys::wait::{waitpid, WaitPidFlag};
+pub(crate) fn reap(pid: i32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     for _ in 0..50 {
         match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                std::thread::sleep(Duration::from_millis(2))
-            }
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(2)),
             _ => return,
-        }
-    }
-}
-
-/// Processes in `pid`'s pid namespace that are not `pid` or its descendants.
-/// TCP ports in LISTEN state in the network namespace of `pid`, from
-/// `/proc/PID/net/tcp` and `tcp6` (`local_address` is `HEXIP:HEXPORT`,
-/// state `0A` is LISTEN).
-fn listening_ports(pid: i32) -> Vec<u16> {
-    let mut out = std::collections::BTreeSet::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let mut cols = line.split_whitespace();
-            let (Some(local), Some(state)) = (cols.nth(1), cols.nth(1)) else {
-                continue;
-            };
-            if state == "0A" {
-                if let Some(port) = local
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-                {
-                    out.insert(port);
-                }
-            }
-        }
-    }
-    out.into_iter().collect()
-}
-
-fn foreign_processes(pid: i32, procs: &Procs) -> Vec<String> {
-    let Some(target) = procs.ns.get(&pid) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (&p, ns) in &procs.ns {
-        // A zombie runs nothing: it is only waiting to be reaped.
-        if ns != target || procs.zombie.contains(&p) {
-            continue;
-        }
-        let mut cur = p;
-        let mut descends = false;
-        for _ in 0..64 {
-            if cur == pid {
-                descends = true;
-                break;
-            }
-            match procs.parent.get(&cur) {
-                Some(&pp) if pp > 0 => cur = pp,
-                _ => break,
-            }
-        }
-        if !descends {
-            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            let cmd: Vec<String> = cmd
-                .split(|b| *b == 0)
-                .filter(|s| !s.is_empty())
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect();
-            out.push(format!("{p}: {}", cmd.join(" ")));
-        }
-    }
-    out
-}
-
-/// Every non-directory below `dir`, shown as `shown/...`, flagging executables.
-fn walk_files(dir: &Path, shown: &str, out: &mut Vec<(String, bool)>) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(items) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for item in items.flatten() {
-        let name = item.file_name().to_string_lossy().into_owned();
-        let path = format!("{}/{name}", shown.trim_end_matches('/'));
-        match item.metadata() {
-            Ok(m) if m.is_dir() => walk_files(&item.path(), &path, out),
-            Ok(m) => {
-                let exec = m.permissions().mode() & 0o111 != 0
-                    || std::fs::File::open(item.path())
-                        .ok()
-                        .and_then(|mut f| {
-                            let mut magic = [0u8; 4];
-                            std::io::Read::read_exact(&mut f, &mut magic)
-                                .ok()
-                                .map(|_| &magic == b"\x7fELF")
-                        })
-                        .unwrap_or(false);
-                out.push((path, exec));
-            }
-            Err(_) => {}
         }
     }
 }

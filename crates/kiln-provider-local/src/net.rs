@@ -12,6 +12,8 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
+
+use kiln_model::Subnet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,16 +30,10 @@ pub enum NetError {
         status: String,
         stderr: String,
     },
-    #[error("invalid subnet `{subnet}`: {reason}")]
-    Subnet { subnet: String, reason: String },
     #[error("invalid server id `{id}`: expected letters, digits, '-', '_' or '.'")]
     ServerId { id: String },
-    #[error("{addr} is not a server address of {subnet}/{prefix}")]
-    Address {
-        addr: Ipv4Addr,
-        subnet: Ipv4Addr,
-        prefix: u8,
-    },
+    #[error("{addr} is not a server address of {subnet}")]
+    Address { addr: Ipv4Addr, subnet: Subnet },
     #[error("bridge port {veth} not forwarding after {}s", READY_TIMEOUT.as_secs())]
     NotReady { veth: String },
     #[error("cannot run `{cmd}`")]
@@ -56,41 +52,13 @@ pub struct EnvNet {
     pub bridge: String,
     pub gateway: Ipv4Addr,
     pub prefix: u8,
-    pub subnet: Ipv4Addr, // the network address
-}
-
-/// Parses `"10.88.1.0/24"`. The prefix is limited to 16..=28: larger
-/// subnets are a typo rather than a plan, smaller ones leave too few servers.
-pub fn parse_subnet(cidr: &str) -> Result<(Ipv4Addr, u8), NetError> {
-    let err = |reason: &str| NetError::Subnet {
-        subnet: cidr.into(),
-        reason: reason.into(),
-    };
-    let (addr, prefix) = cidr
-        .split_once('/')
-        .ok_or_else(|| err("expected address/prefix"))?;
-    let addr: Ipv4Addr = addr.parse().map_err(|_| err("not an IPv4 address"))?;
-    let prefix: u8 = prefix.parse().map_err(|_| err("prefix is not a number"))?;
-    if !(16..=28).contains(&prefix) {
-        return Err(err("prefix must be between 16 and 28"));
-    }
-    if u32::from(addr) & !mask(prefix) != 0 {
-        return Err(err("host bits are set; give the network address"));
-    }
-    Ok((addr, prefix))
-}
-
-/// Usable server addresses: `.2` up to broadcast-1 (`.1` is the gateway).
-pub fn host_addresses(subnet: Ipv4Addr, prefix: u8) -> impl Iterator<Item = Ipv4Addr> {
-    let net = u32::from(subnet) & mask(prefix);
-    (net.saturating_add(2)..=(net | !mask(prefix)).saturating_sub(1)).map(Ipv4Addr::from)
+    pub subnet: Subnet,
 }
 
 /// Creates the environment's bridge if missing, gives it the gateway
 /// address if missing and sets it up. Idempotent; one `ip` process.
-pub fn ensure_env(env: &str, cidr: &str) -> Result<EnvNet, NetError> {
-    let (subnet, prefix) = parse_subnet(cidr)?;
-    let gateway = Ipv4Addr::from(u32::from(subnet) + 1);
+pub fn ensure_env(env: &str, subnet: Subnet) -> Result<EnvNet, NetError> {
+    let (gateway, prefix) = (subnet.gateway(), subnet.prefix());
     let net = EnvNet {
         bridge: format!("kb-{}", hash10(env)),
         gateway,
@@ -157,11 +125,10 @@ pub fn netns_path(server_id: &str) -> PathBuf {
 /// reach it. Leftovers of the same id (a crashed run) are removed first.
 pub fn attach(net: &EnvNet, server_id: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
     check_id(server_id)?;
-    if !host_addresses(net.subnet, net.prefix).any(|a| a == addr) {
+    if !net.subnet.is_host(addr) {
         return Err(NetError::Address {
             addr,
             subnet: net.subnet,
-            prefix: net.prefix,
         });
     }
     let (ns, veth) = (
@@ -338,8 +305,4 @@ fn fnv(s: &str) -> u64 {
 /// Ten hex digits: `kb-` and `kv` names then fit IFNAMSIZ (15 characters).
 fn hash10(s: &str) -> String {
     format!("{:016x}", fnv(s))[..10].to_string()
-}
-
-fn mask(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
 }

@@ -1,30 +1,39 @@
 //! Where servers run. The [`Provider`] trait is everything the engine may
-//! ask of a runtime: create a server from an unpacked, sealed image root,
-//! destroy it, list what runs (with the labels that tie each server to its
-//! environment, role and release), probe its health, and locate its logs.
-//! [`fake::Fake`] implements it in memory for hermetic engine tests.
+//! ask of a runtime, and nothing about where the runtime keeps things:
+//! make image versions available, create a server from a fully decided
+//! request, destroy it, list what runs (with the labels that tie each
+//! server to its environment, role and release), probe its health, read its
+//! logs, switch and drain a role's balancer, look inside a server for
+//! drift, verify the files it runs from, keep a drifted server's evidence,
+//! and tear down what an environment leaves behind. Paths, processes and
+//! network layout are the provider's own, so a remote provider is a new
+//! crate, not a new branch in the engine.
+//!
+//! [`fake::Fake`] implements it in memory, scriptable, for hermetic engine
+//! tests.
 //!
 //! Invariant: there is no exec, attach or shell in this interface.
 
+pub mod check;
 pub mod fake;
 
-use std::path::PathBuf;
-
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use std::collections::BTreeSet;
-
-use kiln_model::{Balancer, HealthCheck, Volume};
+use kiln_model::{Balancer, HealthCheck, ImageRef, Launch, Server, Size, Subnet, Volume};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
+    /// An image version could not be made available to servers.
+    #[error("cannot make image {image} available: {detail}")]
+    Prepare { image: String, detail: String },
     /// Creating a server failed.
     #[error("cannot create server {id}: {detail}")]
     Create { id: String, detail: String },
     /// Destroying a server failed.
     #[error("cannot destroy server {id}: {detail}")]
     Destroy { id: String, detail: String },
-    /// Listing or probing failed.
+    /// Anything else the runtime refused.
     #[error("{what}: {detail}")]
     Other { what: String, detail: String },
 }
@@ -37,20 +46,28 @@ pub struct ServerRequest {
     pub role: String,
     pub release: i64,
     pub slot: u32,
+    /// The address the plan gave it.
     pub address: String,
-    /// The environment's subnet (CIDR).
-    pub subnet: String,
-    /// The unpacked root of the sealed image version (shared, read-only).
-    pub root: PathBuf,
-    pub image_digest: String,
-    /// Entrypoint followed by command.
-    pub argv: Vec<String>,
-    /// `KEY=VALUE`, image environment then role environment.
-    pub env_vars: Vec<String>,
-    pub workdir: String,
-    pub cpus: f64,
-    pub memory_bytes: u64,
+    pub subnet: Subnet,
+    pub image: ImageRef,
+    pub launch: Launch,
+    pub size: Size,
+    pub ports: Vec<u16>,
     pub volumes: Vec<Volume>,
+}
+
+/// What creating a server gave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Started {
+    /// Host pid of its first process, where the provider has one.
+    pub pid: Option<i32>,
+    /// The machine it runs on, for providers with several.
+    pub node: Option<String>,
+    /// Where the provider published declared ports elsewhere (declared →
+    /// reachable); empty when every port is reached as itself.
+    pub published: BTreeMap<u16, u16>,
+    /// Its address, where the provider (not the plan) decides it.
+    pub address: Option<String>,
 }
 
 /// A server the runtime knows about.
@@ -65,37 +82,111 @@ pub struct Running {
     pub alive: bool,
 }
 
+/// One file written in a server's writable areas (tmpfs and volumes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Path inside the server.
+    pub path: String,
+    /// Executable (mode bits or an ELF header).
+    pub executable: bool,
+    /// setuid or setgid.
+    pub setid: bool,
+    /// Under a declared volume (not tmpfs).
+    pub in_volume: bool,
+}
+
 /// What a provider can see inside a running server, for drift detection.
+/// Observations only: what counts as drift is the engine's decision.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inspection {
     /// Processes in the server that do not descend from its first process
-    /// (someone entered its namespaces), as `pid: command line`.
+    /// (someone entered it), as `pid: command line`.
     pub foreign_processes: Vec<String>,
-    /// Files in its writable areas (tmpfs and volumes): path inside the
-    /// server and whether it is executable.
-    pub writable: Vec<(String, bool)>,
-    /// The memory limit its cgroup enforces.
+    /// Interactive sessions the runtime itself reports (exec sessions).
+    pub sessions: Vec<String>,
+    /// Files in its writable areas.
+    pub written: Vec<Written>,
+    /// The memory limit its runtime enforces.
     pub memory_limit: Option<u64>,
-    /// The image digest its sandbox is labelled with.
-    pub image_label: Option<String>,
-    /// Device and inode of the root directory it runs from.
-    pub root_inode: Option<(u64, u64)>,
-    /// TCP ports something listens on in its network namespace.
+    /// The image digest its runtime says it runs.
+    pub image_digest: Option<String>,
+    /// It runs from a root that was replaced since it started (a
+    /// `--no-cache` repair of a tampered image).
+    pub replaced_root: bool,
+    /// TCP ports something listens on in its network.
     pub listening: Vec<u16>,
+    /// Other settings the runtime reports changed behind kiln's back, said
+    /// as `what: found, declared`.
+    pub settings: Vec<String>,
+}
+
+/// Where a backend stands at its role's balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// Takes new connections.
+    InRotation,
+    /// Taken out by the balancer's own health checks.
+    FailingChecks,
+    /// Takes no new connections; open ones finish.
+    Draining,
+}
+
+/// One backend of a role's balancer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `address:port`.
+    pub addr: String,
+    pub rotation: Rotation,
+    /// Requests (or connections) tried so far.
+    pub attempts: u64,
+    /// Of those, failed ones: failed connections and HTTP 5xx responses.
+    pub failures: u64,
+}
+
+/// A role's balancer as the provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancerState {
+    /// Whether its process (or service) runs.
+    pub alive: bool,
+    pub backends: Vec<Backend>,
+}
+
+/// Files of the servers running one image version, against its seal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileCheck {
+    /// Differences from the seal, one line each, per server.
+    pub differences: BTreeMap<String, Vec<String>>,
+    /// Whether every file was re-hashed (not only changed ones).
+    pub full: bool,
+}
+
+/// A piece of a server's log, from `offset`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogChunk {
+    pub bytes: Vec<u8>,
+    /// Where the next read starts.
+    pub next: u64,
 }
 
 /// A runtime that runs servers.
 pub trait Provider {
-    /// Creates and starts a server; returns the host pid of its first process.
-    fn create(&self, req: &ServerRequest) -> Result<i32, ProviderError>;
-    /// Stops and removes a server and its network; idempotent. Logs stay.
+    /// Makes image versions available to the servers about to be created
+    /// (a remote provider pushes them to its registry). Called before an
+    /// apply changes anything, so a failure leaves nothing half-updated.
+    fn prepare(&self, images: &[ImageRef]) -> Result<(), ProviderError>;
+    /// Creates and starts a server.
+    fn create(&self, req: &ServerRequest) -> Result<Started, ProviderError>;
+    /// Stops and removes a server and what is its alone; idempotent. Its
+    /// logs stay readable.
     fn destroy(&self, env: &str, id: &str) -> Result<(), ProviderError>;
     /// Every server of `env` the runtime has, whether the state knows it or not.
     fn inventory(&self, env: &str) -> Result<Vec<Running>, ProviderError>;
-    /// One health probe of a server at `address`.
-    fn probe(&self, req: &ServerRequest, check: &HealthCheck) -> bool;
-    /// Where the server's stdout and stderr are kept (they outlive it).
-    fn log_path(&self, env: &str, id: &str) -> PathBuf;
+    /// One health probe of a server.
+    fn probe(&self, server: &Server, check: &HealthCheck) -> bool;
+    /// Ids of the servers of `env` that have logs, destroyed ones included.
+    fn log_ids(&self, env: &str) -> Result<Vec<String>, ProviderError>;
+    /// A server's stdout and stderr from byte `offset` on.
+    fn read_log(&self, env: &str, id: &str, offset: u64) -> Result<LogChunk, ProviderError>;
     /// Makes the role's balancer run and send new connections only to
     /// `backends` (`address:port`), returning once the switch is in effect.
     fn balance(
@@ -107,28 +198,35 @@ pub trait Provider {
     ) -> Result<(), ProviderError>;
     /// Waits (bounded) until the balancer has no open connection to `backend`.
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool;
-    /// Looks inside a running server (read-only).
-    fn inspect(&self, _env: &str, _id: &str, _volumes: &[(String, PathBuf)]) -> Inspection {
-        Inspection::default()
-    }
-    /// Per backend of a role's balancer: (address, attempts, failures) so far: attempts are connections made or failed, failures are failed connections and HTTP 5xx responses.
-    fn backend_stats(&self, _env: &str, _role: &str) -> Vec<(String, u64, u64)> {
-        Vec::new()
-    }
-    /// Whether a role's balancer is running (true when the provider has none
-    /// to supervise).
-    fn balancer_alive(&self, _env: &str, _role: &str) -> bool {
-        true
-    }
-    /// The backends a role's balancer routes new connections to right now.
-    fn balancer_backends(&self, _env: &str, _role: &str) -> Vec<String> {
-        Vec::new()
-    }
+    /// The role's balancer, or `None` when it has never been started.
+    fn balancer(&self, env: &str, role: &str) -> Option<BalancerState>;
+    /// Stops and removes a role's balancer; idempotent.
+    fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError>;
+    /// Looks inside a running server (read-only). `volumes` are the role's.
+    fn inspect(&self, server: &Server, volumes: &[Volume]) -> Inspection;
+    /// Verifies the files of `servers`, all running `image`, against its
+    /// seal: once per image version where the provider shares roots.
+    fn verify_files(
+        &self,
+        image: &ImageRef,
+        servers: &[&Server],
+        full: bool,
+    ) -> Result<FileCheck, ProviderError>;
+    /// Keeps a drifted server's evidence (log, writable areas) before it is
+    /// replaced; returns where it is kept.
+    fn quarantine(
+        &self,
+        server: &Server,
+        volumes: &[Volume],
+        findings_json: &str,
+    ) -> Result<String, ProviderError>;
+    /// Deletes quarantine evidence of `env` kept since before `before`
+    /// (epoch seconds); returns the servers whose evidence went.
+    fn expire_quarantine(&self, env: &str, before: i64) -> Result<Vec<String>, ProviderError>;
     /// Server ids this provider's host already uses for anything (other
     /// environments, other projects): new servers must not take them.
-    fn taken_ids(&self) -> BTreeSet<String> {
-        BTreeSet::new()
-    }
-    /// Stops and removes a role's balancer.
-    fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError>;
+    fn taken_ids(&self) -> Result<BTreeSet<String>, ProviderError>;
+    /// Removes what an environment has besides servers and balancers (its
+    /// network), once its last server is gone; idempotent.
+    fn teardown(&self, env: &str) -> Result<(), ProviderError>;
 }

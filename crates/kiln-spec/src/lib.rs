@@ -308,7 +308,7 @@ impl Validator<'_> {
         images: &BTreeMap<String, ImageSpec>,
     ) -> Result<BTreeMap<String, EnvSpec>, SpecError> {
         let mut out = BTreeMap::new();
-        for (index, (name, env)) in raw.env.iter().enumerate() {
+        for (name, env) in &raw.env {
             check_name(
                 &self.cx,
                 name,
@@ -316,8 +316,9 @@ impl Validator<'_> {
                 "environment name",
             )?;
             let merged = self.inherited(raw, name, env)?;
-            out.insert(name.clone(), self.env(name, index, &merged, images)?);
+            out.insert(name.clone(), self.env(name, &merged, images)?);
         }
+        self.subnets(raw, &mut out)?;
         Ok(out)
     }
 
@@ -351,14 +352,22 @@ impl Validator<'_> {
     fn env(
         &self,
         name: &str,
-        index: usize,
         env: &RawEnv,
         images: &BTreeMap<String, ImageSpec>,
     ) -> Result<EnvSpec, SpecError> {
-        let provider = env.provider.clone().unwrap_or_else(|| "local".into());
-        if provider != "local" {
-            return Err(self.cx.err(self.header(&["env", name]), format!("environment `{name}` uses provider `{provider}`; expected \"local\" (the only provider built in)")));
-        }
+        let provider = match env.provider.as_deref() {
+            None | Some("local") => ProviderSpec::Local,
+            Some(other) => return Err(self.cx.err(self.header(&["env", name]), format!("environment `{name}` uses provider `{other}`; expected \"local\" (the only provider built in)"))),
+        };
+        let subnet = match &env.subnet {
+            Some(s) => s.get_ref().parse::<Subnet>().map_err(|e| {
+                self.cx
+                    .err(s.span(), format!("subnet `{}`: {e}", s.get_ref()))
+            })?,
+            // A placeholder: `subnets` gives every environment without one
+            // its own once all are known.
+            None => Subnet::new(std::net::Ipv4Addr::UNSPECIFIED, 16).expect("0.0.0.0/16"),
+        };
         let mut roles = BTreeMap::new();
         for (rname, role) in &env.roles {
             check_name(
@@ -388,10 +397,8 @@ impl Validator<'_> {
         Ok(EnvSpec {
             name: name.to_string(),
             provider,
-            subnet: env
-                .subnet
-                .clone()
-                .unwrap_or_else(|| format!("10.88.{}.0/24", index + 1)),
+            subnet,
+            subnet_declared: env.subnet.is_some(),
             approvals: env.approvals.unwrap_or(0),
             pipeline_identities: env.pipeline_identities.clone().unwrap_or_default(),
             alarm: env.alarm.clone(),
@@ -467,12 +474,14 @@ impl Validator<'_> {
             None | Some(("alarm", _)) => DriftPolicy::Alarm,
             Some(("replace", _)) => DriftPolicy::Replace,
             Some(("kill", _)) => DriftPolicy::Kill,
-            Some((other, span)) => return Err(self.cx.err(
-                span,
-                format!(
+            Some((other, span)) => {
+                return Err(self.cx.err(
+                    span,
+                    format!(
                     "unknown drift policy `{other}`; expected \"alarm\", \"replace\" or \"kill\""
                 ),
-            )),
+                ))
+            }
         };
         let unmanaged = r.unmanaged.as_ref().or(env.unmanaged.as_ref());
         let unmanaged = match unmanaged.map(|d| (d.get_ref().as_str(), d.span())) {
@@ -539,6 +548,18 @@ impl Validator<'_> {
                 })
             }
         };
+        let mut watch = Vec::new();
+        if let Some(w) = &r.watch {
+            for p in w.get_ref() {
+                if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                    return Err(self.cx.err(
+                        w.span(),
+                        format!("watch path `{p}` must be absolute, without `..`"),
+                    ));
+                }
+                watch.push(p.clone());
+            }
+        }
         let mut volumes = Vec::new();
         for (vname, path) in r.volumes.iter().flatten() {
             if !path.starts_with('/') {
@@ -578,6 +599,7 @@ impl Validator<'_> {
             drift,
             unmanaged,
             env: r.env.clone().unwrap_or_default(),
+            watch,
         })
     }
 
@@ -628,6 +650,85 @@ impl Validator<'_> {
                 .cx
                 .err(s.span(), format!("unknown strategy `{other}`; {expected}"))),
         }
+    }
+}
+
+/// Networks a subnet may not be in: they are not for a bridge of servers.
+const RESERVED: [(&str, [u8; 4], u8); 5] = [
+    ("the \"this network\" range 0.0.0.0/8", [0, 0, 0, 0], 8),
+    ("the loopback range 127.0.0.0/8", [127, 0, 0, 0], 8),
+    ("the link-local range 169.254.0.0/16", [169, 254, 0, 0], 16),
+    ("the multicast range 224.0.0.0/4", [224, 0, 0, 0], 4),
+    ("the reserved range 240.0.0.0/4", [240, 0, 0, 0], 4),
+];
+
+/// Where default subnets come from: 10.64.0.0/10, as /24s.
+const DEFAULT_POOL: u32 = 16_384;
+
+/// The `i`-th /24 of the default pool.
+fn pool_subnet(i: u32) -> Subnet {
+    let i = i % DEFAULT_POOL;
+    let net = std::net::Ipv4Addr::new(10, 64 + (i / 256) as u8, (i % 256) as u8, 0);
+    Subnet::new(net, 24).expect("a /24 of 10.64.0.0/10")
+}
+
+/// 64-bit FNV-1a: a stable hash of names (the default subnet must not
+/// change between kiln versions or machines).
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl Validator<'_> {
+    /// Checks declared subnets (not reserved, no two overlapping) and gives
+    /// every environment without one its own: derived from the project's
+    /// and the environment's names, never from their order, and clear of
+    /// every other environment's subnet.
+    fn subnets(
+        &self,
+        raw: &RawFile,
+        envs: &mut BTreeMap<String, EnvSpec>,
+    ) -> Result<(), SpecError> {
+        let mut declared: Vec<(&str, Subnet, Range<usize>)> = Vec::new();
+        for (name, env) in envs.iter().filter(|(_, e)| e.subnet_declared) {
+            let span = raw.env[name]
+                .subnet
+                .as_ref()
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            let s = env.subnet;
+            // Subnets are /16 or smaller and reserved ranges /16 or larger:
+            // they overlap when the subnet starts inside the range.
+            let first = u32::from(s.network());
+            for (what, net, prefix) in RESERVED {
+                let shift = 32 - u32::from(prefix);
+                if first >> shift == u32::from_be_bytes(net) >> shift {
+                    return Err(self.cx.err(span, format!("subnet {s} of environment `{name}` is in {what}; use a private range such as 10.0.0.0/8")));
+                }
+            }
+            if let Some((other, o, _)) = declared.iter().find(|(_, o, _)| o.overlaps(&s)) {
+                return Err(self.cx.err(span, format!("subnet {s} of environment `{name}` overlaps subnet {o} of environment `{other}`; every environment needs its own")));
+            }
+            declared.push((name, s, span));
+        }
+        let mut taken: Vec<Subnet> = declared.iter().map(|d| d.1).collect();
+        let project = raw.project.name.get_ref();
+        for (name, env) in envs.iter_mut().filter(|(_, e)| !e.subnet_declared) {
+            let start = (fnv(&format!("{project}/{name}")) % u64::from(DEFAULT_POOL)) as u32;
+            let pick = (0..DEFAULT_POOL)
+                .map(|i| pool_subnet(start + i))
+                .find(|c| !taken.iter().any(|t| t.overlaps(c)))
+                .ok_or_else(|| {
+                    self.cx.err(
+                        self.header(&["env", name]),
+                        "no default subnet is free; declare `subnet`",
+                    )
+                })?;
+            env.subnet = pick;
+            taken.push(pick);
+        }
+        Ok(())
     }
 }
 

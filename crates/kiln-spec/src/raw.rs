@@ -62,7 +62,7 @@ pub(crate) struct RawHealth {
 pub(crate) struct RawEnv {
     pub inherit: Option<Spanned<String>>,
     pub provider: Option<String>,
-    pub subnet: Option<String>,
+    pub subnet: Option<Spanned<String>>,
     pub approvals: Option<u32>,
     pub pipeline_identities: Option<Vec<String>>,
     pub alarm: Option<String>,
@@ -81,7 +81,7 @@ impl RawEnv {
     pub fn over(mut self, parent: &RawEnv) -> RawEnv {
         let p = parent.clone();
         self.provider = self.provider.or(p.provider);
-        self.subnet = self.subnet.or(p.subnet);
+        // `subnet` is not inherited: every environment gets its own.
         self.approvals = self.approvals.or(p.approvals);
         self.pipeline_identities = self.pipeline_identities.or(p.pipeline_identities);
         self.alarm = self.alarm.or(p.alarm);
@@ -122,6 +122,7 @@ pub(crate) struct RawRole {
     pub unmanaged: Option<Spanned<String>>,
     pub env: Option<BTreeMap<String, String>>,
     pub replace_share: Option<u32>,
+    pub watch: Option<Spanned<Vec<String>>>,
 }
 
 impl RawRole {
@@ -142,6 +143,7 @@ impl RawRole {
             unmanaged: self.unmanaged.or(p.unmanaged),
             env: self.env.or(p.env),
             replace_share: self.replace_share.or(p.replace_share),
+            watch: self.watch.or(p.watch),
         }
     }
 }

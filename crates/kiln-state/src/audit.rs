@@ -25,20 +25,19 @@ pub struct AuditEntry {
     pub hash: String,
 }
 
-/// Hash of the chain up to and including an entry with these fields.
-fn link(
-    prev: &str,
-    seq: i64,
-    time: i64,
-    actor: &str,
-    env: &str,
-    action: &str,
-    plan_hash: &str,
-    outcome: &str,
-    pipeline: bool,
-) -> String {
-    let fields =
-        serde_json::json!([prev, seq, time, actor, env, action, plan_hash, outcome, pipeline]);
+/// Hash of the chain up to and including `e` (its own `hash` aside).
+fn link(e: &AuditEntry) -> String {
+    let fields = serde_json::json!([
+        e.prev,
+        e.seq,
+        e.time,
+        e.actor,
+        e.env,
+        e.action,
+        e.plan_hash,
+        e.outcome,
+        e.pipeline
+    ]);
     blake3::hash(fields.to_string().as_bytes())
         .to_hex()
         .to_string()
@@ -68,16 +67,7 @@ impl State {
             .unwrap_or((0, GENESIS.to_string()));
         let seq = seq + 1;
         let time = chrono::Utc::now().timestamp();
-        let hash = link(
-            &prev, seq, time, actor, env, action, plan_hash, outcome, pipeline,
-        );
-        tx.execute(
-            "INSERT INTO audit (seq, time, actor, env, action, plan_hash, outcome, pipeline, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![seq, time, actor, env, action, plan_hash, outcome, pipeline, prev, hash],
-        )
-        .map_err(&err)?;
-        tx.commit().map_err(&err)?;
-        Ok(AuditEntry {
+        let mut e = AuditEntry {
             seq,
             time,
             actor: actor.into(),
@@ -87,8 +77,16 @@ impl State {
             outcome: outcome.into(),
             pipeline,
             prev,
-            hash,
-        })
+            hash: String::new(),
+        };
+        e.hash = link(&e);
+        tx.execute(
+            "INSERT INTO audit (seq, time, actor, env, action, plan_hash, outcome, pipeline, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![e.seq, e.time, e.actor, e.env, e.action, e.plan_hash, e.outcome, e.pipeline, e.prev, e.hash],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(e)
     }
 
     /// The audit log, oldest first; of one environment, or all.
@@ -121,8 +119,7 @@ impl State {
     /// (edited, deleted, inserted or reordered), with why, or `None`.
     pub fn verify_audit(&self) -> Result<Option<(i64, String)>> {
         let mut prev = GENESIS.to_string();
-        let mut expected_seq = 1;
-        for e in self.audit(None)? {
+        for (expected_seq, e) in (1..).zip(self.audit(None)?) {
             if e.seq != expected_seq {
                 return Ok(Some((
                     e.seq,
@@ -135,17 +132,7 @@ impl State {
                     "does not follow the entry before it (deleted or reordered entries)".into(),
                 )));
             }
-            let hash = link(
-                &prev,
-                e.seq,
-                e.time,
-                &e.actor,
-                &e.env,
-                &e.action,
-                &e.plan_hash,
-                &e.outcome,
-                e.pipeline,
-            );
+            let hash = link(&e);
             if hash != e.hash {
                 return Ok(Some((
                     e.seq,
@@ -153,7 +140,6 @@ impl State {
                 )));
             }
             prev = e.hash;
-            expected_seq += 1;
         }
         Ok(None)
     }

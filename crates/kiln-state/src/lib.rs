@@ -16,7 +16,7 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 
-use kiln_model::{Server, ServerStatus};
+use kiln_model::{Outcome, PlanKind, Release, RoleTarget, Server, ServerStatus};
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
@@ -30,26 +30,6 @@ pub use lock::{EnvLock, LockInfo};
 pub struct State {
     conn: Connection,
     path: PathBuf,
-}
-
-/// One release: a run of apply, deploy --cold, destroy or rollback.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Release {
-    pub env: String,
-    /// 1, 2, 3... within the environment.
-    pub id: i64,
-    pub created: i64,
-    pub finished: Option<i64>,
-    pub actor: String,
-    /// `apply`, `deploy --cold`, `destroy`, `rollback`.
-    pub kind: String,
-    pub plan_hash: String,
-    pub summary: String,
-    /// What each role runs after the release, as the caller encodes it.
-    pub roles_json: String,
-    /// `running`, then `succeeded` or `failed`.
-    pub outcome: String,
-    pub detail: String,
 }
 
 /// One step of a release, journaled before and after it runs, so that after
@@ -75,8 +55,8 @@ pub struct Event {
     pub detail: String,
 }
 
-const SERVER_COLUMNS: &str =
-    "id, env, role, slot, image, image_digest, spec_hash, address, created, status, pid, release_id, standby_until";
+const SERVER_COLUMNS: &str = "id, env, role, slot, image, image_digest, spec_hash, address, \
+     created, status, pid, release_id, standby_until, node, published";
 const RELEASE_COLUMNS: &str =
     "env, id, created, finished, actor, kind, plan_hash, summary, roles_json, outcome, detail";
 
@@ -177,9 +157,27 @@ impl State {
         let err = self.fail("write", format!("server `{}`", s.id));
         let tx = self.write_tx().map_err(&err)?;
         tx.execute(
-            &format!("INSERT OR REPLACE INTO servers ({SERVER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-            params![s.id, s.env, s.role, s.slot, s.image, s.image_digest, s.spec_hash, s.address,
-                s.created, s.status.as_str(), s.pid, s.release, s.standby_until],
+            &format!(
+                "INSERT OR REPLACE INTO servers ({SERVER_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            ),
+            params![
+                s.id,
+                s.env,
+                s.role,
+                s.slot,
+                s.image,
+                s.image_digest,
+                s.spec_hash,
+                s.address,
+                s.created,
+                s.status.as_str(),
+                s.pid,
+                s.release,
+                s.standby_until,
+                s.node,
+                published_json(&s.published)
+            ],
         )
         .map_err(&err)?;
         bump(&tx, &s.env).map_err(&err)?;
@@ -240,11 +238,12 @@ impl State {
         &self,
         env: &str,
         actor: &str,
-        kind: &str,
+        kind: PlanKind,
         plan_hash: &str,
         summary: &str,
-        roles_json: &str,
+        targets: &[RoleTarget],
     ) -> Result<i64> {
+        let targets = serde_json::to_string(targets).unwrap_or_else(|_| "[]".into());
         let err = self.fail("begin a release of", format!("environment `{env}`"));
         let tx = self.write_tx().map_err(&err)?;
         let id: i64 = tx
@@ -258,20 +257,20 @@ impl State {
             &format!(
                 "INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, 'running', '')"
             ),
-            params![env, id, now(), actor, kind, plan_hash, summary, roles_json],
+            params![env, id, now(), actor, kind.as_str(), plan_hash, summary, targets],
         )
         .map_err(&err)?;
         tx.commit().map_err(&err)?;
         Ok(id)
     }
 
-    pub fn finish_release(&self, env: &str, id: i64, outcome: &str, detail: &str) -> Result<()> {
+    pub fn finish_release(&self, env: &str, id: i64, outcome: Outcome, detail: &str) -> Result<()> {
         let subject = format!("release {id} of environment `{env}`");
         let n = self
             .conn
             .execute(
                 "UPDATE releases SET outcome = ?3, detail = ?4, finished = ?5 WHERE env = ?1 AND id = ?2",
-                params![env, id, outcome, detail, now()],
+                params![env, id, outcome.as_str(), detail, now()],
             )
             .map_err(self.fail("finish", subject.clone()))?;
         if n == 0 {
@@ -285,23 +284,7 @@ impl State {
         let err = self.fail("read the releases of", format!("environment `{env}`"));
         let sql = format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE env = ?1 ORDER BY id");
         let mut stmt = self.conn.prepare_cached(&sql).map_err(&err)?;
-        let rows = stmt
-            .query_map([env], |r| {
-                Ok(Release {
-                    env: r.get(0)?,
-                    id: r.get(1)?,
-                    created: r.get(2)?,
-                    finished: r.get(3)?,
-                    actor: r.get(4)?,
-                    kind: r.get(5)?,
-                    plan_hash: r.get(6)?,
-                    summary: r.get(7)?,
-                    roles_json: r.get(8)?,
-                    outcome: r.get(9)?,
-                    detail: r.get(10)?,
-                })
-            })
-            .map_err(&err)?;
+        let rows = stmt.query_map([env], release_row).map_err(&err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
 
@@ -457,6 +440,49 @@ fn server_row(r: &Row<'_>) -> rusqlite::Result<Server> {
         pid: r.get(10)?,
         release: r.get(11)?,
         standby_until: r.get(12)?,
+        node: r.get(13)?,
+        published: r
+            .get::<_, Option<String>>(14)?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default(),
+    })
+}
+
+fn published_json(p: &std::collections::BTreeMap<u16, u16>) -> Option<String> {
+    (!p.is_empty()).then(|| serde_json::to_string(p).unwrap_or_default())
+}
+
+/// A release kind as stored; kinds written before they were typed keep
+/// their old spelling.
+fn kind_row(s: &str) -> Option<PlanKind> {
+    PlanKind::parse(s).or(match s {
+        "deploy --cold" => Some(PlanKind::DeployCold),
+        "rollback (automatic)" => Some(PlanKind::AutoRollback),
+        _ => None,
+    })
+}
+
+fn release_row(r: &Row<'_>) -> rusqlite::Result<Release> {
+    let bad = |col: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(col, Type::Text, what.into())
+    };
+    let kind: String = r.get(5)?;
+    let outcome: String = r.get(9)?;
+    let targets: String = r.get(8)?;
+    Ok(Release {
+        env: r.get(0)?,
+        id: r.get(1)?,
+        created: r.get(2)?,
+        finished: r.get(3)?,
+        actor: r.get(4)?,
+        kind: kind_row(&kind).ok_or_else(|| bad(5, format!("unknown release kind `{kind}`")))?,
+        plan_hash: r.get(6)?,
+        summary: r.get(7)?,
+        // Releases recorded before targets were complete have none usable.
+        targets: serde_json::from_str::<Vec<RoleTarget>>(&targets).unwrap_or_default(),
+        outcome: Outcome::parse(&outcome)
+            .ok_or_else(|| bad(9, format!("unknown release outcome `{outcome}`")))?,
+        detail: r.get(10)?,
     })
 }
 
@@ -482,7 +508,7 @@ pub(crate) fn now() -> i64 {
 }
 
 /// `2026-11-21T10:00:00Z`, for messages.
-pub(crate) fn rfc3339(secs: i64) -> String {
+pub fn rfc3339(secs: i64) -> String {
     chrono::DateTime::from_timestamp(secs, 0).map_or_else(
         || secs.to_string(),
         |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),

@@ -37,6 +37,9 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE audit (seq INTEGER PRIMARY KEY, time INTEGER NOT NULL, actor TEXT NOT NULL,
          env TEXT NOT NULL, action TEXT NOT NULL, plan_hash TEXT NOT NULL, outcome TEXT NOT NULL,
          pipeline INTEGER NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL);",
+    // 4: where a server runs and where its ports are published (remote providers).
+    "ALTER TABLE servers ADD COLUMN node TEXT;
+     ALTER TABLE servers ADD COLUMN published TEXT;",
 ];
 
 /// Opens (creating) the database at `path`, configures it and brings its

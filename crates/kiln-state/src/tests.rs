@@ -1,4 +1,4 @@
-use kiln_model::{Server, ServerStatus};
+use kiln_model::{Outcome, PlanKind, Server, ServerStatus};
 
 use crate::{schema, State, StateError};
 
@@ -21,6 +21,8 @@ fn server(id: &str, env: &str, role: &str, slot: u32) -> Server {
         pid: None,
         release: 3,
         standby_until: None,
+        node: None,
+        published: Default::default(),
     }
 }
 
@@ -200,24 +202,26 @@ fn releases_are_numbered_per_env() {
     let dir = tempfile::tempdir().unwrap();
     let st = open(&dir);
     assert_eq!(
-        st.begin_release("staging", "al", "apply", "p1", "+1", "{}")
+        st.begin_release("staging", "al", PlanKind::Apply, "p1", "+1", &[])
             .unwrap(),
         1
     );
     assert_eq!(
-        st.begin_release("staging", "al", "destroy", "p2", "-1", "{}")
+        st.begin_release("staging", "al", PlanKind::Destroy, "p2", "-1", &[])
             .unwrap(),
         2
     );
     assert_eq!(
-        st.begin_release("prod", "bo", "apply", "p3", "+2", "{}")
+        st.begin_release("prod", "bo", PlanKind::Apply, "p3", "+2", &[])
             .unwrap(),
         1
     );
-    st.finish_release("staging", 1, "succeeded", "").unwrap();
-    st.finish_release("staging", 2, "failed", "boom").unwrap();
+    st.finish_release("staging", 1, Outcome::Succeeded, "")
+        .unwrap();
+    st.finish_release("staging", 2, Outcome::Failed, "boom")
+        .unwrap();
     assert!(matches!(
-        st.finish_release("staging", 9, "failed", ""),
+        st.finish_release("staging", 9, Outcome::Failed, ""),
         Err(StateError::Missing { .. })
     ));
     let rs = st.releases("staging").unwrap();
@@ -243,7 +247,7 @@ fn steps_journal_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let st = open(&dir);
     let rel = st
-        .begin_release("staging", "al", "apply", "p", "", "{}")
+        .begin_release("staging", "al", PlanKind::Apply, "p", "", &[])
         .unwrap();
     st.step_started("staging", rel, 0, "create", "app-0001", "new server")
         .unwrap();

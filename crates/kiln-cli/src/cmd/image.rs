@@ -217,25 +217,11 @@ pub fn gc(cli: &Cli, args: &GcArgs) -> Result<ExitCode> {
 /// Image digests that environments run, or that their last releases ran
 /// (the rollback window): gc keeps them whatever their age.
 fn in_use(store: &kiln_image::Store) -> Result<BTreeSet<kiln_image::Digest>> {
-    let mut out = BTreeSet::new();
     let path = store.root().join("state.db");
     if !path.exists() {
-        return Ok(out);
+        return Ok(BTreeSet::new());
     }
     let state = kiln_state::State::open(&path)?;
-    for s in state.servers(None)? {
-        out.insert(kiln_image::Digest(s.image_digest));
-    }
-    for env in state.envs()? {
-        for r in state.releases(&env)?.iter().rev().take(5) {
-            let targets: Vec<kiln_model::RoleTarget> =
-                serde_json::from_str(&r.roles_json).unwrap_or_default();
-            out.extend(
-                targets
-                    .into_iter()
-                    .map(|t| kiln_image::Digest(t.image_digest)),
-            );
-        }
-    }
-    Ok(out)
+    let digests = kiln_engine::fleet::images_in_use(&state)?;
+    Ok(digests.into_iter().map(kiln_image::Digest).collect())
 }

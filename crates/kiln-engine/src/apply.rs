@@ -1,0 +1,750 @@
+//! Carrying out a plan: under the environment's lock, after the stale-plan
+//! check, the approval gate, seal verification of every image to launch and
+//! the provider's preparation of them, batch by batch: new servers up and
+//! healthy, one balancer switch per role, an optional canary bake, then the
+//! old servers drained and destroyed (or kept warm). Every step is
+//! journaled before and after it runs.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use kiln_model::{
+    Action, Balancer, Change, HealthCheck, ImageRef, Outcome, Plan, PlanKind, Replace,
+    ReplaceOrder, RoleTarget, Server, ServerStatus, Strategy,
+};
+use kiln_provider::ServerRequest;
+
+use crate::{plan_hash, Engine, EngineError, Progress, Result};
+
+/// What an apply did.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub release: i64,
+    pub changes: usize,
+}
+
+impl Engine<'_> {
+    /// Carries out a plan: gated by approvals for the kinds that need them;
+    /// an apply or promotion that fails after the environment started
+    /// changing returns by itself to the last release that succeeded.
+    pub fn run(&self, plan: &Plan, random: &mut dyn FnMut() -> u16) -> Result<Applied> {
+        match plan.kind {
+            PlanKind::Apply | PlanKind::Promote => self.apply_or_roll_back(plan, random),
+            _ => self.apply(plan),
+        }
+    }
+
+    /// Carries out `plan` exactly, and audits it (refusals too).
+    pub fn apply(&self, plan: &Plan) -> Result<Applied> {
+        let result = self.apply_inner(plan);
+        let outcome = match &result {
+            Ok(_) => "succeeded".to_string(),
+            Err(e) => format!("failed: {}", first_line(e)),
+        };
+        self.audit(&plan.env, plan.kind.as_str(), &plan_hash(plan), &outcome)?;
+        result
+    }
+
+    /// Applies `plan`; if a step fails after the environment started
+    /// changing, returns it to the last release that succeeded (through the
+    /// same zero-downtime path) and reports both.
+    pub fn apply_or_roll_back(
+        &self,
+        plan: &Plan,
+        random: &mut dyn FnMut() -> u16,
+    ) -> Result<Applied> {
+        let before = self.state.releases(&plan.env)?;
+        let e = match self.apply(plan) {
+            Ok(a) => return Ok(a),
+            Err(
+                e @ (EngineError::Unhealthy { .. }
+                | EngineError::CanaryFailed { .. }
+                | EngineError::Provider(_)),
+            ) => e,
+            Err(e) => return Err(e),
+        };
+        let Some((to, targets)) = kiln_planner::auto_rollback(&before, &plan.targets) else {
+            return Err(e);
+        };
+        (self.progress)(Progress::RollingBack {
+            to,
+            reason: first_line(&e),
+        });
+        let mut back = self.plan_targets(
+            &plan.env,
+            targets,
+            PlanKind::AutoRollback,
+            &Default::default(),
+            random,
+        )?;
+        back.rollback_to = Some(to);
+        if back.is_empty() {
+            // The failure came before anything changed.
+            return Err(e);
+        }
+        let applied = self.apply(&back)?;
+        Err(EngineError::RolledBack {
+            cause: Box::new(e),
+            to,
+            release: applied.release,
+        })
+    }
+
+    fn apply_inner(&self, plan: &Plan) -> Result<Applied> {
+        let env = plan.env.as_str();
+        let _lock = self.state.lock(env, plan.kind.as_str())?;
+        let current = self.state.generation(env)?;
+        if current != plan.generation {
+            return Err(EngineError::Stale {
+                env: env.into(),
+                planned: plan.generation,
+                current,
+            });
+        }
+        self.check_approved(plan)?;
+        let images = self.verify_images(plan)?;
+        self.provider.prepare(&images)?;
+        self.converge_runtime(env, &plan.targets)?;
+        let actor = kiln_state::actor();
+        let summary = format!(
+            "{} to create, {} to replace, {} to destroy",
+            plan.count(Action::Create),
+            plan.count(Action::Replace),
+            plan.count(Action::Destroy)
+        );
+        let release = self.state.begin_release(
+            env,
+            &actor,
+            plan.kind,
+            &plan_hash(plan),
+            &summary,
+            &plan.targets,
+        )?;
+        let run = Run {
+            engine: self,
+            plan,
+            release,
+        };
+        if let Err(e) = run.changes() {
+            self.state
+                .finish_release(env, release, Outcome::Failed, &e.to_string())?;
+            return Err(e);
+        }
+        self.retire_fronts(plan)?;
+        self.state
+            .finish_release(env, release, Outcome::Succeeded, &summary)?;
+        Ok(Applied {
+            release,
+            changes: plan.changes.len(),
+        })
+    }
+
+    /// Verifies every image the plan launches against its seal, and that the
+    /// store still has it as the version the plan names. Returns them.
+    fn verify_images(&self, plan: &Plan) -> Result<Vec<ImageRef>> {
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        let launched: BTreeSet<&str> = plan.changes.iter().filter_map(|c| c.image()).collect();
+        let mut out = Vec::new();
+        for t in plan.targets.iter().filter(|t| {
+            launched.contains(t.image.to_string().as_str()) && seen.insert(&t.image.digest)
+        }) {
+            let image = t.image.to_string();
+            let rec =
+                kiln_image::ops::resolve(self.store, &image).map_err(|_| EngineError::Missing {
+                    image: image.clone(),
+                    digest: t.image.digest.clone(),
+                })?;
+            if rec.digest.0 != t.image.digest {
+                return Err(EngineError::Missing {
+                    image,
+                    digest: t.image.digest.clone(),
+                });
+            }
+            let v = kiln_image::ops::verify(self.store, &image)?;
+            if !v.ok() {
+                let first = v
+                    .differences
+                    .first()
+                    .map(|d| d.to_string())
+                    .or_else(|| v.corrupt_blobs.first().map(|b| format!("corrupt blob {b}")))
+                    .unwrap_or_default();
+                return Err(EngineError::Tampered {
+                    image,
+                    name: t.image.name.clone(),
+                    count: v.differences.len() + v.corrupt_blobs.len(),
+                    first: first.split_whitespace().collect::<Vec<_>>().join(" "),
+                });
+            }
+            out.push(t.image.clone());
+        }
+        Ok(out)
+    }
+
+    /// After the changes: balancers of roles that have no server left and
+    /// are not declared by the plan go; after a destroy of the whole
+    /// environment, everything it had besides servers goes too.
+    fn retire_fronts(&self, plan: &Plan) -> Result<()> {
+        let env = plan.env.as_str();
+        let left = self.state.servers(Some(env))?;
+        let mut roles: BTreeSet<&str> = plan.changes.iter().map(|c| c.role()).collect();
+        if plan.kind == PlanKind::Destroy {
+            if let Ok(spec) = self.env(env) {
+                roles.extend(spec.roles.keys().map(String::as_str));
+            }
+        }
+        for role in roles {
+            let declared = plan.target(role).is_some();
+            if !declared && !left.iter().any(|s| s.role == role) {
+                self.provider.remove_balancer(env, role)?;
+            }
+        }
+        if plan.kind == PlanKind::Destroy && left.is_empty() {
+            self.provider.teardown(env)?;
+            self.state.record_event(
+                env,
+                &kiln_state::actor(),
+                "teardown",
+                "the environment's balancers and network were removed with its last server",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Points the role's balancer (if it has one) at its running servers,
+    /// leaving out `without`; returns once the switch is in effect.
+    pub(crate) fn rebalance(
+        &self,
+        env: &str,
+        role: &str,
+        balancer: Option<&Balancer>,
+        without: &[String],
+    ) -> Result<()> {
+        let Some(b) = balancer else { return Ok(()) };
+        let backends: Vec<String> = self
+            .state
+            .servers(Some(env))?
+            .into_iter()
+            .filter(|s| {
+                s.role == role && s.status == ServerStatus::Running && !without.contains(&s.id)
+            })
+            .map(|s| s.endpoint(b.port))
+            .collect();
+        self.provider.balance(env, role, b, &backends)?;
+        Ok(())
+    }
+}
+
+/// One apply in progress: the plan, its release, and the engine.
+struct Run<'e, 'a> {
+    engine: &'e Engine<'a>,
+    plan: &'e Plan,
+    release: i64,
+}
+
+impl Run<'_, '_> {
+    fn env(&self) -> &str {
+        &self.plan.env
+    }
+
+    fn target(&self, role: &str) -> Result<&RoleTarget> {
+        self.plan
+            .target(role)
+            .ok_or_else(|| EngineError::UnknownRole { role: role.into() })
+    }
+
+    fn balancer(&self, role: &str) -> Option<&Balancer> {
+        self.plan
+            .target(role)
+            .and_then(|t| t.spec.balancer.as_ref())
+    }
+
+    /// Every batch in order, journaled.
+    fn changes(&self) -> Result<()> {
+        let (env, state) = (self.env(), self.engine.state);
+        let changes = &self.plan.changes;
+        let total = changes.len();
+        let mut i = 0;
+        while i < total {
+            let batch = changes[i].batch();
+            let n = changes[i..]
+                .iter()
+                .take_while(|c| c.batch() == batch)
+                .count();
+            let group = &changes[i..i + n];
+            for (k, change) in group.iter().enumerate() {
+                (self.engine.progress)(Progress::Step {
+                    index: i + k + 1,
+                    total,
+                    change: change.clone(),
+                });
+                let action = format!("{:?}", change.action()).to_lowercase();
+                let what = format!("{action} {}", change.reason());
+                state.step_started(
+                    env,
+                    self.release,
+                    (i + k) as u32,
+                    &action,
+                    change.server(),
+                    &what,
+                )?;
+            }
+            if let Err(e) = self.batch(group) {
+                for k in 0..n {
+                    state.step_finished(
+                        env,
+                        self.release,
+                        (i + k) as u32,
+                        false,
+                        &e.to_string(),
+                    )?;
+                }
+                return Err(e);
+            }
+            for k in 0..n {
+                state.step_finished(env, self.release, (i + k) as u32, true, "")?;
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// A batch of one plain change is a step; anything else (several
+    /// changes, blue-green, canary, switch back) switches together.
+    fn batch(&self, group: &[Change]) -> Result<()> {
+        match group {
+            [Change::Create(c)] => {
+                self.create(&c.role, &c.server, c.slot, &c.address)?;
+                self.engine
+                    .rebalance(self.env(), &c.role, self.balancer(&c.role), &[])
+            }
+            [Change::Destroy(d)] => self.destroy(&d.server),
+            [Change::Replace(r)]
+                if r.order != ReplaceOrder::SwitchBack
+                    && r.keep_warm_secs.is_none()
+                    && r.canary.is_none() =>
+            {
+                self.replace(r)
+            }
+            _ => self.together(group),
+        }
+    }
+
+    fn replace(&self, r: &Replace) -> Result<()> {
+        if r.order == ReplaceOrder::DestroyFirst {
+            self.destroy(&r.server)?;
+            self.create(&r.role, &r.replacement, r.slot, &r.address)?;
+        } else {
+            self.create(&r.role, &r.replacement, r.slot, &r.address)?;
+        }
+        self.engine
+            .rebalance(self.env(), &r.role, self.balancer(&r.role), &[])?;
+        if r.order != ReplaceOrder::DestroyFirst {
+            self.destroy(&r.server)?;
+        }
+        Ok(())
+    }
+
+    /// A batch: destroy-first replacements drained and stopped, every new
+    /// server up and healthy (or a warm standby promoted), one switch per
+    /// role, an optional canary bake, then the old servers drained and
+    /// destroyed (or kept warm). A failure before the switch removes the
+    /// batch's new servers, so the balancer never saw them.
+    fn together(&self, group: &[Change]) -> Result<()> {
+        let env = self.env();
+        let replaces = || {
+            group.iter().filter_map(|c| match c {
+                Change::Replace(r) => Some(r),
+                _ => None,
+            })
+        };
+        for r in replaces().filter(|r| r.order == ReplaceOrder::DestroyFirst) {
+            self.destroy(&r.server)?;
+        }
+        let mut fresh: Vec<String> = Vec::new();
+        let mut result = Ok(());
+        for c in group {
+            let r = match c {
+                Change::Create(c) => self
+                    .create(&c.role, &c.server, c.slot, &c.address)
+                    .map(|_| fresh.push(c.server.clone())),
+                Change::Replace(r) if r.order == ReplaceOrder::SwitchBack => self.promote(r),
+                Change::Replace(r) => self
+                    .create(&r.role, &r.replacement, r.slot, &r.address)
+                    .map(|_| fresh.push(r.replacement.clone())),
+                Change::Destroy(_) => Ok(()),
+            };
+            if r.is_err() {
+                result = r;
+                break;
+            }
+        }
+        if let Err(e) = result {
+            for id in &fresh {
+                let _ = self.engine.provider.destroy(env, id);
+                let _ = self.engine.state.remove_server(id);
+            }
+            return Err(e);
+        }
+        // What leaves the balancer at the switch: the old servers of
+        // create-first replacements and plain destroys.
+        let old: Vec<String> = group
+            .iter()
+            .filter_map(|c| match c {
+                Change::Create(_) => None,
+                Change::Replace(r) if r.order == ReplaceOrder::DestroyFirst => None,
+                other => Some(other.server().to_string()),
+            })
+            .collect();
+        let roles: BTreeSet<&str> = group.iter().map(|c| c.role()).collect();
+        for role in &roles {
+            self.engine
+                .rebalance(env, role, self.balancer(role), &old)?;
+        }
+        self.report_switch(group, &roles, &old)?;
+        if let Some(r) = replaces().find(|r| r.canary.is_some()) {
+            let new_ids: Vec<String> = replaces().map(|r| r.replacement.clone()).collect();
+            if let Err(e) = self.bake(r, &new_ids) {
+                // Back to the old servers at once; the canaries finish what
+                // they were serving (drained), then go.
+                self.engine
+                    .rebalance(env, &r.role, self.balancer(&r.role), &new_ids)?;
+                for id in &new_ids {
+                    self.drain(id)?;
+                    self.destroy_quiet(id)?;
+                }
+                return Err(e);
+            }
+        }
+        for c in group.iter().filter(|c| old.iter().any(|o| o == c.server())) {
+            self.drain(c.server())?;
+            match c {
+                Change::Replace(Replace {
+                    keep_warm_secs: Some(secs),
+                    server,
+                    ..
+                }) => {
+                    let until = (self.engine.clock)() + *secs as i64;
+                    self.engine.state.set_standby(server, until)?;
+                    (self.engine.progress)(Progress::Standby {
+                        server: server.clone(),
+                        secs: *secs,
+                    });
+                }
+                _ => self.destroy_quiet(c.server())?,
+            }
+        }
+        Ok(())
+    }
+
+    fn report_switch(
+        &self,
+        group: &[Change],
+        roles: &BTreeSet<&str>,
+        old: &[String],
+    ) -> Result<()> {
+        let servers = self.engine.state.servers(Some(self.env()))?;
+        let mut share = Vec::new();
+        for role in roles {
+            let image = group
+                .iter()
+                .find(|c| c.role() == *role)
+                .and_then(|c| c.image())
+                .unwrap_or_default();
+            let serving: Vec<&Server> = servers
+                .iter()
+                .filter(|s| {
+                    s.role == *role && s.status == ServerStatus::Running && !old.contains(&s.id)
+                })
+                .collect();
+            let on_new = serving.iter().filter(|s| s.image == image).count();
+            share.push((role.to_string(), on_new, serving.len()));
+        }
+        (self.engine.progress)(Progress::Switched {
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            share,
+        });
+        Ok(())
+    }
+
+    /// Watches freshly switched canary servers for their bake time: each
+    /// must stay alive and healthy, and the balancer's error rate to them
+    /// must stay at or under `max_error_rate`.
+    fn bake(&self, r: &Replace, ids: &[String]) -> Result<()> {
+        let Some(canary) = &r.canary else {
+            return Ok(());
+        };
+        let env = self.env();
+        let spec = &self.target(&r.role)?.spec;
+        let port = spec.balancer.as_ref().map(|b| b.port);
+        let servers: Vec<Server> = ids
+            .iter()
+            .filter_map(|id| self.engine.state.server(id).ok().flatten())
+            .collect();
+        let backends: Vec<String> = servers
+            .iter()
+            .filter_map(|s| port.map(|p| s.endpoint(p)))
+            .collect();
+        let counts = |state: Option<kiln_provider::BalancerState>| {
+            state
+                .map(|b| b.backends)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|b| backends.contains(&b.addr))
+                .map(|b| (b.addr, (b.attempts, b.failures)))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let base = counts(self.engine.provider.balancer(env, &r.role));
+        let start = Instant::now();
+        (self.engine.progress)(Progress::Baking {
+            role: r.role.clone(),
+            secs: canary.bake_secs,
+        });
+        loop {
+            for s in &servers {
+                let alive = self.alive(&s.id)?;
+                if !alive
+                    || spec
+                        .health
+                        .as_ref()
+                        .is_some_and(|h| !self.engine.provider.probe(s, h))
+                {
+                    return Err(EngineError::CanaryFailed {
+                        role: r.role.clone(),
+                        reason: format!("canary {} failed its health check", s.id),
+                    });
+                }
+            }
+            let (mut attempts, mut errors) = (0u64, 0u64);
+            for (addr, (t, e)) in counts(self.engine.provider.balancer(env, &r.role)) {
+                let (bt, be) = base.get(&addr).copied().unwrap_or((0, 0));
+                attempts += t.saturating_sub(bt);
+                errors += e.saturating_sub(be);
+            }
+            if attempts > 0 && errors as f64 / attempts as f64 > canary.max_error_rate {
+                return Err(EngineError::CanaryFailed {
+                    role: r.role.clone(),
+                    reason: format!(
+                        "error rate {errors}/{attempts} at the balancer is above {}",
+                        canary.max_error_rate
+                    ),
+                });
+            }
+            if start.elapsed() >= Duration::from_secs(canary.bake_secs) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Brings a warm standby server back into service.
+    fn promote(&self, r: &Replace) -> Result<()> {
+        let server =
+            self.engine
+                .state
+                .server(&r.replacement)?
+                .ok_or_else(|| EngineError::UnknownRole {
+                    role: r.role.clone(),
+                })?;
+        let health = self.target(&r.role)?.spec.health.clone();
+        self.wait_healthy(&server, health.as_ref())?;
+        self.engine
+            .state
+            .set_server_status(&server.id, ServerStatus::Running, server.pid)?;
+        Ok(())
+    }
+
+    /// The full request for a new server of `role`, from the plan alone.
+    fn request(&self, role: &str, id: &str, slot: u32, address: &str) -> Result<ServerRequest> {
+        let t = self.target(role)?;
+        Ok(ServerRequest {
+            env: self.env().to_string(),
+            id: id.to_string(),
+            role: role.to_string(),
+            release: self.release,
+            slot,
+            address: address.to_string(),
+            subnet: self.plan.target.subnet,
+            image: t.image.clone(),
+            launch: t.launch.clone(),
+            size: t.spec.size.clone(),
+            ports: t.spec.ports.clone(),
+            volumes: t.spec.volumes.clone(),
+        })
+    }
+
+    /// Creates a server and waits for its health, without touching the
+    /// balancer (the caller switches it in). The row is written before the sandbox exists.
+    fn create(&self, role: &str, id: &str, slot: u32, address: &str) -> Result<()> {
+        let (engine, env) = (self.engine, self.env());
+        let req = self.request(role, id, slot, address)?;
+        let t = self.target(role)?;
+        let mut server = Server {
+            id: id.to_string(),
+            env: env.to_string(),
+            role: role.to_string(),
+            slot,
+            image: t.image.to_string(),
+            image_digest: t.image.digest.clone(),
+            spec_hash: t.spec_hash.clone(),
+            address: address.to_string(),
+            created: (engine.clock)(),
+            status: ServerStatus::Creating,
+            pid: None,
+            release: self.release,
+            standby_until: None,
+            node: None,
+            published: Default::default(),
+        };
+        engine.state.put_server(&server)?;
+        let started = match engine.provider.create(&req) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = engine.provider.destroy(env, id);
+                engine.state.remove_server(id)?;
+                return Err(e.into());
+            }
+        };
+        server.pid = started.pid;
+        server.node = started.node;
+        server.published = started.published;
+        if let Some(a) = started.address {
+            server.address = a;
+        }
+        engine.state.put_server(&server)?;
+        let min_healthy = match t.spec.strategy {
+            Strategy::Rolling {
+                min_healthy_secs, ..
+            } => min_healthy_secs,
+            _ => 0,
+        };
+        let health = t.spec.health.as_ref();
+        let healthy = self
+            .wait_healthy(&server, health)
+            .and_then(|_| self.stay_healthy(&server, health, min_healthy));
+        if let Err(e) = healthy {
+            let _ = engine.provider.destroy(env, id);
+            engine.state.remove_server(id)?;
+            return Err(e);
+        }
+        engine
+            .state
+            .set_server_status(id, ServerStatus::Running, server.pid)?;
+        Ok(())
+    }
+
+    fn alive(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .engine
+            .provider
+            .inventory(self.env())?
+            .into_iter()
+            .any(|r| r.id == id && r.alive))
+    }
+
+    fn wait_healthy(&self, s: &Server, check: Option<&HealthCheck>) -> Result<()> {
+        let engine = self.engine;
+        (engine.progress)(Progress::Waiting {
+            server: s.id.clone(),
+            address: s.address.clone(),
+        });
+        let started = Instant::now();
+        loop {
+            let alive = self.alive(&s.id)?;
+            if alive && check.is_none_or(|c| engine.provider.probe(s, c)) {
+                (engine.progress)(Progress::Healthy {
+                    server: s.id.clone(),
+                    address: s.address.clone(),
+                    elapsed: started.elapsed(),
+                });
+                return Ok(());
+            }
+            if !alive || started.elapsed() > engine.options.health_timeout {
+                let tail = engine.log_tail(self.env(), &s.id, 15);
+                let tail = if alive {
+                    tail
+                } else {
+                    format!("{tail}\n(the server's process exited)")
+                };
+                return Err(EngineError::Unhealthy {
+                    server: s.id.clone(),
+                    role: s.role.clone(),
+                    secs: engine.options.health_timeout.as_secs(),
+                    tail,
+                });
+            }
+            std::thread::sleep(engine.options.health_interval);
+        }
+    }
+
+    /// Keeps probing a healthy new server for `secs` (rolling `min_healthy`)
+    /// before anything old is drained.
+    fn stay_healthy(&self, s: &Server, check: Option<&HealthCheck>, secs: u64) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(secs) {
+            if !self.alive(&s.id)? || check.is_some_and(|c| !self.engine.provider.probe(s, c)) {
+                let tail = self.engine.log_tail(self.env(), &s.id, 15);
+                return Err(EngineError::Unhealthy {
+                    server: s.id.clone(),
+                    role: s.role.clone(),
+                    secs,
+                    tail: format!("(healthy at first, then failed within min_healthy)\n{tail}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Waits for a server's open connections at its balancer to finish.
+    fn drain(&self, id: &str) -> Result<()> {
+        if let Some(s) = self.engine.state.server(id)? {
+            if let Some(b) = self.balancer(&s.role) {
+                self.engine.provider.drain(
+                    self.env(),
+                    &s.role,
+                    &s.endpoint(b.port),
+                    Duration::from_secs(b.drain_timeout_secs),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys a server already out of its balancer.
+    fn destroy_quiet(&self, id: &str) -> Result<()> {
+        let engine = self.engine;
+        if engine.state.server(id)?.is_some() {
+            engine
+                .state
+                .set_server_status(id, ServerStatus::Destroying, None)?;
+        }
+        engine.provider.destroy(self.env(), id)?;
+        engine.state.remove_server(id)?;
+        (engine.progress)(Progress::Destroyed {
+            server: id.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Destroys a server: out of its balancer first, its connections
+    /// finished, then stopped.
+    fn destroy(&self, id: &str) -> Result<()> {
+        let engine = self.engine;
+        if let Some(s) = engine.state.server(id)? {
+            if let (Some(b), ServerStatus::Running) = (self.balancer(&s.role), s.status) {
+                engine.rebalance(self.env(), &s.role, Some(b), &[id.to_string()])?;
+                engine.provider.drain(
+                    self.env(),
+                    &s.role,
+                    &s.endpoint(b.port),
+                    Duration::from_secs(b.drain_timeout_secs),
+                );
+            }
+        }
+        self.destroy_quiet(id)
+    }
+}
+
+fn first_line(e: &EngineError) -> String {
+    e.to_string().lines().next().unwrap_or("").to_string()
+}
