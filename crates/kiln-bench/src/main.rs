@@ -821,13 +821,14 @@ fn kiln_drift(o: &Opts, dir: &Path, args: &[&str]) -> Result<Duration> {
 }
 
 fn cpu_time() -> Duration {
-    // SAFETY: getrusage fills the struct we pass; no other memory is touched.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    use nix::sys::resource::{getrusage, UsageWho};
+    let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) else {
+        return Duration::ZERO;
     };
-    tv(u.ru_utime) + tv(u.ru_stime)
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(u.user_time()) + tv(u.system_time())
 }
 
 /// CPU time of one reconcile pass (dry run) with 1,000 servers in the

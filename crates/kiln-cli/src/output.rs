@@ -264,7 +264,7 @@ pub fn engine_progress(quiet: bool) -> impl Fn(Progress) {
                 kiln_spec::format_duration(secs)
             ),
             Progress::RollingBack { to, reason } => eprintln!(
-                "{} {reason}\n{} returning to the images of release #{to}",
+                "{} {reason}\n{} returning to release #{to}",
                 style("failed:").red().bold(),
                 style("rollback:").yellow().bold()
             ),

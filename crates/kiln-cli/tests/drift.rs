@@ -131,7 +131,10 @@ fn entered_processes_strays_and_dead_servers_are_found() {
     runtime.start(&stray).unwrap();
     // And a server's process is killed from outside.
     let victim = b["pid"].as_i64().unwrap() as i32;
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     wait_until("the killed server's process to die", || dead(victim));
     let (code, f) = findings(&p, &[]);
     assert_eq!(code, 2);
@@ -162,7 +165,10 @@ fn entered_processes_strays_and_dead_servers_are_found() {
             .unwrap()
             .parse()
             .unwrap();
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     intruder.kill().ok();
     intruder.wait().ok();

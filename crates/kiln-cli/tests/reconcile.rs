@@ -30,7 +30,10 @@ fn reconcile_replaces_a_hung_server() {
     let _t = Teardown(&p);
     let victim = p.servers()[0].clone();
     let pid = victim["pid"].as_i64().unwrap() as i32;
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    );
     let dry = p.kiln(&["reconcile", "staging", "--dry-run"]).ok();
     let id = victim["id"].as_str().unwrap();
     assert!(
@@ -64,7 +67,10 @@ fn reconcile_heals_a_killed_server() {
     let _t = Teardown(&p);
     let victim = &p.servers()[0];
     let victim_pid = victim["pid"].as_i64().unwrap() as i32;
-    unsafe { libc::kill(victim_pid, libc::SIGKILL) };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     wait_until("the killed server's process to die", || dead(victim_pid));
     let dry = p.kiln(&["reconcile", "staging", "--dry-run"]).ok();
     assert!(
@@ -332,7 +338,10 @@ fn drift_alarm_is_posted_to_a_loopback_webhook() {
             if let Some((head, body)) = text.split_once("\r\n\r\n") {
                 let len: usize = head
                     .lines()
-                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length").then_some(v)
+                    })
                     .and_then(|v| v.trim().parse().ok())
                     .unwrap_or(0);
                 if body.len() >= len {
@@ -353,7 +362,7 @@ fn drift_alarm_is_posted_to_a_loopback_webhook() {
         run.stdout
     );
     let got = received.join().unwrap();
-    assert!(got.starts_with("POST /hooks/kiln HTTP/1.0"), "{got}");
+    assert!(got.starts_with("POST /hooks/kiln HTTP/1.1"), "{got}");
     assert!(
         got.contains("\"kind\":\"drift\"") && got.contains("changed /srv/www/index.html"),
         "{got}"
@@ -417,9 +426,20 @@ fn unmanaged_servers_are_alarmed_or_killed_by_policy() {
     );
     p.kiln(&["drift", "staging"]).expect(0);
     let events = p.kiln(&["history", "staging"]).ok().stdout;
-    assert!(
-        events.contains(&format!("removed stray server {stray}")),
-        "{events}"
+    let history = p.kiln(&["--json", "history", "staging"]).ok().json();
+    let last = history["releases"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (last["kind"].as_str(), last["summary"].as_str()),
+        (
+            Some("reconcile"),
+            Some("0 to create, 0 to replace, 1 to destroy")
+        ),
+        "the stray was destroyed by a reconcile release: {events}"
     );
     assert!(
         events.contains("removed backend 10.77.46.99:8080 from the balancer of `web`"),
@@ -476,7 +496,10 @@ fn reconcile_restarts_a_dead_balancer() {
         .trim()
         .parse()
         .unwrap();
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     wait_until("the balancer to die", || dead(pid));
     assert!(
         !get().status.success(),

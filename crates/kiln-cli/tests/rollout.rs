@@ -227,7 +227,7 @@ fn manual_rollback_under_load_drops_nothing() {
     let load = Load::start(port, 4);
     let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
     assert!(
-        run.stdout.contains("back to the images of release #1")
+        run.stdout.contains("back to release #1")
             && run.stdout.contains("image changed (web@2 → web@1)"),
         "{}",
         run.stdout
@@ -272,7 +272,7 @@ fn failed_rollout_rolls_back_automatically_under_load() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("did not become healthy")
-            && stderr.contains("rolled back automatically to the images of release #1"),
+            && stderr.contains("rolled back automatically to release #1"),
         "{stderr}"
     );
     load.finish_clean(50);

@@ -116,7 +116,7 @@ pub enum EngineError {
         reason: String,
     },
     /// The apply failed and the environment was returned to a previous release.
-    #[error("{cause}\nrolled back automatically to the targets of release #{to} (as release #{release})")]
+    #[error("{cause}\nrolled back automatically to release #{to} (as release #{release})")]
     RolledBack {
         cause: Box<EngineError>,
         to: i64,

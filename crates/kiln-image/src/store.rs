@@ -185,15 +185,19 @@ impl Store {
         // kiln and keep its descriptors until they exec, and an flock() would
         // be shared with them, outliving a killed kiln. Record locks belong
         // to the process alone and die with it.
-        let mut lk: libc::flock = unsafe { std::mem::zeroed() };
-        lk.l_type = libc::F_WRLCK as libc::c_short;
-        lk.l_whence = libc::SEEK_SET as libc::c_short;
+        let lk = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0, // the whole file
+            l_pid: 0,
+        };
         loop {
-            // SAFETY: fcntl with a valid descriptor and a pointer to a live flock struct.
-            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLKW, &lk) } == 0 {
-                break;
-            }
-            let err = io::Error::last_os_error();
+            let done = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETLKW(&lk));
+            let err = match done {
+                Ok(_) => break,
+                Err(errno) => io::Error::from(errno),
+            };
             if err.kind() != io::ErrorKind::Interrupted {
                 return Err(ImageError::Io {
                     op: "lock",

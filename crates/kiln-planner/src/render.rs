@@ -20,7 +20,7 @@ pub fn render(plan: &Plan) -> String {
     let what = match plan.kind {
         PlanKind::DeployCold => " (cold deploy: NOT zero-downtime)".to_string(),
         PlanKind::Rollback | PlanKind::AutoRollback => match plan.rollback_to {
-            Some(r) => format!(" (back to the targets of release #{r})"),
+            Some(r) => format!(" (back to release #{r})"),
             None => String::new(),
         },
         PlanKind::Promote => match &plan.promoted_from {

@@ -527,8 +527,7 @@ pub fn actor() -> String {
 
 /// The name of the real user from /etc/passwd, or the uid as a number.
 fn user_name() -> String {
-    // SAFETY: getuid cannot fail and touches no memory of ours.
-    let uid = unsafe { libc::getuid() }.to_string();
+    let uid = nix::unistd::getuid().to_string();
     std::fs::read_to_string("/etc/passwd")
         .ok()
         .and_then(|p| {
