@@ -111,6 +111,19 @@ impl PlanKind {
         .find(|k| k.as_str() == s)
     }
 
+    /// How people say it: the command that made it.
+    pub fn label(self) -> &'static str {
+        match self {
+            PlanKind::Apply => "apply",
+            PlanKind::DeployCold => "deploy --cold",
+            PlanKind::Destroy => "destroy",
+            PlanKind::Rollback => "rollback",
+            PlanKind::AutoRollback => "rollback (automatic)",
+            PlanKind::Reconcile => "reconcile",
+            PlanKind::Promote => "promote",
+        }
+    }
+
     /// Kinds an environment with `approvals = N` gates: the ones that carry
     /// out a human's new intent. Rollbacks return to an approved release and
     /// reconcile carries out the reviewed policies: both must work when

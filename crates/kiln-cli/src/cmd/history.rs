@@ -37,10 +37,10 @@ pub fn run(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
             String::new()
         };
         let line = format!(
-            "{}  #{:<3} {:<14} by {:<10} {outcome}: {}{detail}",
+            "{}  #{:<3} {:<20} by {:<10} {outcome}: {}{detail}",
             ts(r.created),
             r.id,
-            r.kind.as_str(),
+            r.kind.label(),
             r.actor,
             r.summary
         );
@@ -48,7 +48,7 @@ pub fn run(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
     }
     for e in &h.events {
         let line = format!(
-            "{}  {:<4} {:<14} by {:<10} {}",
+            "{}  {:<4} {:<20} by {:<10} {}",
             ts(e.time),
             "",
             e.action,
