@@ -407,6 +407,7 @@ fn request(
         address: address.into(),
         subnet: subnet.parse().expect("a valid subnet"),
         image: image_ref(rec),
+        spec_hash: String::new(),
         launch: kiln_model::Launch {
             argv: argv.iter().map(|a| a.to_string()).collect(),
             env: vec!["PATH=/".into()],

@@ -47,7 +47,7 @@ pub enum Command {
     /// Destroy every server of an environment, then create it afresh.
     Deploy(cmd::apply::DeployArgs),
     /// Destroy every server of an environment.
-    Destroy(cmd::apply::EnvArgs),
+    Destroy(cmd::apply::DestroyArgs),
     /// Return an environment to a previous release, with zero downtime.
     Rollback(cmd::apply::RollbackArgs),
     /// Plan (and apply) an environment with exactly the image digests another runs.

@@ -6,6 +6,8 @@
 //! journaled before and after it runs.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kiln_model::{
@@ -15,6 +17,20 @@ use kiln_model::{
 use kiln_provider::ServerRequest;
 
 use crate::{plan_hash, Engine, EngineError, Progress, Result};
+
+/// The journal boundaries of an apply, in order: the release begun, each
+/// step started and finished, the release finished. With `KILN_CRASH_AT=N`
+/// set, the process SIGKILLs itself at boundary N: crash-point tests use
+/// it to prove that a re-run converges from every boundary.
+fn boundary() {
+    static CRASH_AT: OnceLock<Option<u32>> = OnceLock::new();
+    static PASSED: AtomicU32 = AtomicU32::new(0);
+    let at = *CRASH_AT.get_or_init(|| std::env::var("KILN_CRASH_AT").ok()?.parse().ok());
+    let n = PASSED.fetch_add(1, Ordering::SeqCst) + 1;
+    if at == Some(n) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
 
 /// What an apply did.
 #[derive(Debug, Clone)]
@@ -92,7 +108,7 @@ impl Engine<'_> {
 
     fn apply_inner(&self, plan: &Plan) -> Result<Applied> {
         let env = plan.env.as_str();
-        let _lock = self.state.lock(env, plan.kind.as_str())?;
+        let _lock = self.lock(env, plan.kind.as_str())?;
         let current = self.state.generation(env)?;
         if current != plan.generation {
             return Err(EngineError::Stale {
@@ -120,6 +136,7 @@ impl Engine<'_> {
             &summary,
             &plan.targets,
         )?;
+        boundary();
         let run = Run {
             engine: self,
             plan,
@@ -133,6 +150,7 @@ impl Engine<'_> {
         self.retire_fronts(plan)?;
         self.state
             .finish_release(env, release, Outcome::Succeeded, &summary)?;
+        boundary();
         Ok(Applied {
             release,
             changes: plan.changes.len(),
@@ -287,6 +305,7 @@ impl Run<'_, '_> {
                     change.server(),
                     &what,
                 )?;
+                boundary();
             }
             if let Err(e) = self.batch(group) {
                 for k in 0..n {
@@ -302,6 +321,7 @@ impl Run<'_, '_> {
             }
             for k in 0..n {
                 state.step_finished(env, self.release, (i + k) as u32, true, "")?;
+                boundary();
             }
             i += n;
         }
@@ -565,6 +585,7 @@ impl Run<'_, '_> {
             address: address.to_string(),
             subnet: self.plan.target.subnet,
             image: t.image.clone(),
+            spec_hash: t.spec_hash.clone(),
             launch: t.launch.clone(),
             size: t.spec.size.clone(),
             ports: t.spec.ports.clone(),

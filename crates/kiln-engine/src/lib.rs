@@ -108,6 +108,9 @@ pub enum EngineError {
     /// The author of a plan tried to approve it.
     #[error("{actor} made plan {hash}: someone else must approve it")]
     SelfApproval { actor: String, hash: String },
+    /// The state knows nothing of an environment whose servers run.
+    #[error("`{env}` runs {} server(s) the state does not know ({}), and the state has no record of `{env}`: was the state database lost or reset? Adopt them into the state with `kiln apply {env} --adopt`, or destroy them with `--forget`", ids.len(), ids.join(", "))]
+    LostState { env: String, ids: Vec<String> },
     /// `kiln promote` has nothing to take.
     #[error("cannot promote `{from}` to `{to}`: {reason}")]
     NoPromote {
@@ -190,6 +193,9 @@ pub enum Progress {
 pub struct Options {
     pub health_timeout: Duration,
     pub health_interval: Duration,
+    /// Plan to destroy the servers of an environment the state has no
+    /// record of (`--forget`), instead of refusing.
+    pub forget: bool,
     /// Reconcile replaces a live server that fails this many health checks
     /// in a row, `heal_spacing` apart ("persistently unhealthy").
     pub heal_probes: u32,
@@ -203,6 +209,7 @@ impl Default for Options {
             health_interval: Duration::from_millis(10),
             heal_probes: 3,
             heal_spacing: Duration::from_secs(1),
+            forget: false,
         }
     }
 }
@@ -356,6 +363,7 @@ impl<'a> Engine<'a> {
     ) -> Result<Plan> {
         let env = self.env(env_name)?;
         let (observed, dead, mut strays) = self.observe_all(env_name)?;
+        self.check_known(env_name, &observed, &strays)?;
         if kind == PlanKind::Reconcile {
             // Reconcile removes what nobody declared only where the policy says so.
             strays.retain(|(_, role)| unmanaged_policy(env, role) == UnmanagedPolicy::Kill);
@@ -377,10 +385,63 @@ impl<'a> Engine<'a> {
         Ok(kiln_planner::plan(&input, random)?)
     }
 
+    /// Refuses to plan an environment whose servers run while the state
+    /// has no record of it at all (a lost or reset database): destroying
+    /// them as strays would take the fleet down. `--forget` says to.
+    fn check_known(
+        &self,
+        env: &str,
+        observed: &[Server],
+        strays: &[(String, String)],
+    ) -> Result<()> {
+        if strays.is_empty() || !observed.is_empty() || self.options.forget {
+            return Ok(());
+        }
+        if !self.state.releases(env)?.is_empty() {
+            return Ok(());
+        }
+        Err(EngineError::LostState {
+            env: env.into(),
+            ids: strays.iter().map(|s| s.0.clone()).collect(),
+        })
+    }
+
+    /// Takes servers that run for `env` but that the state does not know
+    /// into the state, from what the runtime recorded when it created them
+    /// (`kiln apply --adopt` after a lost state). Returns the ids adopted.
+    pub fn adopt(&self, env: &str) -> Result<Vec<String>> {
+        let _lock = self.lock(env, "adopt")?;
+        let known: BTreeSet<String> = self.state.server_ids()?.into_iter().collect();
+        let mut adopted = Vec::new();
+        for r in self.provider.inventory(env)? {
+            let Some(record) = r.record.filter(|_| r.alive && !known.contains(&r.id)) else {
+                continue;
+            };
+            self.state.put_server(&record)?;
+            let detail = format!(
+                "adopted server {} ({} of `{}`, slot {}) into the state",
+                record.id, record.image, record.role, record.slot
+            );
+            self.state
+                .record_event(env, &kiln_state::actor(), "adopt", &detail)?;
+            adopted.push(record.id);
+        }
+        if !adopted.is_empty() {
+            self.audit(
+                env,
+                "adopt",
+                "-",
+                &format!("adopted {}", adopted.join(", ")),
+            )?;
+        }
+        Ok(adopted)
+    }
+
     /// A plan that destroys every server of `env`.
     pub fn plan_destroy(&self, env_name: &str) -> Result<Plan> {
         let env = self.env(env_name)?;
         let (observed, _, strays) = self.observe_all(env_name)?;
+        self.check_known(env_name, &observed, &strays)?;
         let generation = self.state.generation(env_name)?;
         Ok(kiln_planner::plan_destroy(
             env,
@@ -619,6 +680,25 @@ impl<'a> Engine<'a> {
             );
         }
         Ok(())
+    }
+
+    /// Takes the environment's lock; taking over a dead holder's lock (a
+    /// killed kiln) is audited, so a re-run converges without `kiln unlock`
+    /// and the record says why it could.
+    pub fn lock(&self, env: &str, op: &str) -> Result<kiln_state::EnvLock<'a>> {
+        let lock = self.state.lock(env, op)?;
+        if let Some(old) = lock.took_over() {
+            let outcome = format!(
+                "took over the lock of {} (pid {} on {}, gone) held since {} for {}",
+                old.holder,
+                old.pid,
+                old.host,
+                kiln_state::rfc3339(old.since),
+                old.op
+            );
+            self.audit(env, "lock takeover", "-", &outcome)?;
+        }
+        Ok(lock)
     }
 
     /// The last `n` lines of a server's log (empty if there is none).

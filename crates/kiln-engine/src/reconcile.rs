@@ -158,7 +158,7 @@ impl Engine<'_> {
             .any(|(role, _)| crate::unmanaged_policy(env, &role) == UnmanagedPolicy::Kill);
         if pass.plan.is_empty() {
             if rogue {
-                let _lock = self.state.lock(env_name, PlanKind::Reconcile.as_str())?;
+                let _lock = self.lock(env_name, PlanKind::Reconcile.as_str())?;
                 let done = self.converge_runtime(env_name, &targets)?;
                 let outcome = format!("removed unmanaged: {}", done.join("; "));
                 self.audit(env_name, PlanKind::Reconcile.as_str(), "-", &outcome)?;
@@ -219,7 +219,7 @@ impl Engine<'_> {
     /// A role's balancer is part of the fleet: one that died (OOM, a kill,
     /// a reboot) is restarted with the live servers behind it.
     fn restart_fronts(&self, env: &EnvSpec, roles: &[String]) -> Result<()> {
-        let _lock = self.state.lock(&env.name, PlanKind::Reconcile.as_str())?;
+        let _lock = self.lock(&env.name, PlanKind::Reconcile.as_str())?;
         for role in roles {
             let b = env.roles.get(role).and_then(|r| r.balancer.as_ref());
             self.rebalance(&env.name, role, b, &[])?;

@@ -116,6 +116,7 @@ impl World {
                 health_interval: Duration::from_millis(1),
                 heal_probes: 3,
                 heal_spacing: Duration::from_millis(1),
+                forget: false,
             },
         }
     }

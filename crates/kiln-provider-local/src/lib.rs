@@ -34,6 +34,11 @@ pub const LABEL_ENV: &str = "dev.kiln.env";
 pub const LABEL_ROLE: &str = "dev.kiln.role";
 pub const LABEL_RELEASE: &str = "dev.kiln.release";
 pub const LABEL_DIGEST: &str = "dev.kiln.image";
+pub const LABEL_IMAGE: &str = "dev.kiln.image-ref";
+pub const LABEL_SLOT: &str = "dev.kiln.slot";
+pub const LABEL_ADDRESS: &str = "dev.kiln.address";
+pub const LABEL_SPEC: &str = "dev.kiln.spec";
+pub const LABEL_CREATED: &str = "dev.kiln.created";
 
 pub struct Local {
     dir: PathBuf,
@@ -122,6 +127,11 @@ impl Local {
             (LABEL_ROLE.into(), req.role.clone()),
             (LABEL_RELEASE.into(), req.release.to_string()),
             (LABEL_DIGEST.into(), req.image.digest.clone()),
+            (LABEL_IMAGE.into(), req.image.to_string()),
+            (LABEL_SLOT.into(), req.slot.to_string()),
+            (LABEL_ADDRESS.into(), req.address.clone()),
+            (LABEL_SPEC.into(), req.spec_hash.clone()),
+            (LABEL_CREATED.into(), now().to_string()),
         ];
         Ok(spec)
     }
@@ -214,15 +224,38 @@ impl Provider for Local {
             if label(LABEL_ENV).as_deref() != Some(env) {
                 continue;
             }
+            let role = label(LABEL_ROLE).unwrap_or_default();
+            let release = label(LABEL_RELEASE)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0);
+            // Servers created by this kiln carry everything a state row has.
+            let record = (|| {
+                Some(Server {
+                    id: f.id.clone(),
+                    env: env.to_string(),
+                    role: role.clone(),
+                    slot: label(LABEL_SLOT)?.parse().ok()?,
+                    image: label(LABEL_IMAGE)?,
+                    image_digest: label(LABEL_DIGEST)?,
+                    spec_hash: label(LABEL_SPEC)?,
+                    address: label(LABEL_ADDRESS)?,
+                    created: label(LABEL_CREATED)?.parse().ok()?,
+                    status: kiln_model::ServerStatus::Running,
+                    pid: f.pid,
+                    release,
+                    standby_until: None,
+                    node: None,
+                    published: Default::default(),
+                })
+            })();
             out.push(Running {
                 alive: f.running && f.pid.is_some_and(alive),
                 id: f.id.clone(),
                 env: env.to_string(),
-                role: label(LABEL_ROLE).unwrap_or_default(),
-                release: label(LABEL_RELEASE)
-                    .and_then(|r| r.parse().ok())
-                    .unwrap_or(0),
+                role,
+                release,
                 pid: f.pid,
+                record,
             });
         }
         Ok(out)
@@ -523,6 +556,13 @@ impl Local {
     fn quarantine_dir(&self, env: &str) -> PathBuf {
         self.dir.join("quarantine").join(env)
     }
+}
+
+/// Seconds since the epoch.
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Reaps a killed server if it is this process's child (servers started by

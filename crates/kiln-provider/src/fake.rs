@@ -116,6 +116,7 @@ impl Fake {
                 release: 0,
                 pid: Some(99_999),
                 alive: true,
+                record: None,
             },
         );
     }
@@ -162,6 +163,23 @@ impl Provider for Fake {
                 release: req.release,
                 pid: Some(*pid),
                 alive: true,
+                record: Some(Server {
+                    id: req.id.clone(),
+                    env: req.env.clone(),
+                    role: req.role.clone(),
+                    slot: req.slot,
+                    image: req.image.to_string(),
+                    image_digest: req.image.digest.clone(),
+                    spec_hash: req.spec_hash.clone(),
+                    address: req.address.clone(),
+                    created: 0,
+                    status: kiln_model::ServerStatus::Running,
+                    pid: Some(*pid),
+                    release: req.release,
+                    standby_until: None,
+                    node: None,
+                    published: Default::default(),
+                }),
             },
         );
         self.digests

@@ -50,6 +50,9 @@ pub struct ServerRequest {
     pub address: String,
     pub subnet: Subnet,
     pub image: ImageRef,
+    /// The role spec hash the server is created with (recorded with it, so
+    /// the server can be adopted back into a lost state).
+    pub spec_hash: String,
     pub launch: Launch,
     pub size: Size,
     pub ports: Vec<u16>,
@@ -80,6 +83,9 @@ pub struct Running {
     pub pid: Option<i32>,
     /// Whether its first process is alive.
     pub alive: bool,
+    /// What the runtime recorded about it when it was created (its labels):
+    /// enough to adopt it into a state that lost it.
+    pub record: Option<Server>,
 }
 
 /// One file written in a server's writable areas (tmpfs and volumes).

@@ -2,6 +2,11 @@
 //! hash-chained log. Entry `n` stores the BLAKE3 of entry `n-1`'s hash and
 //! its own fields, so editing, deleting or reordering any entry breaks the
 //! chain from that entry on; `verify_audit` names the first bad one.
+//!
+//! The head of the chain (its last sequence number and hash) is also kept
+//! outside the database, in an anchor file next to it, rewritten after
+//! every append. A chain that was reset (the database emptied or deleted)
+//! or cut short no longer reaches the anchor, and `verify_audit` says so.
 
 use rusqlite::params;
 use serde::Serialize;
@@ -85,8 +90,44 @@ impl State {
             params![e.seq, e.time, e.actor, e.env, e.action, e.plan_hash, e.outcome, e.pipeline, e.prev, e.hash],
         )
         .map_err(&err)?;
+        // A chain that does not reach the anchor (a reset database) never
+        // moves it: the anchor keeps saying what the chain lost.
+        let continues = match self.anchor() {
+            None => true,
+            Some((seq, hash)) => tx
+                .query_row("SELECT hash FROM audit WHERE seq = ?1", [seq], |r| {
+                    r.get::<_, String>(0)
+                })
+                .is_ok_and(|h| h == hash),
+        };
         tx.commit().map_err(&err)?;
+        if continues {
+            self.write_anchor(&e);
+        }
         Ok(e)
+    }
+
+    /// Where the chain's head is kept outside the database.
+    pub fn anchor_path(&self) -> std::path::PathBuf {
+        self.path.with_file_name("audit-anchor")
+    }
+
+    /// Records the head of the chain (temp file, then rename). A failure
+    /// only weakens reset detection, so it is logged, not returned.
+    fn write_anchor(&self, head: &AuditEntry) {
+        let path = self.anchor_path();
+        let tmp = path.with_extension("tmp");
+        let text = format!("{} {}\n", head.seq, head.hash);
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the audit anchor");
+        }
+    }
+
+    /// The head recorded in the anchor file: (sequence number, hash).
+    fn anchor(&self) -> Option<(i64, String)> {
+        let text = std::fs::read_to_string(self.anchor_path()).ok()?;
+        let (seq, hash) = text.trim().split_once(' ')?;
+        Some((seq.parse().ok()?, hash.to_string()))
     }
 
     /// The audit log, oldest first; of one environment, or all.
@@ -119,7 +160,22 @@ impl State {
     /// (edited, deleted, inserted or reordered), with why, or `None`.
     pub fn verify_audit(&self) -> Result<Option<(i64, String)>> {
         let mut prev = GENESIS.to_string();
-        for (expected_seq, e) in (1..).zip(self.audit(None)?) {
+        let entries = self.audit(None)?;
+        if let Some((seq, hash)) = self.anchor() {
+            let found = entries.iter().find(|e| e.seq == seq);
+            if found.is_none_or(|e| e.hash != hash) {
+                let why = format!(
+                    "was recorded in {} as the head of the chain, but the log {}: it was reset or cut short",
+                    self.anchor_path().display(),
+                    match found {
+                        None => format!("has {} entries", entries.len()),
+                        Some(_) => "has another entry there".to_string(),
+                    }
+                );
+                return Ok(Some((seq, why)));
+            }
+        }
+        for (expected_seq, e) in (1..).zip(entries) {
             if e.seq != expected_seq {
                 return Ok(Some((
                     e.seq,

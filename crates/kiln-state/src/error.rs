@@ -43,6 +43,9 @@ pub enum StateError {
         subject: String,
         source: Box<rusqlite::Error>,
     },
+    /// The file system holding the database is full: nothing was written.
+    #[error("the disk holding {} is full ({free} bytes free): free some space and run the command again; nothing was changed", path.display())]
+    DiskFull { path: PathBuf, free: u64 },
     /// A row the caller refers to does not exist.
     #[error("{subject} is not in state database {}", path.display())]
     Missing { path: PathBuf, subject: String },

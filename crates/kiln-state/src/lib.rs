@@ -81,11 +81,19 @@ impl State {
         op: &'static str,
         subject: String,
     ) -> impl Fn(rusqlite::Error) -> StateError + '_ {
-        move |source| StateError::Db {
-            path: self.path.clone(),
-            op,
-            subject: subject.clone(),
-            source: Box::new(source),
+        move |source| {
+            if let Some(free) = disk_full(&self.path, &source) {
+                return StateError::DiskFull {
+                    path: self.path.clone(),
+                    free,
+                };
+            }
+            StateError::Db {
+                path: self.path.clone(),
+                op,
+                subject: subject.clone(),
+                source: Box::new(source),
+            }
         }
     }
 
@@ -400,6 +408,23 @@ impl State {
         let rows = stmt.query_map([], |r| r.get(0)).map_err(&err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
+}
+
+/// When `e` is an I/O or full-disk failure and the file system holding
+/// `path` has (almost) no space left: the bytes still free. SQLite reports
+/// a full disk as anything from SQLITE_FULL to a failed shared-memory map.
+pub(crate) fn disk_full(path: &Path, e: &rusqlite::Error) -> Option<u64> {
+    use rusqlite::ErrorCode::{DiskFull, SystemIoFailure};
+    let rusqlite::Error::SqliteFailure(f, _) = e else {
+        return None;
+    };
+    if !matches!(f.code, DiskFull | SystemIoFailure) {
+        return None;
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    (free < 1 << 20).then_some(free)
 }
 
 /// Increments the generation of `env` on `conn` (a transaction, usually).

@@ -1,7 +1,10 @@
 //! Environment locks: one row per environment in `locks`, taken by whoever
 //! changes the environment (apply, deploy, destroy, rollback) and released
-//! when the `EnvLock` guard drops. The row outlives a crashed process, so a
-//! lock whose process is gone is reported as such, for `kiln unlock`.
+//! when the `EnvLock` guard drops. The row outlives a crashed process: a
+//! lock whose holder is provably dead (same host, and its pid is gone or now
+//! belongs to a process started at another time) is taken over by the next
+//! writer, and the takeover is recorded. A holder on another host cannot be
+//! checked; `kiln unlock` breaks such a lock by hand.
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
@@ -19,15 +22,40 @@ pub struct LockInfo {
     /// Seconds since the epoch.
     pub since: i64,
     pub op: String,
+    /// When the holding process started (clock ticks after boot, from
+    /// `/proc/PID/stat`), so a reused pid is not mistaken for the holder.
+    #[serde(default)]
+    pub start: Option<u64>,
 }
 
 impl LockInfo {
     /// Whether the holding process may still run: it does unless it was on
-    /// this host and its pid is gone. A lock from another host (a state file
-    /// on shared storage) cannot be checked, so it counts as alive.
+    /// this host and its pid is gone, or is now another process (started at
+    /// another time). A lock from another host (a state file on shared
+    /// storage) cannot be checked, so it counts as alive.
     pub fn holder_alive(&self) -> bool {
-        self.host != hostname() || std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+        if self.host != hostname() {
+            return true;
+        }
+        match (process_start(self.pid), self.start) {
+            (None, _) => false,
+            (Some(now), Some(then)) => now == then,
+            (Some(_), None) => true,
+        }
     }
+}
+
+/// When process `pid` started, in clock ticks after boot (field 22 of
+/// `/proc/PID/stat`), or `None` if it does not exist (or is a zombie).
+pub(crate) fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // are counted after its closing parenthesis.
+    let rest = stat.rsplit_once(") ")?.1;
+    if rest.starts_with('Z') || rest.starts_with('X') {
+        return None;
+    }
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// A held environment lock; dropping it deletes the row (only if it is still
@@ -36,6 +64,7 @@ impl LockInfo {
 pub struct EnvLock<'a> {
     state: &'a State,
     info: LockInfo,
+    took_over: Option<LockInfo>,
 }
 
 impl EnvLock<'_> {
@@ -44,6 +73,10 @@ impl EnvLock<'_> {
     }
     pub fn info(&self) -> &LockInfo {
         &self.info
+    }
+    /// The dead holder's lock this one took over, if it did.
+    pub fn took_over(&self) -> Option<&LockInfo> {
+        self.took_over.as_ref()
     }
 }
 
@@ -63,7 +96,7 @@ impl Drop for EnvLock<'_> {
 
 fn read(conn: &Connection, env: &str) -> rusqlite::Result<Option<LockInfo>> {
     conn.query_row(
-        "SELECT env, holder, pid, host, since, op FROM locks WHERE env = ?1",
+        "SELECT env, holder, pid, host, since, op, start FROM locks WHERE env = ?1",
         [env],
         |r| {
             Ok(LockInfo {
@@ -73,6 +106,7 @@ fn read(conn: &Connection, env: &str) -> rusqlite::Result<Option<LockInfo>> {
                 host: r.get(3)?,
                 since: r.get(4)?,
                 op: r.get(5)?,
+                start: r.get::<_, Option<i64>>(6)?.map(|s| s as u64),
             })
         },
     )
@@ -80,43 +114,67 @@ fn read(conn: &Connection, env: &str) -> rusqlite::Result<Option<LockInfo>> {
 }
 
 impl State {
-    /// Takes the lock of `env` for `op`, or fails at once if anyone holds it.
+    /// Takes the lock of `env` for `op`. Fails at once if a live process
+    /// (or one on another host) holds it; takes over, and records in the
+    /// history, a lock whose holder died on this host.
     pub fn lock(&self, env: &str, op: &str) -> Result<EnvLock<'_>> {
         let err = self.fail("lock", format!("environment `{env}`"));
         // IMMEDIATE takes SQLite's write lock before the read, so two
         // processes cannot both see no row and both insert one.
         let tx =
             Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&err)?;
+        let mut took_over = None;
         if let Some(holder) = read(&tx, env).map_err(&err)? {
-            let holder_alive = holder.holder_alive();
-            return Err(StateError::Locked {
-                env: env.to_string(),
-                holder: Box::new(holder),
-                holder_alive,
-            });
+            if holder.holder_alive() {
+                return Err(StateError::Locked {
+                    env: env.to_string(),
+                    holder: Box::new(holder),
+                    holder_alive: true,
+                });
+            }
+            tx.execute("DELETE FROM locks WHERE env = ?1", [env])
+                .map_err(&err)?;
+            let detail = format!(
+                "took over the lock of {} (pid {} on host {}, gone) held since {} for {}",
+                holder.holder,
+                holder.pid,
+                holder.host,
+                crate::rfc3339(holder.since),
+                holder.op
+            );
+            crate::insert_event(&tx, env, &crate::actor(), "lock takeover", &detail)
+                .map_err(&err)?;
+            took_over = Some(holder);
         }
+        let pid = std::process::id();
         let info = LockInfo {
             env: env.to_string(),
             holder: crate::actor(),
-            pid: std::process::id(),
+            pid,
             host: hostname(),
             since: now(),
             op: op.to_string(),
+            start: process_start(pid),
         };
         tx.execute(
-            "INSERT INTO locks (env, holder, pid, host, since, op) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO locks (env, holder, pid, host, since, op, start) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 info.env,
                 info.holder,
                 info.pid,
                 info.host,
                 info.since,
-                info.op
+                info.op,
+                info.start.map(|s| s as i64)
             ],
         )
         .map_err(&err)?;
         tx.commit().map_err(&err)?;
-        Ok(EnvLock { state: self, info })
+        Ok(EnvLock {
+            state: self,
+            info,
+            took_over,
+        })
     }
 
     /// Removes the lock of `env` whoever holds it, and records who did in the

@@ -40,6 +40,8 @@ const MIGRATIONS: &[&str] = &[
     // 4: where a server runs and where its ports are published (remote providers).
     "ALTER TABLE servers ADD COLUMN node TEXT;
      ALTER TABLE servers ADD COLUMN published TEXT;",
+    // 5: when a lock's holder started, to tell a dead holder from a reused pid.
+    "ALTER TABLE locks ADD COLUMN start INTEGER;",
 ];
 
 /// Opens (creating) the database at `path`, configures it and brings its
@@ -51,9 +53,15 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
             source,
         })?;
     }
-    let err = |source| StateError::Open {
-        path: path.to_path_buf(),
-        source,
+    let err = |source| match crate::disk_full(path, &source) {
+        Some(free) => StateError::DiskFull {
+            path: path.to_path_buf(),
+            free,
+        },
+        None => StateError::Open {
+            path: path.to_path_buf(),
+            source,
+        },
     };
     let conn = Connection::open(path).map_err(err)?;
     // Several kiln processes share the file (a `plan` while an `apply` runs):

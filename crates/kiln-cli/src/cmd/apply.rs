@@ -25,6 +25,20 @@ pub struct ApplyArgs {
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    #[command(flatten)]
+    pub lost: LostStateArgs,
+}
+
+/// What to do with servers that run for an environment the state has no
+/// record of (a lost or reset state database).
+#[derive(Args, Debug)]
+pub struct LostStateArgs {
+    /// Take them into the state, as the runtime recorded them, first.
+    #[arg(long, conflicts_with = "forget")]
+    pub adopt: bool,
+    /// Plan to destroy them as strays.
+    #[arg(long)]
+    pub forget: bool,
 }
 
 #[derive(Args, Debug)]
@@ -44,6 +58,16 @@ pub struct EnvArgs {
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     pub yes: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DestroyArgs {
+    pub env: String,
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Also destroy servers of an environment the state has no record of.
+    #[arg(long)]
+    pub forget: bool,
 }
 
 #[derive(Args, Debug)]
@@ -69,7 +93,19 @@ struct Done<'a> {
 pub fn apply(cli: &Cli, args: &ApplyArgs) -> Result<ExitCode> {
     let c = super::ctx(cli)?;
     let progress = engine_progress(cli.json);
-    let engine = c.engine(&progress);
+    let mut engine = c.engine(&progress);
+    engine.options.forget = args.lost.forget;
+    if args.lost.adopt {
+        let adopted = engine.adopt(&args.env)?;
+        if !cli.json {
+            eprintln!(
+                "{} {} server(s) into the state: {}",
+                style("adopted").yellow().bold(),
+                adopted.len(),
+                adopted.join(", ")
+            );
+        }
+    }
     let plan = match &args.plan {
         Some(path) => {
             let plan = read(path)?;
@@ -92,10 +128,11 @@ pub fn deploy(cli: &Cli, args: &DeployArgs) -> Result<ExitCode> {
     carry_out(cli, &engine, &plan, args.yes)
 }
 
-pub fn destroy(cli: &Cli, args: &EnvArgs) -> Result<ExitCode> {
+pub fn destroy(cli: &Cli, args: &DestroyArgs) -> Result<ExitCode> {
     let c = super::ctx(cli)?;
     let progress = engine_progress(cli.json);
-    let engine = c.engine(&progress);
+    let mut engine = c.engine(&progress);
+    engine.options.forget = args.forget;
     let plan = make(&engine, &args.env, PlanKind::Destroy)?;
     carry_out(cli, &engine, &plan, args.yes)
 }

@@ -246,7 +246,7 @@ pub struct Teardown<'a>(pub &'a Project);
 
 impl Drop for Teardown<'_> {
     fn drop(&mut self) {
-        let _ = self.0.kiln(&["destroy", "staging", "--yes"]);
+        let _ = self.0.kiln(&["destroy", "staging", "--yes", "--forget"]);
     }
 }
 
