@@ -420,6 +420,7 @@ fn request(
         },
         ports: vec![8080],
         volumes: vec![],
+        reach: vec![],
     }
 }
 

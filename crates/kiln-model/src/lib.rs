@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use plan::*;
 pub use release::*;
-pub use subnet::{Subnet, SubnetError, MAX_PREFIX, MIN_PREFIX};
+pub use subnet::{Subnet, SubnetError, DEFAULT_POOL, MAX_PREFIX, MIN_PREFIX};
 
 /// A validated project: the images it bakes and the environments it fires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +220,31 @@ pub struct RoleSpec {
     /// when they are ordinary data (config a server rewrites, say).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watch: Vec<String>,
+    /// What its servers may open connections to beyond their environment
+    /// (everything else is refused by the provider's isolation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reach: Vec<Reach>,
+}
+
+/// A destination servers of a role may reach: `host:PORT` (a service on
+/// the host, at the environment's gateway) or `A.B.C.D[/N]:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reach {
+    pub to: ReachTarget,
+    pub port: u16,
+}
+
+/// Where a [`Reach`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReachTarget {
+    /// The host itself, at the environment's gateway address.
+    Host,
+    /// An IPv4 network (a single address is a /32).
+    Net {
+        addr: std::net::Ipv4Addr,
+        prefix: u8,
+    },
 }
 
 /// Where an environment's servers run.

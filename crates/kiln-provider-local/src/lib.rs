@@ -13,6 +13,7 @@
 //! `quarantine/<env>/<id>/`.
 
 mod balancer;
+pub mod firewall;
 mod inspect;
 pub mod net;
 
@@ -46,6 +47,8 @@ pub struct Local {
     runtime: Runtime,
     /// One reading of /proc shared by the inspections of a drift scan.
     procs: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<inspect::Procs>)>>,
+    /// Balancer ports this process let through to servers, by bridge.
+    opened: std::sync::Mutex<BTreeSet<(String, u16)>>,
 }
 
 impl Local {
@@ -57,6 +60,7 @@ impl Local {
             dir,
             store: store.clone(),
             procs: std::sync::Mutex::new(None),
+            opened: Default::default(),
         }
     }
 
@@ -174,6 +178,10 @@ impl Provider for Local {
             .parse()
             .map_err(|_| fail(format!("bad address {}", req.address)))?;
         let netns = net::attach(&envnet, &req.id, addr).map_err(|e| fail(e.to_string()))?;
+        if let Err(e) = firewall::allow(&envnet.bridge, req.subnet, &req.id, addr, &req.reach) {
+            let _ = net::detach(&req.id);
+            return Err(fail(e.to_string()));
+        }
         let log = self.log_path(&req.env, &req.id);
         let prepared = log
             .parent()
@@ -195,7 +203,7 @@ impl Provider for Local {
         }
     }
 
-    fn destroy(&self, _env: &str, id: &str) -> Result<(), ProviderError> {
+    fn destroy(&self, env: &str, id: &str) -> Result<(), ProviderError> {
         let fail = |detail: String| ProviderError::Destroy {
             id: id.to_string(),
             detail,
@@ -205,6 +213,8 @@ impl Provider for Local {
         if let Some(pid) = pid {
             reap(pid);
         }
+        firewall::forget(&net::bridge_name(&self.net_key(env)), id)
+            .map_err(|e| fail(e.to_string()))?;
         net::detach(id).map_err(|e| fail(e.to_string()))
     }
 
@@ -366,6 +376,8 @@ impl Provider for Local {
                 rise: c.rise,
             })
         });
+        self.open_front(env, &b.listen)
+            .map_err(|e| fail(e.to_string()))?;
         let generation = kiln_balancer::set_backends(&dir, backends, check.as_ref())
             .map_err(|e| fail(e.to_string()))?;
         self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
@@ -544,6 +556,21 @@ impl Provider for Local {
         Ok(out)
     }
 
+    fn network(&self, env: &str) -> Option<kiln_model::Subnet> {
+        net::registered_subnet(&net::bridge_name(&self.net_key(env)))
+    }
+
+    fn network_conflict(
+        &self,
+        env: &str,
+        subnet: kiln_model::Subnet,
+    ) -> Result<Option<String>, ProviderError> {
+        net::conflict(&self.net_key(env), subnet).map_err(|e| ProviderError::Other {
+            what: format!("check the addresses of {subnet}"),
+            detail: e.to_string(),
+        })
+    }
+
     fn teardown(&self, env: &str) -> Result<(), ProviderError> {
         net::remove_env(&self.net_key(env)).map_err(|e| ProviderError::Other {
             what: format!("remove the network of `{env}`"),
@@ -553,6 +580,29 @@ impl Provider for Local {
 }
 
 impl Local {
+    /// Lets the environment's servers reach a balancer listening on all
+    /// addresses or on their gateway (once per process and port).
+    fn open_front(&self, env: &str, listen: &str) -> Result<(), net::NetError> {
+        let Ok(addr) = listen.parse::<SocketAddr>() else {
+            return Ok(());
+        };
+        let bridge = net::bridge_name(&self.net_key(env));
+        let Some(subnet) = net::registered_subnet(&bridge) else {
+            return Ok(());
+        };
+        let std::net::IpAddr::V4(ip) = addr.ip() else {
+            return Ok(());
+        };
+        if !(ip.is_unspecified() || ip == subnet.gateway()) {
+            return Ok(());
+        }
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if opened.insert((bridge.clone(), addr.port())) {
+            firewall::open_port(&bridge, subnet, addr.port())?;
+        }
+        Ok(())
+    }
+
     fn quarantine_dir(&self, env: &str) -> PathBuf {
         self.dir.join("quarantine").join(env)
     }

@@ -47,6 +47,8 @@ pub struct Fake {
     pub logs: RefCell<BTreeMap<String, String>>,
     /// Evidence kept by `quarantine`: server id → (env, findings).
     pub quarantined: RefCell<BTreeMap<String, (String, String)>>,
+    /// Subnets something else on the host uses, with who.
+    pub conflicts: RefCell<BTreeMap<kiln_model::Subnet, String>>,
     /// Environments torn down.
     pub torn_down: RefCell<Vec<String>>,
     /// Every create request, in order (what the engine launched servers from).
@@ -366,6 +368,18 @@ impl Provider for Fake {
 
     fn taken_ids(&self) -> Result<BTreeSet<String>, ProviderError> {
         Ok(BTreeSet::new())
+    }
+
+    fn network(&self, _env: &str) -> Option<kiln_model::Subnet> {
+        None
+    }
+
+    fn network_conflict(
+        &self,
+        _env: &str,
+        subnet: kiln_model::Subnet,
+    ) -> Result<Option<String>, ProviderError> {
+        Ok(self.conflicts.borrow().get(&subnet).cloned())
     }
 
     fn teardown(&self, env: &str) -> Result<(), ProviderError> {

@@ -57,6 +57,8 @@ pub struct ServerRequest {
     pub size: Size,
     pub ports: Vec<u16>,
     pub volumes: Vec<Volume>,
+    /// What the server may reach beyond its environment.
+    pub reach: Vec<kiln_model::Reach>,
 }
 
 /// What creating a server gave.
@@ -232,6 +234,12 @@ pub trait Provider {
     /// Server ids this provider's host already uses for anything (other
     /// environments, other projects): new servers must not take them.
     fn taken_ids(&self) -> Result<BTreeSet<String>, ProviderError>;
+    /// The subnet `env`'s network has now, if it exists.
+    fn network(&self, env: &str) -> Option<Subnet>;
+    /// Who else on the provider's hosts uses addresses of `subnet` (another
+    /// environment, an interface), if anyone: `None` when it is free for
+    /// `env` (or already `env`'s own).
+    fn network_conflict(&self, env: &str, subnet: Subnet) -> Result<Option<String>, ProviderError>;
     /// Removes what an environment has besides servers and balancers (its
     /// network), once its last server is gone; idempotent.
     fn teardown(&self, env: &str) -> Result<(), ProviderError>;

@@ -560,6 +560,12 @@ impl Validator<'_> {
                 watch.push(p.clone());
             }
         }
+        let mut reach = Vec::new();
+        if let Some(rs) = &r.reach {
+            for item in rs.get_ref() {
+                reach.push(parse_reach(item).map_err(|m| self.cx.err(rs.span(), m))?);
+            }
+        }
         let mut volumes = Vec::new();
         for (vname, path) in r.volumes.iter().flatten() {
             if !path.starts_with('/') {
@@ -600,6 +606,7 @@ impl Validator<'_> {
             unmanaged,
             env: r.env.clone().unwrap_or_default(),
             watch,
+            reach,
         })
     }
 
@@ -662,16 +669,6 @@ const RESERVED: [(&str, [u8; 4], u8); 5] = [
     ("the reserved range 240.0.0.0/4", [240, 0, 0, 0], 4),
 ];
 
-/// Where default subnets come from: 10.64.0.0/10, as /24s.
-const DEFAULT_POOL: u32 = 16_384;
-
-/// The `i`-th /24 of the default pool.
-fn pool_subnet(i: u32) -> Subnet {
-    let i = i % DEFAULT_POOL;
-    let net = std::net::Ipv4Addr::new(10, 64 + (i / 256) as u8, (i % 256) as u8, 0);
-    Subnet::new(net, 24).expect("a /24 of 10.64.0.0/10")
-}
-
 /// 64-bit FNV-1a: a stable hash of names (the default subnet must not
 /// change between kiln versions or machines).
 fn fnv(s: &str) -> u64 {
@@ -717,7 +714,7 @@ impl Validator<'_> {
         for (name, env) in envs.iter_mut().filter(|(_, e)| !e.subnet_declared) {
             let start = (fnv(&format!("{project}/{name}")) % u64::from(DEFAULT_POOL)) as u32;
             let pick = (0..DEFAULT_POOL)
-                .map(|i| pool_subnet(start + i))
+                .map(|i| Subnet::default_pool(start + i))
                 .find(|c| !taken.iter().any(|t| t.overlaps(c)))
                 .ok_or_else(|| {
                     self.cx.err(
@@ -730,6 +727,22 @@ impl Validator<'_> {
         }
         Ok(())
     }
+}
+
+/// `host:5432`, `10.0.0.5:443` or `10.0.0.0/8:443`.
+fn parse_reach(s: &str) -> Result<Reach, String> {
+    let bad = || format!("reach `{s}` is not `host:PORT`, `A.B.C.D:PORT` or `A.B.C.D/N:PORT`");
+    let (to, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+    let to = if to == "host" {
+        ReachTarget::Host
+    } else {
+        let (addr, prefix) = to.split_once('/').unwrap_or((to, "32"));
+        let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+        ReachTarget::Net { addr, prefix }
+    };
+    Ok(Reach { to, port })
 }
 
 fn check_name(cx: &Cx, n: &str, span: Range<usize>, what: &str) -> Result<(), SpecError> {

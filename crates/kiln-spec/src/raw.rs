@@ -123,6 +123,7 @@ pub(crate) struct RawRole {
     pub env: Option<BTreeMap<String, String>>,
     pub replace_share: Option<u32>,
     pub watch: Option<Spanned<Vec<String>>>,
+    pub reach: Option<Spanned<Vec<String>>>,
 }
 
 impl RawRole {
@@ -144,6 +145,7 @@ impl RawRole {
             env: self.env.or(p.env),
             replace_share: self.replace_share.or(p.replace_share),
             watch: self.watch.or(p.watch),
+            reach: self.reach.or(p.reach),
         }
     }
 }
