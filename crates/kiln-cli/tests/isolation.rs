@@ -28,23 +28,19 @@ fn reaches(server: &str, addr: &str) -> bool {
         .success()
 }
 
-/// A host service on all addresses, accepting connections until dropped.
-struct Service(TcpListener);
-
-impl Service {
-    fn start() -> (Service, u16) {
-        let l = TcpListener::bind("0.0.0.0:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let c = l.try_clone().unwrap();
-        std::thread::spawn(move || for _ in c.incoming() {});
-        (Service(l), port)
-    }
+/// A host service on all addresses, accepting connections for the rest of
+/// the test binary's life; returns its port.
+fn host_service() -> u16 {
+    let l = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || for _ in l.incoming() {});
+    port
 }
 
 #[test]
 fn environments_and_host_services_are_out_of_reach() {
-    let (_service, port) = Service::start();
-    let (_granted, granted) = Service::start();
+    let port = host_service();
+    let granted = host_service();
     let p = web_fleet(
         "10.77.70.0/24",
         2,
