@@ -106,8 +106,9 @@ impl Local {
         let mut binds = Vec::new();
         for v in &req.volumes {
             let host = self.volume_dir(&req.env, &req.role, req.slot, &v.name);
-            std::fs::create_dir_all(&host)
-                .map_err(|e| format!("create volume {}: {e}", host.display()))?;
+            if !host.exists() {
+                create_volume(&host, &root.join(v.path.trim_start_matches('/')))?;
+            }
             binds.push(Bind {
                 source: host,
                 destination: v.path.clone(),
@@ -606,6 +607,29 @@ impl Local {
     fn quarantine_dir(&self, env: &str) -> PathBuf {
         self.dir.join("quarantine").join(env)
     }
+}
+
+/// Creates a volume's directory with the owner, group and mode of its
+/// mount point in the image, as Docker's named volumes do, so a non-root
+/// daemon can write to it. An existing volume keeps what it has.
+fn create_volume(host: &std::path::Path, mount_point: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fail = |e: &dyn std::fmt::Display| format!("create volume {}: {e}", host.display());
+    let m = std::fs::metadata(mount_point).map_err(|e| fail(&e))?;
+    // Built aside and renamed in: a crash never leaves a volume with the
+    // wrong owner that a later start would take as it is.
+    let tmp = host.with_extension("new");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| fail(&e))?;
+    nix::unistd::chown(
+        &tmp,
+        Some(nix::unistd::Uid::from_raw(m.uid())),
+        Some(nix::unistd::Gid::from_raw(m.gid())),
+    )
+    .map_err(|e| fail(&e))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+        .map_err(|e| fail(&e))?;
+    std::fs::rename(&tmp, host).map_err(|e| fail(&e))
 }
 
 /// Seconds since the epoch.
