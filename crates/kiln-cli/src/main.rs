@@ -68,6 +68,15 @@ pub enum Command {
     /// The balancer process (started and supervised by kiln itself).
     #[command(subcommand, hide = true)]
     Balancer(BalancerCommand),
+    /// An environment's DNS server process (started and supervised by kiln itself).
+    #[command(subcommand, hide = true)]
+    DnsServer(DnsServerCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DnsServerCommand {
+    /// Run an environment's DNS server in the foreground.
+    Serve(cmd::dns_server::ServeArgs),
 }
 
 #[derive(Subcommand, Debug)]

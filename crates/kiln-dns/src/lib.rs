@@ -19,9 +19,9 @@
 //! - a client with too many forwards in flight: REFUSED at once.
 //!
 //! Cost and fairness: a known name is answered from an encoded template
-//! on the socket's own task (no allocation, no spawn, no lock), on
+//! by the UDP socket's own thread (no allocation, no task, no lock), on
 //! [`Config::udp_sockets`] sockets sharing each address (`SO_REUSEPORT`),
-//! so local answers never wait on forwarding. Forwards run as tasks,
+//! so local answers never wait on forwarding or on a scheduler. Forwards run as tasks,
 //! bounded per client address and in total, and each has a deadline; TCP
 //! connections are bounded the same way and closed when idle.
 //!
@@ -121,8 +121,9 @@ pub struct Config {
     pub forwards_per_client: usize,
     /// Forwards the server may have in flight in all.
     pub forwards_total: usize,
-    /// UDP sockets per listen address, each served by its own task: one
-    /// per core lets the kernel spread queries over cores.
+    /// UDP sockets per listen address, each served by a thread of its
+    /// own: one per core lets the kernel spread clients over cores. TCP,
+    /// forwards and the control directory run on the caller's runtime.
     pub udp_sockets: usize,
     /// TCP connections one client address may have open.
     pub tcp_per_client: usize,
@@ -160,4 +161,22 @@ impl Config {
 /// finish (SERVFAIL to those that do not) and closes TCP connections.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
     Server::bind(config)?.run(shutdown).await
+}
+
+/// Completes when the process is asked to stop (SIGTERM or SIGINT): the
+/// `shutdown` of the `kiln dns-server serve` process.
+pub async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the default action (exit) still stops
+        // the process: there is nothing to wait for here.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

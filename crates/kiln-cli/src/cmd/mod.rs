@@ -1,6 +1,7 @@
 //! One module per subcommand; `run` dispatches and maps results to exit codes:
 //! 0 success, 1 error, 2 "found something" (differences, changes, drift).
 
+pub mod dns_server;
 pub mod env;
 pub mod image;
 pub mod init;
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use crate::{BalancerCommand, Cli, Command, ImageCommand, ServerCommand};
+use crate::{BalancerCommand, Cli, Command, DnsServerCommand, ImageCommand, ServerCommand};
 
 /// Exit status for "the command worked and found differences".
 pub const FOUND: u8 = 2;
@@ -37,6 +38,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Reconcile(a) => env::reconcile(cli, a),
         Command::Unlock(a) => env::unlock(cli, a),
         Command::Balancer(BalancerCommand::Serve(a)) => env::balancer_serve(a),
+        Command::DnsServer(DnsServerCommand::Serve(a)) => dns_server::serve(a),
     }
 }
 
