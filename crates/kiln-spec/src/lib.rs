@@ -467,14 +467,12 @@ impl Validator<'_> {
             None | Some(("alarm", _)) => DriftPolicy::Alarm,
             Some(("replace", _)) => DriftPolicy::Replace,
             Some(("kill", _)) => DriftPolicy::Kill,
-            Some((other, span)) => {
-                return Err(self.cx.err(
-                    span,
-                    format!(
+            Some((other, span)) => return Err(self.cx.err(
+                span,
+                format!(
                     "unknown drift policy `{other}`; expected \"alarm\", \"replace\" or \"kill\""
                 ),
-                ))
-            }
+            )),
         };
         let unmanaged = r.unmanaged.as_ref().or(env.unmanaged.as_ref());
         let unmanaged = match unmanaged.map(|d| (d.get_ref().as_str(), d.span())) {
