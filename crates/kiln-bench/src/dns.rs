@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 
 const NAMES: usize = 100;
 const ENV: &str = "bench";
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const SECS: u32 = 5;
 /// The fixed rate of the latency runs (queries per second).
 const LATENCY_QPS: u32 = 10_000;

@@ -29,6 +29,7 @@
 //! when their header can be read, and dropped otherwise; responses are
 //! never answered.
 
+mod batch;
 pub mod client;
 pub mod control;
 mod forward;

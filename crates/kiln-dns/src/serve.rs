@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::batch::{Inbox, Outbox};
 use crate::control::{self, Counters, RecordsFile, Status, POLL};
 use crate::forward::Forwarder;
 use crate::limit::Limiter;
@@ -27,8 +28,7 @@ use crate::respond::{self, Action, Outcome, Transport};
 use crate::zone::Zone;
 use crate::{Config, DnsError};
 
-/// The largest DNS message; UDP reads use a buffer this big so no query
-/// is cut short.
+/// The largest DNS message (a TCP read buffer).
 const MAX_MESSAGE: usize = 65535;
 
 /// A server whose sockets are bound; [`Server::run`] serves on them.
@@ -401,14 +401,15 @@ fn read_file(path: &Path) -> Option<RecordsFile> {
 /// path there is for the queries that matter most.
 fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>, runtime: tokio::runtime::Handle) {
     let tally = shared.tally();
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut inbox = Inbox::new();
+    let mut outbox = Outbox::new();
     let mut out = Vec::with_capacity(4096);
     let mut zone = shared.zone();
     let mut turn = 0usize;
     let forwarding = shared.forwarder.enabled();
     while !shared.stop.is_cancelled() {
-        let (n, src) = match socket.recv_from(&mut buf) {
-            Ok(r) => r,
+        let n = match inbox.receive(&socket) {
+            Ok(n) => n,
             Err(e) => {
                 if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
                     // ICMP errors of earlier sends surface here; the
@@ -418,41 +419,54 @@ fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>, runtime: tokio::runtim
                 continue;
             }
         };
-        if src.port() == 0 {
-            continue;
-        }
         if shared.generation.load(Ordering::Acquire) != zone.generation {
             zone = shared.zone();
         }
-        turn = turn.wrapping_add(1);
-        match respond::handle(&zone, &buf[..n], Transport::Udp, forwarding, turn, &mut out) {
-            Action::Reply(outcome) => {
-                tally.count(outcome);
-                send(&socket, &out, src);
+        for i in 0..n {
+            let (packet, cut, from) = inbox.datagram(i);
+            let Some(src) = from.filter(|a| a.port() != 0) else {
+                continue;
+            };
+            if cut {
+                tally.count(Outcome::Malformed);
+                continue;
             }
-            Action::Drop => tally.count(Outcome::Malformed),
-            Action::Forward(request) => {
-                let Some(permit) = shared.forwarder.limits.admit(src.ip()) else {
-                    tally.refused.fetch_add(1, Ordering::Relaxed);
-                    respond::error_reply(&request, ResponseCode::Refused, Transport::Udp, &mut out);
-                    send(&socket, &out, src);
-                    continue;
-                };
-                let socket = socket.clone();
-                let shared2 = shared.clone();
-                shared.tracker.spawn_on(
-                    async move {
-                        let mut out = Vec::new();
-                        forward(&shared2, &request, Transport::Udp, &mut out).await;
-                        // A UDP send does not wait (the datagram is queued
-                        // or dropped): fine to make from a task.
-                        send(&socket, &out, src);
-                        drop(permit);
-                    },
-                    &runtime,
-                );
+            turn = turn.wrapping_add(1);
+            match respond::handle(&zone, packet, Transport::Udp, forwarding, turn, &mut out) {
+                Action::Reply(outcome) => {
+                    tally.count(outcome);
+                    outbox.push(&out, src);
+                }
+                Action::Drop => tally.count(Outcome::Malformed),
+                Action::Forward(request) => {
+                    let Some(permit) = shared.forwarder.limits.admit(src.ip()) else {
+                        tally.refused.fetch_add(1, Ordering::Relaxed);
+                        respond::error_reply(
+                            &request,
+                            ResponseCode::Refused,
+                            Transport::Udp,
+                            &mut out,
+                        );
+                        outbox.push(&out, src);
+                        continue;
+                    };
+                    let socket = socket.clone();
+                    let shared2 = shared.clone();
+                    shared.tracker.spawn_on(
+                        async move {
+                            let mut out = Vec::new();
+                            forward(&shared2, &request, Transport::Udp, &mut out).await;
+                            // A UDP send does not wait (the datagram is
+                            // queued or dropped): fine to make from a task.
+                            send(&socket, &out, src);
+                            drop(permit);
+                        },
+                        &runtime,
+                    );
+                }
             }
         }
+        outbox.flush(&socket);
     }
 }
 
