@@ -1,11 +1,12 @@
-//! The server's sockets and tasks: binding (UDP sockets sharing an address
-//! with `SO_REUSEPORT`, one TCP listener per address), one task per UDP
-//! socket, one per TCP connection, one per forward, the watcher that
-//! switches record sets and writes the status, and graceful shutdown.
+//! The server's sockets, threads and tasks: binding (UDP sockets sharing
+//! an address with `SO_REUSEPORT`, one TCP listener per address), one
+//! thread per UDP socket, and on the runtime one task per TCP connection,
+//! one per forward, the watcher that switches record sets and writes the
+//! status; and graceful shutdown.
 
 use std::future::Future;
 use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,9 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use hickory_proto::op::{Message, ResponseCode};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::net::UdpSocket;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
