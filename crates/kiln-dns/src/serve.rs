@@ -38,7 +38,7 @@ pub struct Server {
     addrs: Vec<SocketAddr>,
 }
 
-/// Counters of one task that counts (a UDP socket's, or the shared one
+/// Counters of one UDP thread (or the shared one
 /// of TCP connections and forwards): written by few, summed for the
 /// status.
 #[derive(Debug, Default)]
