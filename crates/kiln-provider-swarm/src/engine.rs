@@ -187,6 +187,11 @@ impl Engine {
         &self.endpoint
     }
 
+    /// The underlying client, for calls this crate does not wrap.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
     /// An `Api` error for `op` on this engine.
     pub(crate) fn api(&self, op: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> SwarmError {
         let endpoint = self.endpoint.clone();
