@@ -301,7 +301,15 @@ fn changes_behind_kilns_back_are_config_drift_and_files_are_checked_against_the_
             )
             .await
             .unwrap();
-        nd.start_exec(&exec.id, None).await.unwrap();
+        nd.start_exec(
+            &exec.id,
+            Some(bollard::exec::StartExecOptions {
+                detach: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
         let diffs = wait_for_async_value(|| async {
             let d = node
                 .verify_export(&container, &img.seal, &["/tmp", "/run"])
@@ -464,5 +472,46 @@ fn engines_that_cannot_serve_kiln_are_clear_errors() {
         assert_eq!(m.engine().api_version, "1.41");
         let nodes = m.nodes().await.unwrap();
         assert!(nodes.iter().all(|n| n.health == NodeHealth::Ready));
+    });
+}
+
+#[test]
+fn the_balancer_runs_on_the_swarm_from_kilns_own_binary() {
+    // Stage kiln (and, if it is dynamic, its shared objects) as a scratch
+    // image's files and bake it with kiln itself.
+    let dir = tempfile::Builder::new().prefix("kiln-swarm-lb-").tempdir().unwrap();
+    let files = dir.path().join("images/balancer/files");
+    kiln_provider_swarm::balancer::stage(&kiln_bin(), &files).unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        "[project]\nname = \"lb\"\n[images.balancer]\nfrom = \"scratch\"\nentrypoint = [\"/kiln\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(kiln_bin())
+        .args(["image", "build", "balancer"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let store = kiln_image::Store::open(dir.path().join(".kiln")).unwrap();
+    let digest = store.current_record("balancer").unwrap().digest;
+    rt().block_on(async {
+        let image = registry("swarmtest/balancer")
+            .push(&store, &digest)
+            .await
+            .unwrap()
+            .reference;
+        let c = manager().await;
+        let s = kiln_provider_swarm::balancer::spec("lb", "web", &image, 8000, 31050, None);
+        c.create_server(&s).await.unwrap();
+        let up = c.wait_running("lb", "web-balancer", WAIT).await.unwrap();
+        let addr = up.address(8000).unwrap();
+        // It accepts connections on its node's published port and keeps running.
+        wait_for(&format!("balancer at {addr}"), WAIT, || {
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500)).ok()
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(c.server("lb", "web-balancer").await.unwrap().unwrap().alive());
+        c.remove_server("lb", "web-balancer", WAIT).await.unwrap();
     });
 }

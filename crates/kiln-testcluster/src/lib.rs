@@ -29,8 +29,10 @@
 //! Teardown (explicit, on drop, and at process exit for [`Cluster::shared`])
 //! stops the daemons, kills whatever is left in their namespaces and cgroups,
 //! deletes links and namespaces, removes the directory, and compares the
-//! host's firewall with the snapshot taken at start, restoring it if it
-//! differs. A cluster left by a killed process is reaped by the next start.
+//! host's firewall with the snapshot taken at start: if Docker's chains
+//! appeared on the host, the snapshot is restored; any other change is
+//! another program's on this shared host and is left alone. A cluster left
+//! by a killed process is reaped by the next start.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -993,7 +995,10 @@ impl Firewall {
         })
     }
 
-    /// Restores the snapshot if the host's rules differ from it now.
+    /// Restores the snapshot if a Docker daemon changed the host's rules
+    /// (Docker's chains appeared since the snapshot). Other differences are
+    /// someone else's (kiln's local provider, another test on this host):
+    /// restoring would undo their work, so they are only reported.
     fn restore_if_changed(&self) -> bool {
         let Ok(now) = Firewall::save() else {
             return false;
@@ -1003,12 +1008,26 @@ impl Firewall {
             (&self.v4, &now.v4, "iptables-restore"),
             (&self.v6, &now.v6, "ip6tables-restore"),
         ] {
-            if let (Some(before), Some(after)) = (before, after) {
-                if before != after {
-                    eprintln!("kiln-testcluster: the host firewall changed; restoring it ({tool})");
-                    let _ = run_stdin(tool, &[], before);
-                    restored = true;
-                }
+            let (Some(before), Some(after)) = (before, after) else {
+                continue;
+            };
+            if before == after {
+                continue;
+            }
+            let docker = |t: &str| {
+                t.lines()
+                    .filter(|l| l.starts_with(":DOCKER"))
+                    .map(str::to_string)
+                    .collect::<BTreeSet<_>>()
+            };
+            if docker(after).difference(&docker(before)).next().is_some() {
+                eprintln!("kiln-testcluster: a dockerd changed the host firewall; restoring it ({tool})");
+                let _ = run_stdin(tool, &[], before);
+                restored = true;
+            } else {
+                eprintln!(
+                    "kiln-testcluster: the host firewall changed during the run, not by a dockerd; left as is"
+                );
             }
         }
         restored
