@@ -15,7 +15,9 @@ use bollard::models::{
     ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
     TaskSpecContainerSpec, TaskState,
 };
-use kiln_provider_swarm::{Cluster, Endpoint, PortMap, Registry, RegistryOptions, Restart, ServerSpec};
+use kiln_provider_swarm::{
+    Cluster, Endpoint, PortMap, Registry, RegistryOptions, Restart, ServerSpec,
+};
 use kiln_testcluster::{Cluster as TestCluster, Options};
 
 pub fn run(kiln: &Path) -> Result<()> {
@@ -56,7 +58,12 @@ async fn measure(tc: &TestCluster, kiln: &Path) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let size: u64 = store.version("web", v1.0)?.layers.iter().map(|l| l.size).sum();
+    let size: u64 = store
+        .version("web", v1.0)?
+        .layers
+        .iter()
+        .map(|l| l.size)
+        .sum();
     let first = reg.push(&store, &v1.1).await?;
     let again = reg.push(&store, &v1.1).await?;
     let second = reg.push(&store, &v2.1).await?;
@@ -73,10 +80,17 @@ async fn measure(tc: &TestCluster, kiln: &Path) -> Result<()> {
     let (mut running, mut http) = (Vec::new(), Vec::new());
     for i in 0..6 {
         let node = &nodes[i % nodes.len()];
-        let s = server(&format!("web-{i}"), &first.reference, 32000 + i as u16, &node.id);
+        let s = server(
+            &format!("web-{i}"),
+            &first.reference,
+            32000 + i as u16,
+            &node.id,
+        );
         let t = Instant::now();
         c.create_server(&s).await?;
-        let up = c.wait_running("bench", &s.server, Duration::from_secs(60)).await?;
+        let up = c
+            .wait_running("bench", &s.server, Duration::from_secs(60))
+            .await?;
         running.push(t.elapsed());
         let addr = up.address(8080).context("address")?;
         loop {
@@ -89,7 +103,8 @@ async fn measure(tc: &TestCluster, kiln: &Path) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         http.push(t.elapsed());
-        c.remove_server("bench", &s.server, Duration::from_secs(60)).await?;
+        c.remove_server("bench", &s.server, Duration::from_secs(60))
+            .await?;
     }
     running.sort();
     http.sort();
@@ -109,7 +124,10 @@ async fn measure(tc: &TestCluster, kiln: &Path) -> Result<()> {
 }
 
 /// Two versions of `web` (the second changes one file).
-fn bake_two_versions(kiln: &Path, dir: &Path) -> Result<((u32, kiln_image::Digest), (u32, kiln_image::Digest))> {
+fn bake_two_versions(
+    kiln: &Path,
+    dir: &Path,
+) -> Result<((u32, kiln_image::Digest), (u32, kiln_image::Digest))> {
     let files = dir.join("images/web/files");
     fs::create_dir_all(files.join("www"))?;
     fs::copy("/bin/busybox", files.join("busybox")).context("needs busybox-static")?;
@@ -216,7 +234,10 @@ async fn native_update(c: &Cluster, v1: &str, v2: &str) -> Result<Duration> {
     let running_on = |image: String| async move {
         let tasks = d
             .list_tasks(Some(bollard::query_parameters::ListTasksOptions {
-                filters: Some(HashMap::from([("service".to_string(), vec![name.to_string()])])),
+                filters: Some(HashMap::from([(
+                    "service".to_string(),
+                    vec![name.to_string()],
+                )])),
             }))
             .await?;
         Ok::<usize, bollard::errors::Error>(
@@ -261,7 +282,8 @@ async fn native_update(c: &Cluster, v1: &str, v2: &str) -> Result<Duration> {
             .update_status
             .and_then(|u| u.state)
             .is_some_and(|s| s == bollard::models::ServiceUpdateStatusStateEnum::COMPLETED);
-        if done && running_on(v2.to_string()).await? == 10 && running_on(v1.to_string()).await? == 0 {
+        if done && running_on(v2.to_string()).await? == 10 && running_on(v1.to_string()).await? == 0
+        {
             break;
         }
         if Instant::now() > deadline {

@@ -193,7 +193,10 @@ impl Engine {
     }
 
     /// An `Api` error for `op` on this engine.
-    pub(crate) fn api(&self, op: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> SwarmError {
+    pub(crate) fn api(
+        &self,
+        op: impl Into<String>,
+    ) -> impl FnOnce(bollard::errors::Error) -> SwarmError {
         let endpoint = self.endpoint.clone();
         let op = op.into();
         move |source| SwarmError::Api {

@@ -57,13 +57,13 @@ impl Registry {
         // everywhere (bollard's TLS too). A second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let host = repo.split('/').next().unwrap_or_default().to_string();
-        Reference::try_from(format!("{repo}@sha256:{}", "0".repeat(64)).as_str()).map_err(
-            |e| SwarmError::Registry {
+        Reference::try_from(format!("{repo}@sha256:{}", "0".repeat(64)).as_str()).map_err(|e| {
+            SwarmError::Registry {
                 repo: repo.into(),
                 op: "parse repository".into(),
                 source: OciDistributionError::GenericError(Some(e.to_string())),
-            },
-        )?;
+            }
+        })?;
         let config = ClientConfig {
             protocol: if opts.insecure {
                 ClientProtocol::HttpsExcept(vec![host])
@@ -104,10 +104,12 @@ impl Registry {
         let r: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
             self.err("parse reference")(OciDistributionError::GenericError(Some(e.to_string())))
         })?;
-        let manifest = store.read_blob(digest).map_err(|source| SwarmError::Store {
-            what: format!("manifest {digest}"),
-            source,
-        })?;
+        let manifest = store
+            .read_blob(digest)
+            .map_err(|source| SwarmError::Store {
+                what: format!("manifest {digest}"),
+                source,
+            })?;
         let parsed: oci_client::manifest::OciImageManifest = serde_json::from_slice(&manifest)
             .map_err(|e| self.err("read manifest")(OciDistributionError::JsonError(e)))?;
         self.client
@@ -187,8 +189,9 @@ impl Registry {
 
 async fn file_stream(
     path: &Path,
-) -> Result<impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static>
-{
+) -> Result<
+    impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static,
+> {
     let f = tokio::fs::File::open(path)
         .await
         .map_err(|source| SwarmError::Io {
@@ -196,5 +199,6 @@ async fn file_stream(
             path: path.into(),
             source,
         })?;
-    Ok(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).map_err(OciDistributionError::IoError))
+    Ok(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20)
+        .map_err(OciDistributionError::IoError))
 }

@@ -179,7 +179,7 @@ impl ServerSpec {
             memory_bytes: (self.memory_bytes > 0).then_some(self.memory_bytes as i64),
             pids: None,
         };
-        let reservations = self.reserve.then(|| ResourceObject {
+        let reservations = self.reserve.then_some(ResourceObject {
             nano_cpus: limits.nano_cpus,
             memory_bytes: limits.memory_bytes,
             generic_resources: None,
@@ -455,14 +455,42 @@ pub fn config_drift(expected: &ServerSpec, actual: &ServiceSpec) -> Vec<ConfigCh
     };
     let e = expected;
     cmp(SpecField::Image, e.image.clone(), a.image.clone());
-    cmp(SpecField::Command, format!("{:?}", e.argv), format!("{:?}", a.argv));
-    cmp(SpecField::Env, format!("{:?}", e.env_vars), format!("{:?}", a.env_vars));
-    cmp(SpecField::User, format!("{:?}", e.user), format!("{:?}", a.user));
-    cmp(SpecField::Workdir, format!("{:?}", e.workdir), format!("{:?}", a.workdir));
+    cmp(
+        SpecField::Command,
+        format!("{:?}", e.argv),
+        format!("{:?}", a.argv),
+    );
+    cmp(
+        SpecField::Env,
+        format!("{:?}", e.env_vars),
+        format!("{:?}", a.env_vars),
+    );
+    cmp(
+        SpecField::User,
+        format!("{:?}", e.user),
+        format!("{:?}", a.user),
+    );
+    cmp(
+        SpecField::Workdir,
+        format!("{:?}", e.workdir),
+        format!("{:?}", a.workdir),
+    );
     let nano = |c: f64| (c * 1e9).round() as i64;
-    cmp(SpecField::Cpus, nano(e.cpus).to_string(), nano(a.cpus).to_string());
-    cmp(SpecField::Memory, e.memory_bytes.to_string(), a.memory_bytes.to_string());
-    cmp(SpecField::Reservations, e.reserve.to_string(), a.reserve.to_string());
+    cmp(
+        SpecField::Cpus,
+        nano(e.cpus).to_string(),
+        nano(a.cpus).to_string(),
+    );
+    cmp(
+        SpecField::Memory,
+        e.memory_bytes.to_string(),
+        a.memory_bytes.to_string(),
+    );
+    cmp(
+        SpecField::Reservations,
+        e.reserve.to_string(),
+        a.reserve.to_string(),
+    );
     cmp(
         SpecField::Capabilities,
         format!("add {:?} drop {:?}", caps(&e.cap_add), caps(&e.cap_drop)),
@@ -479,7 +507,11 @@ pub fn config_drift(expected: &ServerSpec, actual: &ServiceSpec) -> Vec<ConfigCh
         format!("{:?} node {:?}", e.constraints, e.node),
         format!("{:?} node {:?}", a.constraints, a.node),
     );
-    cmp(SpecField::Volumes, format!("{:?}", e.volumes), format!("{:?}", a.volumes));
+    cmp(
+        SpecField::Volumes,
+        format!("{:?}", e.volumes),
+        format!("{:?}", a.volumes),
+    );
     cmp(
         SpecField::Restart,
         format!("{:?}", e.restart),
@@ -488,7 +520,10 @@ pub fn config_drift(expected: &ServerSpec, actual: &ServiceSpec) -> Vec<ConfigCh
     cmp(
         SpecField::Labels,
         format!("{:?}", sorted_map(&e.labels())),
-        format!("{:?}", sorted_map(&actual.labels.clone().unwrap_or_default())),
+        format!(
+            "{:?}",
+            sorted_map(&actual.labels.clone().unwrap_or_default())
+        ),
     );
     let c = actual
         .task_template
@@ -530,7 +565,11 @@ pub fn config_drift(expected: &ServerSpec, actual: &ServiceSpec) -> Vec<ConfigCh
         .as_ref()
         .and_then(|m| m.replicated.as_ref())
         .and_then(|r| r.replicas);
-    cmp(SpecField::Replicas, "Some(1)".into(), format!("{replicas:?}"));
+    cmp(
+        SpecField::Replicas,
+        "Some(1)".into(),
+        format!("{replicas:?}"),
+    );
     out
 }
 
@@ -644,7 +683,12 @@ impl Server {
     pub fn address(&self, port: u16) -> Option<String> {
         let t = self.current()?;
         let addr = t.node_addr.as_ref()?;
-        let p = self.spec.as_ref()?.ports.iter().find(|p| p.target == port)?;
+        let p = self
+            .spec
+            .as_ref()?
+            .ports
+            .iter()
+            .find(|p| p.target == port)?;
         Some(format!("{addr}:{}", p.published))
     }
 
@@ -713,7 +757,11 @@ impl Cluster {
             let status = t.status.clone().unwrap_or_default();
             let node_id = t.node_id.clone().unwrap_or_default();
             let node = nodes.get(&node_id);
-            let created = t.created_at.as_ref().map(|d| d.to_string()).unwrap_or_default();
+            let created = t
+                .created_at
+                .as_ref()
+                .map(|d| d.to_string())
+                .unwrap_or_default();
             let task = Task {
                 id: t.id.clone().unwrap_or_default(),
                 phase: TaskPhase::from(status.state),
@@ -776,7 +824,9 @@ impl Cluster {
                 if let Some(t) = s.current() {
                     let reason = t.error.clone().unwrap_or_else(|| t.message.clone());
                     let unplaceable = t.phase == TaskPhase::Pending
-                        && t.error.as_deref().is_some_and(|e| e.contains("no suitable node"));
+                        && t.error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("no suitable node"));
                     if unplaceable
                         || matches!(
                             t.phase,
@@ -927,7 +977,11 @@ mod tests {
         let mut want = s.clone();
         want.cap_drop = vec!["CAP_NET_RAW".into()];
         assert_eq!(back, want);
-        assert!(config_drift(&s, &svc).is_empty(), "{:?}", config_drift(&s, &svc));
+        assert!(
+            config_drift(&s, &svc).is_empty(),
+            "{:?}",
+            config_drift(&s, &svc)
+        );
     }
 
     #[test]
@@ -954,7 +1008,10 @@ mod tests {
             .unwrap()
             .memory_bytes = Some(1 << 30);
         svc.endpoint_spec.as_mut().unwrap().ports.as_mut().unwrap()[0].published_port = Some(80);
-        let fields: Vec<SpecField> = config_drift(&s, &svc).into_iter().map(|c| c.field).collect();
+        let fields: Vec<SpecField> = config_drift(&s, &svc)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
         assert_eq!(
             fields,
             [
@@ -970,7 +1027,10 @@ mod tests {
     fn tags_and_bad_specs_are_refused() {
         let mut s = spec();
         s.image = "shop:latest".into();
-        assert!(matches!(s.to_service(), Err(SwarmError::NotByDigest { .. })));
+        assert!(matches!(
+            s.to_service(),
+            Err(SwarmError::NotByDigest { .. })
+        ));
         let mut s = spec();
         s.ports.push(PortMap {
             target: 9090,

@@ -59,7 +59,9 @@ async fn node_engine(id: &str) -> NodeEngine {
         .into_iter()
         .find(|n| n.id == id)
         .unwrap();
-    NodeEngine::connect(&Endpoint::new(n.endpoint)).await.unwrap()
+    NodeEngine::connect(&Endpoint::new(n.endpoint))
+        .await
+        .unwrap()
 }
 
 #[test]
@@ -92,7 +94,9 @@ fn a_push_to_an_unreachable_registry_is_an_error_naming_it() {
         },
     )
     .unwrap();
-    let e = rt().block_on(reg.push(&img.store, &img.digest)).unwrap_err();
+    let e = rt()
+        .block_on(reg.push(&img.store, &img.digest))
+        .unwrap_err();
     assert!(
         e.to_string().starts_with(&format!("registry {host}/x: ")),
         "{e}"
@@ -128,7 +132,11 @@ fn servers_run_on_both_nodes_by_digest_and_serve_http_from_the_host() {
             // Pinned by digest: the container runs exactly the pushed manifest.
             let spec = up.spec.as_ref().unwrap();
             assert_eq!(&spec.image, image);
-            assert!(config_drift(s, &up.raw).is_empty(), "{:?}", config_drift(s, &up.raw));
+            assert!(
+                config_drift(s, &up.raw).is_empty(),
+                "{:?}",
+                config_drift(s, &up.raw)
+            );
         }
         assert_eq!(seen_nodes.len(), 2);
 
@@ -263,7 +271,13 @@ fn changes_behind_kilns_back_are_config_drift_and_files_are_checked_against_the_
         let mut raw = current.spec.clone().unwrap();
         let task = raw.task_template.as_mut().unwrap();
         task.container_spec.as_mut().unwrap().read_only = Some(false);
-        task.resources.as_mut().unwrap().limits.as_mut().unwrap().memory_bytes = Some(1 << 30);
+        task.resources
+            .as_mut()
+            .unwrap()
+            .limits
+            .as_mut()
+            .unwrap()
+            .memory_bytes = Some(1 << 30);
         d.update_service(
             &s.service_name(),
             raw,
@@ -276,7 +290,10 @@ fn changes_behind_kilns_back_are_config_drift_and_files_are_checked_against_the_
         .await
         .unwrap();
         let now = c.server("drift", "web-d").await.unwrap().unwrap();
-        let fields: Vec<SpecField> = config_drift(&s, &now.raw).into_iter().map(|c| c.field).collect();
+        let fields: Vec<SpecField> = config_drift(&s, &now.raw)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
         assert_eq!(fields, [SpecField::Memory, SpecField::ReadOnly]);
         assert!(now.version > up.version);
 
@@ -479,7 +496,10 @@ fn engines_that_cannot_serve_kiln_are_clear_errors() {
 fn the_balancer_runs_on_the_swarm_from_kilns_own_binary() {
     // Stage kiln (and, if it is dynamic, its shared objects) as a scratch
     // image's files and bake it with kiln itself.
-    let dir = tempfile::Builder::new().prefix("kiln-swarm-lb-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-swarm-lb-")
+        .tempdir()
+        .unwrap();
     let files = dir.path().join("images/balancer/files");
     kiln_provider_swarm::balancer::stage(&kiln_bin(), &files).unwrap();
     std::fs::write(
@@ -492,7 +512,11 @@ fn the_balancer_runs_on_the_swarm_from_kilns_own_binary() {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let store = kiln_image::Store::open(dir.path().join(".kiln")).unwrap();
     let digest = store.current_record("balancer").unwrap().digest;
     rt().block_on(async {
@@ -508,10 +532,16 @@ fn the_balancer_runs_on_the_swarm_from_kilns_own_binary() {
         let addr = up.address(8000).unwrap();
         // It accepts connections on its node's published port and keeps running.
         wait_for(&format!("balancer at {addr}"), WAIT, || {
-            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500)).ok()
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500))
+                .ok()
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(c.server("lb", "web-balancer").await.unwrap().unwrap().alive());
+        assert!(c
+            .server("lb", "web-balancer")
+            .await
+            .unwrap()
+            .unwrap()
+            .alive());
         c.remove_server("lb", "web-balancer", WAIT).await.unwrap();
     });
 }

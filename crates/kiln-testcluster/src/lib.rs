@@ -1021,7 +1021,9 @@ impl Firewall {
                     .collect::<BTreeSet<_>>()
             };
             if docker(after).difference(&docker(before)).next().is_some() {
-                eprintln!("kiln-testcluster: a dockerd changed the host firewall; restoring it ({tool})");
+                eprintln!(
+                    "kiln-testcluster: a dockerd changed the host firewall; restoring it ({tool})"
+                );
                 let _ = run_stdin(tool, &[], before);
                 restored = true;
             } else {

@@ -48,7 +48,12 @@ pub fn kiln_bin() -> PathBuf {
 /// `web`: `/busybox httpd` serving `/www/index.html` on 8080, baked once.
 pub fn web_image() -> &'static Baked {
     static IMAGE: OnceLock<Baked> = OnceLock::new();
-    IMAGE.get_or_init(|| bake("web", "[\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]"))
+    IMAGE.get_or_init(|| {
+        bake(
+            "web",
+            "[\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]",
+        )
+    })
 }
 
 pub fn bake(name: &str, entrypoint: &str) -> Baked {
