@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 mod dns;
+mod swarm;
 
 struct Opts {
     kiln: PathBuf,
@@ -84,6 +85,9 @@ fn main() -> Result<()> {
     }
     if want("dns") {
         dns::run(&o.kiln)?;
+    }
+    if want("swarm") {
+        swarm::run(&o.kiln)?;
     }
     Ok(())
 }
