@@ -13,6 +13,8 @@
 //! `quarantine/<env>/<id>/`.
 
 mod balancer;
+mod daemon;
+mod dns;
 pub mod firewall;
 mod inspect;
 pub mod net;
@@ -113,6 +115,19 @@ impl Local {
                 source: host,
                 destination: v.path.clone(),
                 readonly: false,
+            });
+        }
+        // Names resolve through the environment's DNS server; the root stays
+        // read-only (a file of the provider's is bound over the image's).
+        let image_resolv = root.join("etc/resolv.conf");
+        if image_resolv
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_file())
+        {
+            binds.push(Bind {
+                source: self.resolv_conf(&req.env, req.subnet.gateway())?,
+                destination: "/etc/resolv.conf".into(),
+                readonly: true,
             });
         }
         let log = self.log_path(&req.env, &req.id);
@@ -387,6 +402,15 @@ impl Provider for Local {
         Ok(())
     }
 
+    fn publish(&self, env: &str, names: &kiln_provider::Names) -> Result<(), ProviderError> {
+        self.publish_names(env, names)
+    }
+
+    fn dns_server(&self, env: &str) -> Option<SocketAddr> {
+        let gw = self.gateway(env)?;
+        Some(SocketAddr::new(std::net::IpAddr::V4(gw), 53))
+    }
+
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool {
         kiln_balancer::wait_drained(&self.balancer_dir(env, role), backend, timeout)
     }
@@ -573,6 +597,7 @@ impl Provider for Local {
     }
 
     fn teardown(&self, env: &str) -> Result<(), ProviderError> {
+        self.stop_dns(env);
         net::remove_env(&self.net_key(env)).map_err(|e| ProviderError::Other {
             what: format!("remove the network of `{env}`"),
             detail: e.to_string(),

@@ -49,6 +49,8 @@ pub struct Fake {
     pub quarantined: RefCell<BTreeMap<String, (String, String)>>,
     /// Subnets something else on the host uses, with who.
     pub conflicts: RefCell<BTreeMap<kiln_model::Subnet, String>>,
+    /// What each environment's DNS answers, as last published.
+    pub names: RefCell<BTreeMap<String, crate::Names>>,
     /// Environments torn down.
     pub torn_down: RefCell<Vec<String>>,
     /// Every create request, in order (what the engine launched servers from).
@@ -261,6 +263,17 @@ impl Provider for Fake {
         b.backends = backends.to_vec();
         b.alive = true;
         Ok(())
+    }
+
+    fn publish(&self, env: &str, names: &crate::Names) -> Result<(), ProviderError> {
+        self.names
+            .borrow_mut()
+            .insert(env.to_string(), names.clone());
+        Ok(())
+    }
+
+    fn dns_server(&self, _env: &str) -> Option<std::net::SocketAddr> {
+        None
     }
 
     fn drain(&self, env: &str, role: &str, backend: &str, _timeout: std::time::Duration) -> bool {

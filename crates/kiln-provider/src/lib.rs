@@ -168,6 +168,14 @@ pub struct FileCheck {
     pub full: bool,
 }
 
+/// The names an environment's DNS answers itself: each role's servers in
+/// rotation under `ROLE` and `ROLE.ENV`, and each server under its id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Names {
+    pub ttl_secs: u32,
+    pub names: BTreeMap<String, Vec<std::net::Ipv4Addr>>,
+}
+
 /// A piece of a server's log, from `offset`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogChunk {
@@ -204,6 +212,11 @@ pub trait Provider {
         balancer: &Balancer,
         backends: &[String],
     ) -> Result<(), ProviderError>;
+    /// Makes `env`'s DNS answer `names` (starting its server if needed),
+    /// returning once it does.
+    fn publish(&self, env: &str, names: &Names) -> Result<(), ProviderError>;
+    /// Where `env`'s DNS server answers, if it has one.
+    fn dns_server(&self, env: &str) -> Option<std::net::SocketAddr>;
     /// Waits (bounded) until the balancer has no open connection to `backend`.
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool;
     /// The role's balancer, or `None` when it has never been started.
