@@ -4,7 +4,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -201,25 +201,19 @@ async fn a_long_request_finishes_during_a_drain() {
     assert_eq!(get(lb.addr, "/").await.1, "new");
     assert_eq!(new_seen.requests(), 1);
     let dir = lb.path().to_path_buf();
-    let answered = Arc::new(AtomicBool::new(false));
-    let drained = {
-        let (dir, answered) = (dir.clone(), answered.clone());
-        tokio::task::spawn_blocking(move || {
-            let ok = kiln_balancer::wait_drained(&dir, &old.to_string(), Duration::from_secs(20));
-            (ok, answered.load(Ordering::SeqCst))
-        })
-    };
+    let drained = tokio::task::spawn_blocking(move || {
+        kiln_balancer::wait_drained(&dir, &old.to_string(), Duration::from_secs(20))
+    });
+    // Still in flight (the backend has not answered): not drained.
+    lb.wait_status(|s| s.seq > 5, "a few more status writes").await;
     let s = lb.status();
     let o = s.backends.iter().find(|b| b.addr == old.to_string()).unwrap();
     assert!(!o.active && o.open == 1, "{o:?}");
+    assert!(!drained.is_finished());
     release.notify_one();
     let (status, body, _) = slow.await.unwrap();
-    answered.store(true, Ordering::SeqCst);
     assert_eq!((status, body.as_str()), (200, "slow and complete"));
-    let (ok, after_answer) = drained.await.unwrap();
-    assert!(ok, "drained");
-    // The drain could only complete once the response had been relayed.
-    let _ = after_answer;
+    assert!(drained.await.unwrap(), "drained once the response was relayed");
     let s = lb.status();
     assert!(s.backends.iter().all(|b| b.addr != old.to_string() || b.open == 0));
 }
