@@ -221,3 +221,153 @@ pub async fn get(front: SocketAddr, path: &str) -> (u16, String, hyper::HeaderMa
 pub fn tmp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// A test certificate authority (rcgen).
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "kiln test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf certificate for `names` (PEM cert, PEM key, serial hex),
+    /// valid now or long expired.
+    pub fn leaf(&self, names: &[&str], expired: bool) -> (String, String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
+        let serial: [u8; 8] = std::array::from_fn(|_| rand_byte());
+        let mut serial = serial.to_vec();
+        serial[0] &= 0x7f;
+        serial[0] |= 0x10;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let hex = serial.iter().map(|b| format!("{b:02x}")).collect();
+        (cert.pem(), key.serialize_pem(), hex)
+    }
+}
+
+/// A byte from the kernel's randomness, for serial numbers.
+fn rand_byte() -> u8 {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    b[0]
+}
+
+/// Writes a file the way an operator's tooling would: whole, by rename.
+pub fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A TLS client trusting `roots` (PEM), offering `alpn`.
+pub fn tls_client(roots: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut roots.as_bytes()) {
+        store.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// What one TLS request saw.
+#[derive(Debug)]
+pub struct TlsReply {
+    pub status: u16,
+    pub body: String,
+    pub version: hyper::Version,
+    /// Serial of the certificate the balancer presented, hex.
+    pub serial: String,
+}
+
+/// `GET path` over a new TLS connection to `front` for server name `name`,
+/// over HTTP/2 if ALPN chose it.
+pub async fn tls_get(
+    connector: &tokio_rustls::TlsConnector,
+    front: SocketAddr,
+    name: &str,
+    path: &str,
+) -> Result<TlsReply, String> {
+    let tcp = TcpStream::connect(front).await.map_err(|e| e.to_string())?;
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let tls = connector
+        .connect(server, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let serial = {
+        let conn = tls.get_ref().1;
+        let der = conn.peer_certificates().unwrap()[0].clone();
+        let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
+        x.raw_serial().iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let req = Request::builder()
+        .uri(format!("https://{name}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = if h2 {
+        let (mut s, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        s.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let (mut parts, body) = req.into_parts();
+        parts.uri = path.parse().unwrap();
+        parts
+            .headers
+            .insert("host", hyper::header::HeaderValue::from_str(name).unwrap());
+        s.send_request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    let status = resp.status().as_u16();
+    let version = resp.version();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(TlsReply {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        version,
+        serial,
+    })
+}
