@@ -38,7 +38,10 @@ pub enum AcmeError {
         source: instant_acme::Error,
     },
     #[error("ACME order for {domains:?} failed: {reason}")]
-    Order { domains: Vec<String>, reason: String },
+    Order {
+        domains: Vec<String>,
+        reason: String,
+    },
     #[error("cannot {op} {}", path.display())]
     Store {
         op: &'static str,
@@ -77,8 +80,7 @@ pub(crate) async fn run(cfg: Acme, dir: PathBuf, certs: Arc<Certs>, fleet: Arc<F
     loop {
         let due = match certs.served() {
             Some(l) => {
-                !covers(&l, &cfg.domains)
-                    || l.not_after - unix_now() < cfg.renew_before_secs as i64
+                !covers(&l, &cfg.domains) || l.not_after - unix_now() < cfg.renew_before_secs as i64
             }
             None => true,
         };
@@ -233,7 +235,10 @@ fn challenge_cert(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, Acme
         .key_provider
         .load_private_key(PrivateKeyDer::Pkcs8(key.serialize_der().into()))
         .map_err(|e| fail(e.to_string()))?;
-    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)))
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
 }
 
 /// Writes a secret: mode 0600 from creation, through a rename, in a

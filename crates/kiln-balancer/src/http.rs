@@ -101,7 +101,8 @@ async fn handle(
     // Both framings in one request is how requests are smuggled past a
     // proxy that reads one and a backend that reads the other.
     let headers = req.headers();
-    if headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
         || headers.get_all(header::CONTENT_LENGTH).iter().count() > 1
     {
         fleet.metrics.bad_requests.inc();
@@ -122,7 +123,13 @@ async fn handle(
     };
     let empty = body.is_end_stream();
     let retriable = empty && idempotent(&parts.method) && !upgrade;
-    let template = retriable.then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
+    let template = retriable.then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
     let body_failed = Arc::new(AtomicBool::new(false));
     let body = if empty {
         ReqBody::Empty
@@ -166,7 +173,7 @@ async fn handle(
             Err(Failure::NotSent(req)) => {
                 backend.m.errors.inc();
                 failed_on = Some(backend);
-                pending = Some(req);
+                pending = Some(*req);
             }
             Err(Failure::Sent(e)) => {
                 if body_failed.load(Ordering::SeqCst) {
@@ -292,10 +299,7 @@ fn local(status: StatusCode, text: &'static str, close: bool) -> Response<RespBo
     let mut resp = Response::new(RespBody::Local(Some(Bytes::from_static(text.as_bytes()))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     if close {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -316,7 +320,7 @@ fn unavailable() -> Response<RespBody> {
 
 enum Failure {
     /// Nothing reached the backend; the request comes back whole.
-    NotSent(Request<ReqBody>),
+    NotSent(Box<Request<ReqBody>>),
     /// The request was (at least partly) written.
     Sent(hyper::Error),
 }
@@ -329,7 +333,11 @@ async fn send(
 ) -> Result<(Response<Incoming>, Option<SendRequest<ReqBody>>), Failure> {
     // Bounded: each pass takes one idle connection away, or connects.
     for _ in 0..=MAX_IDLE {
-        let pooled = if upgrade { None } else { backend.pool.take().await };
+        let pooled = if upgrade {
+            None
+        } else {
+            backend.pool.take().await
+        };
         let from_pool = pooled.is_some();
         let mut sender = match pooled {
             Some(s) => s,
@@ -337,7 +345,7 @@ async fn send(
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(addr = %backend.addr, "cannot connect: {e}");
-                    return Err(Failure::NotSent(req));
+                    return Err(Failure::NotSent(Box::new(req)));
                 }
             },
         };
@@ -346,12 +354,12 @@ async fn send(
             Err(mut e) => match e.take_message() {
                 // A pooled connection the backend closed meanwhile.
                 Some(r) if from_pool => req = r,
-                Some(r) => return Err(Failure::NotSent(r)),
+                Some(r) => return Err(Failure::NotSent(Box::new(r))),
                 None => return Err(Failure::Sent(e.into_error())),
             },
         }
     }
-    Err(Failure::NotSent(req))
+    Err(Failure::NotSent(Box::new(req)))
 }
 
 async fn connect(addr: SocketAddr) -> std::io::Result<SendRequest<ReqBody>> {

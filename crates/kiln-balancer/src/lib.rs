@@ -215,7 +215,8 @@ impl FrontTasks {
                 match metrics::bind_admin(addr).await {
                     Ok(listener) => {
                         let status_file = control::status_path(dir);
-                        let status = Arc::new(move || std::fs::read(&status_file).unwrap_or_default());
+                        let status =
+                            Arc::new(move || std::fs::read(&status_file).unwrap_or_default());
                         let task = tokio::spawn(metrics::serve_admin(
                             listener,
                             fleet.metrics.clone(),

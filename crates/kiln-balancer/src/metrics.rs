@@ -228,11 +228,7 @@ pub(crate) async fn serve_admin(
                 let (metrics, status) = (metrics.clone(), status.clone());
                 async move {
                     let (code, kind, body) = match req.uri().path() {
-                        "/metrics" => (
-                            StatusCode::OK,
-                            "text/plain; version=0.0.4",
-                            metrics.text(),
-                        ),
+                        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.text()),
                         "/status" => (StatusCode::OK, "application/json", status()),
                         _ => (
                             StatusCode::NOT_FOUND,

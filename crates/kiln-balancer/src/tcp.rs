@@ -36,8 +36,7 @@ where
         if !fail_open && !backend.is_up() {
             continue;
         }
-        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(backend.addr)).await
-        {
+        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(backend.addr)).await {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 backend.m.open.inc();

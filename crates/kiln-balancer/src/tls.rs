@@ -242,7 +242,11 @@ impl Certs {
     /// if no certificate is served yet, or if it was an ACME validation
     /// (answered, then closed). Otherwise the stream and whether HTTP/2
     /// was negotiated.
-    pub async fn accept(&self, stream: TcpStream, mode: Mode) -> Option<(TlsStream<TcpStream>, bool)> {
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+        mode: Mode,
+    ) -> Option<(TlsStream<TcpStream>, bool)> {
         let handshake = async {
             let start = LazyConfigAcceptor::new(Acceptor::default(), stream)
                 .await
@@ -253,8 +257,15 @@ impl Certs {
                 .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
             if acme {
                 let name = hello.server_name()?.to_ascii_lowercase();
-                let key = self.challenges.lock().expect("challenges").get(&name).cloned()?;
-                let _ = start.into_stream(server_config(key, &[ACME_TLS_ALPN])).await;
+                let key = self
+                    .challenges
+                    .lock()
+                    .expect("challenges")
+                    .get(&name)
+                    .cloned()?;
+                let _ = start
+                    .into_stream(server_config(key, &[ACME_TLS_ALPN]))
+                    .await;
                 return None;
             }
             let configs = self.configs.load_full()?;

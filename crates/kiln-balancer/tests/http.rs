@@ -34,7 +34,10 @@ async fn keep_alive_is_reused_on_both_sides() {
     assert_eq!(seen.requests(), 20);
     assert_eq!(seen.connections(), 1, "backend connections");
     let status = lb
-        .wait_status(|s| s.backends.first().is_some_and(|b| b.total == 20), "20 responses")
+        .wait_status(
+            |s| s.backends.first().is_some_and(|b| b.total == 20),
+            "20 responses",
+        )
         .await;
     assert_eq!(status.connections, 1, "{status:?}");
     assert_eq!(status.backends[0].responses_2xx, 20);
@@ -49,14 +52,18 @@ async fn resetting(ip: &str, read_body: bool) -> (SocketAddr, Arc<AtomicUsize>) 
     let h = hits.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             let h = h.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 let mut got = Vec::new();
                 // Read the head (and the body if asked) before resetting.
                 loop {
-                    let Ok(n) = s.read(&mut buf).await else { return };
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -110,15 +117,26 @@ async fn an_idempotent_request_is_retried_after_a_reset() {
         let (status, body, _) = get(lb.addr, "/").await;
         assert_eq!((status, body.as_str()), (200, "good"));
     }
-    assert!(resets.load(Ordering::SeqCst) >= 1, "the resetting backend was tried");
+    assert!(
+        resets.load(Ordering::SeqCst) >= 1,
+        "the resetting backend was tried"
+    );
     assert_eq!(seen.requests(), 10);
     let b = lb
         .wait_status(
-            |s| s.backends.iter().any(|b| b.addr == bad.to_string() && b.retries >= 1),
+            |s| {
+                s.backends
+                    .iter()
+                    .any(|b| b.addr == bad.to_string() && b.retries >= 1)
+            },
             "retries counted",
         )
         .await;
-    let bad = b.backends.iter().find(|b| b.addr == bad.to_string()).unwrap();
+    let bad = b
+        .backends
+        .iter()
+        .find(|b| b.addr == bad.to_string())
+        .unwrap();
     assert_eq!(bad.errors, bad.retries, "{bad:?}");
     assert_eq!(bad.total, 0);
 }
@@ -135,9 +153,16 @@ async fn a_post_whose_body_was_sent_is_not_retried() {
     assert_eq!(resets.load(Ordering::SeqCst), 1);
     assert_eq!(seen.requests(), 0, "the POST never reached another backend");
     let s = lb
-        .wait_status(|s| s.backends.iter().any(|b| b.errors == 1), "error counted")
+        .wait_status(
+            |s| s.backends.iter().any(|b| b.errors == 1),
+            "error counted",
+        )
         .await;
-    let b = s.backends.iter().find(|b| b.addr == bad.to_string()).unwrap();
+    let b = s
+        .backends
+        .iter()
+        .find(|b| b.addr == bad.to_string())
+        .unwrap();
     assert_eq!((b.errors, b.retries), (1, 0), "{b:?}");
     // A GET on the same connection still works (and goes to `good`, or
     // is retried there).
@@ -205,17 +230,28 @@ async fn a_long_request_finishes_during_a_drain() {
         kiln_balancer::wait_drained(&dir, &old.to_string(), Duration::from_secs(20))
     });
     // Still in flight (the backend has not answered): not drained.
-    lb.wait_status(|s| s.seq > 5, "a few more status writes").await;
+    lb.wait_status(|s| s.seq > 5, "a few more status writes")
+        .await;
     let s = lb.status();
-    let o = s.backends.iter().find(|b| b.addr == old.to_string()).unwrap();
+    let o = s
+        .backends
+        .iter()
+        .find(|b| b.addr == old.to_string())
+        .unwrap();
     assert!(!o.active && o.open == 1, "{o:?}");
     assert!(!drained.is_finished());
     release.notify_one();
     let (status, body, _) = slow.await.unwrap();
     assert_eq!((status, body.as_str()), (200, "slow and complete"));
-    assert!(drained.await.unwrap(), "drained once the response was relayed");
+    assert!(
+        drained.await.unwrap(),
+        "drained once the response was relayed"
+    );
     let s = lb.status();
-    assert!(s.backends.iter().all(|b| b.addr != old.to_string() || b.open == 0));
+    assert!(s
+        .backends
+        .iter()
+        .all(|b| b.addr != old.to_string() || b.open == 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,7 +310,10 @@ async fn every_backend_down_is_a_503_with_retry_after() {
     assert_eq!(status, 503);
     assert_eq!(headers.get("retry-after").unwrap(), "1");
     let s = lb
-        .wait_status(|s| s.backends.iter().all(|b| b.errors >= 1), "connect errors")
+        .wait_status(
+            |s| s.backends.iter().all(|b| b.errors >= 1),
+            "connect errors",
+        )
         .await;
     assert_eq!(s.rejected, 1);
 
@@ -333,7 +372,11 @@ async fn least_requests_avoids_the_busy_backend() {
     }
     assert!(busy_seen.requests() >= 1);
     lb.wait_status(
-        |s| s.backends.iter().any(|b| b.addr == busy.to_string() && b.in_flight >= 1),
+        |s| {
+            s.backends
+                .iter()
+                .any(|b| b.addr == busy.to_string() && b.in_flight >= 1)
+        },
         "busy has a request in flight",
     )
     .await;
@@ -422,7 +465,11 @@ async fn malformed_and_smuggling_requests_get_400_and_a_closed_connection() {
         "400",
     )
     .await;
-    assert_eq!(seen.requests(), before, "no malformed request reached the backend");
+    assert_eq!(
+        seen.requests(),
+        before,
+        "no malformed request reached the backend"
+    );
 
     // Invalid chunked encoding in the body.
     refused(
@@ -443,7 +490,9 @@ async fn malformed_and_smuggling_requests_get_400_and_a_closed_connection() {
 
     // Still serving, and counted.
     assert_eq!(get(lb.addr, "/").await.1, "a");
-    let s = lb.wait_status(|s| s.bad_requests >= 6, "bad requests counted").await;
+    let s = lb
+        .wait_status(|s| s.bad_requests >= 6, "bad requests counted")
+        .await;
     assert_eq!(s.bad_requests, 6, "{s:?}");
 }
 
@@ -460,9 +509,11 @@ async fn websocket_style_upgrades_are_tunnelled() {
             let n = s.read(&mut buf).await.unwrap();
             head.extend_from_slice(&buf[..n]);
         }
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
         loop {
             let n = s.read(&mut buf).await.unwrap_or(0);
             if n == 0 {
@@ -483,7 +534,11 @@ async fn websocket_style_upgrades_are_tunnelled() {
         assert!(n > 0);
         head.extend_from_slice(&buf[..n]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     c.write_all(b"ping").await.unwrap();
     let mut echoed = [0u8; 4];
     c.read_exact(&mut echoed).await.unwrap();
@@ -516,7 +571,10 @@ async fn the_admin_listener_serves_prometheus_metrics() {
     }
     let line = format!("kiln_balancer_responses_total{{backend=\"{a}\",class=\"2xx\"}} 3");
     assert!(text.contains(&line), "{text}");
-    assert!(text.contains("kiln_balancer_response_seconds_bucket"), "{text}");
+    assert!(
+        text.contains("kiln_balancer_response_seconds_bucket"),
+        "{text}"
+    );
     assert!(text.contains("kiln_balancer_client_connections"), "{text}");
     let status = get(admin, "/status").await.1;
     let status: kiln_balancer::Status = serde_json::from_str(&status).unwrap();

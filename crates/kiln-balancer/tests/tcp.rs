@@ -130,7 +130,11 @@ async fn first_responses_are_counted_by_class_per_backend() {
     }
     let s = lb
         .wait_status(
-            |s| s.backends.first().is_some_and(|x| x.total == 8 && x.responses_5xx == 5),
+            |s| {
+                s.backends
+                    .first()
+                    .is_some_and(|x| x.total == 8 && x.responses_5xx == 5)
+            },
             "8 connections, 5 server errors",
         )
         .await;

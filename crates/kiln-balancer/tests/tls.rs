@@ -70,19 +70,31 @@ async fn tls_with_a_test_ca_serves_http1_and_http2_over_alpn() {
     let pki = Pki::new();
     let lb = Balancer::start(&[echo_proto().await], None, pki.front(Mode::Http)).await;
     let s = lb
-        .wait_status(|s| s.tls.as_ref().is_some_and(|t| t.loaded == 1), "certificate served")
+        .wait_status(
+            |s| s.tls.as_ref().is_some_and(|t| t.loaded == 1),
+            "certificate served",
+        )
         .await;
     let t = s.tls.unwrap();
-    assert_eq!((t.serial.as_str(), t.names.as_slice()), (pki.serial.as_str(), &["localhost".to_string()][..]));
+    assert_eq!(
+        (t.serial.as_str(), t.names.as_slice()),
+        (pki.serial.as_str(), &["localhost".to_string()][..])
+    );
     assert!(t.error.is_none());
 
     let h1 = tls_client(&pki.ca.pem, &[b"http/1.1"]);
     let r = tls_get(&h1, lb.addr, "localhost", "/").await.unwrap();
-    assert_eq!((r.status, r.body.as_str(), r.version), (200, "proto=https", hyper::Version::HTTP_11));
+    assert_eq!(
+        (r.status, r.body.as_str(), r.version),
+        (200, "proto=https", hyper::Version::HTTP_11)
+    );
 
     let h2 = tls_client(&pki.ca.pem, &[b"h2", b"http/1.1"]);
     let r = tls_get(&h2, lb.addr, "localhost", "/").await.unwrap();
-    assert_eq!((r.status, r.body.as_str(), r.version), (200, "proto=https", hyper::Version::HTTP_2));
+    assert_eq!(
+        (r.status, r.body.as_str(), r.version),
+        (200, "proto=https", hyper::Version::HTTP_2)
+    );
 
     // A client that does not trust the test CA fails its handshake.
     let other = TestCa::new();
@@ -101,22 +113,33 @@ async fn tls_with_a_test_ca_serves_http1_and_http2_over_alpn() {
         .await
         .expect("curl is installed by scripts/setup.sh");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text, "proto=https http=2", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        text,
+        "proto=https http=2",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_certificate_files_are_served_under_load_without_a_failed_request() {
     let pki = Pki::new();
     let lb = Balancer::start(&[echo_proto().await], None, pki.front(Mode::Http)).await;
-    lb.wait_status(|s| s.tls.as_ref().is_some_and(|t| t.loaded == 1), "first certificate")
-        .await;
+    lb.wait_status(
+        |s| s.tls.as_ref().is_some_and(|t| t.loaded == 1),
+        "first certificate",
+    )
+    .await;
     let front = lb.addr;
 
     // A keep-alive connection opened before the reload.
     let connector = tls_client(&pki.ca.pem, &[b"h2"]);
     let tcp = tokio::net::TcpStream::connect(front).await.unwrap();
     let tls = connector
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
         .await
         .unwrap();
     let (mut long_lived, conn) = hyper::client::conn::http2::handshake(
@@ -134,7 +157,10 @@ async fn new_certificate_files_are_served_under_load_without_a_failed_request() 
     let load: Vec<_> = (0..4)
         .map(|i| {
             let (stop, failures, serials) = (stop.clone(), failures.clone(), serials.clone());
-            let connector = tls_client(&pki.ca.pem, if i % 2 == 0 { &[b"h2"] } else { &[b"http/1.1"] });
+            let connector = tls_client(
+                &pki.ca.pem,
+                if i % 2 == 0 { &[b"h2"] } else { &[b"http/1.1"] },
+            );
             tokio::spawn(async move {
                 while !stop.load(Ordering::SeqCst) {
                     match tls_get(&connector, front, "localhost", "/").await {
@@ -150,7 +176,8 @@ async fn new_certificate_files_are_served_under_load_without_a_failed_request() 
             })
         })
         .collect();
-    lb.wait_status(|s| s.backends[0].total >= 20, "load running").await;
+    lb.wait_status(|s| s.backends[0].total >= 20, "load running")
+        .await;
 
     let (cert, key, new_serial) = pki.ca.leaf(&["localhost"], false);
     pki.write(&cert, &key);
@@ -161,7 +188,14 @@ async fn new_certificate_files_are_served_under_load_without_a_failed_request() 
     .await;
     // Keep the load on until clients have seen the new certificate.
     for _ in 0..500 {
-        if serials.lock().unwrap().get(&new_serial).copied().unwrap_or(0) >= 20 {
+        if serials
+            .lock()
+            .unwrap()
+            .get(&new_serial)
+            .copied()
+            .unwrap_or(0)
+            >= 20
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -173,7 +207,10 @@ async fn new_certificate_files_are_served_under_load_without_a_failed_request() 
     let seen = serials.lock().unwrap().clone();
     assert_eq!(failures.load(Ordering::SeqCst), 0, "{seen:?}");
     assert!(seen.get(&pki.serial).copied().unwrap_or(0) > 0, "{seen:?}");
-    assert!(seen.get(&new_serial).copied().unwrap_or(0) >= 20, "{seen:?}");
+    assert!(
+        seen.get(&new_serial).copied().unwrap_or(0) >= 20,
+        "{seen:?}"
+    );
 
     // The connection opened before the reload was not dropped.
     let req = hyper::Request::builder()
@@ -188,8 +225,11 @@ async fn new_certificate_files_are_served_under_load_without_a_failed_request() 
 async fn bad_certificates_are_refused_and_the_previous_one_is_kept() {
     let pki = Pki::new();
     let lb = Balancer::start(&[echo_proto().await], None, pki.front(Mode::Http)).await;
-    lb.wait_status(|s| s.tls.as_ref().is_some_and(|t| t.loaded == 1), "first certificate")
-        .await;
+    lb.wait_status(
+        |s| s.tls.as_ref().is_some_and(|t| t.loaded == 1),
+        "first certificate",
+    )
+    .await;
     let client = tls_client(&pki.ca.pem, &[b"http/1.1"]);
     let refused = |what: &'static str| {
         move |s: &kiln_balancer::Status| {
@@ -223,7 +263,10 @@ async fn bad_certificates_are_refused_and_the_previous_one_is_kept() {
     lb.wait_status(refused("no PEM certificate"), "garbage refused")
         .await;
     assert_eq!(
-        tls_get(&client, lb.addr, "localhost", "/").await.unwrap().serial,
+        tls_get(&client, lb.addr, "localhost", "/")
+            .await
+            .unwrap()
+            .serial,
         pki.serial
     );
 
@@ -232,13 +275,20 @@ async fn bad_certificates_are_refused_and_the_previous_one_is_kept() {
     pki.write(&cert4, &key4);
     let s = lb
         .wait_status(
-            |s| s.tls.as_ref().is_some_and(|t| t.serial == serial4 && t.error.is_none()),
+            |s| {
+                s.tls
+                    .as_ref()
+                    .is_some_and(|t| t.serial == serial4 && t.error.is_none())
+            },
             "good pair served",
         )
         .await;
     assert_eq!(s.tls.unwrap().loaded, 2);
     assert_eq!(
-        tls_get(&client, lb.addr, "localhost", "/").await.unwrap().serial,
+        tls_get(&client, lb.addr, "localhost", "/")
+            .await
+            .unwrap()
+            .serial,
         serial4
     );
 }
@@ -247,8 +297,11 @@ async fn bad_certificates_are_refused_and_the_previous_one_is_kept() {
 async fn tcp_mode_terminates_tls_too() {
     let pki = Pki::new();
     let lb = Balancer::start(&[echo_proto().await], None, pki.front(Mode::Tcp)).await;
-    lb.wait_status(|s| s.tls.as_ref().is_some_and(|t| t.loaded == 1), "certificate served")
-        .await;
+    lb.wait_status(
+        |s| s.tls.as_ref().is_some_and(|t| t.loaded == 1),
+        "certificate served",
+    )
+    .await;
     // No ALPN in TCP mode: the client speaks HTTP/1.1 through the tunnel.
     let client = tls_client(&pki.ca.pem, &[]);
     let r = tls_get(&client, lb.addr, "localhost", "/").await.unwrap();

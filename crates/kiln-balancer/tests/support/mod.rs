@@ -38,7 +38,10 @@ impl Seen {
 
 /// What a backend answers: the request (body read) → status and body.
 pub type Handler = Arc<
-    dyn Fn(hyper::http::request::Parts, Bytes) -> std::pin::Pin<Box<dyn Future<Output = (u16, String)> + Send>>
+    dyn Fn(
+            hyper::http::request::Parts,
+            Bytes,
+        ) -> std::pin::Pin<Box<dyn Future<Output = (u16, String)> + Send>>
         + Send
         + Sync,
 >;
@@ -70,7 +73,11 @@ pub async fn backend(ip: &str, port: u16, h: Handler) -> (SocketAddr, Arc<Seen>)
                     async move {
                         s.requests.fetch_add(1, Ordering::SeqCst);
                         let (parts, body) = req.into_parts();
-                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         let (status, text) = h(parts, body).await;
                         let mut resp = Response::new(Full::new(Bytes::from(text)));
                         *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
@@ -89,7 +96,12 @@ pub async fn backend(ip: &str, port: u16, h: Handler) -> (SocketAddr, Arc<Seen>)
 
 /// A backend answering `200 name` to everything.
 pub async fn named(ip: &str, name: &'static str) -> (SocketAddr, Arc<Seen>) {
-    backend(ip, 0, handler(move |_, _| async move { (200, name.to_string()) })).await
+    backend(
+        ip,
+        0,
+        handler(move |_, _| async move { (200, name.to_string()) }),
+    )
+    .await
 }
 
 /// A free port on 127.0.0.1.
@@ -116,13 +128,25 @@ impl Drop for Balancer {
 
 impl Balancer {
     pub async fn start(backends: &[SocketAddr], check: Option<Check>, front: Front) -> Balancer {
-        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Balancer::start_in(tempfile::tempdir().unwrap(), addr, backends, check, front).await
+    }
+
+    /// Starts a balancer on `addr` with the control directory `dir`.
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        backends: &[SocketAddr],
+        check: Option<Check>,
+        front: Front,
+    ) -> Balancer {
         let list: Vec<String> = backends.iter().map(|a| a.to_string()).collect();
         kiln_balancer::set_backends_with(dir.path(), &list, check.as_ref(), &front).unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let run_dir = dir.path().to_path_buf();
         let task = tokio::spawn(async move {
-            kiln_balancer::run(&addr.to_string(), run_dir).await.unwrap();
+            kiln_balancer::run(&addr.to_string(), run_dir)
+                .await
+                .unwrap();
         });
         let b = Balancer { addr, dir, task };
         b.wait_status(|s| s.generation >= 1, "first status").await;
@@ -147,7 +171,10 @@ impl Balancer {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("{what}: never reached; last status {:?}", kiln_balancer::read_status(self.path()));
+        panic!(
+            "{what}: never reached; last status {:?}",
+            kiln_balancer::read_status(self.path())
+        );
     }
 
     /// A backend's counters from the status.
@@ -179,14 +206,20 @@ pub async fn raw(front: SocketAddr, bytes: &[u8]) -> String {
     let _ = s.write_all(bytes).await;
     let mut out = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    assert!(read.is_ok(), "the balancer kept the connection open: {:?}", String::from_utf8_lossy(&out));
+    assert!(
+        read.is_ok(),
+        "the balancer kept the connection open: {:?}",
+        String::from_utf8_lossy(&out)
+    );
     String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A keep-alive HTTP/1.1 client connection.
 pub async fn connect(front: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let s = TcpStream::connect(front).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     sender
 }
@@ -336,10 +369,12 @@ pub async fn tls_get(
         .body(Full::new(Bytes::new()))
         .unwrap();
     let resp = if h2 {
-        let (mut s, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .map_err(|e| e.to_string())?;
+        let (mut s, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
         s.send_request(req).await.map_err(|e| e.to_string())?
     } else {
