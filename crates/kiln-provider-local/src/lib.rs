@@ -17,7 +17,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_model::{Balancer, HealthCheck};
+use kiln_model::{Balancer, BalancerAlgorithm, BalancerMode, BalancerTls, HealthCheck};
 use kiln_provider::{Inspection, Provider, ProviderError, Running, ServerRequest};
 use kiln_sandbox::{alive, Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
 
@@ -283,7 +283,38 @@ impl Provider for Local {
                 rise: c.rise,
             })
         });
-        let generation = kiln_balancer::set_backends(&dir, backends, check.as_ref())
+        let front = kiln_balancer::Front {
+            mode: match b.mode {
+                BalancerMode::Http => kiln_balancer::Mode::Http,
+                BalancerMode::Tcp => kiln_balancer::Mode::Tcp,
+            },
+            algorithm: match b.algorithm {
+                BalancerAlgorithm::RoundRobin => kiln_balancer::Algorithm::RoundRobin,
+                BalancerAlgorithm::LeastRequests => kiln_balancer::Algorithm::LeastRequests,
+            },
+            tls: b.tls.as_ref().map(|t| match t {
+                BalancerTls::Files { cert, key } => kiln_balancer::Tls::Files {
+                    cert: cert.into(),
+                    key: key.into(),
+                },
+                BalancerTls::Acme {
+                    directory,
+                    email,
+                    domains,
+                    ca,
+                    renew_before_secs,
+                } => kiln_balancer::Tls::Acme(kiln_balancer::Acme {
+                    directory: directory.clone(),
+                    email: email.clone(),
+                    domains: domains.clone(),
+                    ca: ca.as_ref().map(Into::into),
+                    renew_before_secs: *renew_before_secs,
+                    check_interval_ms: 3_600_000,
+                }),
+            }),
+            admin: b.admin.clone(),
+        };
+        let generation = kiln_balancer::set_backends_with(&dir, backends, check.as_ref(), &front)
             .map_err(|e| fail(e.to_string()))?;
         self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
         kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5))
