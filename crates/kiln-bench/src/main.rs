@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod balancer;
+
 struct Opts {
     kiln: PathBuf,
     tree_mib: u64,
@@ -79,6 +81,9 @@ fn main() -> Result<()> {
     }
     if want("reconcile") {
         reconcile_cpu(&o)?;
+    }
+    if want("http-balancer") {
+        balancer::run(&o)?;
     }
     Ok(())
 }
