@@ -28,6 +28,9 @@ pub(crate) struct Backend {
     pub streak: AtomicU32,
     /// HTTP responses it sent (TCP mode counts connections instead).
     pub answered: AtomicU64,
+    /// In the served set (false while draining): only then are its
+    /// connections kept for reuse.
+    pub active: AtomicBool,
     pub pool: Pool,
 }
 
@@ -41,6 +44,7 @@ impl Backend {
             down: AtomicBool::new(false),
             streak: AtomicU32::new(0),
             answered: AtomicU64::new(0),
+            active: AtomicBool::new(true),
             pool: Pool::default(),
         }
     }
@@ -115,6 +119,7 @@ impl Fleet {
                     // kiln switches only to servers it found healthy.
                     b.down.store(false, Ordering::SeqCst);
                     b.streak.store(0, Ordering::SeqCst);
+                    b.active.store(true, Ordering::SeqCst);
                     b.m.up.set(1);
                     b
                 })
@@ -123,6 +128,7 @@ impl Fleet {
                 if !addrs.contains(a) {
                     // Draining: no new requests, and no idle connection
                     // kept open to a server about to stop.
+                    b.active.store(false, Ordering::SeqCst);
                     b.pool.clear();
                     b.m.up.set(0);
                 }

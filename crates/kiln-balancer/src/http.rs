@@ -130,14 +130,13 @@ async fn handle(
             parts.headers.clone(),
         )
     });
-    let body_failed = Arc::new(AtomicBool::new(false));
-    let body = if empty {
-        ReqBody::Empty
-    } else {
-        ReqBody::Client {
+    let body_failed = (!empty).then(|| Arc::new(AtomicBool::new(false)));
+    let body = match &body_failed {
+        None => ReqBody::Empty,
+        Some(failed) => ReqBody::Client {
             inner: body,
-            failed: body_failed.clone(),
-        }
+            failed: failed.clone(),
+        },
     };
     let mut pending = Some(Request::from_parts(parts, body));
     let mut failed_on: Option<&Arc<Backend>> = None;
@@ -176,7 +175,7 @@ async fn handle(
                 pending = Some(*req);
             }
             Err(Failure::Sent(e)) => {
-                if body_failed.load(Ordering::SeqCst) {
+                if body_failed.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
                     // The client's body was malformed (bad chunking) or
                     // cut short: not the backend's fault.
                     fleet.metrics.bad_requests.inc();
@@ -449,7 +448,9 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.backend.m.in_flight.dec();
         if let Some(sender) = self.sender.take() {
-            self.backend.pool.put(sender);
+            if self.backend.active.load(Ordering::Relaxed) && self.backend.is_up() {
+                self.backend.pool.put(sender);
+            }
         }
     }
 }
