@@ -175,7 +175,10 @@ async fn handle(
                 pending = Some(*req);
             }
             Err(Failure::Sent(e)) => {
-                if body_failed.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                if body_failed
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::SeqCst))
+                {
                     // The client's body was malformed (bad chunking) or
                     // cut short: not the backend's fault.
                     fleet.metrics.bad_requests.inc();

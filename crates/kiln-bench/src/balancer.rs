@@ -73,7 +73,10 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])?.self_signed(&key)?;
     fs::write(pki.join("cert.pem"), cert.pem())?;
     fs::write(pki.join("key.pem"), key.serialize_pem())?;
-    fs::write(pki.join("both.pem"), format!("{}{}", cert.pem(), key.serialize_pem()))?;
+    fs::write(
+        pki.join("both.pem"),
+        format!("{}{}", cert.pem(), key.serialize_pem()),
+    )?;
 
     // kiln's TLS front: a second `kiln balancer serve` on the same servers.
     let kiln_tls_port = free_port()?;
@@ -87,7 +90,10 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
         }),
         ..plain.front.clone()
     };
-    anyhow::ensure!(front.mode == kiln_balancer::Mode::Http, "the role's balancer is not in HTTP mode");
+    anyhow::ensure!(
+        front.mode == kiln_balancer::Mode::Http,
+        "the role's balancer is not in HTTP mode"
+    );
     kiln_balancer::set_backends_with(&tls_dir, &backends, plain.check.as_ref(), &front)?;
     let kiln_exe = std::env::current_exe()?
         .parent()
@@ -95,7 +101,13 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
         .context("kiln next to kiln-bench")?;
     let _kiln_tls = Running(
         Command::new(kiln_exe)
-            .args(["balancer", "serve", "--listen", &format!("127.0.0.1:{kiln_tls_port}"), "--dir"])
+            .args([
+                "balancer",
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{kiln_tls_port}"),
+                "--dir",
+            ])
             .arg(&tls_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -146,7 +158,11 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
                     let l = wrk(&url, conns)?;
                     println!(
                         "| {} {scheme} (run {round}) | {conns} | {:.0} | {} | {} | {} |",
-                        if name == "kiln" { "kiln balancer" } else { name },
+                        if name == "kiln" {
+                            "kiln balancer"
+                        } else {
+                            name
+                        },
                         l.rps,
                         l.p50,
                         l.p99,
@@ -182,7 +198,9 @@ fn web_project(dir: &Path, port: u16) -> Result<()> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn wait_listening(port: u16) -> Result<()> {
@@ -198,7 +216,13 @@ fn wait_listening(port: u16) -> Result<()> {
 /// One wrk run: `-t2 -c conns -d SECS --latency`.
 fn wrk(url: &str, conns: u32) -> Result<Load> {
     let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{conns}"), &format!("-d{SECS}s"), "--latency", url])
+        .args([
+            "-t2",
+            &format!("-c{conns}"),
+            &format!("-d{SECS}s"),
+            "--latency",
+            url,
+        ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
@@ -225,6 +249,10 @@ fn wrk(url: &str, conns: u32) -> Result<Load> {
         rps,
         p50: field("50%").unwrap_or_default(),
         p99: field("99%").unwrap_or_default(),
-        errors: if errors.is_empty() { "0".into() } else { errors },
+        errors: if errors.is_empty() {
+            "0".into()
+        } else {
+            errors
+        },
     })
 }
