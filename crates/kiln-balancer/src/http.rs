@@ -108,6 +108,7 @@ async fn handle(
         fleet.metrics.bad_requests.inc();
         return Ok(local(StatusCode::BAD_REQUEST, "bad request\n", true));
     }
+    let version = req.version();
     let upgrade = req.headers().contains_key(header::UPGRADE)
         && req.version() == Version::HTTP_11
         && connection_has(req.headers(), "upgrade");
@@ -167,7 +168,7 @@ async fn handle(
         match send(backend, req, upgrade).await {
             Ok((resp, sender)) => {
                 backend.m.duration.observe(started.elapsed().as_secs_f64());
-                return Ok(respond(resp, sender, lease, client_upgrade));
+                return Ok(respond(resp, sender, lease, client_upgrade, version));
             }
             Err(Failure::NotSent(req)) => {
                 backend.m.errors.inc();
@@ -386,6 +387,7 @@ fn respond(
     sender: Option<SendRequest<ReqBody>>,
     mut lease: Lease,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_version: Version,
 ) -> Response<RespBody> {
     let backend = lease.backend.clone();
     let status = resp.status();
@@ -398,6 +400,10 @@ fn respond(
     }
     let keep_alive = resp.version() == Version::HTTP_11 && !connection_has(resp.headers(), "close");
     let (mut parts, body) = resp.into_parts();
+    // The client's connection has its own version and keep-alive: an
+    // HTTP/1.0 backend must not make hyper close a client's HTTP/1.1
+    // connection after each response.
+    parts.version = client_version;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::UPGRADE);
     lease.sender = sender.filter(|_| keep_alive);

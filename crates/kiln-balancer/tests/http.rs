@@ -580,3 +580,52 @@ async fn the_admin_listener_serves_prometheus_metrics() {
     let status: kiln_balancer::Status = serde_json::from_str(&status).unwrap();
     assert_eq!(status.mode, Mode::Http);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_backend_that_closes_does_not_close_the_client_connection() {
+    // Like busybox httpd: HTTP/1.0 responses, one connection per request.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nold",
+                    )
+                    .await;
+            });
+        }
+    });
+    let lb = Balancer::start(&[b], None, http_front()).await;
+    let mut c = connect(lb.addr).await;
+    for _ in 0..5 {
+        let (status, body, _) = call(&mut c, "GET", "/", "").await;
+        assert_eq!((status, body.as_str()), (200, "old"));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        5,
+        "a backend connection per request"
+    );
+    // One client connection carried all five, and is still open.
+    lb.wait_status(
+        |s| s.connections == 1 && s.backends[0].total == 5,
+        "one open client connection",
+    )
+    .await;
+}

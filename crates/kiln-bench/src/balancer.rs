@@ -121,7 +121,7 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
         .map(|(i, b)| format!("  server s{i} {b}\n"))
         .collect();
     let cfg = format!(
-        "global\n  maxconn 20000\n  nbthread 2\n\
+        "global\n  maxconn 4096\n  nbthread 2\n\
          defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
          frontend plain\n  bind 127.0.0.1:{hp}\n  default_backend web\n\
          frontend tls\n  bind 127.0.0.1:{hps} ssl crt {} alpn h2,http/1.1\n  default_backend web\n\
