@@ -78,41 +78,46 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
         format!("{}{}", cert.pem(), key.serialize_pem()),
     )?;
 
-    // kiln's TLS front: a second `kiln balancer serve` on the same servers.
-    let kiln_tls_port = free_port()?;
-    let tls_dir = project.join("tls-front");
-    fs::create_dir_all(&tls_dir)?;
+    // kiln's fronts as the bench starts HAProxy: `kiln balancer serve` on
+    // the same servers, one plain, one with TLS (the role's own balancer,
+    // started by `kiln apply`, is measured too).
     let plain = kiln_balancer::read_backends(&role_front).context("the role's balancer")?;
-    let front = kiln_balancer::Front {
-        tls: Some(kiln_balancer::Tls::Files {
-            cert: pki.join("cert.pem"),
-            key: pki.join("key.pem"),
-        }),
-        ..plain.front.clone()
-    };
     anyhow::ensure!(
-        front.mode == kiln_balancer::Mode::Http,
+        plain.front.mode == kiln_balancer::Mode::Http,
         "the role's balancer is not in HTTP mode"
     );
-    kiln_balancer::set_backends_with(&tls_dir, &backends, plain.check.as_ref(), &front)?;
     let kiln_exe = std::env::current_exe()?
         .parent()
         .map(|d| d.join("kiln"))
         .context("kiln next to kiln-bench")?;
-    let _kiln_tls = Running(
-        Command::new(kiln_exe)
+    let serve = |name: &str, tls: bool| -> Result<(u16, Running)> {
+        let port = free_port()?;
+        let dir = project.join(name);
+        fs::create_dir_all(&dir)?;
+        let front = kiln_balancer::Front {
+            tls: tls.then(|| kiln_balancer::Tls::Files {
+                cert: pki.join("cert.pem"),
+                key: pki.join("key.pem"),
+            }),
+            ..plain.front.clone()
+        };
+        kiln_balancer::set_backends_with(&dir, &backends, plain.check.as_ref(), &front)?;
+        let child = Command::new(&kiln_exe)
             .args([
                 "balancer",
                 "serve",
                 "--listen",
-                &format!("127.0.0.1:{kiln_tls_port}"),
+                &format!("127.0.0.1:{port}"),
                 "--dir",
             ])
-            .arg(&tls_dir)
+            .arg(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()?,
-    );
+            .spawn()?;
+        Ok((port, Running(child)))
+    };
+    let (kiln_plain_port, _kiln_plain) = serve("plain-front", false)?;
+    let (kiln_tls_port, _kiln_tls) = serve("tls-front", true)?;
 
     let (hp, hps) = (free_port()?, free_port()?);
     let servers: String = backends
@@ -137,7 +142,7 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    for p in [port, kiln_tls_port, hp, hps] {
+    for p in [port, kiln_plain_port, kiln_tls_port, hp, hps] {
         wait_listening(p)?;
     }
     let version = Command::new("haproxy").arg("-v").output()?;
@@ -148,25 +153,31 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
         .to_string();
     println!("| front (3 busybox httpd servers, 1 CPU each; wrk -t2 --latency, {SECS} s) | connections | req/s | p50 | p99 | errors |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    for (scheme, kiln_port, haproxy_port) in [("http", port, hp), ("https", kiln_tls_port, hps)] {
+    let fronts = [
+        (
+            "http",
+            vec![
+                ("kiln balancer", kiln_plain_port),
+                ("kiln balancer (the role's, started by kiln apply)", port),
+                (version.as_str(), hp),
+            ],
+        ),
+        (
+            "https",
+            vec![("kiln balancer", kiln_tls_port), (version.as_str(), hps)],
+        ),
+    ];
+    for (scheme, fronts) in &fronts {
         for conns in [32, 256] {
             // Alternate the fronts, twice each, so drift in the machine's
             // load does not favour one.
             for round in 1..=2 {
-                for (name, p) in [("kiln", kiln_port), (version.as_str(), haproxy_port)] {
+                for (name, p) in fronts {
                     let url = format!("{scheme}://127.0.0.1:{p}/");
                     let l = wrk(&url, conns)?;
                     println!(
-                        "| {} {scheme} (run {round}) | {conns} | {:.0} | {} | {} | {} |",
-                        if name == "kiln" {
-                            "kiln balancer"
-                        } else {
-                            name
-                        },
-                        l.rps,
-                        l.p50,
-                        l.p99,
-                        l.errors
+                        "| {name} {scheme} (run {round}) | {conns} | {:.0} | {} | {} | {} |",
+                        l.rps, l.p50, l.p99, l.errors
                     );
                 }
             }
