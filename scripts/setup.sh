@@ -5,9 +5,12 @@
 # iproute2 (server networks), iptables (environment isolation; dockerd
 # programs its firewall with it too), dnsmasq-base and dnsperf (the DNS
 # benchmark: dnsmasq-base is the dnsmasq binary without the service that
-# would start on port 53), and for the `swarm` provider's tests a real
-# Docker Swarm: docker.io (dockerd 20.10, containerd, runc),
-# docker-registry and curl. Idempotent and quiet when all is there.
+# would start on port 53), curl (an HTTP/2 client for the balancer's TLS
+# tests), pebble (ACME test server), haproxy and wrk (the balancer
+# benchmark's reference and load generator), and for the `swarm`
+# provider's tests a real Docker Swarm: docker.io (dockerd 20.10,
+# containerd, runc) and docker-registry. Idempotent and quiet when all is
+# there.
 set -euo pipefail
 need=()
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
@@ -21,6 +24,9 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v pebble >/dev/null 2>&1 || need+=(pebble)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "kiln needs root to run sandboxes and to install: ${need[*]}" >&2
@@ -41,4 +47,8 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   apt-get install -y -qq "${need[@]}" >/dev/null
   if [ -n "$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  # Only the binary is wanted: the packaged service must not hold ports.
+  if [[ " ${need[*]} " == *" haproxy "* ]] && command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now haproxy >/dev/null 2>&1 || true
+  fi
 fi

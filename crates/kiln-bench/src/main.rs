@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 
 mod dns;
 mod swarm;
+mod balancer;
 
 struct Opts {
     kiln: PathBuf,
@@ -88,6 +89,9 @@ fn main() -> Result<()> {
     }
     if want("swarm") {
         swarm::run(&o.kiln)?;
+    }
+    if want("http-balancer") {
+        balancer::run(&o)?;
     }
     Ok(())
 }

@@ -182,6 +182,57 @@ pub struct Balancer {
     /// HTTP or TCP health check (a command check is kiln's alone).
     #[serde(default)]
     pub check: Option<BalancerCheck>,
+    /// HTTP or TCP. Plans written before HTTP mode existed read as TCP,
+    /// their behaviour then.
+    #[serde(default)]
+    pub mode: BalancerMode,
+    #[serde(default)]
+    pub algorithm: BalancerAlgorithm,
+    /// TLS termination on `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BalancerTls>,
+    /// `IP:PORT` of the admin listener serving Prometheus metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+}
+
+/// The protocol a balancer speaks with clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerMode {
+    /// Requests parsed, a backend chosen per request, every response counted.
+    Http,
+    /// Connections relayed byte for byte.
+    #[default]
+    Tcp,
+}
+
+/// How a balancer chooses a backend for each request (or connection).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerAlgorithm {
+    #[default]
+    RoundRobin,
+    LeastRequests,
+}
+
+/// Where a balancer's TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerTls {
+    /// PEM files (absolute paths), reloaded when they change.
+    Files { cert: String, key: String },
+    /// Obtained and renewed over ACME.
+    Acme {
+        directory: String,
+        email: String,
+        domains: Vec<String>,
+        /// PEM root to trust for the directory (absolute path), if private.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca: Option<String>,
+        /// Renew when less than this is left.
+        renew_before_secs: u64,
+    },
 }
 
 /// How the balancer checks its backends between kiln's own probes.

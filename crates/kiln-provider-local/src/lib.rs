@@ -25,7 +25,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_image::Store;
-use kiln_model::{Balancer, HealthCheck, ImageRef, Server, Volume};
+use kiln_model::{
+    Balancer, BalancerAlgorithm, BalancerMode, BalancerTls, HealthCheck, ImageRef, Server, Volume,
+};
 use kiln_provider::{
     check, BalancerState, FileCheck, Inspection, LogChunk, Provider, ProviderError, Running,
     ServerRequest, Started,
@@ -394,7 +396,38 @@ impl Provider for Local {
         });
         self.open_front(env, &b.listen)
             .map_err(|e| fail(e.to_string()))?;
-        let generation = kiln_balancer::set_backends(&dir, backends, check.as_ref())
+        let front = kiln_balancer::Front {
+            mode: match b.mode {
+                BalancerMode::Http => kiln_balancer::Mode::Http,
+                BalancerMode::Tcp => kiln_balancer::Mode::Tcp,
+            },
+            algorithm: match b.algorithm {
+                BalancerAlgorithm::RoundRobin => kiln_balancer::Algorithm::RoundRobin,
+                BalancerAlgorithm::LeastRequests => kiln_balancer::Algorithm::LeastRequests,
+            },
+            tls: b.tls.as_ref().map(|t| match t {
+                BalancerTls::Files { cert, key } => kiln_balancer::Tls::Files {
+                    cert: cert.into(),
+                    key: key.into(),
+                },
+                BalancerTls::Acme {
+                    directory,
+                    email,
+                    domains,
+                    ca,
+                    renew_before_secs,
+                } => kiln_balancer::Tls::Acme(kiln_balancer::Acme {
+                    directory: directory.clone(),
+                    email: email.clone(),
+                    domains: domains.clone(),
+                    ca: ca.as_ref().map(Into::into),
+                    renew_before_secs: *renew_before_secs,
+                    check_interval_ms: 3_600_000,
+                }),
+            }),
+            admin: b.admin.clone(),
+        };
+        let generation = kiln_balancer::set_backends_with(&dir, backends, check.as_ref(), &front)
             .map_err(|e| fail(e.to_string()))?;
         self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
         kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5))

@@ -242,6 +242,96 @@ impl Validator<'_> {
         }
     }
 
+    /// `tls = { cert, key }` (paths relative to the project) or
+    /// `tls = { acme = { directory, email, domains, ca, renew_before } }`.
+    fn balancer_tls(&self, t: &Spanned<RawTls>) -> Result<BalancerTls, SpecError> {
+        let raw = t.get_ref();
+        let path = |p: &Spanned<String>, what: &str| -> Result<String, SpecError> {
+            let full = self.dir.join(p.get_ref());
+            if !full.is_file() {
+                return Err(self.cx.err(
+                    p.span(),
+                    format!("balancer tls {what} `{}` does not exist", p.get_ref()),
+                ));
+            }
+            Ok(full.to_string_lossy().into_owned())
+        };
+        match (&raw.cert, &raw.key, &raw.acme) {
+            (Some(cert), Some(key), None) => Ok(BalancerTls::Files {
+                cert: path(cert, "cert")?,
+                key: path(key, "key")?,
+            }),
+            (None, None, Some(acme)) => {
+                let a = acme.get_ref();
+                let directory = a.directory.get_ref();
+                if !directory.starts_with("https://") || directory.len() <= "https://".len() {
+                    return Err(self.cx.err(
+                        a.directory.span(),
+                        format!("acme directory `{directory}` is not an https:// URL"),
+                    ));
+                }
+                let email = a.email.get_ref();
+                if !email.contains('@') || email.contains(char::is_whitespace) {
+                    return Err(self.cx.err(
+                        a.email.span(),
+                        format!("acme email `{email}` is not an email address"),
+                    ));
+                }
+                if a.domains.get_ref().is_empty() {
+                    return Err(self.cx.err(
+                        a.domains.span(),
+                        "acme domains is empty; expected the names to certify",
+                    ));
+                }
+                let mut domains = Vec::new();
+                for d in a.domains.get_ref() {
+                    let name = d.get_ref();
+                    let ok = !name.is_empty()
+                        && name.len() <= 253
+                        && name.split('.').all(|l| {
+                            !l.is_empty()
+                                && l.len() <= 63
+                                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        });
+                    if !ok {
+                        return Err(self
+                            .cx
+                            .err(d.span(), format!("acme domain `{name}` is not a DNS name")));
+                    }
+                    domains.push(name.to_ascii_lowercase());
+                }
+                let ca = a.ca.as_ref().map(|c| path(c, "acme ca")).transpose()?;
+                let renew_before_secs = match &a.renew_before {
+                    None => 30 * 86_400,
+                    Some(r) => parse_duration(r.get_ref())
+                        .map_err(|e| self.cx.err(r.span(), e))?
+                        .as_secs(),
+                };
+                Ok(BalancerTls::Acme {
+                    directory: directory.clone(),
+                    email: email.clone(),
+                    domains,
+                    ca,
+                    renew_before_secs,
+                })
+            }
+            (Some(_), None, None) => Err(self
+                .cx
+                .err(t.span(), "balancer tls has a `cert` but no `key`")),
+            (None, Some(_), None) => Err(self
+                .cx
+                .err(t.span(), "balancer tls has a `key` but no `cert`")),
+            (None, None, None) => Err(self.cx.err(
+                t.span(),
+                "balancer tls is empty; expected `cert` and `key`, or `acme`",
+            )),
+            _ => Err(self.cx.err(
+                t.span(),
+                "balancer tls has both certificate files and `acme`; choose one",
+            )),
+        }
+    }
+
     fn health(&self, h: &Spanned<RawHealth>) -> Result<HealthCheck, SpecError> {
         let r = h.get_ref();
         let bad = |m: &str| {
@@ -540,11 +630,58 @@ impl Validator<'_> {
                     }
                     _ => None,
                 };
+                let mode = match rb.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None => match &health {
+                        Some(HealthCheck::Http { .. }) => BalancerMode::Http,
+                        _ => BalancerMode::Tcp,
+                    },
+                    Some(("http", _)) => BalancerMode::Http,
+                    Some(("tcp", _)) => BalancerMode::Tcp,
+                    Some((other, span)) => {
+                        return Err(self.cx.err(
+                            span,
+                            format!(
+                                "unknown balancer mode `{other}`; expected \"http\" or \"tcp\""
+                            ),
+                        ))
+                    }
+                };
+                let algorithm = match rb.algorithm.as_ref().map(|a| (a.get_ref().as_str(), a.span())) {
+                    None | Some(("round_robin", _)) => BalancerAlgorithm::RoundRobin,
+                    Some(("least_requests", _)) => BalancerAlgorithm::LeastRequests,
+                    Some((other, span)) => return Err(self.cx.err(
+                        span,
+                        format!("unknown balancer algorithm `{other}`; expected \"round_robin\" or \"least_requests\""),
+                    )),
+                };
+                let tls = rb.tls.as_ref().map(|t| self.balancer_tls(t)).transpose()?;
+                let admin = match &rb.admin {
+                    None => None,
+                    Some(a) => {
+                        let addr = a.get_ref();
+                        if addr.parse::<std::net::SocketAddr>().is_err() {
+                            return Err(self.cx.err(
+                                a.span(),
+                                format!("balancer admin `{addr}` is not an address; expected \"IP:PORT\""),
+                            ));
+                        }
+                        if *addr == rb.listen {
+                            return Err(self
+                                .cx
+                                .err(a.span(), "balancer admin must not be its listen address"));
+                        }
+                        Some(addr.clone())
+                    }
+                };
                 Some(Balancer {
                     listen: rb.listen.clone(),
                     port,
                     drain_timeout_secs: drain.map(|d| d.as_secs()).unwrap_or(30),
                     check,
+                    mode,
+                    algorithm,
+                    tls,
+                    admin,
                 })
             }
         };
