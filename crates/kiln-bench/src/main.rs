@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod balancer;
 mod dns;
 mod swarm;
-mod balancer;
 
 struct Opts {
     kiln: PathBuf,
