@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use kiln_model::{Balancer, HealthCheck};
 use kiln_provider::{Inspection, Provider, ProviderError, Running, ServerRequest};
-use kiln_sandbox::{alive, Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
+use kiln_sandbox::{alive, Bind, Limits, Network, Runtime, SandboxSpec};
 
 /// Labels written on every server sandbox, so strays are found by what they claim to be.
 pub const LABEL_ENV: &str = "dev.kiln.env";
@@ -151,7 +151,6 @@ impl Provider for Local {
         spec.cwd = req.workdir.clone();
         spec.network = Network::Join(netns);
         spec.binds = binds;
-        spec.privilege = Privilege::Minimal;
         spec.limits = Some(Limits {
             memory_bytes: Some(req.memory_bytes as i64),
             cpus: Some(req.cpus),

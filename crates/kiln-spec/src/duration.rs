@@ -24,16 +24,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
+        let too_long = || format!("`{s}` is too long a duration");
+        let secs = |per: u64| {
+            n.checked_mul(per)
+                .map(Duration::from_secs)
+                .ok_or_else(too_long)
+        };
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86_400),
-            "w" => Duration::from_secs(n * 7 * 86_400),
+            "m" => secs(60)?,
+            "h" => secs(3600)?,
+            "d" => secs(86_400)?,
+            "w" => secs(7 * 86_400)?,
             _ => return Err(bad()),
         };
-        total += unit;
+        total = total.checked_add(unit).ok_or_else(too_long)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -64,7 +70,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    num.trim().parse::<u64>().map(|n| n * mult).map_err(|_| {
+    let n = num.trim().parse::<u64>().map_err(|_| {
         format!("`{s}` is not a size; expected a number with K, M or G (like \"256M\")")
-    })
+    })?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large a size"))
 }

@@ -20,6 +20,8 @@ pub(crate) struct RawFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawProject {
     pub name: Spanned<String>,
+    /// Default cap on what an imported base may expand to (`"8G"`).
+    pub import_limit: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +38,25 @@ pub(crate) struct RawImage {
     pub labels: Option<BTreeMap<String, String>>,
     pub mtime: Option<u64>,
     pub network: Option<bool>,
+    pub user: Option<Spanned<String>>,
+    pub limits: Option<Spanned<RawLimits>>,
+    /// `"30m"` (scripts and tests alike) or `{ script = "30m", test = "5m" }`.
+    pub timeout: Option<Spanned<toml::Value>>,
+    pub import_limit: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub pids: Option<i64>,
+    pub memory: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTimeouts {
+    pub script: Option<String>,
+    pub test: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +143,15 @@ pub(crate) struct RawRole {
     pub unmanaged: Option<Spanned<String>>,
     pub env: Option<BTreeMap<String, String>>,
     pub replace_share: Option<u32>,
+    pub capabilities: Option<RawCapabilities>,
+}
+
+/// `capabilities = { drop = [...], add = [...] }`: changes to Docker's default set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCapabilities {
+    pub drop: Option<Vec<Spanned<String>>>,
+    pub add: Option<Vec<Spanned<String>>>,
 }
 
 impl RawRole {
@@ -142,6 +172,7 @@ impl RawRole {
             unmanaged: self.unmanaged.or(p.unmanaged),
             env: self.env.or(p.env),
             replace_share: self.replace_share.or(p.replace_share),
+            capabilities: self.capabilities.or(p.capabilities),
         }
     }
 }
