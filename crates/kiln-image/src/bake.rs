@@ -783,7 +783,7 @@ impl<'a> Baker<'a> {
                     parent_digest: Some(rec.digest.clone()),
                     env,
                     user: rec.user.clone(),
-                    origin: BaseOrigin::Parent(rec),
+                    origin: BaseOrigin::Parent(Box::new(rec)),
                 })
             }
             source => {
@@ -838,7 +838,7 @@ struct Base {
 
 enum BaseOrigin {
     Scratch,
-    Parent(VersionRecord),
+    Parent(Box<VersionRecord>),
     Imported(BaseRecord),
 }
 
@@ -867,12 +867,16 @@ fn list_scripts(dir: &Path) -> Result<Vec<(String, PathBuf, String)>> {
     Ok(out)
 }
 
+/// A file of `files/` as the cache key sees it: path, type, mode, content
+/// hash, link target.
+type KeyFile<'a> = (&'a str, Kind, u32, Option<&'a str>, Option<&'a str>);
+
 #[derive(Serialize)]
 struct KeyInputs<'a> {
     kiln: &'static str,
     name: &'a str,
     base: &'a str,
-    files: Vec<(&'a str, Kind, u32, Option<&'a str>, Option<&'a str>)>,
+    files: Vec<KeyFile<'a>>,
     scripts: Vec<(&'a str, &'a str)>,
     entrypoint: &'a [String],
     cmd: &'a [String],

@@ -591,3 +591,82 @@ fn finish(dest: &Path, mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<()> 
     .map_err(sys("set times of"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+
+    /// `levels` nested directories `d` below `top`, made relative to open
+    /// descriptors: their full path is far longer than the kernel allows.
+    fn nest(top: &Path, levels: usize) {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut fd = nix::fcntl::open(top, flags, Mode::empty()).unwrap();
+        for _ in 0..levels {
+            mkdirat(Some(fd), "d", Mode::from_bits_truncate(0o755)).unwrap();
+            let next = openat(Some(fd), "d", flags, Mode::empty()).unwrap();
+            nix::unistd::close(fd).unwrap();
+            fd = next;
+        }
+        // A file at the bottom, and a symlink that must not be followed.
+        let file = openat(
+            Some(fd),
+            "f",
+            OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        nix::unistd::close(file).unwrap();
+        nix::unistd::symlinkat("/", Some(fd), "up").unwrap();
+        nix::unistd::close(fd).unwrap();
+    }
+
+    #[test]
+    fn a_tree_ten_thousand_deep_is_removed_with_few_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("deep");
+        fs::create_dir(&top).unwrap();
+        nest(&top, 10_000);
+        fs::create_dir_all(top.join("wide/a/b")).unwrap();
+        fs::write(top.join("wide/a/b/x"), "x").unwrap();
+        // Our own names in the tree do not get in the way of the renames.
+        fs::create_dir(top.join(".kiln-rm-1")).unwrap();
+        remove_any(&top).unwrap();
+        assert!(!top.exists());
+        assert!(Path::new("/").exists(), "the symlink was followed");
+    }
+
+    #[test]
+    fn an_archive_past_its_budget_is_refused_before_the_entry_is_written() {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, size) in [("small", 100usize), ("big", 10_000)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(size as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut h, name, &vec![0u8; size][..]).unwrap();
+        }
+        let bytes = tar.into_inner().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mut budget = Budget::new(5_000);
+        let err = apply_layer(&bytes[..], root.path(), "test.tar", &mut budget).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "refused test.tar: it expands past the import limit of 4.8 KiB (`import_limit` in kiln.toml)"
+        );
+        assert!(root.path().join("small").exists());
+        assert!(!root.path().join("big").exists());
+        let root = tempfile::tempdir().unwrap();
+        apply_layer(
+            &bytes[..],
+            root.path(),
+            "test.tar",
+            &mut Budget::new(11_124),
+        )
+        .unwrap();
+    }
+}

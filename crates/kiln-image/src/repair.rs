@@ -69,11 +69,22 @@ pub(crate) fn repair(baker: &Baker, record: &VersionRecord) -> Result<Repaired> 
             },
         );
     }
-    let (config, manifest) = (record.config.clone(), record.digest.clone());
-    if !store.blob_intact(&config) || !store.blob_intact(&manifest) {
-        let rewrite = manifest_and_config(baker, record, &lineage);
-        for d in [config, manifest] {
-            check(&d, &mut || rewrite.clone());
+    // Config and manifest are written together: both are checked first.
+    let corrupt: Vec<Digest> = [&record.config, &record.digest]
+        .into_iter()
+        .filter(|d| !store.blob_intact(d))
+        .cloned()
+        .collect();
+    if !corrupt.is_empty() {
+        let result = manifest_and_config(baker, record, &lineage);
+        for d in corrupt {
+            match &result {
+                Ok(()) if store.blob_intact(&d) => out.rewritten.push(d),
+                Ok(()) => out
+                    .unrepairable
+                    .push((d, "rebuilt, it no longer has the same bytes".into())),
+                Err(why) => out.unrepairable.push((d, why.clone())),
+            }
         }
     }
     Ok(out)

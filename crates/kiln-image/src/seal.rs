@@ -370,3 +370,29 @@ pub fn diff(expected: &Seal, actual: &Seal) -> Vec<Difference> {
 pub fn verify_tree(root: &Path, seal: &Seal) -> Result<Vec<Difference>> {
     Ok(diff(seal, &seal_tree(root)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_deeper_than_any_image_may_be_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1,600 levels of `d`: 3,200 bytes of path, past MAX_PATH, still
+        // creatable through full paths on the host.
+        let mut rel = String::from("d");
+        for _ in 1..1600 {
+            rel.push_str("/d");
+        }
+        std::fs::create_dir_all(dir.path().join(&rel)).unwrap();
+        let err = seal_tree(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, crate::ImageError::PathTooLong { path, limit: MAX_PATH, .. } if path.starts_with("d/d/d")),
+            "{err}"
+        );
+        // Just under the limit seals, one entry per level.
+        let ok = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(ok.path().join(&rel[..MAX_PATH - 1])).unwrap();
+        assert_eq!(seal_tree(ok.path()).unwrap().entries.len(), MAX_PATH / 2);
+    }
+}

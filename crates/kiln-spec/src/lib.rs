@@ -264,7 +264,9 @@ impl Validator<'_> {
     /// applied the way Docker applies `--cap-drop` and `--cap-add`: `add =
     /// ["ALL"]` starts from every capability, `drop = ["ALL"]` from none.
     fn capabilities(&self, r: &RawCapabilities) -> Result<BTreeSet<Capability>, SpecError> {
-        let parse = |list: &Option<Vec<Spanned<String>>>| -> Result<(bool, Vec<(Capability, Range<usize>)>), SpecError> {
+        // Whether the list says "ALL", and its capabilities with their spans.
+        type Listed = (bool, Vec<(Capability, Range<usize>)>);
+        let parse = |list: &Option<Vec<Spanned<String>>>| -> Result<Listed, SpecError> {
             let mut all = false;
             let mut caps = Vec::new();
             for c in list.iter().flatten() {
