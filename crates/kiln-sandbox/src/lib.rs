@@ -888,6 +888,64 @@ mod tests {
         assert!(!out.contains("CHROOTED"), "{out}");
     }
 
+    /// A static program that calls clone(2) itself (busybox's `unshare`
+    /// uses unshare(2)), built with the C compiler cargo links with.
+    const CLONE_PROBE: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+static int child(void *arg) { (void)arg; return 0; }
+static char stack[1 << 16];
+int main(void) {
+    int flags[] = {0, CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID};
+    const char *names[] = {"plain", "newuser", "newns", "newnet", "newpid"};
+    for (int i = 0; i < 5; i++) {
+        int pid = clone(child, stack + sizeof stack, flags[i] | SIGCHLD, NULL);
+        if (pid < 0) {
+            printf("%s refused: %s\n", names[i], strerror(errno));
+        } else {
+            waitpid(pid, NULL, 0);
+            printf("%s allowed\n", names[i]);
+        }
+    }
+    return 0;
+}
+"#;
+
+    #[test]
+    fn clone_forks_but_cannot_make_namespaces() {
+        let f = Fixture::new();
+        let src = f.dir.path().join("clone.c");
+        std::fs::write(&src, CLONE_PROBE).unwrap();
+        let out = std::process::Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(f.dir.path().join("root/bin/clone-probe"))
+            .arg(&src)
+            .output()
+            .expect("a C compiler (cargo links with one)");
+        assert!(out.status.success(), "{out:?}");
+        let mut spec = f.spec("clone", "");
+        spec.args = vec!["/bin/clone-probe".into()];
+        let (status, out) = f.run(&spec);
+        assert_eq!(status, 0, "{out}");
+        assert!(out.contains("plain allowed"), "{out}");
+        for ns in ["newuser", "newns", "newnet", "newpid"] {
+            assert!(
+                out.contains(&format!("{ns} refused: Operation not permitted")),
+                "{ns}: {out}"
+            );
+        }
+        // With SYS_ADMIN the filter lets them through, as Docker's does.
+        spec.capabilities.insert(Capability::SysAdmin);
+        spec.id.push_str("-admin");
+        let (_, out) = f.run(&spec);
+        assert!(out.contains("newns allowed"), "{out}");
+    }
+
     #[test]
     fn a_sandbox_past_its_time_is_killed_and_deleted() {
         let f = Fixture::new();
