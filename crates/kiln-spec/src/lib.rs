@@ -7,6 +7,7 @@
 
 mod duration;
 mod raw;
+mod supply;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -18,6 +19,7 @@ use toml::Spanned;
 
 pub use duration::{format_duration, parse_duration, parse_size};
 use raw::*;
+pub use supply::is_secret_name;
 
 /// The project file's name inside a project directory.
 pub const PROJECT_FILE: &str = "kiln.toml";
@@ -118,15 +120,19 @@ impl Validator<'_> {
                 self.header(&["images", iname]),
                 "image name",
             )?;
-            images.insert(iname.clone(), self.image(iname, img)?);
+            let mut spec = self.image(iname, img)?;
+            self.supply_chain(&raw.project, iname, img, &mut spec)?;
+            images.insert(iname.clone(), spec);
         }
         self.check_image_graph(&raw, &images)?;
         let envs = self.envs(&raw, &images)?;
+        let vulnerabilities = self.advisories(&raw.project)?;
         Ok(Project {
             name: name.into_inner(),
             dir: self.dir.to_path_buf(),
             images,
             envs,
+            vulnerabilities,
         })
     }
 
@@ -152,6 +158,8 @@ impl Validator<'_> {
             labels: img.labels.clone().unwrap_or_default(),
             mtime: img.mtime.unwrap_or(0),
             build_network: img.network.unwrap_or(true),
+            scan: None,
+            hardening: Hardening::default(),
         })
     }
 
@@ -401,6 +409,8 @@ impl Validator<'_> {
                     .as_secs(),
                 None => 7 * 86_400,
             },
+            secrets: self.env_secrets(env)?,
+            trust: self.trust(env)?,
             roles,
         })
     }
@@ -467,12 +477,14 @@ impl Validator<'_> {
             None | Some(("alarm", _)) => DriftPolicy::Alarm,
             Some(("replace", _)) => DriftPolicy::Replace,
             Some(("kill", _)) => DriftPolicy::Kill,
-            Some((other, span)) => return Err(self.cx.err(
-                span,
-                format!(
+            Some((other, span)) => {
+                return Err(self.cx.err(
+                    span,
+                    format!(
                     "unknown drift policy `{other}`; expected \"alarm\", \"replace\" or \"kill\""
                 ),
-            )),
+                ))
+            }
         };
         let unmanaged = r.unmanaged.as_ref().or(env.unmanaged.as_ref());
         let unmanaged = match unmanaged.map(|d| (d.get_ref().as_str(), d.span())) {
@@ -578,6 +590,7 @@ impl Validator<'_> {
             drift,
             unmanaged,
             env: r.env.clone().unwrap_or_default(),
+            secrets: self.role_secrets(env_name, name, r, env)?,
         })
     }
 

@@ -20,6 +20,43 @@ pub(crate) struct RawFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawProject {
     pub name: Spanned<String>,
+    pub vulnerabilities: Option<Spanned<RawAdvisories>>,
+    pub scan: Option<Spanned<RawScan>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdvisories {
+    pub osv: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScan {
+    pub fail_on: Option<String>,
+    pub unknown: Option<String>,
+    pub ignore_unfixed: Option<bool>,
+    pub ignore: Option<Vec<RawIgnore>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIgnore {
+    pub id: String,
+    pub until: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecrets {
+    pub recipients: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTrust {
+    pub signers: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +73,10 @@ pub(crate) struct RawImage {
     pub labels: Option<BTreeMap<String, String>>,
     pub mtime: Option<u64>,
     pub network: Option<bool>,
+    pub scan: Option<Spanned<RawScan>>,
+    pub forbid: Option<Vec<Spanned<String>>>,
+    pub forbid_packages: Option<Vec<Spanned<String>>>,
+    pub setuid: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +112,8 @@ pub(crate) struct RawEnv {
     pub unmanaged: Option<Spanned<String>>,
     pub replace_share: Option<u32>,
     pub quarantine: Option<Spanned<String>>,
+    pub secrets: Option<Spanned<RawSecrets>>,
+    pub trust: Option<Spanned<RawTrust>>,
     #[serde(default)]
     pub roles: BTreeMap<String, RawRole>,
 }
@@ -90,6 +133,8 @@ impl RawEnv {
         self.unmanaged = self.unmanaged.or(p.unmanaged);
         self.replace_share = self.replace_share.or(p.replace_share);
         self.quarantine = self.quarantine.or(p.quarantine);
+        self.secrets = self.secrets.or(p.secrets);
+        self.trust = self.trust.or(p.trust);
         for (name, prole) in p.roles {
             match self.roles.remove(&name) {
                 Some(mine) => {
@@ -122,6 +167,7 @@ pub(crate) struct RawRole {
     pub unmanaged: Option<Spanned<String>>,
     pub env: Option<BTreeMap<String, String>>,
     pub replace_share: Option<u32>,
+    pub secrets: Option<Vec<Spanned<String>>>,
 }
 
 impl RawRole {
@@ -142,6 +188,7 @@ impl RawRole {
             unmanaged: self.unmanaged.or(p.unmanaged),
             env: self.env.or(p.env),
             replace_share: self.replace_share.or(p.replace_share),
+            secrets: self.secrets.or(p.secrets),
         }
     }
 }
