@@ -17,4 +17,7 @@ pub use error::{ImageError, Result};
 pub use store::{Digest, Store, VersionRecord};
 pub mod bake;
 pub mod ops;
+pub mod policy;
+pub mod sbom;
+pub mod scan;
 mod source;

@@ -299,6 +299,18 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
             }
         }
     }
+    // Artifacts (SBOM, signatures) live as long as the image they refer to.
+    for subject in store.referrer_subjects()? {
+        if !live_roots.contains(&subject) {
+            store.remove_referrers(&subject)?;
+            continue;
+        }
+        for r in store.referrers(&subject)? {
+            live_blobs.insert(r.digest.clone());
+            live_blobs.insert(r.payload.clone());
+            live_blobs.insert(Digest::of(b"{}"));
+        }
+    }
     // Imported bases are the import cache: kept while their blobs are.
     for b in store.bases()? {
         live_blobs.extend(b.layers.iter().map(|l| l.digest.clone()));
