@@ -92,7 +92,10 @@ impl std::fmt::Display for Violation {
                 write!(f, "forbidden package {package} {version}")
             }
             Violation::Setuid { path, mode } => {
-                write!(f, "setuid/setgid file {path} (mode {mode}; setuid = \"deny\")")
+                write!(
+                    f,
+                    "setuid/setgid file {path} (mode {mode}; setuid = \"deny\")"
+                )
             }
         }
     }
@@ -100,7 +103,11 @@ impl std::fmt::Display for Violation {
 
 /// Every violation of `policy` by a version with this seal and these
 /// packages (`None`: no package database), in a stable order.
-pub fn check(policy: &Hardening, seal: &Seal, packages: Option<&[Package]>) -> Result<Vec<Violation>> {
+pub fn check(
+    policy: &Hardening,
+    seal: &Seal,
+    packages: Option<&[Package]>,
+) -> Result<Vec<Violation>> {
     let mut out = Vec::new();
     if !policy.forbid.is_empty() {
         let globs: Vec<(String, GlobMatcher)> = policy
@@ -120,16 +127,13 @@ pub fn check(policy: &Hardening, seal: &Seal, packages: Option<&[Package]>) -> R
         let aliases = aliases(seal);
         for e in &seal.entries {
             let path = format!("/{}", e.path);
-            let names = std::iter::once(path.clone()).chain(
-                aliases
-                    .iter()
-                    .filter_map(|(link, target)| {
-                        e.path
-                            .strip_prefix(target.as_str())
-                            .and_then(|rest| rest.strip_prefix('/'))
-                            .map(|rest| format!("/{link}/{rest}"))
-                    }),
-            );
+            let names =
+                std::iter::once(path.clone()).chain(aliases.iter().filter_map(|(link, target)| {
+                    e.path
+                        .strip_prefix(target.as_str())
+                        .and_then(|rest| rest.strip_prefix('/'))
+                        .map(|rest| format!("/{link}/{rest}"))
+                }));
             'names: for name in names {
                 for (pattern, g) in &globs {
                     if g.is_match(&name) {
@@ -183,7 +187,10 @@ fn aliases(seal: &Seal) -> Vec<(String, String)> {
         let base = if target.starts_with('/') {
             String::new()
         } else {
-            e.path.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default()
+            e.path
+                .rsplit_once('/')
+                .map(|(d, _)| d.to_string())
+                .unwrap_or_default()
         };
         let mut parts: Vec<&str> = base.split('/').filter(|s| !s.is_empty()).collect();
         for c in target.split('/') {
@@ -253,7 +260,11 @@ mod tests {
     #[test]
     fn forbidden_paths_match_through_directory_links() {
         let policy = Hardening {
-            forbid: vec!["/bin/bash".into(), "/usr/bin/ssh*".into(), "/usr/bin/wget".into()],
+            forbid: vec![
+                "/bin/bash".into(),
+                "/usr/bin/ssh*".into(),
+                "/usr/bin/wget".into(),
+            ],
             ..Default::default()
         };
         let v = check(&policy, &merged_usr(), None).unwrap();
@@ -304,8 +315,13 @@ mod tests {
         );
         // `report` only lists them.
         let report = Hardening::default();
-        assert!(check(&report, &merged_usr(), Some(&pkgs)).unwrap().is_empty());
-        let listed: Vec<String> = setuid_files(&merged_usr()).into_iter().map(|f| f.path).collect();
+        assert!(check(&report, &merged_usr(), Some(&pkgs))
+            .unwrap()
+            .is_empty());
+        let listed: Vec<String> = setuid_files(&merged_usr())
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
         assert_eq!(listed, ["/usr/bin/passwd", "/usr/bin/ssh-agent"]);
     }
 

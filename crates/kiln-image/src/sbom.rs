@@ -539,11 +539,18 @@ Version: 2024a-0+deb12u1
     fn parses_the_dpkg_database() {
         let pkgs = parse_status(STATUS, &bookworm()).unwrap();
         let names: Vec<&str> = pkgs.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["bash", "libssl3", "tzdata"], "config-files only is not installed");
+        assert_eq!(
+            names,
+            ["bash", "libssl3", "tzdata"],
+            "config-files only is not installed"
+        );
         let bash = &pkgs[0];
         assert_eq!(bash.version, "5.2.15-2+b2");
         assert_eq!(bash.source, "bash");
-        assert_eq!(bash.source_version, "5.2.15-2", "binNMU: the source version is in parentheses");
+        assert_eq!(
+            bash.source_version, "5.2.15-2",
+            "binNMU: the source version is in parentheses"
+        );
         assert_eq!(
             bash.purl,
             "pkg:deb/debian/bash@5.2.15-2+b2?arch=amd64&distro=debian-12"
@@ -571,8 +578,11 @@ Version: 2024a-0+deb12u1
         assert_eq!(r.ecosystem().as_deref(), Some("Debian:12"));
         // A link that climbs out of the root stays inside it.
         fs::remove_file(root.join("etc/os-release")).unwrap();
-        std::os::unix::fs::symlink("../../../../../../etc/hostname", root.join("etc/os-release"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            "../../../../../../etc/hostname",
+            root.join("etc/os-release"),
+        )
+        .unwrap();
         assert_eq!(read_in_root(root, "/etc/os-release").unwrap(), None);
     }
 
@@ -609,7 +619,11 @@ Version: 2024a-0+deb12u1
         fs::create_dir_all(root.join("var/lib/dpkg")).unwrap();
         fs::create_dir_all(root.join("etc")).unwrap();
         fs::write(root.join("var/lib/dpkg/status"), STATUS).unwrap();
-        fs::write(root.join("etc/os-release"), "ID=debian\nVERSION_ID=\"12\"\nVERSION_CODENAME=bookworm\n").unwrap();
+        fs::write(
+            root.join("etc/os-release"),
+            "ID=debian\nVERSION_ID=\"12\"\nVERSION_CODENAME=bookworm\n",
+        )
+        .unwrap();
         let seal = crate::seal::seal_tree(root).unwrap();
         let bom = bom(&record(&seal.root), root, &seal).unwrap();
         use cyclonedx_bom::validation::Validate;
@@ -622,7 +636,10 @@ Version: 2024a-0+deb12u1
         assert_eq!(v["specVersion"], "1.5");
         let inv = inventory(&json).unwrap();
         assert_eq!(inv.release, bookworm());
-        assert_eq!(inv.packages.unwrap(), parse_status(STATUS, &bookworm()).unwrap());
+        assert_eq!(
+            inv.packages.unwrap(),
+            parse_status(STATUS, &bookworm()).unwrap()
+        );
         assert!(inv.files.is_empty());
     }
 

@@ -434,7 +434,10 @@ pub fn fetch(url: &str, cache_dir: &Path, timeout: Duration) -> Result<Fetched> 
     if status == 304 {
         if let Some(mut c) = cached {
             c.fetched = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-            let _ = fs::write(&meta_path, serde_json::to_vec_pretty(&c).unwrap_or_default());
+            let _ = fs::write(
+                &meta_path,
+                serde_json::to_vec_pretty(&c).unwrap_or_default(),
+            );
             return Ok(Fetched {
                 path: data,
                 fetched: c.fetched,
@@ -470,8 +473,11 @@ pub fn fetch(url: &str, cache_dir: &Path, timeout: Duration) -> Result<Fetched> 
         etag,
         last_modified,
     };
-    fs::write(&meta_path, serde_json::to_vec_pretty(&meta).unwrap_or_default())
-        .ctx("write", &meta_path)?;
+    fs::write(
+        &meta_path,
+        serde_json::to_vec_pretty(&meta).unwrap_or_default(),
+    )
+    .ctx("write", &meta_path)?;
     Ok(Fetched {
         path: data,
         fetched: meta.fetched,
@@ -738,7 +744,8 @@ pub fn scan(
         }
     }
     findings.sort_by(|a, b| {
-        (b.blocking, b.severity, &a.id, &a.package).cmp(&(a.blocking, a.severity, &b.id, &b.package))
+        (b.blocking, b.severity, &a.id, &a.package)
+            .cmp(&(a.blocking, a.severity, &b.id, &b.package))
     });
     warnings.dedup();
     Report {

@@ -485,7 +485,9 @@ impl Store {
     pub fn referrers(&self, subject: &Digest) -> Result<Vec<Referrer>> {
         let p = self.referrers_path(subject);
         match fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|source| ImageError::Json { path: p, source }),
+            Ok(b) => {
+                serde_json::from_slice(&b).map_err(|source| ImageError::Json { path: p, source })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(ImageError::Io {
                 op: "read",
@@ -537,7 +539,11 @@ impl Store {
                 payload.len() as u64,
             )?])
             .subject(descriptor(MediaType::ImageManifest, subject, subject_size)?)
-            .annotations(annotations.into_iter().collect::<std::collections::HashMap<_, _>>())
+            .annotations(
+                annotations
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            )
             .build()
             .map_err(oci)?;
         let (digest, size) = self.put_json(&manifest)?;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::sbom::{Release, Inventory};
+use crate::sbom::{Inventory, Release};
 use crate::store::{Inputs, Outcome};
 use kiln_model::ScanIgnore;
 use std::io::{BufRead, Write};
@@ -21,7 +21,10 @@ fn debian_version_ordering_corner_cases() {
     // ordered numerically, not as text.
     assert!(v("1.22.1-9+deb12u1") > v("1.22.1-9"));
     assert!(v("1.22.1-9+deb12u10") > v("1.22.1-9+deb12u2"));
-    assert!("1.22.1-9+deb12u10" < "1.22.1-9+deb12u2", "as strings it is the other way round");
+    assert!(
+        "1.22.1-9+deb12u10" < "1.22.1-9+deb12u2",
+        "as strings it is the other way round"
+    );
     // binNMUs are newer than their source upload.
     assert!(v("5.2.15-2+b2") > v("5.2.15-2"));
     // Numeric runs compare as numbers.
@@ -41,13 +44,23 @@ fn ev(introduced: Option<&str>, fixed: Option<&str>, last: Option<&str>) -> OsvE
 #[test]
 fn osv_ranges_follow_the_evaluation_rules() {
     let mut bad = Vec::new();
-    let fixed_in_update = [ev(Some("0"), None, None), ev(None, Some("1.22.1-9+deb12u1"), None)];
+    let fixed_in_update = [
+        ev(Some("0"), None, None),
+        ev(None, Some("1.22.1-9+deb12u1"), None),
+    ];
     assert_eq!(
         in_range(&v("1.22.1-9"), &fixed_in_update, &mut bad),
         (true, Some("1.22.1-9+deb12u1".into()))
     );
-    assert_eq!(in_range(&v("1.22.1-9+deb12u1"), &fixed_in_update, &mut bad), (false, None));
-    assert_eq!(in_range(&v("1:0.1"), &fixed_in_update, &mut bad), (false, None), "epoch 1 is above");
+    assert_eq!(
+        in_range(&v("1.22.1-9+deb12u1"), &fixed_in_update, &mut bad),
+        (false, None)
+    );
+    assert_eq!(
+        in_range(&v("1:0.1"), &fixed_in_update, &mut bad),
+        (false, None),
+        "epoch 1 is above"
+    );
     // Introduced later, last_affected, and two windows.
     let windows = [
         ev(Some("2.0-1"), None, None),
@@ -56,15 +69,25 @@ fn osv_ranges_follow_the_evaluation_rules() {
         ev(None, None, Some("3.0-4")),
     ];
     assert!(!in_range(&v("1.9-1"), &windows, &mut bad).0);
-    assert_eq!(in_range(&v("2.0-2"), &windows, &mut bad), (true, Some("2.0-3".into())));
+    assert_eq!(
+        in_range(&v("2.0-2"), &windows, &mut bad),
+        (true, Some("2.0-3".into()))
+    );
     assert!(!in_range(&v("2.5-1"), &windows, &mut bad).0);
     assert_eq!(in_range(&v("3.0-4"), &windows, &mut bad), (true, None));
     assert!(!in_range(&v("3.0-4+deb12u1"), &windows, &mut bad).0);
     // No fix yet.
-    assert_eq!(in_range(&v("1.0"), &[ev(Some("0"), None, None)], &mut bad), (true, None));
+    assert_eq!(
+        in_range(&v("1.0"), &[ev(Some("0"), None, None)], &mut bad),
+        (true, None)
+    );
     assert!(bad.is_empty());
     // A bad version is reported, not fatal.
-    in_range(&v("1.0"), &[ev(Some("0"), Some("not a version!"), None)], &mut bad);
+    in_range(
+        &v("1.0"),
+        &[ev(Some("0"), Some("not a version!"), None)],
+        &mut bad,
+    );
     assert_eq!(bad, ["not a version!"]);
 }
 
@@ -167,26 +190,46 @@ fn db() -> Advisories {
         // Already fixed in the installed version (`~deb12u2` > `~deb12u1`).
         (
             "DSA-9002-1.json".to_string(),
-            osv("DSA-9002-1", "openssl", Some("3.0.11-1~deb12u1"), serde_json::json!({})),
+            osv(
+                "DSA-9002-1",
+                "openssl",
+                Some("3.0.11-1~deb12u1"),
+                serde_json::json!({}),
+            ),
         ),
         // Another release's advisory.
         ("DSA-9003-1.json".to_string(), {
-            let mut r: serde_json::Value =
-                serde_json::from_slice(&osv("DSA-9003-1", "bash", Some("9.9"), serde_json::json!({}))).unwrap();
+            let mut r: serde_json::Value = serde_json::from_slice(&osv(
+                "DSA-9003-1",
+                "bash",
+                Some("9.9"),
+                serde_json::json!({}),
+            ))
+            .unwrap();
             r["affected"][0]["package"]["ecosystem"] = "Debian:11".into();
             serde_json::to_vec(&r).unwrap()
         }),
         // Unfixed, Debian urgency low.
         ("DEBIAN-CVE-2026-0001.json".to_string(), {
-            let mut r: serde_json::Value =
-                serde_json::from_slice(&osv("DEBIAN-CVE-2026-0001", "bash", None, serde_json::json!({}))).unwrap();
+            let mut r: serde_json::Value = serde_json::from_slice(&osv(
+                "DEBIAN-CVE-2026-0001",
+                "bash",
+                None,
+                serde_json::json!({}),
+            ))
+            .unwrap();
             r["affected"][0]["ecosystem_specific"] = serde_json::json!({ "urgency": "low*" });
             serde_json::to_vec(&r).unwrap()
         }),
         // No severity at all, compared at the source version of a binNMU.
         (
             "DSA-9004-1.json".to_string(),
-            osv("DSA-9004-1", "bash", Some("5.2.15-3"), serde_json::json!({})),
+            osv(
+                "DSA-9004-1",
+                "bash",
+                Some("5.2.15-3"),
+                serde_json::json!({}),
+            ),
         ),
     ];
     Advisories::from_documents(docs, "test".into()).unwrap()
@@ -200,15 +243,47 @@ fn matches_binary_packages_through_their_source() {
     let rows: Vec<(String, String, Option<String>, Severity, bool)> = r
         .findings
         .iter()
-        .map(|f| (f.id.clone(), f.package.clone(), f.fixed.clone(), f.severity, f.blocking))
+        .map(|f| {
+            (
+                f.id.clone(),
+                f.package.clone(),
+                f.fixed.clone(),
+                f.severity,
+                f.blocking,
+            )
+        })
         .collect();
     assert_eq!(
         rows,
         vec![
-            ("DSA-9001-1".into(), "libnginx-mod-http-echo".into(), Some("1.22.1-9+deb12u1".into()), Severity::Critical, true),
-            ("DSA-9001-1".into(), "nginx-light".into(), Some("1.22.1-9+deb12u1".into()), Severity::Critical, true),
-            ("DSA-9004-1".into(), "bash".into(), Some("5.2.15-3".into()), Severity::High, true),
-            ("DEBIAN-CVE-2026-0001".into(), "bash".into(), None, Severity::Low, false),
+            (
+                "DSA-9001-1".into(),
+                "libnginx-mod-http-echo".into(),
+                Some("1.22.1-9+deb12u1".into()),
+                Severity::Critical,
+                true
+            ),
+            (
+                "DSA-9001-1".into(),
+                "nginx-light".into(),
+                Some("1.22.1-9+deb12u1".into()),
+                Severity::Critical,
+                true
+            ),
+            (
+                "DSA-9004-1".into(),
+                "bash".into(),
+                Some("5.2.15-3".into()),
+                Severity::High,
+                true
+            ),
+            (
+                "DEBIAN-CVE-2026-0001".into(),
+                "bash".into(),
+                None,
+                Severity::Low,
+                false
+            ),
         ]
     );
     assert!(r.fails());
@@ -220,7 +295,11 @@ fn matches_binary_packages_through_their_source() {
         bash.to_string(),
         "DSA-9004-1 high in bash 5.2.15-2+b2 (source bash 5.2.15-2), fixed in 5.2.15-3 [severity not stated; assumed]"
     );
-    let nginx = r.findings.iter().find(|f| f.package == "nginx-light").unwrap();
+    let nginx = r
+        .findings
+        .iter()
+        .find(|f| f.package == "nginx-light")
+        .unwrap();
     assert!(matches!(&nginx.severity_basis, SeverityBasis::Cvss { score, .. } if *score == 9.8));
 }
 
@@ -235,11 +314,18 @@ fn ignore_entries_apply_through_their_day() {
     }];
     let before = scan(&record(), &inventory(), &db(), &policy, day("2027-03-01"));
     assert!(!before.fails(), "{:#?}", before.findings);
-    assert!(before.findings.iter().filter(|f| f.id == "DSA-9001-1").all(|f| f.ignored.is_some()));
+    assert!(before
+        .findings
+        .iter()
+        .filter(|f| f.id == "DSA-9001-1")
+        .all(|f| f.ignored.is_some()));
     assert!(before.expired_ignores.is_empty());
     let after = scan(&record(), &inventory(), &db(), &policy, day("2027-03-02"));
     assert!(after.fails());
-    assert_eq!(after.expired_ignores, ["CVE-10 (until 2027-03-01: not reachable)"]);
+    assert_eq!(
+        after.expired_ignores,
+        ["CVE-10 (until 2027-03-01: not reachable)"]
+    );
 }
 
 #[test]
@@ -247,37 +333,64 @@ fn unfixed_and_unknown_severity_follow_the_policy() {
     let mut policy = default_policy();
     policy.fail_on = Severity::Low;
     let r = scan(&record(), &inventory(), &db(), &policy, day("2026-11-22"));
-    assert!(r.findings.iter().all(|f| f.blocking), "low and up all block");
+    assert!(
+        r.findings.iter().all(|f| f.blocking),
+        "low and up all block"
+    );
     policy.ignore_unfixed = true;
     policy.unknown = Severity::Low;
     policy.fail_on = Severity::Medium;
     let r = scan(&record(), &inventory(), &db(), &policy, day("2026-11-22"));
     let blocking: Vec<&str> = r.blocking().map(|f| f.id.as_str()).collect();
-    assert_eq!(blocking, ["DSA-9001-1", "DSA-9001-1"], "assumed low and unfixed do not block");
+    assert_eq!(
+        blocking,
+        ["DSA-9001-1", "DSA-9001-1"],
+        "assumed low and unfixed do not block"
+    );
 }
 
 #[test]
 fn severity_sources_map_as_documented() {
-    let word = |w: &str| {
-        severity_of(&[], Some(&serde_json::json!({ "severity": w })), None).map(|s| s.0)
-    };
+    let word =
+        |w: &str| severity_of(&[], Some(&serde_json::json!({ "severity": w })), None).map(|s| s.0);
     assert_eq!(word("MODERATE"), Some(Severity::Medium));
     assert_eq!(word("important"), Some(Severity::High));
     assert_eq!(word("CRITICAL"), Some(Severity::Critical));
     assert_eq!(word("whatever"), None);
-    let urgency = |u: &str| severity_of(&[], None, Some(&serde_json::json!({ "urgency": u }))).map(|s| s.0);
+    let urgency =
+        |u: &str| severity_of(&[], None, Some(&serde_json::json!({ "urgency": u }))).map(|s| s.0);
     assert_eq!(urgency("unimportant"), Some(Severity::Low));
     assert_eq!(urgency("medium**"), Some(Severity::Medium));
     assert_eq!(urgency("not yet assigned"), None);
     let cvss = |v: &str| {
-        severity_of(&[OsvSeverity { kind: "CVSS_V3".into(), score: v.into() }], None, None).map(|s| s.0)
+        severity_of(
+            &[OsvSeverity {
+                kind: "CVSS_V3".into(),
+                score: v.into(),
+            }],
+            None,
+            None,
+        )
+        .map(|s| s.0)
     };
-    assert_eq!(cvss("CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H"), Some(Severity::Critical));
-    assert_eq!(cvss("CVSS:3.1/AV:N/AC:H/PR:N/UI:N/S:U/C:H/I:N/A:N"), Some(Severity::Medium));
-    assert_eq!(cvss("CVSS:3.1/AV:L/AC:H/PR:H/UI:R/S:U/C:L/I:N/A:N"), Some(Severity::Low));
+    assert_eq!(
+        cvss("CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H"),
+        Some(Severity::Critical)
+    );
+    assert_eq!(
+        cvss("CVSS:3.1/AV:N/AC:H/PR:N/UI:N/S:U/C:H/I:N/A:N"),
+        Some(Severity::Medium)
+    );
+    assert_eq!(
+        cvss("CVSS:3.1/AV:L/AC:H/PR:H/UI:R/S:U/C:L/I:N/A:N"),
+        Some(Severity::Low)
+    );
     // CVSS wins over the words.
     let both = severity_of(
-        &[OsvSeverity { kind: "CVSS_V3".into(), score: "CVSS:3.1/AV:L/AC:H/PR:H/UI:R/S:U/C:L/I:N/A:N".into() }],
+        &[OsvSeverity {
+            kind: "CVSS_V3".into(),
+            score: "CVSS:3.1/AV:L/AC:H/PR:H/UI:R/S:U/C:L/I:N/A:N".into(),
+        }],
         Some(&serde_json::json!({ "severity": "CRITICAL" })),
         None,
     );
@@ -287,12 +400,25 @@ fn severity_sources_map_as_documented() {
 #[test]
 fn a_malformed_record_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    fs::write(dir.path().join("DSA-1-1.json"), osv("DSA-1-1", "x", None, serde_json::json!({}))).unwrap();
+    fs::write(
+        dir.path().join("DSA-1-1.json"),
+        osv("DSA-1-1", "x", None, serde_json::json!({})),
+    )
+    .unwrap();
     fs::create_dir(dir.path().join("sub")).unwrap();
-    fs::write(dir.path().join("sub/BROKEN.json"), br#"{"id": "X", "affected": "nope"}"#).unwrap();
+    fs::write(
+        dir.path().join("sub/BROKEN.json"),
+        br#"{"id": "X", "affected": "nope"}"#,
+    )
+    .unwrap();
     let e = Advisories::from_path(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("sub/BROKEN.json is not an OSV record: invalid type"), "{e}");
-    let e = Advisories::from_path(&dir.path().join("missing.zip")).unwrap_err().to_string();
+    assert!(
+        e.contains("sub/BROKEN.json is not an OSV record: invalid type"),
+        "{e}"
+    );
+    let e = Advisories::from_path(&dir.path().join("missing.zip"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing.zip: cannot read it"), "{e}");
     let not_zip = dir.path().join("x.zip");
     fs::write(&not_zip, b"garbage").unwrap();
@@ -303,7 +429,8 @@ fn a_malformed_record_is_named() {
 fn write_zip(path: &Path, docs: &[(&str, Vec<u8>)]) {
     let mut z = zip::ZipWriter::new(fs::File::create(path).unwrap());
     for (name, bytes) in docs {
-        z.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
+        z.start_file(*name, zip::write::SimpleFileOptions::default())
+            .unwrap();
         z.write_all(bytes).unwrap();
     }
     z.finish().unwrap();
@@ -316,13 +443,27 @@ fn loads_a_zip_export() {
     write_zip(
         &path,
         &[
-            ("DSA-9001-1.json", osv("DSA-9001-1", "nginx", Some("1.22.1-9+deb12u1"), serde_json::json!({}))),
+            (
+                "DSA-9001-1.json",
+                osv(
+                    "DSA-9001-1",
+                    "nginx",
+                    Some("1.22.1-9+deb12u1"),
+                    serde_json::json!({}),
+                ),
+            ),
             ("README.txt", b"not json".to_vec()),
         ],
     );
     let a = Advisories::from_path(&path).unwrap();
     assert_eq!(a.len(), 1);
-    let r = scan(&record(), &inventory(), &a, &default_policy(), day("2026-11-22"));
+    let r = scan(
+        &record(),
+        &inventory(),
+        &a,
+        &default_policy(),
+        day("2026-11-22"),
+    );
     assert_eq!(r.findings.len(), 2);
 }
 
@@ -342,13 +483,20 @@ fn serve(body: Vec<u8>, requests: usize) -> (String, std::thread::JoinHandle<Vec
                 if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
                     break;
                 }
-                if line.to_ascii_lowercase().starts_with("if-none-match: \"v1\"") {
+                if line
+                    .to_ascii_lowercase()
+                    .starts_with("if-none-match: \"v1\"")
+                {
                     conditional = true;
                 }
             }
             seen.push(if conditional { "304" } else { "200" }.to_string());
             if conditional {
-                stream.write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n").unwrap();
+                stream
+                    .write_all(
+                        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                    )
+                    .unwrap();
             } else {
                 write!(stream, "HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
                 stream.write_all(&body).unwrap();
@@ -363,7 +511,18 @@ fn serve(body: Vec<u8>, requests: usize) -> (String, std::thread::JoinHandle<Vec
 fn a_url_is_cached_revalidated_and_used_stale_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let zip_path = dir.path().join("src.zip");
-    write_zip(&zip_path, &[("DSA-9001-1.json", osv("DSA-9001-1", "nginx", Some("1.22.1-9+deb12u1"), serde_json::json!({})))]);
+    write_zip(
+        &zip_path,
+        &[(
+            "DSA-9001-1.json",
+            osv(
+                "DSA-9001-1",
+                "nginx",
+                Some("1.22.1-9+deb12u1"),
+                serde_json::json!({}),
+            ),
+        )],
+    );
     let (url, server) = serve(fs::read(&zip_path).unwrap(), 2);
     let cache = dir.path().join("cache");
     let first = fetch(&url, &cache, Duration::from_secs(10)).unwrap();
@@ -371,21 +530,37 @@ fn a_url_is_cached_revalidated_and_used_stale_with_a_warning() {
     assert_eq!(Advisories::from_path(&first.path).unwrap().len(), 1);
     let second = fetch(&url, &cache, Duration::from_secs(10)).unwrap();
     assert!(second.warning.is_none());
-    assert_eq!(server.join().unwrap(), ["200", "304"], "the second fetch revalidates");
+    assert_eq!(
+        server.join().unwrap(),
+        ["200", "304"],
+        "the second fetch revalidates"
+    );
     // The server is gone: the cache is used, with its age.
     let third = fetch(&url, &cache, Duration::from_secs(10)).unwrap();
     let w = third.warning.expect("a warning about the stale copy");
-    assert!(w.starts_with(&format!("cannot fetch advisories from {url} (")), "{w}");
-    assert!(w.contains("using the copy fetched") && w.contains(" ago ("), "{w}");
+    assert!(
+        w.starts_with(&format!("cannot fetch advisories from {url} (")),
+        "{w}"
+    );
+    assert!(
+        w.contains("using the copy fetched") && w.contains(" ago ("),
+        "{w}"
+    );
     assert_eq!(Advisories::from_path(&third.path).unwrap().len(), 1);
 }
 
 #[test]
 fn an_unreachable_url_without_cache_is_an_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("http://127.0.0.1:{port}/all.zip");
-    let e = fetch(&url, dir.path(), Duration::from_secs(5)).unwrap_err().to_string();
+    let e = fetch(&url, dir.path(), Duration::from_secs(5))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.starts_with(&format!("cannot fetch advisories from {url} (")) && e.ends_with("and there is no cached copy; check the URL or point `vulnerabilities.osv` at a local copy"),
         "{e}"
