@@ -65,6 +65,9 @@ pub enum Command {
     History(cmd::env::EnvArgs),
     /// Break an environment's lock whose holder died.
     Unlock(cmd::env::EnvArgs),
+    /// Secrets encrypted with age in the project (`secrets/ENV/NAME.age`).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// The balancer process (started and supervised by kiln itself).
     #[command(subcommand, hide = true)]
     Balancer(BalancerCommand),
@@ -74,6 +77,14 @@ pub enum Command {
 pub enum BalancerCommand {
     /// Run a balancer in the foreground.
     Serve(cmd::env::BalancerArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretCommand {
+    /// Encrypt a value read from stdin (never echoed) to the environment's recipients.
+    Set(cmd::secret::SetArgs),
+    /// Names and fingerprints of an environment's secrets, never values.
+    List(cmd::secret::ListArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -94,6 +105,12 @@ pub enum ImageCommand {
     Verify(RefArgs),
     /// Remove versions nothing uses and the blobs only they used.
     Gc(cmd::image::GcArgs),
+    /// The CycloneDX 1.5 bill of materials of a version (`--json`: the document).
+    Sbom(RefArgs),
+    /// Match a version's packages against the project's OSV advisories now.
+    Scan(RefArgs),
+    /// Sign a version with an SSH key (as `ssh-keygen -Y sign -n kiln`).
+    Sign(cmd::sign::SignArgs),
 }
 
 #[derive(Args, Debug)]

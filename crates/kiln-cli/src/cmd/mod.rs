@@ -4,13 +4,17 @@
 pub mod env;
 pub mod image;
 pub mod init;
+pub mod sbom;
+pub mod scan;
+pub mod secret;
+pub mod sign;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use crate::{BalancerCommand, Cli, Command, ImageCommand, ServerCommand};
+use crate::{BalancerCommand, Cli, Command, ImageCommand, SecretCommand, ServerCommand};
 
 /// Exit status for "the command worked and found differences".
 pub const FOUND: u8 = 2;
@@ -23,6 +27,11 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Image(ImageCommand::Show(a)) => image::show(cli, a),
         Command::Image(ImageCommand::Verify(a)) => image::verify(cli, a),
         Command::Image(ImageCommand::Gc(a)) => image::gc(cli, a),
+        Command::Image(ImageCommand::Sbom(a)) => sbom::run(cli, a),
+        Command::Image(ImageCommand::Scan(a)) => scan::run(cli, a),
+        Command::Image(ImageCommand::Sign(a)) => sign::run(cli, a),
+        Command::Secret(SecretCommand::Set(a)) => secret::set(cli, a),
+        Command::Secret(SecretCommand::List(a)) => secret::list(cli, a),
         Command::Plan(a) => env::plan(cli, a),
         Command::Apply(a) => env::apply(cli, a),
         Command::Approve(a) => env::approve(cli, a),
