@@ -386,6 +386,23 @@ impl<'a> Baker<'a> {
             .and_then(|()| self.run_tests(spec, &final_root, &base.env, work))
             .and_then(|()| self.scan_gate(spec, &record));
         if let Err(e) = checked {
+            if matches!(e, ImageError::SecretInImage { .. }) {
+                // A secret must not stay in the store: drop what holds the
+                // version's bytes (its root, its own layer, its config),
+                // keeping the record (and seal) that says why it failed.
+                layer::remove_any(&final_root)?;
+                for d in [
+                    record.layers.last().map(|l| &l.digest),
+                    Some(&record.config),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    if self.store.has_blob(d) {
+                        self.store.remove_blob(d)?;
+                    }
+                }
+            }
             record.outcome = Outcome::Failed;
             record.error = Some(e.to_string());
             record.build_ms = started.elapsed().as_millis() as u64;
