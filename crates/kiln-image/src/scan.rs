@@ -53,6 +53,16 @@ pub fn default_policy() -> ScanPolicy {
     }
 }
 
+/// The gate of one image of a project: its own `scan` (or the project's
+/// default, already folded in by the spec), else [`default_policy`].
+pub fn policy_for(project: &kiln_model::Project, image: &str) -> ScanPolicy {
+    project
+        .images
+        .get(image)
+        .and_then(|i| i.scan.clone())
+        .unwrap_or_else(default_policy)
+}
+
 // ---------------------------------------------------------------- OSV records
 
 /// The fields of an OSV record the gate uses; everything else is ignored.
@@ -177,7 +187,7 @@ impl Advisories {
             AdvisorySource::Path(p) => Advisories::from_path(p),
             AdvisorySource::Url(u) => {
                 let cache = store.root().join("cache/osv");
-                let fetched = fetch(u, &cache, Duration::from_secs(60))?;
+                let fetched = fetch(u, &cache, Duration::from_secs(30))?;
                 let mut a = Advisories::from_path(&fetched.path)?;
                 a.origin = u.clone();
                 a.fetched = Some(fetched.fetched);
@@ -391,7 +401,10 @@ pub fn fetch(url: &str, cache_dir: &Path, timeout: Duration) -> Result<Fetched> 
         .filter(|_| data.is_file());
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(timeout))
+        // No limit on the whole download (exports are large); a stalled
+        // connection still fails: every step and every read is bounded.
+        .timeout_connect(Some(timeout))
+        .timeout_per_read(Some(timeout))
         .build()
         .into();
     let mut req = agent.get(url);

@@ -19,11 +19,7 @@ pub fn run(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
         bail!("the project names no advisories; add `vulnerabilities = {{ osv = \"PATH|URL\" }}` to [project] in kiln.toml");
     };
     let record = ops::resolve(&store, &args.reference)?;
-    let policy = project
-        .images
-        .get(&record.name)
-        .and_then(|i| i.scan.clone())
-        .unwrap_or_else(scan::default_policy);
+    let policy = scan::policy_for(&project, &record.name);
     let advisories = scan::Advisories::load(source, &store)?;
     let report = scan::scan_version(&store, &record, &advisories, &policy)?;
     for w in &report.warnings {
