@@ -87,6 +87,9 @@ pub enum SignError {
     /// The private key is encrypted; kiln does not prompt.
     #[error("the SSH key {} is protected by a passphrase; sign with ssh-keygen instead: `kiln image sign IMAGE --payload | ssh-keygen -Y sign -n kiln -f KEY > sig` then `kiln image sign IMAGE --signature sig`", path.display())]
     Encrypted { path: PathBuf },
+    /// kiln signs with Ed25519 and ECDSA keys only.
+    #[error("kiln cannot sign with the RSA key {}; sign with ssh-keygen instead: `kiln image sign IMAGE --payload | ssh-keygen -Y sign -n kiln -f KEY > sig` then `kiln image sign IMAGE --signature sig`", path.display())]
+    Unsupported { path: PathBuf },
     /// Signing failed in the crypto layer.
     #[error("cannot sign with {}", path.display())]
     Sign {
@@ -155,6 +158,11 @@ pub fn sign(store: &Store, record: &VersionRecord, key: &Path) -> Result<Signatu
     })?;
     if private.is_encrypted() {
         return Err(SignError::Encrypted {
+            path: key.to_path_buf(),
+        });
+    }
+    if matches!(private.algorithm(), ssh_key::Algorithm::Rsa { .. }) {
+        return Err(SignError::Unsupported {
             path: key.to_path_buf(),
         });
     }

@@ -114,9 +114,10 @@ fn kiln_signatures_verify_with_ssh_keygen() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join(".kiln")).unwrap();
     let app = record(&store, "app");
+    // kiln signs with Ed25519 and ECDSA keys (RSA keys sign through
+    // `--payload` and ssh-keygen; kiln verifies RSA signatures, below).
     for (name, kind) in [
         ("ed", vec!["-t", "ed25519"]),
-        ("rsa", vec!["-t", "rsa", "-b", "3072"]),
         ("ec", vec!["-t", "ecdsa", "-b", "256"]),
     ] {
         let public = keygen(dir.path(), name, &kind);
