@@ -439,7 +439,7 @@ fn secrets_are_encrypted_listed_by_fingerprint_and_never_baked() {
     p.script(
         "app",
         "10_leak.sh",
-        &format!("mkdir -p /etc/app\nprintf 'password=%s\\n' '{VALUE}' > /etc/app/db.conf"),
+        &format!("mkdir -p /etc/app\necho 'password={VALUE}' > /etc/app/db.conf"),
     );
     let leaked = p
         .kiln_env(
