@@ -917,6 +917,8 @@ struct Base {
     env: Vec<String>,
 }
 
+// One value per build, never in a collection: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum BaseOrigin {
     Scratch,
     Parent(VersionRecord),
@@ -948,12 +950,15 @@ fn list_scripts(dir: &Path) -> Result<Vec<(String, PathBuf, String)>> {
     Ok(out)
 }
 
+/// A file of `files/` as the cache key sees it: path, kind, mode, hash, target.
+type KeyFile<'a> = (&'a str, Kind, u32, Option<&'a str>, Option<&'a str>);
+
 #[derive(Serialize)]
 struct KeyInputs<'a> {
     kiln: &'static str,
     name: &'a str,
     base: &'a str,
-    files: Vec<(&'a str, Kind, u32, Option<&'a str>, Option<&'a str>)>,
+    files: Vec<KeyFile<'a>>,
     scripts: Vec<(&'a str, &'a str)>,
     entrypoint: &'a [String],
     cmd: &'a [String],

@@ -210,10 +210,10 @@ pub fn parse_status(text: &str, release: &Release) -> std::result::Result<Vec<Pa
         let Some(name) = fields.get("Package") else {
             continue;
         };
-        if !fields
+        let installed = fields
             .get("Status")
-            .is_some_and(|s| s.split_whitespace().last() == Some("installed"))
-        {
+            .is_some_and(|s| s.split_whitespace().last() == Some("installed"));
+        if !installed {
             continue;
         }
         let version = fields

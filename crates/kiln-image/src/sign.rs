@@ -387,7 +387,7 @@ mod tests {
         let (alice, alice_pub) = keypair(dir.path(), "alice");
         let (_, bob_pub) = keypair(dir.path(), "bob");
         let app = &recs[0];
-        match verify_signature(&store, app, &[alice_pub.clone()]) {
+        match verify_signature(&store, app, std::slice::from_ref(&alice_pub)) {
             Err(TrustError::Unsigned { image, .. }) => assert_eq!(image, "app@1"),
             other => panic!("{other:?}"),
         }

@@ -145,7 +145,7 @@ fn kiln_signatures_verify_with_ssh_keygen() {
         );
         assert!(!ok, "{name}: a signature verified over another payload");
         // And kiln trusts it through the same public key line.
-        let who = sign::verify_signature(&store, &app, &[public.clone()]).unwrap();
+        let who = sign::verify_signature(&store, &app, std::slice::from_ref(&public)).unwrap();
         assert_eq!(who.comment, format!("{name}@ops"));
     }
 }
@@ -158,7 +158,7 @@ fn ssh_keygen_signatures_are_accepted_and_trusted() {
     let evil = record(&store, "evil");
     let alice = keygen(dir.path(), "alice", &["-t", "ed25519"]);
     let bob = keygen(dir.path(), "bob", &["-t", "rsa", "-b", "3072"]);
-    match sign::verify_signature(&store, &app, &[alice.clone()]) {
+    match sign::verify_signature(&store, &app, std::slice::from_ref(&alice)) {
         Err(TrustError::Unsigned { .. }) => {}
         other => panic!("unsigned image trusted: {other:?}"),
     }
@@ -187,7 +187,7 @@ fn ssh_keygen_signatures_are_accepted_and_trusted() {
             .comment,
         "alice@ops"
     );
-    match sign::verify_signature(&store, &app, &[bob.clone()]) {
+    match sign::verify_signature(&store, &app, std::slice::from_ref(&bob)) {
         Err(TrustError::Untrusted { found, .. }) => {
             assert!(found.starts_with("SHA256:"), "{found}")
         }
