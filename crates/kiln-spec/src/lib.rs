@@ -7,6 +7,7 @@
 
 mod duration;
 mod raw;
+mod supply;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -18,6 +19,7 @@ use toml::Spanned;
 
 pub use duration::{format_duration, parse_duration, parse_size};
 use raw::*;
+pub use supply::is_secret_name;
 
 /// The project file's name inside a project directory.
 pub const PROJECT_FILE: &str = "kiln.toml";
@@ -128,15 +130,19 @@ impl Validator<'_> {
                 self.header(&["images", iname]),
                 "image name",
             )?;
-            images.insert(iname.clone(), self.image(iname, img, import_limit)?);
+            let mut spec = self.image(iname, img, import_limit)?;
+            self.supply_chain(&raw.project, iname, img, &mut spec)?;
+            images.insert(iname.clone(), spec);
         }
         self.check_image_graph(&raw, &images)?;
         let envs = self.envs(&raw, &images)?;
+        let vulnerabilities = self.advisories(&raw.project)?;
         Ok(Project {
             name: name.into_inner(),
             dir: self.dir.to_path_buf(),
             images,
             envs,
+            vulnerabilities,
         })
     }
 
@@ -182,6 +188,8 @@ impl Validator<'_> {
             user,
             build_limits,
             import_limit_bytes,
+            scan: None,
+            hardening: Hardening::default(),
         })
     }
 
@@ -649,6 +657,8 @@ impl Validator<'_> {
                     .as_secs(),
                 None => 7 * 86_400,
             },
+            secrets: self.env_secrets(env)?,
+            trust: self.trust(env)?,
             roles,
         })
     }
@@ -911,6 +921,7 @@ impl Validator<'_> {
                 Some(c) => self.capabilities(c)?,
                 None => Capability::docker_default(),
             },
+            secrets: self.role_secrets(env_name, name, r, env)?,
         })
     }
 
