@@ -65,6 +65,8 @@ pub enum Command {
     Audit(cmd::audit::AuditArgs),
     /// Releases and events of an environment.
     History(cmd::apply::EnvArgs),
+    /// What servers of an environment resolve a name to (its DNS, asked from the host).
+    Dns(cmd::dns::DnsArgs),
     /// Break an environment's lock whose holder died.
     Unlock(cmd::apply::EnvArgs),
     /// Secrets encrypted with age in the project (`secrets/ENV/NAME.age`).

@@ -228,8 +228,9 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Points the role's balancer (if it has one) at its running servers,
-    /// leaving out `without`; returns once the switch is in effect.
+    /// Puts the role's rotation in effect: its running servers, leaving
+    /// out `without`, behind its balancer (if it has one) and under its
+    /// names in the environment's DNS. Returns once both answer from it.
     pub(crate) fn rebalance(
         &self,
         env: &str,
@@ -237,19 +238,58 @@ impl Engine<'_> {
         balancer: Option<&Balancer>,
         without: &[String],
     ) -> Result<()> {
+        let servers = self.state.servers(Some(env))?;
+        let in_rotation = |s: &&Server| {
+            s.role == role && s.status == ServerStatus::Running && !without.contains(&s.id)
+        };
+        self.provider
+            .publish(env, &names(env, &servers, role, without, self.dns_ttl(env)))?;
         let Some(b) = balancer else { return Ok(()) };
-        let backends: Vec<String> = self
-            .state
-            .servers(Some(env))?
-            .into_iter()
-            .filter(|s| {
-                s.role == role && s.status == ServerStatus::Running && !without.contains(&s.id)
-            })
+        let backends: Vec<String> = servers
+            .iter()
+            .filter(in_rotation)
             .map(|s| s.endpoint(b.port))
             .collect();
         self.provider.balance(env, role, b, &backends)?;
         Ok(())
     }
+
+    /// The TTL of `env`'s DNS answers.
+    pub(crate) fn dns_ttl(&self, env: &str) -> u32 {
+        self.project.envs.get(env).map_or(1, |e| e.dns_ttl_secs)
+    }
+}
+
+/// The names `env`'s DNS answers: `ROLE` and `ROLE.ENV` for each role's
+/// running servers (leaving `without` out of `role`), and every server
+/// that is not being torn down under its own id.
+pub fn names(
+    env: &str,
+    servers: &[Server],
+    role: &str,
+    without: &[String],
+    ttl_secs: u32,
+) -> kiln_provider::Names {
+    let mut out = kiln_provider::Names {
+        ttl_secs,
+        names: Default::default(),
+    };
+    for s in servers {
+        let Ok(ip) = s.address.parse::<std::net::Ipv4Addr>() else {
+            continue;
+        };
+        let left = s.role == role && without.contains(&s.id);
+        if matches!(s.status, ServerStatus::Running | ServerStatus::Standby) {
+            out.names.insert(s.id.clone(), vec![ip]);
+        }
+        for name in [s.role.clone(), format!("{}.{env}", s.role)] {
+            let addrs = out.names.entry(name).or_default();
+            if s.status == ServerStatus::Running && !left {
+                addrs.push(ip);
+            }
+        }
+    }
+    out
 }
 
 /// One apply in progress: the plan, its release, and the engine.
@@ -262,6 +302,15 @@ struct Run<'e, 'a> {
 impl Run<'_, '_> {
     fn env(&self) -> &str {
         &self.plan.env
+    }
+
+    /// Waits until a server withdrawn from DNS at `since` may stop:
+    /// clients that resolved it just before hold the answer for the TTL.
+    fn outlive_ttl(&self, since: Instant) {
+        let ttl = Duration::from_secs(u64::from(self.plan.target.dns_ttl_secs));
+        if let Some(left) = ttl.checked_sub(since.elapsed()) {
+            std::thread::sleep(left);
+        }
     }
 
     fn target(&self, role: &str) -> Result<&RoleTarget> {
@@ -416,6 +465,7 @@ impl Run<'_, '_> {
             })
             .collect();
         let roles: BTreeSet<&str> = group.iter().map(|c| c.role()).collect();
+        let switched = Instant::now();
         for role in &roles {
             self.engine
                 .rebalance(env, role, self.balancer(role), &old)?;
@@ -428,15 +478,28 @@ impl Run<'_, '_> {
                 // they were serving (drained), then go.
                 self.engine
                     .rebalance(env, &r.role, self.balancer(&r.role), &new_ids)?;
+                let withdrawn = Instant::now();
                 for id in &new_ids {
                     self.drain(id)?;
+                }
+                self.outlive_ttl(withdrawn);
+                for id in &new_ids {
                     self.destroy_quiet(id)?;
                 }
                 return Err(e);
             }
         }
-        for c in group.iter().filter(|c| old.iter().any(|o| o == c.server())) {
+        let leaving: Vec<&Change> = group
+            .iter()
+            .filter(|c| old.iter().any(|o| o == c.server()))
+            .collect();
+        for c in &leaving {
             self.drain(c.server())?;
+        }
+        if !leaving.is_empty() {
+            self.outlive_ttl(switched);
+        }
+        for c in leaving {
             match c {
                 Change::Replace(Replace {
                     keep_warm_secs: Some(secs),
@@ -754,14 +817,19 @@ impl Run<'_, '_> {
     fn destroy(&self, id: &str) -> Result<()> {
         let engine = self.engine;
         if let Some(s) = engine.state.server(id)? {
-            if let (Some(b), ServerStatus::Running) = (self.balancer(&s.role), s.status) {
-                engine.rebalance(self.env(), &s.role, Some(b), &[id.to_string()])?;
-                engine.provider.drain(
-                    self.env(),
-                    &s.role,
-                    &s.endpoint(b.port),
-                    Duration::from_secs(b.drain_timeout_secs),
-                );
+            if s.status == ServerStatus::Running {
+                let withdrawn = Instant::now();
+                let b = self.balancer(&s.role);
+                engine.rebalance(self.env(), &s.role, b, &[id.to_string()])?;
+                if let Some(b) = b {
+                    engine.provider.drain(
+                        self.env(),
+                        &s.role,
+                        &s.endpoint(b.port),
+                        Duration::from_secs(b.drain_timeout_secs),
+                    );
+                }
+                self.outlive_ttl(withdrawn);
             }
         }
         self.destroy_quiet(id)

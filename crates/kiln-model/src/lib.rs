@@ -797,6 +797,10 @@ pub struct EnvSpec {
     pub alarm: Option<String>,
     /// How long a quarantined server's evidence is kept (seconds).
     pub quarantine_secs: u64,
+    /// TTL of the environment's DNS answers: a server leaving a role is
+    /// withdrawn from DNS at least this long before it stops.
+    #[serde(default = "default_dns_ttl")]
+    pub dns_ttl_secs: u32,
     pub roles: BTreeMap<String, RoleSpec>,
     /// Who may encrypt this environment's secrets (`secrets/ENV/*.age`).
     #[serde(default)]
@@ -957,4 +961,8 @@ mod tests {
             assert!(bad.parse::<UserSpec>().is_err(), "{bad:?} parsed");
         }
     }
+}
+
+fn default_dns_ttl() -> u32 {
+    1
 }

@@ -277,7 +277,10 @@ pub fn plan(input: &Input, random: &mut dyn FnMut() -> u16) -> Result<Plan, Plan
         author: String::new(),
         rollback_to: None,
         promoted_from: None,
-        target: EnvTarget { subnet: env.subnet },
+        target: EnvTarget {
+            subnet: env.subnet,
+            dns_ttl_secs: env.dns_ttl_secs,
+        },
         order,
         targets: input.targets.to_vec(),
         changes,
@@ -593,7 +596,10 @@ pub fn plan_destroy(
         author: String::new(),
         rollback_to: None,
         promoted_from: None,
-        target: EnvTarget { subnet: env.subnet },
+        target: EnvTarget {
+            subnet: env.subnet,
+            dns_ttl_secs: env.dns_ttl_secs,
+        },
         order: vec![],
         targets: vec![],
         changes,

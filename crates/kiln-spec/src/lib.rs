@@ -657,6 +657,22 @@ impl Validator<'_> {
                     .as_secs(),
                 None => 7 * 86_400,
             },
+            dns_ttl_secs: match &env.dns {
+                Some(d) => match &d.get_ref().ttl {
+                    Some(t) => {
+                        let ttl = parse_duration(t).map_err(|e| self.cx.err(d.span(), e))?;
+                        if ttl.as_secs() > 3600 || ttl.subsec_nanos() != 0 {
+                            return Err(self.cx.err(
+                                d.span(),
+                                format!("dns ttl `{t}` must be whole seconds, at most 1h"),
+                            ));
+                        }
+                        ttl.as_secs() as u32
+                    }
+                    None => 1,
+                },
+                None => 1,
+            },
             secrets: self.env_secrets(env)?,
             trust: self.trust(env)?,
             roles,

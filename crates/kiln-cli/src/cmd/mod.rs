@@ -7,6 +7,7 @@ pub mod apply;
 pub mod approve;
 pub mod audit;
 pub mod balancer;
+pub mod dns;
 pub mod dns_server;
 pub mod drift;
 pub mod history;
@@ -67,6 +68,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Audit(a) => audit::run(cli, a),
         Command::Reconcile(a) => reconcile::run(cli, a),
         Command::Unlock(a) => unlock::run(cli, a),
+        Command::Dns(a) => dns::run(cli, a),
         Command::Balancer(BalancerCommand::Serve(a)) => balancer::serve(a),
         Command::DnsServer(DnsServerCommand::Serve(a)) => dns_server::serve(a),
     }
