@@ -903,6 +903,10 @@ impl Server {
     }
 }
 
+fn default_dns_ttl() -> u32 {
+    1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -961,8 +965,4 @@ mod tests {
             assert!(bad.parse::<UserSpec>().is_err(), "{bad:?} parsed");
         }
     }
-}
-
-fn default_dns_ttl() -> u32 {
-    1
 }
