@@ -33,6 +33,11 @@ pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_IMAGES: usize = 1000;
 pub const MAX_ENVS: usize = 100;
 pub const MAX_ROLES: usize = 1000;
+/// Most servers of one role: half of the 65,536 server ids a role has
+/// (`ROLE-XXXX`), so that replacing every server at once (blue-green, or a
+/// rolling update whose new servers start before the old ones go) always
+/// finds an id for each new server.
+pub const MAX_SERVERS: u32 = 1 << 15;
 
 /// `size.cpus`: a finite share between [`MIN_CPUS`] and [`MAX_CPUS`].
 pub fn cpus(c: f64) -> Result<(), String> {

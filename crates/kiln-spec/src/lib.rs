@@ -20,7 +20,7 @@ use toml::Spanned;
 
 pub use check::{
     MAX_APPROVALS, MAX_CHECK_STREAK, MAX_CPUS, MAX_ENVS, MAX_IMAGES, MAX_MTIME, MAX_ROLES,
-    MIN_CHECK_INTERVAL, MIN_CPUS, MIN_MEMORY,
+    MAX_SERVERS, MIN_CHECK_INTERVAL, MIN_CPUS, MIN_MEMORY,
 };
 pub use duration::{format_duration, parse_duration, parse_size, MAX_DURATION, MAX_SIZE};
 use locate::Locator;
@@ -81,7 +81,7 @@ pub fn load(dir: &Path) -> Result<Project, SpecError> {
 /// Every value is range-checked here, with checked arithmetic, so that
 /// nothing downstream (planner, image builder, runtime) meets a value it
 /// cannot handle. One check looks at the host: a balancer's `listen`
-/// address must be one of this host's (see [`Validator::listen_on_host`]).
+/// address must be one of this host's (`host_has`).
 pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<Project, SpecError> {
     let mut cx = Cx {
         text,
@@ -460,6 +460,15 @@ impl Validator<'_> {
         let capacity = u64::from(env.subnet.capacity());
         let mut total = 0u64;
         for role in env.roles.values() {
+            if role.servers > MAX_SERVERS {
+                return Err(self.cx.err(
+                    self.cx.loc.inherited(&env.name, Some(&role.name), &["servers"]),
+                    format!(
+                        "role `{}` declares {} servers, more than one role can have ({MAX_SERVERS}: half of its 65,536 server ids, so that every server can be replaced at once)",
+                        role.name, role.servers
+                    ),
+                ));
+            }
             total += u64::from(role.servers);
             if total > capacity {
                 return Err(self.cx.err(
