@@ -5,6 +5,8 @@
 //! invariants (every server planned once, distinct ids and addresses
 //! inside the subnet, a plan file that reads back as the same plan).
 
+pub mod gen;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -29,7 +31,7 @@ const DEEP_SERVERS: u64 = 1024;
 
 /// A project directory for relative paths: holds a rootfs tarball and an
 /// OCI layout, so `from` tables that name them load.
-fn project_dir() -> &'static Path {
+pub fn project_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("kiln-fuzz-{}", std::process::id()));
@@ -222,4 +224,12 @@ fn contract(plan: &Plan) {
     let json = serde_json::to_string(plan).expect("a plan serializes");
     let back: Plan = serde_json::from_str(&json).expect("a plan file reads back");
     assert_eq!(&back, plan, "the plan file changed the plan");
+}
+
+/// A generated `kiln.toml` (see [`gen`]) through [`spec`].
+pub fn generated(data: &[u8]) {
+    let mut u = arbitrary::Unstructured::new(data);
+    if let Ok(text) = gen::kiln_toml(&mut u) {
+        spec(&text);
+    }
 }
