@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod balancer;
+mod dns;
+mod swarm;
+
 struct Opts {
     kiln: PathBuf,
     tree_mib: u64,
@@ -79,6 +83,15 @@ fn main() -> Result<()> {
     }
     if want("reconcile") {
         reconcile_cpu(&o)?;
+    }
+    if want("dns") {
+        dns::run(&o.kiln)?;
+    }
+    if want("swarm") {
+        swarm::run(&o.kiln)?;
+    }
+    if want("http-balancer") {
+        balancer::run(&o)?;
     }
     Ok(())
 }
@@ -420,6 +433,7 @@ fn request(
         },
         ports: vec![8080],
         volumes: vec![],
+        reach: vec![],
     }
 }
 

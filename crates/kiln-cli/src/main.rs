@@ -70,6 +70,15 @@ pub enum Command {
     /// The balancer process (started and supervised by kiln itself).
     #[command(subcommand, hide = true)]
     Balancer(BalancerCommand),
+    /// An environment's DNS server process (started and supervised by kiln itself).
+    #[command(subcommand, hide = true)]
+    DnsServer(DnsServerCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DnsServerCommand {
+    /// Run an environment's DNS server in the foreground.
+    Serve(cmd::dns_server::ServeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,7 +115,7 @@ pub struct RefArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Balancer(_)) {
+    if !matches!(cli.command, Command::Balancer(_) | Command::DnsServer(_)) {
         // A command whose output is cut short (`| head`) ends quietly, the
         // way Unix tools do, instead of panicking in `println!`. Servers
         // (the balancer) keep Rust's default: a closed socket is an error

@@ -590,6 +590,7 @@ impl Run<'_, '_> {
             size: t.spec.size.clone(),
             ports: t.spec.ports.clone(),
             volumes: t.spec.volumes.clone(),
+            reach: t.spec.reach.clone(),
         })
     }
 

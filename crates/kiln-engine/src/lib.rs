@@ -111,6 +111,15 @@ pub enum EngineError {
     /// The state knows nothing of an environment whose servers run.
     #[error("`{env}` runs {} server(s) the state does not know ({}), and the state has no record of `{env}`: was the state database lost or reset? Adopt them into the state with `kiln apply {env} --adopt`, or destroy them with `--forget`", ids.len(), ids.join(", "))]
     LostState { env: String, ids: Vec<String> },
+    /// The environment's subnet is used by something else on the host.
+    #[error(
+        "subnet {subnet} of `{env}` is in use by {user}; declare another `subnet` for `{env}`"
+    )]
+    SubnetInUse {
+        env: String,
+        subnet: String,
+        user: String,
+    },
     /// `kiln promote` has nothing to take.
     #[error("cannot promote `{from}` to `{to}`: {reason}")]
     NoPromote {
@@ -296,6 +305,52 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// The environment as it is planned. A subnet derived from names (none
+    /// declared) keeps the network the environment has; if it has none and
+    /// something else on the host uses the derived one, the next free /24 of
+    /// the default pool is taken. A declared subnet in use elsewhere is
+    /// refused, naming both.
+    pub fn planned_env(&self, name: &str) -> Result<EnvSpec> {
+        let env = self.env(name)?;
+        let mut out = env.clone();
+        if !env.subnet_declared {
+            if let Some(current) = self.provider.network(name) {
+                out.subnet = current;
+                return Ok(out);
+            }
+        }
+        let Some(user) = self.provider.network_conflict(name, env.subnet)? else {
+            return Ok(out);
+        };
+        let in_use = || EngineError::SubnetInUse {
+            env: name.into(),
+            subnet: env.subnet.to_string(),
+            user: user.clone(),
+        };
+        let start = match env.subnet.pool_index() {
+            Some(i) if !env.subnet_declared => i,
+            _ => return Err(in_use()),
+        };
+        let others: Vec<kiln_model::Subnet> = self
+            .project
+            .envs
+            .values()
+            .filter(|e| e.name != name)
+            .map(|e| e.subnet)
+            .collect();
+        for i in 1..kiln_model::DEFAULT_POOL {
+            let candidate = kiln_model::Subnet::default_pool(start + i);
+            if others.iter().any(|o| o.overlaps(&candidate)) {
+                continue;
+            }
+            if self.provider.network_conflict(name, candidate)?.is_none() {
+                out.subnet = candidate;
+                return Ok(out);
+            }
+        }
+        Err(in_use())
+    }
+
     /// Servers the state records for `env`, and which of them are not alive.
     pub fn observe(&self, env: &str) -> Result<(Vec<Server>, BTreeSet<String>)> {
         let (servers, dead, _) = self.observe_all(env)?;
@@ -361,7 +416,7 @@ impl<'a> Engine<'a> {
         force: &BTreeMap<String, String>,
         random: &mut dyn FnMut() -> u16,
     ) -> Result<Plan> {
-        let env = self.env(env_name)?;
+        let env = &self.planned_env(env_name)?;
         let (observed, dead, mut strays) = self.observe_all(env_name)?;
         self.check_known(env_name, &observed, &strays)?;
         if kind == PlanKind::Reconcile {
@@ -439,7 +494,7 @@ impl<'a> Engine<'a> {
 
     /// A plan that destroys every server of `env`.
     pub fn plan_destroy(&self, env_name: &str) -> Result<Plan> {
-        let env = self.env(env_name)?;
+        let env = &self.planned_env(env_name)?;
         let (observed, _, strays) = self.observe_all(env_name)?;
         self.check_known(env_name, &observed, &strays)?;
         let generation = self.state.generation(env_name)?;
@@ -559,7 +614,7 @@ impl<'a> Engine<'a> {
         if !plan.kind.can_be_saved() {
             return Err(EngineError::NotSavable { kind: plan.kind });
         }
-        let env = self.env(env_name)?;
+        let env = &self.planned_env(env_name)?;
         for c in &plan.changes {
             let creates = !matches!(c, Change::Destroy(_));
             if creates && plan.target(c.role()).is_none() {

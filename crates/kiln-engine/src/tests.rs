@@ -900,3 +900,48 @@ fn drift_report_renders_grouped_by_server() {
     "#]]
     .assert_eq(&render(&clean));
 }
+
+#[test]
+fn subnets_in_use_elsewhere_move_or_are_refused() {
+    // Derived from names: moved to the next free /24 of the default pool.
+    let w = world_with(&SPEC.replace("subnet = \"10.88.1.0/24\"\n", ""));
+    let derived = w.project.envs["staging"].subnet;
+    assert!(derived.pool_index().is_some(), "{derived}");
+    w.fake
+        .conflicts
+        .borrow_mut()
+        .insert(derived, "interface eth9 (10.64.0.1/24)".into());
+    let plan = w.plan();
+    assert_ne!(plan.target.subnet, derived);
+    assert_eq!(
+        plan.target.subnet.pool_index(),
+        derived
+            .pool_index()
+            .map(|i| (i + 1) % kiln_model::DEFAULT_POOL)
+    );
+    assert!(w
+        .engine()
+        .check_saved(
+            &Plan {
+                kind: PlanKind::Apply,
+                ..plan
+            },
+            "staging"
+        )
+        .is_ok());
+    // Declared: refused, naming who uses it.
+    let w = world();
+    let declared = w.project.envs["staging"].subnet;
+    w.fake
+        .conflicts
+        .borrow_mut()
+        .insert(declared, "kiln environment /srv/other/.kiln:staging".into());
+    let err = w
+        .engine()
+        .plan("staging", PlanKind::Apply, &mut w.random())
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "subnet 10.88.1.0/24 of `staging` is in use by kiln environment /srv/other/.kiln:staging; declare another `subnet` for `staging`"
+    );
+}

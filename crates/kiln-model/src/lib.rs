@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use plan::*;
 pub use release::*;
-pub use subnet::{Subnet, SubnetError, MAX_PREFIX, MIN_PREFIX};
+pub use subnet::{Subnet, SubnetError, DEFAULT_POOL, MAX_PREFIX, MIN_PREFIX};
 
 /// A validated project: the images it bakes and the environments it fires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,6 +182,57 @@ pub struct Balancer {
     /// HTTP or TCP health check (a command check is kiln's alone).
     #[serde(default)]
     pub check: Option<BalancerCheck>,
+    /// HTTP or TCP. Plans written before HTTP mode existed read as TCP,
+    /// their behaviour then.
+    #[serde(default)]
+    pub mode: BalancerMode,
+    #[serde(default)]
+    pub algorithm: BalancerAlgorithm,
+    /// TLS termination on `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BalancerTls>,
+    /// `IP:PORT` of the admin listener serving Prometheus metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+}
+
+/// The protocol a balancer speaks with clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerMode {
+    /// Requests parsed, a backend chosen per request, every response counted.
+    Http,
+    /// Connections relayed byte for byte.
+    #[default]
+    Tcp,
+}
+
+/// How a balancer chooses a backend for each request (or connection).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerAlgorithm {
+    #[default]
+    RoundRobin,
+    LeastRequests,
+}
+
+/// Where a balancer's TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerTls {
+    /// PEM files (absolute paths), reloaded when they change.
+    Files { cert: String, key: String },
+    /// Obtained and renewed over ACME.
+    Acme {
+        directory: String,
+        email: String,
+        domains: Vec<String>,
+        /// PEM root to trust for the directory (absolute path), if private.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca: Option<String>,
+        /// Renew when less than this is left.
+        renew_before_secs: u64,
+    },
 }
 
 /// How the balancer checks its backends between kiln's own probes.
@@ -220,6 +271,31 @@ pub struct RoleSpec {
     /// when they are ordinary data (config a server rewrites, say).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watch: Vec<String>,
+    /// What its servers may open connections to beyond their environment
+    /// (everything else is refused by the provider's isolation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reach: Vec<Reach>,
+}
+
+/// A destination servers of a role may reach: `host:PORT` (a service on
+/// the host, at the environment's gateway) or `A.B.C.D[/N]:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reach {
+    pub to: ReachTarget,
+    pub port: u16,
+}
+
+/// Where a [`Reach`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReachTarget {
+    /// The host itself, at the environment's gateway address.
+    Host,
+    /// An IPv4 network (a single address is a /32).
+    Net {
+        addr: std::net::Ipv4Addr,
+        prefix: u8,
+    },
 }
 
 /// Where an environment's servers run.

@@ -116,6 +116,29 @@ impl Subnet {
     }
 }
 
+/// How many /24s the default pool (10.64.0.0/10) holds.
+pub const DEFAULT_POOL: u32 = 16_384;
+
+impl Subnet {
+    /// The `i`-th /24 of the default pool, 10.64.0.0/10 (wrapping): where
+    /// environments that declare no subnet get theirs.
+    pub fn default_pool(i: u32) -> Subnet {
+        let i = i % DEFAULT_POOL;
+        let net = Ipv4Addr::new(10, 64 + (i / 256) as u8, (i % 256) as u8, 0);
+        Subnet {
+            network: net,
+            prefix: 24,
+        }
+    }
+
+    /// This subnet's index in the default pool, if it is one of its /24s.
+    pub fn pool_index(&self) -> Option<u32> {
+        let o = self.network.octets();
+        (self.prefix == 24 && o[0] == 10 && (64..128).contains(&o[1]))
+            .then(|| u32::from(o[1] - 64) * 256 + u32::from(o[2]))
+    }
+}
+
 impl FromStr for Subnet {
     type Err = SubnetError;
 

@@ -13,6 +13,9 @@
 //! `quarantine/<env>/<id>/`.
 
 mod balancer;
+mod daemon;
+mod dns;
+pub mod firewall;
 mod inspect;
 pub mod net;
 
@@ -22,7 +25,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_image::Store;
-use kiln_model::{Balancer, HealthCheck, ImageRef, Server, Volume};
+use kiln_model::{
+    Balancer, BalancerAlgorithm, BalancerMode, BalancerTls, HealthCheck, ImageRef, Server, Volume,
+};
 use kiln_provider::{
     check, BalancerState, FileCheck, Inspection, LogChunk, Provider, ProviderError, Running,
     ServerRequest, Started,
@@ -46,6 +51,8 @@ pub struct Local {
     runtime: Runtime,
     /// One reading of /proc shared by the inspections of a drift scan.
     procs: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<inspect::Procs>)>>,
+    /// Balancer ports this process let through to servers, by bridge.
+    opened: std::sync::Mutex<BTreeSet<(String, u16)>>,
 }
 
 impl Local {
@@ -57,6 +64,7 @@ impl Local {
             dir,
             store: store.clone(),
             procs: std::sync::Mutex::new(None),
+            opened: Default::default(),
         }
     }
 
@@ -102,12 +110,26 @@ impl Local {
         let mut binds = Vec::new();
         for v in &req.volumes {
             let host = self.volume_dir(&req.env, &req.role, req.slot, &v.name);
-            std::fs::create_dir_all(&host)
-                .map_err(|e| format!("create volume {}: {e}", host.display()))?;
+            if !host.exists() {
+                create_volume(&host, &root.join(v.path.trim_start_matches('/')))?;
+            }
             binds.push(Bind {
                 source: host,
                 destination: v.path.clone(),
                 readonly: false,
+            });
+        }
+        // Names resolve through the environment's DNS server; the root stays
+        // read-only (a file of the provider's is bound over the image's).
+        let image_resolv = root.join("etc/resolv.conf");
+        if image_resolv
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_file())
+        {
+            binds.push(Bind {
+                source: self.resolv_conf(&req.env, req.subnet.gateway())?,
+                destination: "/etc/resolv.conf".into(),
+                readonly: true,
             });
         }
         let log = self.log_path(&req.env, &req.id);
@@ -174,6 +196,10 @@ impl Provider for Local {
             .parse()
             .map_err(|_| fail(format!("bad address {}", req.address)))?;
         let netns = net::attach(&envnet, &req.id, addr).map_err(|e| fail(e.to_string()))?;
+        if let Err(e) = firewall::allow(&envnet.bridge, req.subnet, &req.id, addr, &req.reach) {
+            let _ = net::detach(&req.id);
+            return Err(fail(e.to_string()));
+        }
         let log = self.log_path(&req.env, &req.id);
         let prepared = log
             .parent()
@@ -195,7 +221,7 @@ impl Provider for Local {
         }
     }
 
-    fn destroy(&self, _env: &str, id: &str) -> Result<(), ProviderError> {
+    fn destroy(&self, env: &str, id: &str) -> Result<(), ProviderError> {
         let fail = |detail: String| ProviderError::Destroy {
             id: id.to_string(),
             detail,
@@ -205,6 +231,8 @@ impl Provider for Local {
         if let Some(pid) = pid {
             reap(pid);
         }
+        firewall::forget(&net::bridge_name(&self.net_key(env)), id)
+            .map_err(|e| fail(e.to_string()))?;
         net::detach(id).map_err(|e| fail(e.to_string()))
     }
 
@@ -366,12 +394,54 @@ impl Provider for Local {
                 rise: c.rise,
             })
         });
-        let generation = kiln_balancer::set_backends(&dir, backends, check.as_ref())
+        self.open_front(env, &b.listen)
+            .map_err(|e| fail(e.to_string()))?;
+        let front = kiln_balancer::Front {
+            mode: match b.mode {
+                BalancerMode::Http => kiln_balancer::Mode::Http,
+                BalancerMode::Tcp => kiln_balancer::Mode::Tcp,
+            },
+            algorithm: match b.algorithm {
+                BalancerAlgorithm::RoundRobin => kiln_balancer::Algorithm::RoundRobin,
+                BalancerAlgorithm::LeastRequests => kiln_balancer::Algorithm::LeastRequests,
+            },
+            tls: b.tls.as_ref().map(|t| match t {
+                BalancerTls::Files { cert, key } => kiln_balancer::Tls::Files {
+                    cert: cert.into(),
+                    key: key.into(),
+                },
+                BalancerTls::Acme {
+                    directory,
+                    email,
+                    domains,
+                    ca,
+                    renew_before_secs,
+                } => kiln_balancer::Tls::Acme(kiln_balancer::Acme {
+                    directory: directory.clone(),
+                    email: email.clone(),
+                    domains: domains.clone(),
+                    ca: ca.as_ref().map(Into::into),
+                    renew_before_secs: *renew_before_secs,
+                    check_interval_ms: 3_600_000,
+                }),
+            }),
+            admin: b.admin.clone(),
+        };
+        let generation = kiln_balancer::set_backends_with(&dir, backends, check.as_ref(), &front)
             .map_err(|e| fail(e.to_string()))?;
         self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
         kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5))
             .map_err(|e| fail(e.to_string()))?;
         Ok(())
+    }
+
+    fn publish(&self, env: &str, names: &kiln_provider::Names) -> Result<(), ProviderError> {
+        self.publish_names(env, names)
+    }
+
+    fn dns_server(&self, env: &str) -> Option<SocketAddr> {
+        let gw = self.gateway(env)?;
+        Some(SocketAddr::new(std::net::IpAddr::V4(gw), 53))
     }
 
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool {
@@ -544,7 +614,23 @@ impl Provider for Local {
         Ok(out)
     }
 
+    fn network(&self, env: &str) -> Option<kiln_model::Subnet> {
+        net::registered_subnet(&net::bridge_name(&self.net_key(env)))
+    }
+
+    fn network_conflict(
+        &self,
+        env: &str,
+        subnet: kiln_model::Subnet,
+    ) -> Result<Option<String>, ProviderError> {
+        net::conflict(&self.net_key(env), subnet).map_err(|e| ProviderError::Other {
+            what: format!("check the addresses of {subnet}"),
+            detail: e.to_string(),
+        })
+    }
+
     fn teardown(&self, env: &str) -> Result<(), ProviderError> {
+        self.stop_dns(env);
         net::remove_env(&self.net_key(env)).map_err(|e| ProviderError::Other {
             what: format!("remove the network of `{env}`"),
             detail: e.to_string(),
@@ -553,9 +639,55 @@ impl Provider for Local {
 }
 
 impl Local {
+    /// Lets the environment's servers reach a balancer listening on all
+    /// addresses or on their gateway (once per process and port).
+    fn open_front(&self, env: &str, listen: &str) -> Result<(), net::NetError> {
+        let Ok(addr) = listen.parse::<SocketAddr>() else {
+            return Ok(());
+        };
+        let bridge = net::bridge_name(&self.net_key(env));
+        let Some(subnet) = net::registered_subnet(&bridge) else {
+            return Ok(());
+        };
+        let std::net::IpAddr::V4(ip) = addr.ip() else {
+            return Ok(());
+        };
+        if !(ip.is_unspecified() || ip == subnet.gateway()) {
+            return Ok(());
+        }
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if opened.insert((bridge.clone(), addr.port())) {
+            firewall::open_port(&bridge, subnet, addr.port())?;
+        }
+        Ok(())
+    }
+
     fn quarantine_dir(&self, env: &str) -> PathBuf {
         self.dir.join("quarantine").join(env)
     }
+}
+
+/// Creates a volume's directory with the owner, group and mode of its
+/// mount point in the image, as Docker's named volumes do, so a non-root
+/// daemon can write to it. An existing volume keeps what it has.
+fn create_volume(host: &std::path::Path, mount_point: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fail = |e: &dyn std::fmt::Display| format!("create volume {}: {e}", host.display());
+    let m = std::fs::metadata(mount_point).map_err(|e| fail(&e))?;
+    // Built aside and renamed in: a crash never leaves a volume with the
+    // wrong owner that a later start would take as it is.
+    let tmp = host.with_extension("new");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| fail(&e))?;
+    nix::unistd::chown(
+        &tmp,
+        Some(nix::unistd::Uid::from_raw(m.uid())),
+        Some(nix::unistd::Gid::from_raw(m.gid())),
+    )
+    .map_err(|e| fail(&e))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+        .map_err(|e| fail(&e))?;
+    std::fs::rename(&tmp, host).map_err(|e| fail(&e))
 }
 
 /// Seconds since the epoch.

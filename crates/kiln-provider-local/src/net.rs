@@ -30,6 +30,12 @@ pub enum NetError {
         status: String,
         stderr: String,
     },
+    #[error("subnet {subnet} of {env} overlaps {user}; give the environment another `subnet`")]
+    Conflict {
+        subnet: Subnet,
+        env: String,
+        user: String,
+    },
     #[error("invalid server id `{id}`: expected letters, digits, '-', '_' or '.'")]
     ServerId { id: String },
     #[error("{addr} is not a server address of {subnet}")]
@@ -60,13 +66,21 @@ pub struct EnvNet {
 pub fn ensure_env(env: &str, subnet: Subnet) -> Result<EnvNet, NetError> {
     let (gateway, prefix) = (subnet.gateway(), subnet.prefix());
     let net = EnvNet {
-        bridge: format!("kb-{}", hash10(env)),
+        bridge: bridge_name(env),
         gateway,
         prefix,
         subnet,
     };
     let mut script = String::new();
-    if !link_exists(&net.bridge)? {
+    let new = !link_exists(&net.bridge)?;
+    if new {
+        if let Some(user) = conflict(env, subnet)? {
+            return Err(NetError::Conflict {
+                subnet,
+                env: env.to_string(),
+                user,
+            });
+        }
         // A fixed MAC: otherwise the bridge takes the lowest MAC among its
         // ports, which changes as servers come and go and leaves stale
         // gateway entries in the servers' ARP caches.
@@ -85,16 +99,95 @@ pub fn ensure_env(env: &str, subnet: Subnet) -> Result<EnvNet, NetError> {
     )
     .unwrap();
     ip(&[], &script)?;
+    if new {
+        register(&net.bridge, env, subnet);
+    }
+    if new || !crate::firewall::isolated(&net.bridge) {
+        crate::firewall::isolate(&net.bridge, subnet, &[])?;
+    }
     Ok(net)
 }
 
-/// Deletes the environment's bridge if present (idempotent). Ports still
-/// attached are released, not deleted: `detach` owns them.
+/// The bridge of the environment network keyed `env`.
+pub fn bridge_name(env: &str) -> String {
+    format!("kb-{}", hash10(env))
+}
+
+/// Where kiln notes whose each bridge is, so a collision names the other
+/// project's environment (`/run`: bridges do not outlive a reboot either).
+const REGISTRY: &str = "/run/kiln/networks";
+
+fn register(bridge: &str, env: &str, subnet: Subnet) {
+    let _ = std::fs::create_dir_all(REGISTRY);
+    // The subnet, then the key (a path, which may hold spaces).
+    let _ = std::fs::write(
+        Path::new(REGISTRY).join(bridge),
+        format!("{subnet}\n{env}\n"),
+    );
+}
+
+/// The subnet a kiln bridge was registered with.
+pub fn registered_subnet(bridge: &str) -> Option<Subnet> {
+    let text = std::fs::read_to_string(Path::new(REGISTRY).join(bridge)).ok()?;
+    text.lines().next()?.parse().ok()
+}
+
+/// Who else on this host uses addresses of `subnet`: another kiln
+/// environment (named by its store and environment) or an interface.
+/// `None` when it is free, or used only by the environment keyed `env`.
+pub fn conflict(env: &str, subnet: Subnet) -> Result<Option<String>, NetError> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .map_err(|source| NetError::Spawn {
+            cmd: "ip -4 -o addr show".into(),
+            source,
+        })?;
+    let ours = bridge_name(env);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // `377: kb-be032875b3    inet 10.77.63.1/24 scope global ...`
+        let mut words = line.split_whitespace();
+        let (Some(iface), Some("inet"), Some(cidr)) = (words.nth(1), words.next(), words.next())
+        else {
+            continue;
+        };
+        let Some((addr, prefix)) = cidr.split_once('/') else {
+            continue;
+        };
+        let (Ok(addr), Ok(prefix)) = (addr.parse::<Ipv4Addr>(), prefix.parse::<u8>()) else {
+            continue;
+        };
+        if iface == ours || !overlaps(subnet, addr, prefix) {
+            continue;
+        }
+        let owner = std::fs::read_to_string(Path::new(REGISTRY).join(iface))
+            .ok()
+            .and_then(|t| t.lines().nth(1).map(str::to_string));
+        return Ok(Some(match owner {
+            Some(key) => format!("kiln environment {key} (bridge {iface}, {cidr})"),
+            None => format!("interface {iface} ({cidr})"),
+        }));
+    }
+    Ok(None)
+}
+
+/// Whether `subnet` and the network of `addr/prefix` share addresses.
+fn overlaps(subnet: Subnet, addr: Ipv4Addr, prefix: u8) -> bool {
+    let p = prefix.min(subnet.prefix());
+    let m = u32::MAX.checked_shl(32 - u32::from(p)).unwrap_or(0);
+    u32::from(addr) & m == u32::from(subnet.network()) & m
+}
+
+/// Deletes the environment's bridge and its firewall rules if present
+/// (idempotent). Ports still attached are released, not deleted: `detach`
+/// owns them.
 pub fn remove_env(env: &str) -> Result<(), NetError> {
-    let bridge = format!("kb-{}", hash10(env));
+    let bridge = bridge_name(env);
+    crate::firewall::remove(&bridge)?;
     if link_exists(&bridge)? {
         ip(&[], &format!("link del {bridge}\n"))?;
     }
+    let _ = std::fs::remove_file(Path::new(REGISTRY).join(&bridge));
     Ok(())
 }
 

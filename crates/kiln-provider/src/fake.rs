@@ -47,6 +47,10 @@ pub struct Fake {
     pub logs: RefCell<BTreeMap<String, String>>,
     /// Evidence kept by `quarantine`: server id → (env, findings).
     pub quarantined: RefCell<BTreeMap<String, (String, String)>>,
+    /// Subnets something else on the host uses, with who.
+    pub conflicts: RefCell<BTreeMap<kiln_model::Subnet, String>>,
+    /// What each environment's DNS answers, as last published.
+    pub names: RefCell<BTreeMap<String, crate::Names>>,
     /// Environments torn down.
     pub torn_down: RefCell<Vec<String>>,
     /// Every create request, in order (what the engine launched servers from).
@@ -261,6 +265,17 @@ impl Provider for Fake {
         Ok(())
     }
 
+    fn publish(&self, env: &str, names: &crate::Names) -> Result<(), ProviderError> {
+        self.names
+            .borrow_mut()
+            .insert(env.to_string(), names.clone());
+        Ok(())
+    }
+
+    fn dns_server(&self, _env: &str) -> Option<std::net::SocketAddr> {
+        None
+    }
+
     fn drain(&self, env: &str, role: &str, backend: &str, _timeout: std::time::Duration) -> bool {
         self.call(format!("drain {backend}"));
         if let Some(b) = self.balancers.borrow_mut().get_mut(&key(env, role)) {
@@ -366,6 +381,18 @@ impl Provider for Fake {
 
     fn taken_ids(&self) -> Result<BTreeSet<String>, ProviderError> {
         Ok(BTreeSet::new())
+    }
+
+    fn network(&self, _env: &str) -> Option<kiln_model::Subnet> {
+        None
+    }
+
+    fn network_conflict(
+        &self,
+        _env: &str,
+        subnet: kiln_model::Subnet,
+    ) -> Result<Option<String>, ProviderError> {
+        Ok(self.conflicts.borrow().get(&subnet).cloned())
     }
 
     fn teardown(&self, env: &str) -> Result<(), ProviderError> {

@@ -57,6 +57,8 @@ pub struct ServerRequest {
     pub size: Size,
     pub ports: Vec<u16>,
     pub volumes: Vec<Volume>,
+    /// What the server may reach beyond its environment.
+    pub reach: Vec<kiln_model::Reach>,
 }
 
 /// What creating a server gave.
@@ -166,6 +168,14 @@ pub struct FileCheck {
     pub full: bool,
 }
 
+/// The names an environment's DNS answers itself: each role's servers in
+/// rotation under `ROLE` and `ROLE.ENV`, and each server under its id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Names {
+    pub ttl_secs: u32,
+    pub names: BTreeMap<String, Vec<std::net::Ipv4Addr>>,
+}
+
 /// A piece of a server's log, from `offset`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogChunk {
@@ -202,6 +212,11 @@ pub trait Provider {
         balancer: &Balancer,
         backends: &[String],
     ) -> Result<(), ProviderError>;
+    /// Makes `env`'s DNS answer `names` (starting its server if needed),
+    /// returning once it does.
+    fn publish(&self, env: &str, names: &Names) -> Result<(), ProviderError>;
+    /// Where `env`'s DNS server answers, if it has one.
+    fn dns_server(&self, env: &str) -> Option<std::net::SocketAddr>;
     /// Waits (bounded) until the balancer has no open connection to `backend`.
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool;
     /// The role's balancer, or `None` when it has never been started.
@@ -232,6 +247,12 @@ pub trait Provider {
     /// Server ids this provider's host already uses for anything (other
     /// environments, other projects): new servers must not take them.
     fn taken_ids(&self) -> Result<BTreeSet<String>, ProviderError>;
+    /// The subnet `env`'s network has now, if it exists.
+    fn network(&self, env: &str) -> Option<Subnet>;
+    /// Who else on the provider's hosts uses addresses of `subnet` (another
+    /// environment, an interface), if anyone: `None` when it is free for
+    /// `env` (or already `env`'s own).
+    fn network_conflict(&self, env: &str, subnet: Subnet) -> Result<Option<String>, ProviderError>;
     /// Removes what an environment has besides servers and balancers (its
     /// network), once its last server is gone; idempotent.
     fn teardown(&self, env: &str) -> Result<(), ProviderError>;

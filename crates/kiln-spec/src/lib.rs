@@ -321,6 +321,99 @@ impl Validator<'_> {
         self.cx.loc.key(keys)
     }
 
+    /// `tls = { cert, key }` (paths relative to the project) or
+    /// `tls = { acme = { directory, email, domains, ca, renew_before } }`.
+    fn balancer_tls(&self, t: &Spanned<RawTls>) -> Result<BalancerTls, SpecError> {
+        let raw = t.get_ref();
+        let path = |p: &Spanned<String>, what: &str| -> Result<String, SpecError> {
+            let full = self.dir.join(p.get_ref());
+            if !full.is_file() {
+                return Err(self.cx.err(
+                    p.span(),
+                    format!("balancer tls {what} `{}` does not exist", p.get_ref()),
+                ));
+            }
+            Ok(full.to_string_lossy().into_owned())
+        };
+        match (&raw.cert, &raw.key, &raw.acme) {
+            (Some(cert), Some(key), None) => Ok(BalancerTls::Files {
+                cert: path(cert, "cert")?,
+                key: path(key, "key")?,
+            }),
+            (None, None, Some(acme)) => {
+                let a = acme.get_ref();
+                let directory = a.directory.get_ref();
+                if !directory.starts_with("https://") || directory.len() <= "https://".len() {
+                    return Err(self.cx.err(
+                        a.directory.span(),
+                        format!("acme directory `{directory}` is not an https:// URL"),
+                    ));
+                }
+                let email = a.email.get_ref();
+                if !email.contains('@') || email.contains(char::is_whitespace) {
+                    return Err(self.cx.err(
+                        a.email.span(),
+                        format!("acme email `{email}` is not an email address"),
+                    ));
+                }
+                if a.domains.get_ref().is_empty() {
+                    return Err(self.cx.err(
+                        a.domains.span(),
+                        "acme domains is empty; expected the names to certify",
+                    ));
+                }
+                let mut domains = Vec::new();
+                for d in a.domains.get_ref() {
+                    let name = d.get_ref();
+                    let ok = !name.is_empty()
+                        && name.len() <= 253
+                        && name.split('.').all(|l| {
+                            !l.is_empty()
+                                && l.len() <= 63
+                                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        });
+                    if !ok {
+                        return Err(self
+                            .cx
+                            .err(d.span(), format!("acme domain `{name}` is not a DNS name")));
+                    }
+                    domains.push(name.to_ascii_lowercase());
+                }
+                let ca = a.ca.as_ref().map(|c| path(c, "acme ca")).transpose()?;
+                let renew_before_secs = match &a.renew_before {
+                    None => 30 * 86_400,
+                    Some(r) => self.secs(
+                        r.get_ref(),
+                        r.span(),
+                        "renew_before",
+                        Some("the certificate would only be renewed once it has expired"),
+                    )?,
+                };
+                Ok(BalancerTls::Acme {
+                    directory: directory.clone(),
+                    email: email.clone(),
+                    domains,
+                    ca,
+                    renew_before_secs,
+                })
+            }
+            (Some(_), None, None) => Err(self
+                .cx
+                .err(t.span(), "balancer tls has a `cert` but no `key`")),
+            (None, Some(_), None) => Err(self
+                .cx
+                .err(t.span(), "balancer tls has a `key` but no `cert`")),
+            (None, None, None) => Err(self.cx.err(
+                t.span(),
+                "balancer tls is empty; expected `cert` and `key`, or `acme`",
+            )),
+            _ => Err(self.cx.err(
+                t.span(),
+                "balancer tls has both certificate files and `acme`; choose one",
+            )),
+        }
+    }
+
     /// `at` locates a key (path) inside the health table.
     fn health(
         &self,
@@ -487,33 +580,39 @@ impl Validator<'_> {
     /// wildcard address takes its port on every address), each one this
     /// host has or the environment's own gateway.
     fn balancers(&self, env: &EnvSpec) -> Result<(), SpecError> {
-        let mut seen: Vec<(std::net::SocketAddr, &str)> = Vec::new();
+        // Every address a balancer listens on: its front, and its admin
+        // (metrics) listener if it has one.
+        let mut seen: Vec<(std::net::SocketAddr, &str, &str)> = Vec::new();
         for role in env.roles.values() {
             let Some(b) = &role.balancer else { continue };
-            let at = || {
-                self.cx
-                    .loc
-                    .inherited(&env.name, Some(&role.name), &["balancer", "listen"])
-            };
-            let addr: std::net::SocketAddr = b.listen.parse().map_err(|_| {
-                self.cx.err(
-                    at(),
-                    format!("balancer listen `{}` is not an address", b.listen),
-                )
-            })?;
-            if let Some((other, r)) = seen.iter().find(|(o, _)| listen_clash(o, &addr)) {
-                return Err(self.cx.err(
-                    at(),
-                    format!("balancer of role `{}` listens on {addr}, which the balancer of role `{r}` takes ({other})", role.name),
-                ));
+            let fronts = [("listen", Some(&b.listen)), ("admin", b.admin.as_ref())];
+            for (key, addr) in fronts {
+                let Some(addr) = addr else { continue };
+                let at = || {
+                    self.cx
+                        .loc
+                        .inherited(&env.name, Some(&role.name), &["balancer", key])
+                };
+                let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+                    self.cx
+                        .err(at(), format!("balancer {key} `{addr}` is not an address"))
+                })?;
+                check::port(addr.port(), &format!("balancer {key} port"))
+                    .map_err(|m| self.cx.err(at(), m))?;
+                if let Some((other, r, k)) = seen.iter().find(|(o, ..)| listen_clash(o, &addr)) {
+                    return Err(self.cx.err(
+                        at(),
+                        format!("balancer {key} of role `{}` is {addr}, which the balancer {k} of role `{r}` takes ({other})", role.name),
+                    ));
+                }
+                if addr.ip() != std::net::IpAddr::V4(env.subnet.gateway()) && !host_has(addr.ip()) {
+                    return Err(self.cx.err(
+                        at(),
+                        format!("balancer {key} address {} is not an address of this host (no interface has it); expected a local address, 127.0.0.1 or 0.0.0.0", addr.ip()),
+                    ));
+                }
+                seen.push((addr, &role.name, key));
             }
-            if addr.ip() != std::net::IpAddr::V4(env.subnet.gateway()) && !host_has(addr.ip()) {
-                return Err(self.cx.err(
-                    at(),
-                    format!("balancer listen address {} is not an address of this host (no interface has it); expected a local address, 127.0.0.1 or 0.0.0.0", addr.ip()),
-                ));
-            }
-            seen.push((addr, &role.name));
         }
         Ok(())
     }
@@ -783,11 +882,58 @@ impl Validator<'_> {
                     }
                     _ => None,
                 };
+                let mode = match rb.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None => match &health {
+                        Some(HealthCheck::Http { .. }) => BalancerMode::Http,
+                        _ => BalancerMode::Tcp,
+                    },
+                    Some(("http", _)) => BalancerMode::Http,
+                    Some(("tcp", _)) => BalancerMode::Tcp,
+                    Some((other, span)) => {
+                        return Err(self.cx.err(
+                            span,
+                            format!(
+                                "unknown balancer mode `{other}`; expected \"http\" or \"tcp\""
+                            ),
+                        ))
+                    }
+                };
+                let algorithm = match rb.algorithm.as_ref().map(|a| (a.get_ref().as_str(), a.span())) {
+                    None | Some(("round_robin", _)) => BalancerAlgorithm::RoundRobin,
+                    Some(("least_requests", _)) => BalancerAlgorithm::LeastRequests,
+                    Some((other, span)) => return Err(self.cx.err(
+                        span,
+                        format!("unknown balancer algorithm `{other}`; expected \"round_robin\" or \"least_requests\""),
+                    )),
+                };
+                let tls = rb.tls.as_ref().map(|t| self.balancer_tls(t)).transpose()?;
+                let admin = match &rb.admin {
+                    None => None,
+                    Some(a) => {
+                        let addr = a.get_ref();
+                        if addr.parse::<std::net::SocketAddr>().is_err() {
+                            return Err(self.cx.err(
+                                a.span(),
+                                format!("balancer admin `{addr}` is not an address; expected \"IP:PORT\""),
+                            ));
+                        }
+                        if *addr == rb.listen {
+                            return Err(self
+                                .cx
+                                .err(a.span(), "balancer admin must not be its listen address"));
+                        }
+                        Some(addr.clone())
+                    }
+                };
                 Some(Balancer {
                     listen: rb.listen.clone(),
                     port,
                     drain_timeout_secs,
                     check,
+                    mode,
+                    algorithm,
+                    tls,
+                    admin,
                 })
             }
         };
@@ -804,6 +950,12 @@ impl Validator<'_> {
                     ));
                 }
                 watch.push(p.clone());
+            }
+        }
+        let mut reach = Vec::new();
+        if let Some(rs) = &r.reach {
+            for item in rs.get_ref() {
+                reach.push(parse_reach(item).map_err(|m| self.cx.err(rs.span(), m))?);
             }
         }
         let mut volumes = Vec::new();
@@ -863,6 +1015,7 @@ impl Validator<'_> {
             unmanaged,
             env: r.env.clone().unwrap_or_default(),
             watch,
+            reach,
         })
     }
 
@@ -944,16 +1097,6 @@ const RESERVED: [(&str, [u8; 4], u8); 5] = [
     ("the reserved range 240.0.0.0/4", [240, 0, 0, 0], 4),
 ];
 
-/// Where default subnets come from: 10.64.0.0/10, as /24s.
-const DEFAULT_POOL: u32 = 16_384;
-
-/// The `i`-th /24 of the default pool.
-fn pool_subnet(i: u32) -> Subnet {
-    let i = i % DEFAULT_POOL;
-    let net = std::net::Ipv4Addr::new(10, 64 + (i / 256) as u8, (i % 256) as u8, 0);
-    Subnet::new(net, 24).expect("a /24 of 10.64.0.0/10")
-}
-
 /// 64-bit FNV-1a: a stable hash of names (the default subnet must not
 /// change between kiln versions or machines).
 fn fnv(s: &str) -> u64 {
@@ -999,7 +1142,7 @@ impl Validator<'_> {
         for (name, env) in envs.iter_mut().filter(|(_, e)| !e.subnet_declared) {
             let start = (fnv(&format!("{project}/{name}")) % u64::from(DEFAULT_POOL)) as u32;
             let pick = (0..DEFAULT_POOL)
-                .map(|i| pool_subnet(start + i))
+                .map(|i| Subnet::default_pool(start + i))
                 .find(|c| !taken.iter().any(|t| t.overlaps(c)))
                 .ok_or_else(|| {
                     self.cx.err(
@@ -1036,6 +1179,22 @@ fn host_has(ip: std::net::IpAddr) -> bool {
         Ok(_) => true,
         Err(e) => e.kind() != std::io::ErrorKind::AddrNotAvailable,
     }
+}
+
+/// `host:5432`, `10.0.0.5:443` or `10.0.0.0/8:443`.
+fn parse_reach(s: &str) -> Result<Reach, String> {
+    let bad = || format!("reach `{s}` is not `host:PORT`, `A.B.C.D:PORT` or `A.B.C.D/N:PORT`");
+    let (to, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+    let to = if to == "host" {
+        ReachTarget::Host
+    } else {
+        let (addr, prefix) = to.split_once('/').unwrap_or((to, "32"));
+        let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+        ReachTarget::Net { addr, prefix }
+    };
+    Ok(Reach { to, port })
 }
 
 fn check_name(cx: &Cx, n: &str, span: Range<usize>, what: &str) -> Result<(), SpecError> {

@@ -123,6 +123,7 @@ pub(crate) struct RawRole {
     pub env: Option<BTreeMap<String, String>>,
     pub replace_share: Option<u32>,
     pub watch: Option<Spanned<Vec<String>>>,
+    pub reach: Option<Spanned<Vec<String>>>,
 }
 
 impl RawRole {
@@ -144,6 +145,7 @@ impl RawRole {
             env: self.env.or(p.env),
             replace_share: self.replace_share.or(p.replace_share),
             watch: self.watch.or(p.watch),
+            reach: self.reach.or(p.reach),
         }
     }
 }
@@ -178,4 +180,32 @@ pub(crate) struct RawBalancer {
     pub check_interval: Option<String>,
     pub fall: Option<u32>,
     pub rise: Option<u32>,
+    /// `"http"` or `"tcp"`; HTTP when the role's health check is HTTP.
+    pub mode: Option<Spanned<String>>,
+    /// `"round_robin"` or `"least_requests"`.
+    pub algorithm: Option<Spanned<String>>,
+    pub tls: Option<Spanned<RawTls>>,
+    /// `"IP:PORT"` of the Prometheus metrics listener.
+    pub admin: Option<Spanned<String>>,
+}
+
+/// `tls = { cert, key }` or `tls = { acme = { ... } }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub acme: Option<Spanned<RawAcme>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAcme {
+    pub directory: Spanned<String>,
+    pub email: Spanned<String>,
+    pub domains: Spanned<Vec<Spanned<String>>>,
+    /// A PEM root certificate to trust for a private ACME server.
+    pub ca: Option<Spanned<String>>,
+    /// Renew when less than this is left (default 30 days).
+    pub renew_before: Option<Spanned<String>>,
 }

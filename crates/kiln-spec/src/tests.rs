@@ -415,16 +415,27 @@ fn balancer_listen_addresses_are_distinct_and_local() {
         format!("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.p]\nimage = \"a\"\nballancer = {{ listen = \"{a}\", port = 80 }}\n[env.s.roles.q]\nimage = \"a\"\nbalancer = {{ listen = \"{b}\", port = 80 }}\n").replace("ballancer", "balancer")
     };
     check_err(&two("127.0.0.1:8000", "127.0.0.1:8000"),
-        "kiln.toml:10:23: balancer of role `q` listens on 127.0.0.1:8000, which the balancer of role `p` takes (127.0.0.1:8000)");
+        "kiln.toml:10:23: balancer listen of role `q` is 127.0.0.1:8000, which the balancer listen of role `p` takes (127.0.0.1:8000)");
     check_err(&two("0.0.0.0:8000", "127.0.0.1:8000"),
-        "kiln.toml:10:23: balancer of role `q` listens on 127.0.0.1:8000, which the balancer of role `p` takes (0.0.0.0:8000)");
+        "kiln.toml:10:23: balancer listen of role `q` is 127.0.0.1:8000, which the balancer listen of role `p` takes (0.0.0.0:8000)");
     check_err(&two("127.0.0.2:8000", "[::]:8000"),
-        "kiln.toml:10:23: balancer of role `q` listens on [::]:8000, which the balancer of role `p` takes (127.0.0.2:8000)");
+        "kiln.toml:10:23: balancer listen of role `q` is [::]:8000, which the balancer listen of role `p` takes (127.0.0.2:8000)");
     parse_str(&two("127.0.0.1:8000", "127.0.0.1:8001")).unwrap();
     parse_str(&two("127.0.0.1:8000", "127.0.0.2:8000")).unwrap();
     // TEST-NET-1 (192.0.2.0/24) is on no interface of any host.
     check_err(&with_role("balancer = { listen = \"192.0.2.7:8000\", port = 80 }"),
         "kiln.toml:7:23: balancer listen address 192.0.2.7 is not an address of this host (no interface has it); expected a local address, 127.0.0.1 or 0.0.0.0");
+    // The admin (metrics) listener takes an address too.
+    check_err(&two("127.0.0.1:8000", "127.0.0.1:8001\", admin = \"127.0.0.1:8000"),
+        "kiln.toml:10:49: balancer admin of role `q` is 127.0.0.1:8000, which the balancer listen of role `p` takes (127.0.0.1:8000)");
+    check_err(&with_role("balancer = { listen = \"127.0.0.1:8000\", port = 80, admin = \"192.0.2.7:9100\" }"),
+        "kiln.toml:7:60: balancer admin address 192.0.2.7 is not an address of this host (no interface has it); expected a local address, 127.0.0.1 or 0.0.0.0");
+    check_err(
+        &with_role(
+            "balancer = { listen = \"127.0.0.1:8000\", port = 80, admin = \"127.0.0.1:0\" }",
+        ),
+        "kiln.toml:7:60: balancer admin port 0 is not a port; expected 1 to 65535",
+    );
     // The environment's own gateway is there once the environment is up.
     parse_str("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s]\nsubnet = \"10.99.0.0/24\"\n[env.s.roles.r]\nimage = \"a\"\nbalancer = { listen = \"10.99.0.1:80\", port = 80 }\n").unwrap();
 }
@@ -607,5 +618,166 @@ fn fuzz_corpus_loads_or_is_refused_in_place() {
         seen >= 50,
         "only {seen} corpus files in {}",
         corpus.display()
+    );
+}
+
+/// GOOD with its balancer line (line 30) replaced by `balancer = { ... }`.
+fn with_balancer(fields: &str) -> String {
+    GOOD.replace(
+        r#"balancer = { listen = "127.0.0.1:8000", port = 8080 }"#,
+        &format!("balancer = {{ {fields} }}"),
+    )
+}
+
+/// The error expected at the first `needle` of the balancer line.
+fn balancer_err(fields: &str, needle: &str, message: &str) {
+    let line = format!("balancer = {{ {fields} }}");
+    let column = line.find(needle).expect("needle on the line") + 1;
+    check_err(
+        &with_balancer(fields),
+        &format!("kiln.toml:30:{column}: {message}"),
+    );
+}
+
+#[test]
+fn balancer_mode_defaults_to_http_for_http_checks_and_tcp_otherwise() {
+    let p = parse_str(GOOD).unwrap();
+    let b = p.envs["staging"].roles["app"].balancer.clone().unwrap();
+    assert_eq!(
+        (b.mode, b.algorithm, b.tls, b.admin),
+        (
+            BalancerMode::Http,
+            BalancerAlgorithm::RoundRobin,
+            None,
+            None
+        )
+    );
+    let tcp = GOOD.replace(
+        "depends_on = [\"db\"]\n",
+        "depends_on = [\"db\"]\nhealth = { tcp = 8080 }\n",
+    );
+    let p = parse_str(&tcp).unwrap();
+    let b = p.envs["staging"].roles["app"].balancer.clone().unwrap();
+    assert_eq!(b.mode, BalancerMode::Tcp);
+    let p = parse_str(&with_balancer(
+        r#"listen = "127.0.0.1:8000", mode = "tcp", algorithm = "least_requests", admin = "127.0.0.1:9100""#,
+    ))
+    .unwrap();
+    let b = p.envs["staging"].roles["app"].balancer.clone().unwrap();
+    assert_eq!(
+        (b.mode, b.algorithm, b.admin.as_deref()),
+        (
+            BalancerMode::Tcp,
+            BalancerAlgorithm::LeastRequests,
+            Some("127.0.0.1:9100")
+        )
+    );
+}
+
+#[test]
+fn balancer_tls_files_resolve_against_the_project() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    std::fs::write(dir.path().join("tls/cert.pem"), "c").unwrap();
+    std::fs::write(dir.path().join("tls/key.pem"), "k").unwrap();
+    let text = with_balancer(
+        r#"listen = "127.0.0.1:8443", tls = { cert = "tls/cert.pem", key = "tls/key.pem" }"#,
+    );
+    let p = parse(&text, Path::new("kiln.toml"), dir.path()).unwrap();
+    let b = p.envs["staging"].roles["app"].balancer.clone().unwrap();
+    assert_eq!(
+        b.tls,
+        Some(BalancerTls::Files {
+            cert: dir.path().join("tls/cert.pem").display().to_string(),
+            key: dir.path().join("tls/key.pem").display().to_string(),
+        })
+    );
+}
+
+#[test]
+fn balancer_acme_parses_with_defaults() {
+    let p = parse_str(&with_balancer(
+        r#"listen = "0.0.0.0:443", tls = { acme = { directory = "https://acme.test/dir", email = "ops@shop.test", domains = ["Shop.test", "www.shop.test"] } }"#,
+    ))
+    .unwrap();
+    let b = p.envs["staging"].roles["app"].balancer.clone().unwrap();
+    assert_eq!(
+        b.tls,
+        Some(BalancerTls::Acme {
+            directory: "https://acme.test/dir".into(),
+            email: "ops@shop.test".into(),
+            domains: vec!["shop.test".into(), "www.shop.test".into()],
+            ca: None,
+            renew_before_secs: 30 * 86_400,
+        })
+    );
+}
+
+#[test]
+fn bad_balancer_keys_point_at_the_value() {
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", mode = "udp""#,
+        "\"udp\"",
+        "unknown balancer mode `udp`; expected \"http\" or \"tcp\"",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", algorithm = "random""#,
+        "\"random\"",
+        "unknown balancer algorithm `random`; expected \"round_robin\" or \"least_requests\"",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", admin = "localhost""#,
+        "\"localhost\"",
+        "balancer admin `localhost` is not an address; expected \"IP:PORT\"",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", admin = "127.0.0.1:8000""#,
+        "\"127.0.0.1:8000\" }",
+        "balancer admin must not be its listen address",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = { cert = "c.pem" }"#,
+        "{ cert",
+        "balancer tls has a `cert` but no `key`",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = { cert = "c.pem", key = "k.pem" }"#,
+        "\"c.pem\"",
+        "balancer tls cert `c.pem` does not exist",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = {}"#,
+        "{}",
+        "balancer tls is empty; expected `cert` and `key`, or `acme`",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = { key = "k.pem", acme = { directory = "https://a.test/dir", email = "a@b", domains = ["a.test"] } }"#,
+        "{ key",
+        "balancer tls has both certificate files and `acme`; choose one",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = { acme = { directory = "http://a.test/dir", email = "a@b", domains = ["a.test"] } }"#,
+        "\"http://",
+        "acme directory `http://a.test/dir` is not an https:// URL",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = { acme = { directory = "https://a.test/dir", email = "ops", domains = ["a.test"] } }"#,
+        "\"ops\"",
+        "acme email `ops` is not an email address",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = { acme = { directory = "https://a.test/dir", email = "a@b", domains = [] } }"#,
+        "[]",
+        "acme domains is empty; expected the names to certify",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = { acme = { directory = "https://a.test/dir", email = "a@b", domains = ["a.test", "bad_name!"] } }"#,
+        "\"bad_name!\"",
+        "acme domain `bad_name!` is not a DNS name",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", tls = { acme = { directory = "https://a.test/dir", email = "a@b", domains = ["a.test"], renew_before = "soon" } }"#,
+        "\"soon\"",
+        &parse_duration("soon").unwrap_err().to_string(),
     );
 }

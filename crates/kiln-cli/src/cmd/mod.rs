@@ -7,6 +7,7 @@ pub mod apply;
 pub mod approve;
 pub mod audit;
 pub mod balancer;
+pub mod dns_server;
 pub mod drift;
 pub mod history;
 pub mod image;
@@ -28,7 +29,7 @@ use kiln_engine::{Engine, Options, Progress};
 use kiln_provider_local::Local;
 use kiln_state::State;
 
-use crate::{BalancerCommand, Cli, Command, ImageCommand, ServerCommand};
+use crate::{BalancerCommand, Cli, Command, DnsServerCommand, ImageCommand, ServerCommand};
 
 /// Exit status for "the command worked and found differences".
 pub const FOUND: u8 = 2;
@@ -56,6 +57,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Reconcile(a) => reconcile::run(cli, a),
         Command::Unlock(a) => unlock::run(cli, a),
         Command::Balancer(BalancerCommand::Serve(a)) => balancer::serve(a),
+        Command::DnsServer(DnsServerCommand::Serve(a)) => dns_server::serve(a),
     }
 }
 

@@ -1,0 +1,631 @@
+//! HTTP mode against real backends on loopback: keep-alive, retries,
+//! counting, draining, forwarding headers, 503 and malformed requests.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_balancer::{Algorithm, Check, Front, Mode, Probe};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// The canary gate's error rate for one backend, as the local provider
+/// computes it from status.json: failures / attempts.
+fn error_rate(b: &kiln_balancer::BackendStatus) -> f64 {
+    let attempts = b.total + b.errors;
+    (b.errors + b.responses_5xx) as f64 / attempts.max(1) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_is_reused_on_both_sides() {
+    let (a, seen) = named("127.0.0.1", "a").await;
+    let lb = Balancer::start(&[a], None, http_front()).await;
+    let mut c = connect(lb.addr).await;
+    for _ in 0..20 {
+        let (status, body, _) = call(&mut c, "GET", "/", "").await;
+        assert_eq!((status, body.as_str()), (200, "a"));
+    }
+    // One client connection carried all 20; the pooled backend connection
+    // was reused too.
+    assert_eq!(seen.requests(), 20);
+    assert_eq!(seen.connections(), 1, "backend connections");
+    let status = lb
+        .wait_status(
+            |s| s.backends.first().is_some_and(|b| b.total == 20),
+            "20 responses",
+        )
+        .await;
+    assert_eq!(status.connections, 1, "{status:?}");
+    assert_eq!(status.backends[0].responses_2xx, 20);
+}
+
+/// A backend that accepts connections, reads a request and resets the
+/// connection without answering.
+async fn resetting(ip: &str, read_body: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Read the head (and the body if asked) before resetting.
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if !read_body || got.len() >= end + 4 + 4 {
+                            break;
+                        }
+                    }
+                }
+                h.fetch_add(1, Ordering::SeqCst);
+                // SO_LINGER 0: close with a reset, not a FIN.
+                let _ = socket2_linger(&s);
+                drop(s);
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// Makes the next close of `s` a reset.
+fn socket2_linger(s: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized struct.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_request_is_retried_after_a_reset() {
+    let (bad, resets) = resetting("127.0.0.1", false).await;
+    let (good, seen) = named("127.0.0.1", "good").await;
+    let lb = Balancer::start(&[bad, good], None, http_front()).await;
+    for _ in 0..10 {
+        let (status, body, _) = get(lb.addr, "/").await;
+        assert_eq!((status, body.as_str()), (200, "good"));
+    }
+    assert!(
+        resets.load(Ordering::SeqCst) >= 1,
+        "the resetting backend was tried"
+    );
+    assert_eq!(seen.requests(), 10);
+    let b = lb
+        .wait_status(
+            |s| {
+                s.backends
+                    .iter()
+                    .any(|b| b.addr == bad.to_string() && b.retries >= 1)
+            },
+            "retries counted",
+        )
+        .await;
+    let bad = b
+        .backends
+        .iter()
+        .find(|b| b.addr == bad.to_string())
+        .unwrap();
+    assert_eq!(bad.errors, bad.retries, "{bad:?}");
+    assert_eq!(bad.total, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_body_was_sent_is_not_retried() {
+    let (bad, resets) = resetting("127.0.0.1", true).await;
+    let (good, seen) = named("127.0.0.1", "good").await;
+    // A fresh balancer sends its first request to the first backend.
+    let lb = Balancer::start(&[bad, good], None, http_front()).await;
+    let mut c = connect(lb.addr).await;
+    let (status, _, _) = call(&mut c, "POST", "/orders", "pay!").await;
+    assert_eq!(status, 502, "a failed POST is answered, not repeated");
+    assert_eq!(resets.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.requests(), 0, "the POST never reached another backend");
+    let s = lb
+        .wait_status(
+            |s| s.backends.iter().any(|b| b.errors == 1),
+            "error counted",
+        )
+        .await;
+    let b = s
+        .backends
+        .iter()
+        .find(|b| b.addr == bad.to_string())
+        .unwrap();
+    assert_eq!((b.errors, b.retries), (1, 0), "{b:?}");
+    // A GET on the same connection still works (and goes to `good`, or
+    // is retried there).
+    let (status, body, _) = call(&mut c, "GET", "/", "").await;
+    assert_eq!((status, body.as_str()), (200, "good"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_on_the_second_request_of_a_connection_fails_the_canary_gate() {
+    let (canary, _) = backend(
+        "127.0.0.1",
+        0,
+        handler(|p, _| async move {
+            if p.uri.path() == "/fail" {
+                (500, "boom".into())
+            } else {
+                (200, "ok".into())
+            }
+        }),
+    )
+    .await;
+    let lb = Balancer::start(&[canary], None, http_front()).await;
+    let mut c = connect(lb.addr).await;
+    assert_eq!(call(&mut c, "GET", "/", "").await.0, 200);
+    assert_eq!(call(&mut c, "GET", "/fail", "").await.0, 500);
+    let s = lb
+        .wait_status(|s| s.backends[0].total == 2, "two responses counted")
+        .await;
+    let b = &s.backends[0];
+    assert_eq!((b.responses_2xx, b.responses_5xx, b.errors), (1, 1, 0));
+    // The gate sees one failure in two attempts: above any sane limit.
+    assert!(error_rate(b) > 0.05, "{b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_request_finishes_during_a_drain() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let (old, _) = backend(
+        "127.0.0.1",
+        0,
+        handler(move |_, _| {
+            let r = r.clone();
+            async move {
+                r.notified().await;
+                (200, "slow and complete".into())
+            }
+        }),
+    )
+    .await;
+    let (new, new_seen) = named("127.0.0.1", "new").await;
+    let lb = Balancer::start(&[old], None, http_front()).await;
+    let front = lb.addr;
+    let slow = tokio::spawn(async move { get(front, "/report").await });
+    lb.wait_status(|s| s.backends[0].in_flight == 1, "request in flight")
+        .await;
+
+    // Switch away from `old` while its request runs: new requests go to
+    // `new`, and `old` is not drained until its request is done.
+    lb.switch(&[new]).await;
+    assert_eq!(get(lb.addr, "/").await.1, "new");
+    assert_eq!(new_seen.requests(), 1);
+    let dir = lb.path().to_path_buf();
+    let drained = tokio::task::spawn_blocking(move || {
+        kiln_balancer::wait_drained(&dir, &old.to_string(), Duration::from_secs(20))
+    });
+    // Still in flight (the backend has not answered): not drained.
+    lb.wait_status(|s| s.seq > 5, "a few more status writes")
+        .await;
+    let s = lb.status();
+    let o = s
+        .backends
+        .iter()
+        .find(|b| b.addr == old.to_string())
+        .unwrap();
+    assert!(!o.active && o.open == 1, "{o:?}");
+    assert!(!drained.is_finished());
+    release.notify_one();
+    let (status, body, _) = slow.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "slow and complete"));
+    assert!(
+        drained.await.unwrap(),
+        "drained once the response was relayed"
+    );
+    let s = lb.status();
+    assert!(s
+        .backends
+        .iter()
+        .all(|b| b.addr != old.to_string() || b.open == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_added() {
+    let (echo, _) = backend(
+        "127.0.0.1",
+        0,
+        handler(|p, _| async move {
+            let h = |n: &str| {
+                p.headers
+                    .get_all(n)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+                    .join("|")
+            };
+            (
+                200,
+                format!(
+                    "xff={} proto={} fwd={} host={} conn={}",
+                    h("x-forwarded-for"),
+                    h("x-forwarded-proto"),
+                    h("forwarded"),
+                    h("host"),
+                    h("connection")
+                ),
+            )
+        }),
+    )
+    .await;
+    let lb = Balancer::start(&[echo], None, http_front()).await;
+    let reply = raw(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 10.1.2.3\r\nConnection: close, x-secret\r\nX-Secret: hop\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.ends_with(
+            "xff=10.1.2.3, 127.0.0.1 proto=http fwd=for=127.0.0.1;proto=http host=shop.test conn="
+        ),
+        "{reply}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_down_is_a_503_with_retry_after() {
+    // Nothing listens on this port of either address.
+    let port = free_port();
+    let dead: Vec<SocketAddr> = ["127.0.0.5", "127.0.0.6"]
+        .iter()
+        .map(|ip| format!("{ip}:{port}").parse().unwrap())
+        .collect();
+    let lb = Balancer::start(&dead, None, http_front()).await;
+    let (status, _, headers) = get(lb.addr, "/").await;
+    assert_eq!(status, 503);
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    let s = lb
+        .wait_status(
+            |s| s.backends.iter().all(|b| b.errors >= 1),
+            "connect errors",
+        )
+        .await;
+    assert_eq!(s.rejected, 1);
+
+    // Failing their health checks: 503 without trying them (no fail-open
+    // in HTTP mode).
+    let check = Check {
+        probe: Probe::Tcp { port },
+        interval_ms: 20,
+        fall: 1,
+        rise: 1,
+    };
+    let lb = Balancer::start(&dead, Some(check), http_front()).await;
+    lb.wait_status(|s| s.backends.iter().all(|b| !b.healthy), "all down")
+        .await;
+    let (status, _, headers) = get(lb.addr, "/").await;
+    assert_eq!((status, headers.contains_key("retry-after")), (503, true));
+    assert!(lb.status().backends.iter().all(|b| b.errors == 0));
+
+    // No backend at all.
+    let lb = Balancer::start(&[], None, http_front()).await;
+    assert_eq!(get(lb.addr, "/").await.0, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_requests_avoids_the_busy_backend() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let (busy, busy_seen) = backend(
+        "127.0.0.1",
+        0,
+        handler(move |_, _| {
+            let r = r.clone();
+            async move {
+                r.notified().await;
+                (200, "busy".into())
+            }
+        }),
+    )
+    .await;
+    let (idle, _) = named("127.0.0.1", "idle").await;
+    let front = Front {
+        mode: Mode::Http,
+        algorithm: Algorithm::LeastRequests,
+        ..Front::default()
+    };
+    let lb = Balancer::start(&[busy, idle], None, front).await;
+    let addr = lb.addr;
+    // Until one request is stuck on `busy`, requests may land anywhere.
+    let mut stuck = Vec::new();
+    for _ in 0..50 {
+        if busy_seen.requests() >= 1 {
+            break;
+        }
+        stuck.push(tokio::spawn(async move { get(addr, "/").await }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(busy_seen.requests() >= 1);
+    lb.wait_status(
+        |s| {
+            s.backends
+                .iter()
+                .any(|b| b.addr == busy.to_string() && b.in_flight >= 1)
+        },
+        "busy has a request in flight",
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/").await.1, "idle");
+    }
+    release.notify_waiters();
+    for _ in 0..100 {
+        release.notify_waiters();
+        if stuck.iter().all(|t| t.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends `req` raw; the balancer must answer `status` and close.
+async fn refused(front: SocketAddr, req: &[u8], status: &str) {
+    let reply = raw(front, req).await;
+    assert!(
+        reply.starts_with(&format!("HTTP/1.1 {status}")),
+        "expected {status} for {:?}, got {reply:?}",
+        String::from_utf8_lossy(req)
+    );
+    // One response only: what followed the bad request was not parsed as
+    // a second request.
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_smuggling_requests_get_400_and_a_closed_connection() {
+    let paths = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let p = paths.clone();
+    let (a, seen) = backend(
+        "127.0.0.1",
+        0,
+        handler(move |parts, body| {
+            p.lock().unwrap().push(format!(
+                "{} {} cl={:?} body={:?}",
+                parts.method,
+                parts.uri.path(),
+                parts.headers.get("content-length"),
+                String::from_utf8_lossy(&body)
+            ));
+            async move { (200, "a".to_string()) }
+        }),
+    )
+    .await;
+    let lb = Balancer::start(&[a], None, http_front()).await;
+    // Content-Length and Transfer-Encoding together (both orders): hyper
+    // frames the request by Transfer-Encoding alone, drops Content-Length
+    // before it reaches the backend, and closes the connection after the
+    // response (RFC 9112 6.1), so the smuggled request is never parsed.
+    for req in [
+        &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+    ] {
+        let reply = raw(lb.addr, req).await;
+        assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "one response, then closed: {reply}");
+    }
+    assert_eq!(
+        *paths.lock().unwrap(),
+        vec!["POST / cl=None body=\"\"".to_string(); 2],
+        "the backend saw each POST once, chunked, and never /admin"
+    );
+    paths.lock().unwrap().clear();
+    let before = seen.requests();
+    // Two different lengths.
+    refused(
+        lb.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc",
+        "400",
+    )
+    .await;
+    // A transfer coding that is not chunked last.
+    refused(
+        lb.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        "400",
+    )
+    .await;
+    // Whitespace between a header name and its colon.
+    refused(
+        lb.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        "400",
+    )
+    .await;
+    assert_eq!(
+        seen.requests(),
+        before,
+        "no malformed request reached the backend"
+    );
+
+    // Invalid chunked encoding in the body.
+    refused(
+        lb.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        "400",
+    )
+    .await;
+    // An oversized head: 431, the 4xx made for it.
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..2000 {
+        big.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "y".repeat(64)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    refused(lb.addr, &big, "431").await;
+    // Not HTTP at all.
+    refused(lb.addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n", "400").await;
+
+    // Still serving, and counted.
+    assert_eq!(get(lb.addr, "/").await.1, "a");
+    let s = lb
+        .wait_status(|s| s.bad_requests >= 6, "bad requests counted")
+        .await;
+    assert_eq!(s.bad_requests, 6, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_style_upgrades_are_tunnelled() {
+    // A backend that switches protocols and then echoes bytes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+    });
+    let lb = Balancer::start(&[b], None, http_front()).await;
+    let mut c = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    c.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    c.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_prometheus_metrics() {
+    let (a, _) = named("127.0.0.1", "a").await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let front = Front {
+        mode: Mode::Http,
+        admin: Some(admin.clone()),
+        ..Front::default()
+    };
+    let lb = Balancer::start(&[a], None, front).await;
+    for _ in 0..3 {
+        assert_eq!(get(lb.addr, "/").await.0, 200);
+    }
+    let admin: SocketAddr = admin.parse().unwrap();
+    let mut text = String::new();
+    for _ in 0..100 {
+        match tokio::net::TcpStream::connect(admin).await {
+            Ok(_) => {
+                text = get(admin, "/metrics").await.1;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let line = format!("kiln_balancer_responses_total{{backend=\"{a}\",class=\"2xx\"}} 3");
+    assert!(text.contains(&line), "{text}");
+    assert!(
+        text.contains("kiln_balancer_response_seconds_bucket"),
+        "{text}"
+    );
+    assert!(text.contains("kiln_balancer_client_connections"), "{text}");
+    let status = get(admin, "/status").await.1;
+    let status: kiln_balancer::Status = serde_json::from_str(&status).unwrap();
+    assert_eq!(status.mode, Mode::Http);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_backend_that_closes_does_not_close_the_client_connection() {
+    // Like busybox httpd: HTTP/1.0 responses, one connection per request.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nold",
+                    )
+                    .await;
+            });
+        }
+    });
+    let lb = Balancer::start(&[b], None, http_front()).await;
+    let mut c = connect(lb.addr).await;
+    for _ in 0..5 {
+        let (status, body, _) = call(&mut c, "GET", "/", "").await;
+        assert_eq!((status, body.as_str()), (200, "old"));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        5,
+        "a backend connection per request"
+    );
+    // One client connection carried all five, and is still open.
+    lb.wait_status(
+        |s| s.connections == 1 && s.backends[0].total == 5,
+        "one open client connection",
+    )
+    .await;
+}

@@ -1,0 +1,269 @@
+//! `kiln-bench --only http-balancer`: kiln's balancer in HTTP mode against
+//! HAProxy 2.6 (Debian's package, `mode http`, `balance roundrobin`), in
+//! front of the same three busybox httpd servers started by kiln, loaded
+//! by `wrk` at 32 and 256 connections; then the same with TLS terminated
+//! by both, with the same certificate. Prints Markdown rows.
+//!
+//! The servers get a whole CPU each (no 0.2 cap as in the rollout
+//! figures) so that the fronts, not the servers' cgroups, are compared.
+//! wrk, both fronts and the servers share the machine's cores.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{kiln, Opts};
+
+/// Seconds of load per measurement.
+const SECS: u64 = 5;
+
+/// A process killed when the bench is done with it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What wrk measured.
+struct Load {
+    rps: f64,
+    p50: String,
+    p99: String,
+    errors: String,
+}
+
+pub fn run(o: &Opts) -> Result<()> {
+    for tool in ["haproxy", "wrk"] {
+        if Command::new(tool)
+            .arg(if tool == "haproxy" { "-v" } else { "--version" })
+            .output()
+            .is_err()
+        {
+            bail!("{tool} is not installed; run scripts/setup.sh");
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    web_project(dir.path(), port)?;
+    kiln(o, dir.path(), &["image", "build", "web"])?;
+    kiln(o, dir.path(), &["apply", "bench", "--yes"])?;
+    let result = measure_all(o, dir.path(), port);
+    kiln(o, dir.path(), &["destroy", "bench", "--yes"])?;
+    result
+}
+
+fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
+    let store = project.join(".kiln");
+    let role_front = store.join("balancers/bench-web");
+    let backends = kiln_balancer::read_backends(&role_front)
+        .context("the role's balancer")?
+        .backends;
+    anyhow::ensure!(backends.len() == 3, "expected 3 servers, got {backends:?}");
+
+    // The same certificate for both TLS fronts.
+    let pki = project.join("pki");
+    fs::create_dir_all(&pki)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])?.self_signed(&key)?;
+    fs::write(pki.join("cert.pem"), cert.pem())?;
+    fs::write(pki.join("key.pem"), key.serialize_pem())?;
+    fs::write(
+        pki.join("both.pem"),
+        format!("{}{}", cert.pem(), key.serialize_pem()),
+    )?;
+
+    // kiln's fronts as the bench starts HAProxy: `kiln balancer serve` on
+    // the same servers, one plain, one with TLS (the role's own balancer,
+    // started by `kiln apply`, is measured too).
+    let plain = kiln_balancer::read_backends(&role_front).context("the role's balancer")?;
+    anyhow::ensure!(
+        plain.front.mode == kiln_balancer::Mode::Http,
+        "the role's balancer is not in HTTP mode"
+    );
+    let kiln_exe = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("kiln"))
+        .context("kiln next to kiln-bench")?;
+    let serve = |name: &str, tls: bool| -> Result<(u16, Running)> {
+        let port = free_port()?;
+        let dir = project.join(name);
+        fs::create_dir_all(&dir)?;
+        let front = kiln_balancer::Front {
+            tls: tls.then(|| kiln_balancer::Tls::Files {
+                cert: pki.join("cert.pem"),
+                key: pki.join("key.pem"),
+            }),
+            ..plain.front.clone()
+        };
+        kiln_balancer::set_backends_with(&dir, &backends, plain.check.as_ref(), &front)?;
+        let child = Command::new(&kiln_exe)
+            .args([
+                "balancer",
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--dir",
+            ])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok((port, Running(child)))
+    };
+    let (kiln_plain_port, _kiln_plain) = serve("plain-front", false)?;
+    let (kiln_tls_port, _kiln_tls) = serve("tls-front", true)?;
+
+    let (hp, hps) = (free_port()?, free_port()?);
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("  server s{i} {b}\n"))
+        .collect();
+    let cfg = format!(
+        "global\n  maxconn 4096\n  nbthread 2\n\
+         defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend plain\n  bind 127.0.0.1:{hp}\n  default_backend web\n\
+         frontend tls\n  bind 127.0.0.1:{hps} ssl crt {} alpn h2,http/1.1\n  default_backend web\n\
+         backend web\n  balance roundrobin\n{servers}",
+        pki.join("both.pem").display()
+    );
+    fs::write(project.join("haproxy.cfg"), cfg)?;
+    let _haproxy = Running(
+        Command::new("haproxy")
+            .arg("-f")
+            .arg(project.join("haproxy.cfg"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    for p in [port, kiln_plain_port, kiln_tls_port, hp, hps] {
+        wait_listening(p)?;
+    }
+    let version = Command::new("haproxy").arg("-v").output()?;
+    let version = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    println!("| front (3 busybox httpd servers, 1 CPU each; wrk -t2 --latency, {SECS} s) | connections | req/s | p50 | p99 | errors |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let fronts = [
+        (
+            "http",
+            vec![
+                ("kiln balancer", kiln_plain_port),
+                ("kiln balancer (the role's, started by kiln apply)", port),
+                (version.as_str(), hp),
+            ],
+        ),
+        (
+            "https",
+            vec![("kiln balancer", kiln_tls_port), (version.as_str(), hps)],
+        ),
+    ];
+    for (scheme, fronts) in &fronts {
+        for conns in [32, 256] {
+            // Alternate the fronts, twice each, so drift in the machine's
+            // load does not favour one.
+            for round in 1..=2 {
+                for (name, p) in fronts {
+                    let url = format!("{scheme}://127.0.0.1:{p}/");
+                    let l = wrk(&url, conns)?;
+                    println!(
+                        "| {name} {scheme} (run {round}) | {conns} | {:.0} | {} | {} | {} |",
+                        l.rps, l.p50, l.p99, l.errors
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A scratch image holding static busybox serving /www, three servers of
+/// one role behind a balancer on `port` (HTTP mode: its check is HTTP).
+fn web_project(dir: &Path, port: u16) -> Result<()> {
+    let files = dir.join("images/web/files");
+    fs::create_dir_all(files.join("www"))?;
+    fs::copy("/bin/busybox", files.join("busybox")).context("needs busybox-static")?;
+    fs::write(files.join("www/healthz"), "ok\n")?;
+    fs::write(files.join("www/index.html"), "hello from kiln\n")?;
+    fs::write(
+        dir.join("kiln.toml"),
+        format!(
+            "[project]\nname = \"bench\"\n[images.web]\nfrom = \"scratch\"\n\
+             entrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
+             ports = [8080]\nhealth = {{ http = \"/healthz\", port = 8080 }}\n\
+             [env.bench]\nsubnet = \"10.77.93.0/24\"\n\
+             [env.bench.roles.web]\nimage = \"web\"\nservers = 3\nsize = {{ cpus = 1.0, memory = \"64M\" }}\n\
+             balancer = {{ listen = \"127.0.0.1:{port}\", port = 8080 }}\n"
+        ),
+    )?;
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_listening(port: u16) -> Result<()> {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("nothing listens on 127.0.0.1:{port}")
+}
+
+/// One wrk run: `-t2 -c conns -d SECS --latency`.
+fn wrk(url: &str, conns: u32) -> Result<Load> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{conns}"),
+            &format!("-d{SECS}s"),
+            "--latency",
+            url,
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("wrk {url}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(str::to_string)
+    };
+    let rps: f64 = field("Requests/sec:")
+        .context("wrk printed no Requests/sec")?
+        .parse()?;
+    // Non-2xx/3xx responses and socket errors, as wrk reports them.
+    let errors = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Non-2xx") || l.starts_with("Socket errors"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(Load {
+        rps,
+        p50: field("50%").unwrap_or_default(),
+        p99: field("99%").unwrap_or_default(),
+        errors: if errors.is_empty() {
+            "0".into()
+        } else {
+            errors
+        },
+    })
+}

@@ -1,0 +1,297 @@
+//! Swarm figures on a real two-node swarm (kiln-testcluster): cluster start
+//! and teardown, a push by digest, one server from create to running to
+//! answering HTTP, and Swarm's own rolling update of a 10-replica service
+//! (`docker service update --update-order start-first --update-parallelism
+//! 1`, through the API) for the side-by-side with kiln's rollout.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bollard::models::{
+    ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, ServiceSpecUpdateConfig,
+    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
+    TaskSpecContainerSpec, TaskState,
+};
+use kiln_provider_swarm::{
+    Cluster, Endpoint, PortMap, Registry, RegistryOptions, Restart, ServerSpec,
+};
+use kiln_testcluster::{Cluster as TestCluster, Options};
+
+pub fn run(kiln: &Path) -> Result<()> {
+    let t = Instant::now();
+    let tc = TestCluster::start(Options::default()).context("start the test cluster")?;
+    let start = t.elapsed();
+    let p = tc.timings();
+    println!(
+        "| test cluster start: registry + 2 dockerd in netns + swarm init/join | {:.2} s (network {:.0} ms, registry {:.0} ms, daemons {:.0} ms, swarm {:.0} ms) |",
+        start.as_secs_f64(),
+        p.network.as_secs_f64() * 1e3,
+        p.registry.as_secs_f64() * 1e3,
+        p.daemons.as_secs_f64() * 1e3,
+        p.swarm.as_secs_f64() * 1e3
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(measure(&tc, kiln));
+    let t = tc.teardown();
+    println!(
+        "| test cluster teardown (daemons stopped, netns/links/cgroups gone, firewall checked) | {:.2} s{} |",
+        t.elapsed.as_secs_f64(),
+        if t.leftovers.is_empty() { String::new() } else { format!(" LEFT {:?}", t.leftovers) }
+    );
+    result
+}
+
+async fn measure(tc: &TestCluster, kiln: &Path) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (v1, v2) = bake_two_versions(kiln, dir.path())?;
+    let store = kiln_image::Store::open(dir.path().join(".kiln"))?;
+    let reg = Registry::new(
+        &format!("{}/bench/web", tc.registry()),
+        RegistryOptions {
+            insecure: true,
+            ..Default::default()
+        },
+    )?;
+    let size: u64 = store
+        .version("web", v1.0)?
+        .layers
+        .iter()
+        .map(|l| l.size)
+        .sum();
+    let first = reg.push(&store, &v1.1).await?;
+    let again = reg.push(&store, &v1.1).await?;
+    let second = reg.push(&store, &v2.1).await?;
+    println!(
+        "| push by digest, static busybox image ({:.1} MiB layer): new / already there / next version | {:.0} ms / {:.0} ms / {:.0} ms |",
+        size as f64 / (1 << 20) as f64,
+        first.elapsed.as_secs_f64() * 1e3,
+        again.elapsed.as_secs_f64() * 1e3,
+        second.elapsed.as_secs_f64() * 1e3
+    );
+
+    let c = Cluster::connect(&Endpoint::new(tc.manager_endpoint())).await?;
+    let nodes = c.nodes().await?;
+    let (mut running, mut http) = (Vec::new(), Vec::new());
+    for i in 0..6 {
+        let node = &nodes[i % nodes.len()];
+        let s = server(
+            &format!("web-{i}"),
+            &first.reference,
+            32000 + i as u16,
+            &node.id,
+        );
+        let t = Instant::now();
+        c.create_server(&s).await?;
+        let up = c
+            .wait_running("bench", &s.server, Duration::from_secs(60))
+            .await?;
+        running.push(t.elapsed());
+        let addr = up.address(8080).context("address")?;
+        loop {
+            if http_ok(&addr) {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("{addr} never answered");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        http.push(t.elapsed());
+        c.remove_server("bench", &s.server, Duration::from_secs(60))
+            .await?;
+    }
+    running.sort();
+    http.sort();
+    println!(
+        "| swarm server: create service → task running → HTTP 200 from the host (6 runs, both nodes) | running p50 {:.0} ms · HTTP p50 {:.0} ms (max {:.0} ms) |",
+        running[running.len() / 2].as_secs_f64() * 1e3,
+        http[http.len() / 2].as_secs_f64() * 1e3,
+        http[http.len() - 1].as_secs_f64() * 1e3
+    );
+
+    let wall = native_update(&c, &first.reference, &second.reference).await?;
+    println!(
+        "| Swarm's own rolling update of a 10-replica service (start-first, parallelism 1, CLI defaults: delay 0, monitor 5 s) | {:.1} s |",
+        wall.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Two versions of `web` (the second changes one file).
+fn bake_two_versions(
+    kiln: &Path,
+    dir: &Path,
+) -> Result<((u32, kiln_image::Digest), (u32, kiln_image::Digest))> {
+    let files = dir.join("images/web/files");
+    fs::create_dir_all(files.join("www"))?;
+    fs::copy("/bin/busybox", files.join("busybox")).context("needs busybox-static")?;
+    fs::write(
+        dir.join("kiln.toml"),
+        "[project]\nname = \"bench\"\n[images.web]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )?;
+    let mut out = Vec::new();
+    for v in ["v1\n", "v2\n"] {
+        fs::write(files.join("www/index.html"), v)?;
+        let st = std::process::Command::new(kiln)
+            .arg("-C")
+            .arg(dir)
+            .args(["image", "build", "web"])
+            .output()?;
+        if !st.status.success() {
+            bail!("kiln image build: {}", String::from_utf8_lossy(&st.stderr));
+        }
+        let store = kiln_image::Store::open(dir.join(".kiln"))?;
+        let rec = store.current_record("web")?;
+        out.push((rec.version, rec.digest));
+    }
+    let v2 = out.pop().context("v2")?;
+    let v1 = out.pop().context("v1")?;
+    Ok((v1, v2))
+}
+
+fn server(id: &str, image: &str, published: u16, node: &str) -> ServerSpec {
+    ServerSpec {
+        env: "bench".into(),
+        role: "web".into(),
+        release: 1,
+        slot: 0,
+        server: id.into(),
+        image: image.into(),
+        argv: vec![],
+        env_vars: vec![],
+        workdir: None,
+        user: None,
+        cpus: 0.2,
+        memory_bytes: 32 << 20,
+        reserve: false,
+        cap_add: vec![],
+        cap_drop: vec![],
+        ports: vec![PortMap {
+            target: 8080,
+            published,
+        }],
+        constraints: vec![],
+        node: Some(node.into()),
+        volumes: vec![],
+        tmpfs_bytes: 0,
+        restart: Restart::Never,
+        stop_grace: Duration::from_secs(2),
+    }
+}
+
+fn http_ok(addr: &str) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(sa) = addr.parse() else { return false };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(300)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if write!(s, "GET / HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
+}
+
+/// Creates a 10-replica service on `v1`, waits for it, updates it to `v2`
+/// the way `docker service update --image V2 --update-order start-first
+/// --update-parallelism 1` does, and returns the update's wall time (until
+/// every running task runs v2).
+async fn native_update(c: &Cluster, v1: &str, v2: &str) -> Result<Duration> {
+    let d = c.engine().docker();
+    let name = "bench-native";
+    let spec = |image: &str| ServiceSpec {
+        name: Some(name.into()),
+        task_template: Some(TaskSpec {
+            container_spec: Some(TaskSpecContainerSpec {
+                image: Some(image.into()),
+                read_only: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(10) }),
+            ..Default::default()
+        }),
+        update_config: Some(ServiceSpecUpdateConfig {
+            parallelism: Some(1),
+            delay: Some(0),
+            failure_action: Some(ServiceSpecUpdateConfigFailureActionEnum::PAUSE),
+            monitor: Some(5_000_000_000),
+            max_failure_ratio: Some(0.0),
+            order: Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST),
+        }),
+        ..Default::default()
+    };
+    d.create_service(spec(v1), None).await?;
+    let running_on = |image: String| async move {
+        let tasks = d
+            .list_tasks(Some(bollard::query_parameters::ListTasksOptions {
+                filters: Some(HashMap::from([(
+                    "service".to_string(),
+                    vec![name.to_string()],
+                )])),
+            }))
+            .await?;
+        Ok::<usize, bollard::errors::Error>(
+            tasks
+                .iter()
+                .filter(|t| {
+                    t.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
+                        && t.desired_state == Some(TaskState::RUNNING)
+                        && t.spec
+                            .as_ref()
+                            .and_then(|s| s.container_spec.as_ref())
+                            .and_then(|c| c.image.as_deref())
+                            == Some(image.as_str())
+                })
+                .count(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while running_on(v1.to_string()).await? < 10 {
+        if Instant::now() > deadline {
+            bail!("10 replicas of v1 never ran");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let current = d.inspect_service(name, None).await?;
+    let t = Instant::now();
+    d.update_service(
+        name,
+        spec(v2),
+        bollard::query_parameters::UpdateServiceOptions {
+            version: current.version.and_then(|v| v.index).unwrap_or_default() as i32,
+            ..Default::default()
+        },
+        None,
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let done = d
+            .inspect_service(name, None)
+            .await?
+            .update_status
+            .and_then(|u| u.state)
+            .is_some_and(|s| s == bollard::models::ServiceUpdateStatusStateEnum::COMPLETED);
+        if done && running_on(v2.to_string()).await? == 10 && running_on(v1.to_string()).await? == 0
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the native update did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wall = t.elapsed();
+    d.delete_service(name).await?;
+    Ok(wall)
+}
