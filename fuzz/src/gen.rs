@@ -13,9 +13,44 @@ use arbitrary::{Result, Unstructured};
 const NAMES: [&str; 8] = ["a", "web", "db", "api", "x-1", "b_2", "cache", "lb"];
 const BAD_NAMES: [&str; 7] = ["A", "a/b", "..", "web x", "", "ünï", "-a"];
 
-/// A pool of values for a key: mostly ones that load, sometimes (one pick
-/// in 64, so that a spec of some 40 picks still loads about half of the
-/// time) ones at or past a limit.
+/// The fuzzer's bytes, and whether this spec already took its one bad
+/// value.
+pub struct Gen<'u, 'a> {
+    u: &'u mut Unstructured<'a>,
+    spent: bool,
+}
+
+impl Gen<'_, '_> {
+    /// Whether this choice goes wrong: one in 24, at most once per spec,
+    /// so a spec is refused for one reason or loads. Decided by the byte
+    /// at this choice, so one mutation there turns a good value bad.
+    fn bad(&mut self) -> bool {
+        if self.spent || self.u.is_empty() {
+            return false;
+        }
+        self.spent = self.u.ratio(1u8, 24).unwrap_or(false);
+        self.spent
+    }
+
+    fn choose<'b, T>(&mut self, choices: &'b [T]) -> Result<&'b T> {
+        self.u.choose(choices)
+    }
+
+    fn int_in_range(&mut self, r: std::ops::RangeInclusive<u32>) -> Result<u32> {
+        self.u.int_in_range(r)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.u.is_empty()
+    }
+
+    fn ratio(&mut self, n: u8, d: u8) -> Result<bool> {
+        self.u.ratio(n, d)
+    }
+}
+
+/// A pool of values for a key: ones that load, and ones at or past a limit
+/// for the one bad choice.
 struct Pool<T: 'static> {
     good: &'static [T],
     bad: &'static [T],
@@ -116,8 +151,8 @@ const PROGRAMS: Pool<&str> = Pool {
     bad: &["", "a\u{0}"],
 };
 
-fn pick<T: Copy>(u: &mut Unstructured, pool: &Pool<T>) -> Result<T> {
-    if chance(u, 1, 64)? {
+fn pick<T: Copy>(u: &mut Gen, pool: &Pool<T>) -> Result<T> {
+    if u.bad() {
         u.choose(pool.bad).copied()
     } else {
         u.choose(pool.good).copied()
@@ -127,7 +162,7 @@ fn pick<T: Copy>(u: &mut Unstructured, pool: &Pool<T>) -> Result<T> {
 /// True `n` times in `d`; false once the bytes are used up (where
 /// `ratio` would say true every time, and every spec would end in bad
 /// values).
-fn chance(u: &mut Unstructured, n: u8, d: u8) -> Result<bool> {
+fn chance(u: &mut Gen, n: u8, d: u8) -> Result<bool> {
     Ok(!u.is_empty() && u.ratio(n, d)?)
 }
 
@@ -148,11 +183,11 @@ fn string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-fn name(u: &mut Unstructured, valid: &[String]) -> Result<String> {
-    if !valid.is_empty() && !chance(u, 1, 64)? {
+fn name(u: &mut Gen, valid: &[String]) -> Result<String> {
+    if !valid.is_empty() && !u.bad() {
         return Ok(u.choose(valid)?.clone());
     }
-    if chance(u, 1, 64)? {
+    if u.bad() {
         return Ok(u.choose(&BAD_NAMES)?.to_string());
     }
     Ok(u.choose(&NAMES)?.to_string())
@@ -160,10 +195,10 @@ fn name(u: &mut Unstructured, valid: &[String]) -> Result<String> {
 
 /// One optional `key = value` line (or inline-table entry).
 fn opt(
-    u: &mut Unstructured,
+    u: &mut Gen,
     out: &mut Vec<String>,
     k: &str,
-    v: impl FnOnce(&mut Unstructured) -> Result<String>,
+    v: impl FnOnce(&mut Gen) -> Result<String>,
 ) -> Result<()> {
     if chance(u, 1, 3)? {
         let v = v(u)?;
@@ -172,15 +207,15 @@ fn opt(
     Ok(())
 }
 
-fn int(u: &mut Unstructured, pool: &Pool<i64>) -> Result<String> {
+fn int(u: &mut Gen, pool: &Pool<i64>) -> Result<String> {
     Ok(pick(u, pool)?.to_string())
 }
 
-fn str_of(u: &mut Unstructured, pool: &Pool<&str>) -> Result<String> {
+fn str_of(u: &mut Gen, pool: &Pool<&str>) -> Result<String> {
     Ok(string(pick(u, pool)?))
 }
 
-fn float(u: &mut Unstructured, pool: &Pool<&str>) -> Result<String> {
+fn float(u: &mut Gen, pool: &Pool<&str>) -> Result<String> {
     Ok(pick(u, pool)?.to_string())
 }
 
@@ -188,8 +223,8 @@ fn inline(entries: &[String]) -> String {
     format!("{{ {} }}", entries.join(", "))
 }
 
-fn health(u: &mut Unstructured) -> Result<String> {
-    if chance(u, 1, 64)? {
+fn health(u: &mut Gen) -> Result<String> {
+    if u.bad() {
         return Ok("{ http = \"/a b\" }".into());
     }
     Ok(match u.int_in_range(0..=2)? {
@@ -199,7 +234,7 @@ fn health(u: &mut Unstructured) -> Result<String> {
     })
 }
 
-fn strategy(u: &mut Unstructured) -> Result<String> {
+fn strategy(u: &mut Gen) -> Result<String> {
     let kind = pick(
         u,
         &Pool {
@@ -221,9 +256,9 @@ fn strategy(u: &mut Unstructured) -> Result<String> {
     Ok(inline(&e))
 }
 
-fn balancer(u: &mut Unstructured) -> Result<String> {
+fn balancer(u: &mut Gen) -> Result<String> {
     let mut e = vec![format!("listen = {}", str_of(u, &LISTENS)?)];
-    if !chance(u, 1, 64)? {
+    if !u.bad() {
         e.push(format!("port = {}", int(u, &PORTS)?));
     }
     opt(u, &mut e, "drain_timeout", |u| str_of(u, &DURATIONS))?;
@@ -233,7 +268,7 @@ fn balancer(u: &mut Unstructured) -> Result<String> {
     Ok(inline(&e))
 }
 
-fn map(u: &mut Unstructured, keys: &Pool<&str>, values: &Pool<&str>) -> Result<String> {
+fn map(u: &mut Gen, keys: &Pool<&str>, values: &Pool<&str>) -> Result<String> {
     let n = u.int_in_range(0..=2)?;
     let mut e = Vec::new();
     let mut seen = Vec::new();
@@ -247,9 +282,9 @@ fn map(u: &mut Unstructured, keys: &Pool<&str>, values: &Pool<&str>) -> Result<S
     Ok(inline(&e))
 }
 
-fn role(u: &mut Unstructured, images: &[String], roles: &[String]) -> Result<Vec<String>> {
+fn role(u: &mut Gen, images: &[String], roles: &[String]) -> Result<Vec<String>> {
     let mut l = Vec::new();
-    if !chance(u, 1, 64)? {
+    if !u.bad() {
         l.push(format!("image = {}", string(&name(u, images)?)));
     }
     opt(u, &mut l, "servers", |u| int(u, &COUNTS))?;
@@ -261,14 +296,14 @@ fn role(u: &mut Unstructured, images: &[String], roles: &[String]) -> Result<Vec
     })?;
     opt(u, &mut l, "ports", |u| {
         let (a, b) = (int(u, &PORTS)?, int(u, &PORTS)?);
-        Ok(if a == b && !chance(u, 1, 64)? {
+        Ok(if a == b && !u.bad() {
             format!("[{a}]")
         } else {
             format!("[{a}, {b}]")
         })
     })?;
     opt(u, &mut l, "health", health)?;
-    if !roles.is_empty() || chance(u, 1, 64)? {
+    if !roles.is_empty() || u.bad() {
         opt(u, &mut l, "depends_on", |u| {
             Ok(format!("[{}]", string(&name(u, roles)?)))
         })?;
@@ -303,6 +338,11 @@ fn role(u: &mut Unstructured, images: &[String], roles: &[String]) -> Result<Vec
 
 /// A whole `kiln.toml`.
 pub fn kiln_toml(u: &mut Unstructured) -> Result<String> {
+    let mut g = Gen { u, spent: false };
+    spec(&mut g)
+}
+
+fn spec(u: &mut Gen) -> Result<String> {
     let mut t = String::from("[project]\nname = \"fuzz\"\n");
     let mut images: Vec<String> = Vec::new();
     for _ in 0..u.int_in_range(1..=3)? {

@@ -27,7 +27,7 @@ const PICKS_PER_ID: u64 = 17;
 /// per server under the fuzzer's instrumentation, and what they exercise
 /// (batching, ordering, the file format) does not depend on the count. The
 /// first plan, which allocates every id and address, runs at any size.
-const DEEP_SERVERS: u64 = 1024;
+const DEEP_SERVERS: u64 = 256;
 
 /// A project directory for relative paths: holds a rootfs tarball and an
 /// OCI layout, so `from` tables that name them load.
