@@ -434,6 +434,7 @@ fn request(
         ports: vec![8080],
         volumes: vec![],
         reach: vec![],
+        capabilities: kiln_model::Capability::docker_default(),
     }
 }
 

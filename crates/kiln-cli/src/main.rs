@@ -102,7 +102,7 @@ pub enum ImageCommand {
     /// Lineage, layers, seal and build inputs of a version.
     Show(RefArgs),
     /// Re-hash a version on disk and name every file that differs from its seal.
-    Verify(RefArgs),
+    Verify(cmd::image::VerifyArgs),
     /// Remove versions nothing uses and the blobs only they used.
     Gc(cmd::image::GcArgs),
 }

@@ -591,6 +591,7 @@ impl Run<'_, '_> {
             ports: t.spec.ports.clone(),
             volumes: t.spec.volumes.clone(),
             reach: t.spec.reach.clone(),
+            capabilities: t.spec.capabilities.clone(),
         })
     }
 

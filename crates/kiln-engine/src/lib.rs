@@ -86,6 +86,13 @@ pub enum EngineError {
         count: usize,
         first: String,
     },
+    /// A role's `user` is not defined in its image.
+    #[error("role `{role}` runs as a user image {image} does not define: {detail}")]
+    User {
+        role: String,
+        image: String,
+        detail: String,
+    },
     /// A new server never passed its health check.
     #[error("server {server} ({role}) did not become healthy within {secs}s; the previous servers of `{role}` are still running. last log lines:\n{tail}")]
     Unhealthy {
@@ -296,12 +303,29 @@ impl<'a> Engine<'a> {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect();
+        // The role's user over the image's, resolved in the image itself.
+        let user = match &role.user {
+            Some(spec) => {
+                let root = self.store.root_path(&rec.digest);
+                let resolved =
+                    kiln_image::resolve_user(&root, spec).map_err(|e| EngineError::User {
+                        role: role.name.clone(),
+                        image: image.to_string(),
+                        detail: e.to_string(),
+                    })?;
+                if let Some(home) = &resolved.home {
+                    vars.insert("HOME".into(), home.clone());
+                }
+                Some(resolved)
+            }
+            None => rec.user.clone(),
+        };
         vars.extend(role.env.clone());
         Ok(Launch {
             argv,
             env: vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
             workdir: conf.working_dir().clone().unwrap_or_else(|| "/".into()),
-            user: conf.user().clone().filter(|u| !u.is_empty()),
+            user: user.filter(|u| u.uid != 0 || u.gid != 0 || !u.additional_gids.is_empty()),
         })
     }
 

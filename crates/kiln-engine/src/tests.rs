@@ -76,6 +76,7 @@ fn image(store: &Store, name: &str, version: u32) {
             cache_key: format!("{name}{version}"),
         },
         build_ms: 0,
+        user: None,
     };
     store.put_version(&rec).unwrap();
     store.set_current(name, version).unwrap();

@@ -8,6 +8,12 @@
 //! base as one normalised layer, write config and manifest, move the root
 //! into the store, run the tests in a read-only sandbox from the sealed
 //! root, and finally write the version record.
+//!
+//! Build scripts run as root in a sandbox with Docker's default
+//! capabilities and seccomp filter, a read-only cgroupfs, the image's
+//! `limits` (pids, memory) and a time limit per script; tests run the same
+//! way from the sealed root, as the image's `user`. Both die with `kiln`
+//! (see `kiln-sandbox`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -17,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_model::{ImageSource, ImageSpec, Project};
-use kiln_sandbox::{Network, Privilege, Runtime, SandboxSpec};
+use kiln_model::{ImageSource, ImageSpec, Project, ResolvedUser};
+use kiln_sandbox::{Limits, Network, Runtime, SandboxError, SandboxSpec};
 use oci_spec::image::{
     ConfigBuilder, DescriptorBuilder, HistoryBuilder, ImageConfigurationBuilder,
     ImageManifestBuilder, MediaType, RootFsBuilder,
@@ -70,8 +76,6 @@ pub struct Baker<'a> {
     pub store: &'a Store,
     pub runtime: Runtime,
     pub events: &'a (dyn Fn(Event) + Sync),
-    /// Time limit of each image test.
-    pub test_timeout: Duration,
     /// Rebuild the named images even when the cache has them (repairs a
     /// root that no longer matches its seal).
     pub no_cache: bool,
@@ -111,7 +115,6 @@ impl<'a> Baker<'a> {
             store,
             runtime: Runtime::new(&store.root().join("sandbox")),
             events,
-            test_timeout: Duration::from_secs(120),
             no_cache: false,
         }
     }
@@ -160,7 +163,7 @@ impl<'a> Baker<'a> {
             image: name.clone(),
         });
         let started = Instant::now();
-        let base = self.resolve_base(spec)?;
+        let base = self.resolve_base(spec, no_cache)?;
         let files = if spec.files_dir.is_dir() {
             seal::seal_tree(&spec.files_dir)?.entries
         } else {
@@ -191,8 +194,19 @@ impl<'a> Baker<'a> {
         let work = self.store.temp_dir(&format!("build-{name}"))?;
         let result = self.bake(spec, &base, &files, &scripts, &key, &work, started);
         // Whatever happened, nothing of the build stays in tmp/.
-        let _ = fs::remove_dir_all(&work);
+        let _ = layer::remove_any(&work);
         let record = result?;
+        if no_cache {
+            // The bake rewrote the blobs it reproduced; the layers this
+            // version shares with its parents were not part of it.
+            let repaired = crate::repair::repair(self, &record)?;
+            if let Some((digest, why)) = repaired.unrepairable.first() {
+                return Err(ImageError::Corrupt(format!(
+                    "blob {digest} of {name}@{} is corrupt and cannot be rebuilt: {why}",
+                    record.version
+                )));
+            }
+        }
         self.emit(Event::Built {
             image: name.clone(),
             version: record.version,
@@ -256,6 +270,7 @@ impl<'a> Baker<'a> {
                         ),
                         &root,
                         &l.digest.0,
+                        &mut layer::Budget::unlimited(),
                     )?;
                 }
                 self.store.read_json_blob(&b.seal)?
@@ -281,11 +296,30 @@ impl<'a> Baker<'a> {
         if !scripts.is_empty() {
             self.run_scripts(spec, &base.env, scripts, &root, work)?;
         }
+        // Declared here, the user is resolved in this image's own files;
+        // otherwise the parent's (as Docker inherits USER).
+        let user =
+            match &spec.user {
+                Some(u) => Some(crate::user::resolve_user(&root, u).map_err(|source| {
+                    ImageError::User {
+                        image: name.clone(),
+                        user: u.to_string(),
+                        source,
+                    }
+                })?),
+                None => base.user.clone(),
+            };
         self.emit(Event::Step {
             image: name.clone(),
             step: "sealing".into(),
         });
-        let sealed = seal::seal_tree(&root)?;
+        let sealed = seal::seal_tree(&root).map_err(|e| match e {
+            ImageError::PathTooLong { path, limit, .. } => ImageError::Input {
+                image: name.clone(),
+                reason: format!("the build left /{path}…, a path longer than {limit} bytes; images may not hold paths that long"),
+            },
+            e => e,
+        })?;
         if let Some(bad) = sealed
             .entries
             .iter()
@@ -306,7 +340,15 @@ impl<'a> Baker<'a> {
         let (seal_digest, _) = self.store.put_json(&sealed)?;
         let mut layers = base.layers.clone();
         layers.push(own);
-        let (config, manifest) = self.write_manifest(spec, base, &layers, &sealed, &seal_digest)?;
+        let (config, manifest) = self.write_manifest(
+            spec,
+            &base.env,
+            &base.description,
+            &layers,
+            &sealed,
+            &seal_digest,
+            user.as_ref(),
+        )?;
 
         let final_root = self.store.root_path(&manifest);
         if final_root.exists() && !seal::verify_tree(&final_root, &sealed)?.is_empty() {
@@ -332,7 +374,7 @@ impl<'a> Baker<'a> {
             });
         } else if final_root.exists() {
             // Same bytes built before (a different cache key with the same result).
-            fs::remove_dir_all(&root).ctx("remove", &root)?;
+            layer::remove_any(&root)?;
         } else {
             fs::rename(&root, &final_root).ctx("move root into", &final_root)?;
         }
@@ -364,8 +406,9 @@ impl<'a> Baker<'a> {
                 cache_key: key.to_string(),
             },
             build_ms: 0,
+            user: user.clone(),
         };
-        if let Err(e) = self.run_tests(spec, &final_root, &base.env, work) {
+        if let Err(e) = self.run_tests(spec, &final_root, &base.env, user.as_ref(), work) {
             record.outcome = Outcome::Failed;
             record.error = Some(e.to_string());
             record.build_ms = started.elapsed().as_millis() as u64;
@@ -378,7 +421,14 @@ impl<'a> Baker<'a> {
         Ok(record)
     }
 
-    fn env_of(&self, spec: &ImageSpec, base_env: &[String]) -> Vec<String> {
+    /// The environment of the image's processes: kiln's defaults, the
+    /// base's, `HOME` of a user this image declares, then the image's own.
+    pub(crate) fn env_of(
+        &self,
+        spec: &ImageSpec,
+        base_env: &[String],
+        user: Option<&ResolvedUser>,
+    ) -> Vec<String> {
         let mut env: BTreeMap<String, String> = DEFAULT_ENV
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -386,6 +436,11 @@ impl<'a> Baker<'a> {
         for kv in base_env {
             if let Some((k, v)) = kv.split_once('=') {
                 env.insert(k.into(), v.into());
+            }
+        }
+        if spec.user.is_some() {
+            if let Some(home) = user.and_then(|u| u.home.clone()) {
+                env.insert("HOME".into(), home);
             }
         }
         env.extend(spec.env.clone());
@@ -443,7 +498,7 @@ impl<'a> Baker<'a> {
                 id: format!("kiln-build-{name}-{}-{i}", std::process::id()),
                 rootfs: root.to_path_buf(),
                 args,
-                env: self.env_of(spec, base_env),
+                env: self.env_of(spec, base_env, None),
                 cwd: "/".into(),
                 readonly_root: false,
                 tmpfs: false,
@@ -454,12 +509,30 @@ impl<'a> Baker<'a> {
                 },
                 hostname: format!("build-{name}"),
                 binds: Vec::new(),
-                limits: None,
-                privilege: Privilege::Build,
+                limits: Some(build_limits(spec)),
+                capabilities: kiln_sandbox::docker_default_capabilities(),
+                user: None,
                 log: log.clone(),
                 labels: vec![("dev.kiln.build".into(), name.clone())],
             };
-            let status = self.run_watched(name, &sb, None)?;
+            let secs = spec.build_limits.script_timeout_secs;
+            let status = match self.run_watched(name, &sb, Some(Duration::from_secs(secs))) {
+                Ok(status) => status,
+                Err(SandboxError::Timeout { .. }) => {
+                    return Err(ImageError::ScriptTimedOut {
+                        image: name.clone(),
+                        script: script.clone(),
+                        secs,
+                        tail: tail(&log, 20),
+                    })
+                }
+                Err(source) => {
+                    return Err(ImageError::Sandbox {
+                        what: format!("script {script} of image `{name}`"),
+                        source,
+                    })
+                }
+            };
             if status != 0 {
                 return Err(ImageError::ScriptFailed {
                     image: name.clone(),
@@ -469,12 +542,17 @@ impl<'a> Baker<'a> {
                 });
             }
         }
-        fs::remove_dir_all(&mount).ctx("remove", &mount)?;
+        layer::remove_any(&mount)?;
         Ok(())
     }
 
     /// Runs a sandbox while relaying the last line of its output as events.
-    fn run_watched(&self, image: &str, sb: &SandboxSpec, timeout: Option<Duration>) -> Result<i32> {
+    fn run_watched(
+        &self,
+        image: &str,
+        sb: &SandboxSpec,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<i32, SandboxError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let runtime = self.runtime.clone();
         let spec = sb.clone();
@@ -498,12 +576,11 @@ impl<'a> Baker<'a> {
                 break;
             }
         }
-        let joined = handle
-            .join()
-            .map_err(|_| ImageError::Corrupt("sandbox thread panicked".into()))?;
-        joined.map_err(|source| ImageError::Sandbox {
-            what: format!("image `{image}`"),
-            source,
+        handle.join().unwrap_or_else(|_| {
+            Err(SandboxError::Control {
+                id: sb.id.clone(),
+                detail: "the thread running it panicked".into(),
+            })
         })
     }
 
@@ -512,6 +589,7 @@ impl<'a> Baker<'a> {
         spec: &ImageSpec,
         root: &Path,
         base_env: &[String],
+        user: Option<&ResolvedUser>,
         work: &Path,
     ) -> Result<()> {
         for (i, command) in spec.test.iter().enumerate() {
@@ -526,10 +604,29 @@ impl<'a> Baker<'a> {
                 command.clone(),
                 &log,
             );
-            sb.env = self.env_of(spec, base_env);
+            sb.env = self.env_of(spec, base_env, user);
             sb.cwd = spec.workdir.clone().unwrap_or_else(|| "/".into());
             sb.hostname = format!("test-{}", spec.name);
-            let status = self.run_watched(&spec.name, &sb, Some(self.test_timeout))?;
+            sb.user = user.cloned();
+            sb.limits = Some(build_limits(spec));
+            let secs = spec.build_limits.test_timeout_secs;
+            let status = match self.run_watched(&spec.name, &sb, Some(Duration::from_secs(secs))) {
+                Ok(status) => status,
+                Err(SandboxError::Timeout { .. }) => {
+                    return Err(ImageError::TestTimedOut {
+                        image: spec.name.clone(),
+                        command: command.clone(),
+                        secs,
+                        output: tail(&log, 40),
+                    })
+                }
+                Err(source) => {
+                    return Err(ImageError::Sandbox {
+                        what: format!("test {command:?} of image `{}`", spec.name),
+                        source,
+                    })
+                }
+            };
             if status != 0 {
                 return Err(ImageError::TestFailed {
                     image: spec.name.clone(),
@@ -542,13 +639,17 @@ impl<'a> Baker<'a> {
         Ok(())
     }
 
-    fn write_manifest(
+    /// Writes the OCI config and manifest of a version; returns their digests.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_manifest(
         &self,
         spec: &ImageSpec,
-        base: &Base,
+        base_env: &[String],
+        base_description: &str,
         layers: &[LayerRef],
         sealed: &Seal,
         seal_digest: &Digest,
+        user: Option<&ResolvedUser>,
     ) -> Result<(Digest, Digest)> {
         let oci = |e: oci_spec::OciSpecError| {
             ImageError::Corrupt(format!("cannot build OCI document: {e}"))
@@ -557,7 +658,7 @@ impl<'a> Baker<'a> {
             .unwrap_or_default()
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let mut config = ConfigBuilder::default()
-            .env(self.env_of(spec, &base.env))
+            .env(self.env_of(spec, base_env, user))
             .labels(
                 spec.labels
                     .clone()
@@ -573,6 +674,11 @@ impl<'a> Baker<'a> {
         if let Some(w) = &spec.workdir {
             config = config.working_dir(w.clone());
         }
+        // Numeric, so that any runtime runs the same ids without reading the
+        // image's passwd; the version record keeps the supplementary groups.
+        if let Some(u) = user {
+            config = config.user(format!("{}:{}", u.uid, u.gid));
+        }
         if !spec.ports.is_empty() {
             config = config.exposed_ports(
                 spec.ports
@@ -583,7 +689,7 @@ impl<'a> Baker<'a> {
         }
         let history = HistoryBuilder::default()
             .created(created.clone())
-            .created_by(format!("kiln bake {} ({})", spec.name, base.description))
+            .created_by(format!("kiln bake {} ({base_description})", spec.name))
             .build()
             .map_err(oci)?;
         let image_config = ImageConfigurationBuilder::default()
@@ -646,7 +752,9 @@ impl<'a> Baker<'a> {
         Ok((config_digest, manifest_digest))
     }
 
-    fn resolve_base(&self, spec: &ImageSpec) -> Result<Base> {
+    /// The base of an image; `fresh`: an imported base whose blobs no
+    /// longer match their digests is imported again (repairing them).
+    fn resolve_base(&self, spec: &ImageSpec, fresh: bool) -> Result<Base> {
         match &spec.from {
             ImageSource::Scratch => Ok(Base {
                 origin: BaseOrigin::Scratch,
@@ -656,6 +764,7 @@ impl<'a> Baker<'a> {
                 parent: None,
                 parent_digest: None,
                 env: vec![],
+                user: None,
             }),
             ImageSource::Image(p) => {
                 let rec = self.store.current_record(p)?;
@@ -673,11 +782,18 @@ impl<'a> Baker<'a> {
                     parent: Some(format!("{p}@{}", rec.version)),
                     parent_digest: Some(rec.digest.clone()),
                     env,
+                    user: rec.user.clone(),
                     origin: BaseOrigin::Parent(Box::new(rec)),
                 })
             }
             source => {
-                let b = crate::source::import(self, &spec.name, source)?;
+                let b = crate::source::import(
+                    self,
+                    &spec.name,
+                    source,
+                    spec.import_limit_bytes,
+                    fresh,
+                )?;
                 Ok(Base {
                     layers: b.layers.clone(),
                     key_part: format!("base:{}", b.key),
@@ -685,6 +801,7 @@ impl<'a> Baker<'a> {
                     parent: None,
                     parent_digest: None,
                     env: b.env.clone(),
+                    user: None,
                     origin: BaseOrigin::Imported(b),
                 })
             }
@@ -715,6 +832,8 @@ struct Base {
     parent: Option<String>,
     parent_digest: Option<Digest>,
     env: Vec<String>,
+    /// The parent's resolved user, inherited when the image declares none.
+    user: Option<ResolvedUser>,
 }
 
 enum BaseOrigin {
@@ -767,6 +886,10 @@ struct KeyInputs<'a> {
     mtime: u64,
     test: &'a [Vec<String>],
     network: bool,
+    /// Absent when undeclared, so that keys of images without a user are
+    /// the ones earlier versions of kiln computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
 }
 
 /// Hash of everything that determines a build's result.
@@ -806,8 +929,18 @@ fn cache_key(
         mtime: spec.mtime,
         test: &spec.test,
         network: spec.build_network,
+        user: spec.user.as_ref().map(|u| u.to_string()),
     };
     blake3::hash(&canonical_json(&inputs)).to_hex().to_string()
+}
+
+/// The cgroup limits of an image's build scripts and tests.
+fn build_limits(spec: &ImageSpec) -> Limits {
+    Limits {
+        memory_bytes: Some(i64::try_from(spec.build_limits.memory_bytes).unwrap_or(i64::MAX)),
+        cpus: None,
+        pids: Some(i64::from(spec.build_limits.pids)),
+    }
 }
 
 /// Copies an image's `files/` into the root, owned by root, refusing to

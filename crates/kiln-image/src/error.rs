@@ -45,6 +45,40 @@ pub enum ImageError {
         status: i32,
         tail: String,
     },
+    /// A build script ran past the image's `timeout` and was killed.
+    #[error("script {script} of image `{image}` timed out after {secs}s and was killed (raise `timeout` in kiln.toml if it needs longer); last output:\n{tail}")]
+    ScriptTimedOut {
+        image: String,
+        script: String,
+        secs: u64,
+        tail: String,
+    },
+    /// An image test ran past the image's test timeout and was killed.
+    #[error("test {command:?} of image `{image}` timed out after {secs}s and was killed; output:\n{output}")]
+    TestTimedOut {
+        image: String,
+        command: Vec<String>,
+        secs: u64,
+        output: String,
+    },
+    /// The image's `user` does not resolve in its own passwd and group files.
+    #[error("image `{image}` cannot run as user `{user}`")]
+    User {
+        image: String,
+        user: String,
+        source: crate::user::UserError,
+    },
+    /// An import expanded past its size cap; nothing of it was kept.
+    #[error("refused {archive}: it expands past the import limit of {} (`import_limit` in kiln.toml)", human(*.limit))]
+    ImportTooLarge { archive: String, limit: u64 },
+    /// A tree holds a path too long for kiln to handle safely.
+    #[error("{}/{}… is a path longer than {limit} bytes; image roots may not hold paths that long", root.display(), path)]
+    PathTooLong {
+        root: PathBuf,
+        /// The start of the offending path.
+        path: String,
+        limit: usize,
+    },
     /// An image test failed in the sealed image.
     #[error("test {command:?} of image `{image}` exited with status {status}; output:\n{output}")]
     TestFailed {
@@ -75,6 +109,23 @@ pub enum ImageError {
     /// A file that an image copies in cannot be used.
     #[error("image `{image}`: {reason}")]
     Input { image: String, reason: String },
+}
+
+/// Bytes as people read them: `8 GiB`, `1.5 MiB`, `512 bytes`.
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            let whole = bytes / size;
+            let tenths = (bytes % size) * 10 / size;
+            return if tenths == 0 {
+                format!("{whole} {unit}")
+            } else {
+                format!("{whole}.{tenths} {unit}")
+            };
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 pub type Result<T, E = ImageError> = std::result::Result<T, E>;

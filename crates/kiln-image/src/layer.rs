@@ -7,14 +7,51 @@
 //! link planted by an earlier entry or layer cannot redirect a later
 //! write), device nodes are refused (the runtime provides `/dev`), and
 //! hard links must point at an earlier regular entry inside the root.
+//! An archive may also not expand past its [`Budget`] (the import limit),
+//! nor hold a path longer than [`crate::seal::MAX_PATH`].
+//!
+//! Removing a tree ([`remove_any`]) works at any depth with two open
+//! descriptors and no recursion: a build can leave 10,000 nested
+//! directories, and `std::fs::remove_dir_all` needs a descriptor per level.
 
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{ImageError, IoContext, Result};
-use crate::seal::{Entry, Kind, Seal};
+use crate::seal::{Entry, Kind, Seal, MAX_PATH};
+
+/// How much an archive may still write: file content plus a tar header's
+/// worth (512 bytes) per entry, so that millions of empty files count too.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub limit: u64,
+    pub used: u64,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Budget {
+        Budget { limit, used: 0 }
+    }
+
+    /// No cap: layers kiln wrote itself, already sealed.
+    pub fn unlimited() -> Budget {
+        Budget::new(u64::MAX)
+    }
+
+    /// Takes `bytes` from the budget, or says it is exhausted.
+    fn take(&mut self, bytes: u64) -> bool {
+        match self.used.checked_add(bytes) {
+            Some(n) if n <= self.limit => {
+                self.used = n;
+                true
+            }
+            _ => false,
+        }
+    }
+}
 
 /// OCI whiteout prefix: `dir/.wh.name` deletes `dir/name` from lower layers.
 pub const WHITEOUT: &str = ".wh.";
@@ -207,8 +244,15 @@ pub fn open_archive(path: &Path) -> Result<Box<dyn Read>> {
 }
 
 /// Applies a layer to `root`, honouring OCI whiteouts. `archive` names the
-/// source in errors. Nothing is ever written outside `root`.
-pub fn apply_layer(reader: impl Read, root: &Path, archive: &str) -> Result<()> {
+/// source in errors. Nothing is ever written outside `root`, and nothing
+/// past `budget`: the entry that would exceed it is refused before a byte
+/// of it is written.
+pub fn apply_layer(
+    reader: impl Read,
+    root: &Path,
+    archive: &str,
+    budget: &mut Budget,
+) -> Result<()> {
     let mut ar = tar::Archive::new(reader);
     let hostile = |entry: &str, reason: &str| ImageError::Hostile {
         archive: archive.to_string(),
@@ -227,6 +271,18 @@ pub fn apply_layer(reader: impl Read, root: &Path, archive: &str) -> Result<()> 
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let rel = clean_path(&raw).map_err(|r| hostile(&shown, r))?;
         let Some(rel) = rel else { continue };
+        if rel.as_os_str().len() > MAX_PATH {
+            return Err(hostile(
+                &shown.chars().take(120).collect::<String>(),
+                &format!("has a path longer than {MAX_PATH} bytes"),
+            ));
+        }
+        if !budget.take(item.header().entry_size().unwrap_or(0).saturating_add(512)) {
+            return Err(ImageError::ImportTooLarge {
+                archive: archive.to_string(),
+                limit: budget.limit,
+            });
+        }
         let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let parent = rel.parent().unwrap_or(Path::new(""));
         ensure_parents(root, parent).map_err(|r| hostile(&shown, &r))?;
@@ -420,10 +476,10 @@ fn replace_non_dir(dest: &Path) -> Result<()> {
     }
 }
 
-/// Removes a path of any type, not following symlinks.
+/// Removes a path of any type, not following symlinks, at any depth.
 pub(crate) fn remove_any(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path).ctx("remove", path),
+        Ok(m) if m.is_dir() => remove_tree(path).ctx("remove", path),
         Ok(_) => fs::remove_file(path).ctx("remove", path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ImageError::Io {
@@ -432,6 +488,85 @@ pub(crate) fn remove_any(path: &Path) -> Result<()> {
             source: e,
         }),
     }
+}
+
+/// Removes the directory `top` and everything below it, iteratively, with
+/// at most two directories open: every subdirectory of a subdirectory of
+/// `top` is first moved up into `top` (a rename within one directory of
+/// one filesystem), so nothing is ever deeper than two levels and no path
+/// is longer than two names. Interrupted, it leaves only part of `top`.
+fn remove_tree(top: &Path) -> io::Result<()> {
+    use nix::dir::{Dir, Type};
+    use nix::fcntl::{renameat2, OFlag, RenameFlags};
+    use nix::sys::stat::{fstatat, Mode, SFlag};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    // Entries of a directory (not `.` and `..`), and whether each is a directory.
+    let entries = |dir: &mut Dir| -> io::Result<Vec<(std::ffi::CString, bool)>> {
+        let fd = dir.as_raw_fd();
+        let mut out = Vec::new();
+        for e in dir.iter() {
+            let e = e?;
+            let name = e.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            let is_dir = match e.file_type() {
+                Some(t) => t == Type::Directory,
+                None => {
+                    let st = fstatat(Some(fd), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+                }
+            };
+            out.push((name.to_owned(), is_dir));
+        }
+        Ok(out)
+    };
+    let mut root = Dir::open(top, flags, Mode::empty())?;
+    let root_fd = root.as_raw_fd();
+    let mut counter = 0u64;
+    loop {
+        let mut subdirs = Vec::new();
+        for (name, is_dir) in entries(&mut root)? {
+            if is_dir {
+                subdirs.push(name);
+            } else {
+                unlinkat(Some(root_fd), name.as_c_str(), UnlinkatFlags::NoRemoveDir)?;
+            }
+        }
+        if subdirs.is_empty() {
+            break;
+        }
+        for sub in subdirs {
+            let mut dir = Dir::openat(Some(root_fd), sub.as_c_str(), flags, Mode::empty())?;
+            let dir_fd = dir.as_raw_fd();
+            for (name, is_dir) in entries(&mut dir)? {
+                if !is_dir {
+                    unlinkat(Some(dir_fd), name.as_c_str(), UnlinkatFlags::NoRemoveDir)?;
+                    continue;
+                }
+                loop {
+                    counter += 1;
+                    let up = std::ffi::CString::new(format!(".kiln-rm-{counter}"))
+                        .expect("no NUL in a number");
+                    match renameat2(
+                        Some(dir_fd),
+                        name.as_c_str(),
+                        Some(root_fd),
+                        up.as_c_str(),
+                        RenameFlags::RENAME_NOREPLACE,
+                    ) {
+                        Err(nix::errno::Errno::EEXIST) => continue,
+                        other => break other?,
+                    }
+                }
+            }
+            drop(dir);
+            unlinkat(Some(root_fd), sub.as_c_str(), UnlinkatFlags::RemoveDir)?;
+        }
+    }
+    drop(root);
+    fs::remove_dir(top)
 }
 
 fn finish(dest: &Path, mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<()> {
@@ -455,4 +590,83 @@ fn finish(dest: &Path, mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<()> 
     )
     .map_err(sys("set times of"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+
+    /// `levels` nested directories `d` below `top`, made relative to open
+    /// descriptors: their full path is far longer than the kernel allows.
+    fn nest(top: &Path, levels: usize) {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut fd = nix::fcntl::open(top, flags, Mode::empty()).unwrap();
+        for _ in 0..levels {
+            mkdirat(Some(fd), "d", Mode::from_bits_truncate(0o755)).unwrap();
+            let next = openat(Some(fd), "d", flags, Mode::empty()).unwrap();
+            nix::unistd::close(fd).unwrap();
+            fd = next;
+        }
+        // A file at the bottom, and a symlink that must not be followed.
+        let file = openat(
+            Some(fd),
+            "f",
+            OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        nix::unistd::close(file).unwrap();
+        nix::unistd::symlinkat("/", Some(fd), "up").unwrap();
+        nix::unistd::close(fd).unwrap();
+    }
+
+    #[test]
+    fn a_tree_ten_thousand_deep_is_removed_with_few_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("deep");
+        fs::create_dir(&top).unwrap();
+        nest(&top, 10_000);
+        fs::create_dir_all(top.join("wide/a/b")).unwrap();
+        fs::write(top.join("wide/a/b/x"), "x").unwrap();
+        // Our own names in the tree do not get in the way of the renames.
+        fs::create_dir(top.join(".kiln-rm-1")).unwrap();
+        remove_any(&top).unwrap();
+        assert!(!top.exists());
+        assert!(Path::new("/").exists(), "the symlink was followed");
+    }
+
+    #[test]
+    fn an_archive_past_its_budget_is_refused_before_the_entry_is_written() {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, size) in [("small", 100usize), ("big", 10_000)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(size as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut h, name, &vec![0u8; size][..]).unwrap();
+        }
+        let bytes = tar.into_inner().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mut budget = Budget::new(5_000);
+        let err = apply_layer(&bytes[..], root.path(), "test.tar", &mut budget).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "refused test.tar: it expands past the import limit of 4.8 KiB (`import_limit` in kiln.toml)"
+        );
+        assert!(root.path().join("small").exists());
+        assert!(!root.path().join("big").exists());
+        let root = tempfile::tempdir().unwrap();
+        apply_layer(
+            &bytes[..],
+            root.path(),
+            "test.tar",
+            &mut Budget::new(11_124),
+        )
+        .unwrap();
+    }
 }

@@ -15,6 +15,9 @@ pub mod store;
 
 pub use error::{ImageError, Result};
 pub use store::{Digest, Store, VersionRecord};
+pub use user::{resolve_user, UserError};
 pub mod bake;
 pub mod ops;
+pub mod repair;
 mod source;
+pub mod user;

@@ -217,7 +217,7 @@ pub fn verify_with(store: &Store, reference: &str, full: bool, blobs: bool) -> R
         Vec::new()
     };
     for d in blobs {
-        if !blob_ok(store, d) {
+        if !store.blob_intact(d) {
             corrupt_blobs.push(d.clone());
         }
     }
@@ -232,23 +232,13 @@ pub fn verify_with(store: &Store, reference: &str, full: bool, blobs: bool) -> R
     })
 }
 
-fn blobs_of(r: &VersionRecord) -> Vec<&Digest> {
+/// Every blob a version refers to: manifest, config, seal and layers.
+pub(crate) fn blobs_of(r: &VersionRecord) -> Vec<&Digest> {
     std::iter::once(&r.digest)
         .chain(std::iter::once(&r.config))
+        .chain(std::iter::once(&r.seal))
         .chain(r.layers.iter().map(|l| &l.digest))
         .collect()
-}
-
-fn blob_ok(store: &Store, d: &Digest) -> bool {
-    use sha2::Digest as _;
-    let Ok(mut f) = fs::File::open(store.blob_path(d)) else {
-        return false;
-    };
-    let mut h = sha2::Sha256::new();
-    if std::io::copy(&mut f, &mut h).is_err() {
-        return false;
-    }
-    format!("sha256:{}", hex::encode(h.finalize())) == d.0
 }
 
 /// What `kiln image gc` removed.
@@ -312,12 +302,7 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
     }
     for d in store.roots()? {
         if !live_roots.contains(&d) {
-            let p = store.root_path(&d);
-            fs::remove_dir_all(&p).map_err(|source| ImageError::Io {
-                op: "remove",
-                path: p,
-                source,
-            })?;
+            crate::layer::remove_any(&store.root_path(&d))?;
             out.roots += 1;
         }
     }
@@ -342,12 +327,7 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
                 out.retired_in_use += 1;
                 continue;
             }
-            let p = item.path();
-            fs::remove_dir_all(&p).map_err(|source| ImageError::Io {
-                op: "remove",
-                path: p,
-                source,
-            })?;
+            crate::layer::remove_any(&item.path())?;
             out.retired += 1;
         }
     }

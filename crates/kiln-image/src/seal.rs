@@ -3,8 +3,11 @@
 //! verification of a tree on disk against a seal.
 //!
 //! The walk and the hashing are parallel (rayon): directories are read
-//! concurrently and files hashed on every core, large files in chunks
-//! across cores too. Modification times are deliberately not sealed: kiln
+//! concurrently, one depth at a time (the walk is a loop, not a recursion,
+//! so a tree of any depth cannot overflow the stack), and files are hashed
+//! on every core, large files in chunks across cores too. A path longer
+//! than [`MAX_PATH`] is an error: every later step (layers, copies, the
+//! runtime) must be able to name every file of a root. Modification times are deliberately not sealed: kiln
 //! fixes them at bake time, and they carry no meaning for drift.
 
 use std::collections::BTreeMap;
@@ -17,6 +20,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{IoContext, Result};
+
+/// Longest path, relative to an image root, that an image may hold. The
+/// kernel's limit for a whole path is 4096 bytes, and a root lives under
+/// the store's own path, so this leaves room for the store.
+pub const MAX_PATH: usize = 3072;
 
 /// Files at least this large are hashed from a memory map on all cores.
 const LARGE_FILE: u64 = 4 << 20;
@@ -145,7 +153,7 @@ fn stat_key(m: &fs::Metadata) -> (u64, i64, i64, u64) {
 /// Seals `root`, re-hashing only files whose stat differs from `cache`
 /// (all of them without a cache). Returns the seal and the new cache.
 pub fn seal_tree_cached(root: &Path, cache: Option<&StatCache>) -> Result<(Seal, StatCache)> {
-    let found = walk(root, "")?;
+    let found = walk(root)?;
     let done = found
         .into_par_iter()
         .map(|(path, meta)| {
@@ -171,8 +179,29 @@ pub fn seal_tree_cached(root: &Path, cache: Option<&StatCache>) -> Result<(Seal,
     ))
 }
 
-/// Every path below `dir` (relative to the walk's root) with its metadata.
-fn walk(root: &Path, rel: &str) -> Result<Vec<(String, fs::Metadata)>> {
+/// Every path below `root` (relative to it) with its metadata: one depth
+/// at a time, the directories of each depth read in parallel.
+fn walk(root: &Path) -> Result<Vec<(String, fs::Metadata)>> {
+    let mut out = Vec::new();
+    let mut depth = vec![String::new()];
+    while !depth.is_empty() {
+        let found: Vec<Vec<(String, fs::Metadata)>> = depth
+            .par_iter()
+            .map(|rel| read_dir(root, rel))
+            .collect::<Result<_>>()?;
+        depth = Vec::new();
+        for (path, meta) in found.into_iter().flatten() {
+            if meta.is_dir() {
+                depth.push(path.clone());
+            }
+            out.push((path, meta));
+        }
+    }
+    Ok(out)
+}
+
+/// The entries of one directory, `rel` below `root`.
+fn read_dir(root: &Path, rel: &str) -> Result<Vec<(String, fs::Metadata)>> {
     let dir = if rel.is_empty() {
         root.to_path_buf()
     } else {
@@ -190,15 +219,16 @@ fn walk(root: &Path, rel: &str) -> Result<Vec<(String, fs::Metadata)>> {
         } else {
             format!("{rel}/{name}")
         };
+        if path.len() > MAX_PATH {
+            return Err(crate::ImageError::PathTooLong {
+                root: root.to_path_buf(),
+                path: path.chars().take(120).collect(),
+                limit: MAX_PATH,
+            });
+        }
         let meta = fs::symlink_metadata(item.path()).ctx("stat", item.path())?;
         here.push((path, meta));
     }
-    let below: Vec<Vec<_>> = here
-        .par_iter()
-        .filter(|(_, m)| m.is_dir())
-        .map(|(p, _)| walk(root, p))
-        .collect::<Result<_>>()?;
-    here.extend(below.into_iter().flatten());
     Ok(here)
 }
 
@@ -339,4 +369,30 @@ pub fn diff(expected: &Seal, actual: &Seal) -> Vec<Difference> {
 /// Re-hashes `root` and compares it with `seal`.
 pub fn verify_tree(root: &Path, seal: &Seal) -> Result<Vec<Difference>> {
     Ok(diff(seal, &seal_tree(root)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_deeper_than_any_image_may_be_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1,600 levels of `d`: 3,200 bytes of path, past MAX_PATH, still
+        // creatable through full paths on the host.
+        let mut rel = String::from("d");
+        for _ in 1..1600 {
+            rel.push_str("/d");
+        }
+        std::fs::create_dir_all(dir.path().join(&rel)).unwrap();
+        let err = seal_tree(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, crate::ImageError::PathTooLong { path, limit: MAX_PATH, .. } if path.starts_with("d/d/d")),
+            "{err}"
+        );
+        // Just under the limit seals, one entry per level.
+        let ok = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(ok.path().join(&rel[..MAX_PATH - 1])).unwrap();
+        assert_eq!(seal_tree(ok.path()).unwrap().entries.len(), MAX_PATH / 2);
+    }
 }

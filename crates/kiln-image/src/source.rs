@@ -3,9 +3,15 @@
 //! tarball's bytes, the OCI manifest digest, or suite + mirror + variant),
 //! validated entry by entry, flattened and normalised into one layer, and
 //! sealed; later builds reuse the cached base record.
+//!
+//! An import may not expand past the image's `import_limit`: archives are
+//! refused at the first entry that would exceed it, a debootstrap root is
+//! measured once debootstrap is done. Either way nothing of the import is
+//! kept.
 
 use std::fs;
 use std::io::{self, BufRead};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -14,12 +20,20 @@ use sha2::{Digest as _, Sha256};
 
 use crate::bake::{write_layer_blob, Baker};
 use crate::error::{ImageError, IoContext, Result};
-use crate::layer::{self, LayerChanges};
+use crate::layer::{self, Budget, LayerChanges};
 use crate::seal::{self, Seal};
 use crate::store::BaseRecord;
 
-/// Imports (or finds cached) the base of `image`.
-pub(crate) fn import(baker: &Baker, image: &str, source: &ImageSource) -> Result<BaseRecord> {
+/// Imports (or finds cached) the base of `image`, expanding to at most
+/// `limit` bytes. `fresh`: a cached base with a corrupt blob is imported
+/// again, which rewrites the blob if the source still gives its bytes.
+pub(crate) fn import(
+    baker: &Baker,
+    image: &str,
+    source: &ImageSource,
+    limit: u64,
+    fresh: bool,
+) -> Result<BaseRecord> {
     let store = baker.store;
     let (key, description) = match source {
         ImageSource::Rootfs(path) => {
@@ -58,7 +72,12 @@ pub(crate) fn import(baker: &Baker, image: &str, source: &ImageSource) -> Result
         ImageSource::Scratch | ImageSource::Image(_) => unreachable!("not an imported base"),
     };
     if let Some(rec) = store.base(&key)? {
-        return Ok(rec);
+        let intact = || {
+            rec.layers.iter().all(|l| store.blob_intact(&l.digest)) && store.blob_intact(&rec.seal)
+        };
+        if !fresh || intact() {
+            return Ok(rec);
+        }
     }
     baker.emit_step(image, format!("importing {description}"));
     let work = store.temp_dir("import")?;
@@ -66,13 +85,15 @@ pub(crate) fn import(baker: &Baker, image: &str, source: &ImageSource) -> Result
     fs::create_dir(&root).ctx("create directory", &root)?;
     let result = (|| -> Result<BaseRecord> {
         let mut env = Vec::new();
+        let mut budget = Budget::new(limit);
         match source {
             ImageSource::Rootfs(path) => layer::apply_layer(
                 layer::open_archive(path)?,
                 &root,
                 &path.display().to_string(),
+                &mut budget,
             )?,
-            ImageSource::Oci { dir, tag } => env = unpack_oci(dir, tag, &root)?,
+            ImageSource::Oci { dir, tag } => env = unpack_oci(dir, tag, &root, &mut budget)?,
             ImageSource::Debootstrap {
                 suite,
                 mirror,
@@ -81,6 +102,16 @@ pub(crate) fn import(baker: &Baker, image: &str, source: &ImageSource) -> Result
             _ => unreachable!(),
         }
         let sealed = seal::seal_tree(&root)?;
+        // Archives were measured as they expanded; debootstrap only now.
+        let size = sealed
+            .content_size()
+            .saturating_add(512 * sealed.entries.len() as u64);
+        if size > limit {
+            return Err(ImageError::ImportTooLarge {
+                archive: description.clone(),
+                limit,
+            });
+        }
         let changes = LayerChanges::between(&Seal::from_entries(Vec::new()), &sealed);
         baker.emit_step(
             image,
@@ -98,7 +129,7 @@ pub(crate) fn import(baker: &Baker, image: &str, source: &ImageSource) -> Result
         store.put_base(&rec)?;
         Ok(rec)
     })();
-    let _ = fs::remove_dir_all(&work);
+    let _ = layer::remove_any(&work);
     result
 }
 
@@ -144,8 +175,9 @@ fn blob_path(dir: &Path, digest: &str) -> Option<std::path::PathBuf> {
     (ok(alg) && ok(hex)).then(|| dir.join("blobs").join(alg).join(hex))
 }
 
-/// Applies every layer of the tagged manifest to `root`; returns the image's environment.
-fn unpack_oci(dir: &Path, tag: &str, root: &Path) -> Result<Vec<String>> {
+/// Applies every layer of the tagged manifest to `root`, all of them
+/// within one budget; returns the image's environment.
+fn unpack_oci(dir: &Path, tag: &str, root: &Path, budget: &mut Budget) -> Result<Vec<String>> {
     let oci = |reason: String| ImageError::Oci {
         dir: dir.to_path_buf(),
         reason,
@@ -164,6 +196,7 @@ fn unpack_oci(dir: &Path, tag: &str, root: &Path) -> Result<Vec<String>> {
             layer::open_archive(&path)?,
             root,
             &format!("{} layer {digest}", dir.display()),
+            budget,
         )?;
     }
     let config_path = blob_path(dir, manifest.config().digest().as_ref())
@@ -200,7 +233,18 @@ fn debootstrap(
         detail,
     };
     let log_path = work.join("debootstrap.log");
-    let mut child = Command::new("debootstrap")
+    let mut command = Command::new("debootstrap");
+    // SAFETY: between fork and exec the child only makes the prctl system
+    // call, which is async-signal-safe; it takes no lock and allocates nothing.
+    // It makes debootstrap die with kiln rather than keep writing into a
+    // temporary root that the next build removes.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(io::Error::from)
+        });
+    }
+    let mut child = command
         .arg(format!("--variant={variant}"))
         .arg(suite)
         .arg(root)

@@ -12,6 +12,16 @@
 //! .kiln/lock                 held (POSIX record lock) by every writer
 //! ```
 //!
+//! The store is private to its owner (mode 0700, set on every open, so
+//! that stores made before this rule are fixed too): image roots hold
+//! whatever their tarballs and scripts put there, setuid-root binaries
+//! included, and no other user of the host may reach them. Inside a
+//! sandbox `no_new_privileges` makes setuid bits inert.
+//!
+//! A blob written under a digest that is already present replaces the
+//! present one if its content no longer matches its digest: rebuilding
+//! the same bytes repairs a corrupt store.
+//!
 //! Invariant: every write is a temporary file or directory under `tmp/`
 //! renamed into place, and a version exists only once its record is
 //! written, after its blobs and root. A killed build leaves at most
@@ -107,6 +117,11 @@ pub struct VersionRecord {
     pub inputs: Inputs,
     /// Wall time of the build in milliseconds.
     pub build_ms: u64,
+    /// Who the image's processes run as, resolved in its own passwd and
+    /// group at bake time (the config's `User` holds `uid:gid`); `None`
+    /// for root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<kiln_model::ResolvedUser>,
 }
 
 /// A base imported from outside kiln, cached by its source.
@@ -145,6 +160,11 @@ impl Store {
             s.tmp_dir(),
         ] {
             fs::create_dir_all(&d).ctx("create directory", &d)?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        for private in [s.root.clone(), s.root.join("roots")] {
+            fs::set_permissions(&private, fs::Permissions::from_mode(0o700))
+                .ctx("chmod", &private)?;
         }
         let layout = s.root.join("oci/oci-layout");
         if !layout.exists() {
@@ -262,10 +282,23 @@ impl Store {
         self.blob_path(d).is_file()
     }
 
-    /// Stores bytes as a blob, returning their digest.
+    /// Whether a blob exists and its content still hashes to its digest.
+    pub fn blob_intact(&self, d: &Digest) -> bool {
+        let Ok(mut f) = fs::File::open(self.blob_path(d)) else {
+            return false;
+        };
+        let mut h = Sha256::new();
+        if io::copy(&mut f, &mut h).is_err() {
+            return false;
+        }
+        format!("sha256:{}", hex::encode(h.finalize())) == d.0
+    }
+
+    /// Stores bytes as a blob, returning their digest; a present blob of
+    /// that digest whose content is corrupt is replaced.
     pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest> {
         let d = Digest::of(bytes);
-        if !self.has_blob(&d) {
+        if !self.blob_intact(&d) {
             self.write_atomic(&self.blob_path(&d), bytes)?;
         }
         Ok(d)
@@ -277,9 +310,11 @@ impl Store {
         Ok((self.put_blob(&bytes)?, bytes.len() as u64))
     }
 
-    /// Moves a finished temporary file into the blobs under its digest.
+    /// Moves a finished temporary file into the blobs under its digest
+    /// (the caller hashed it while writing it). A present blob of that
+    /// digest is kept if intact and replaced if corrupt.
     pub fn adopt_blob(&self, tmp: &Path, d: &Digest) -> Result<()> {
-        if self.has_blob(d) {
+        if self.blob_intact(d) {
             return fs::remove_file(tmp).ctx("remove", tmp);
         }
         fs::rename(tmp, self.blob_path(d)).ctx("rename into", self.blob_path(d))

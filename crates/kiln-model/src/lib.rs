@@ -9,7 +9,7 @@ mod plan;
 mod release;
 mod subnet;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -119,7 +119,377 @@ pub struct ImageSpec {
     pub mtime: u64,
     /// Whether build scripts may use the network (default: yes).
     pub build_network: bool,
+    /// The user the image's processes (tests, servers) run as; root if none.
+    #[serde(default)]
+    pub user: Option<UserSpec>,
+    /// Limits of the build scripts and tests of this image.
+    #[serde(default)]
+    pub build_limits: BuildLimits,
+    /// Bytes an imported base of this image may expand to.
+    #[serde(default = "default_import_limit")]
+    pub import_limit_bytes: u64,
 }
+
+fn default_import_limit() -> u64 {
+    DEFAULT_IMPORT_LIMIT
+}
+
+/// A Linux capability, named as in `capabilities(7)` without the `CAP_`
+/// prefix (`NET_RAW`). Parsed case-insensitively, with or without `CAP_`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Capability {
+    Chown,
+    DacOverride,
+    DacReadSearch,
+    Fowner,
+    Fsetid,
+    Kill,
+    Setgid,
+    Setuid,
+    Setpcap,
+    LinuxImmutable,
+    NetBindService,
+    NetBroadcast,
+    NetAdmin,
+    NetRaw,
+    IpcLock,
+    IpcOwner,
+    SysModule,
+    SysRawio,
+    SysChroot,
+    SysPtrace,
+    SysPacct,
+    SysAdmin,
+    SysBoot,
+    SysNice,
+    SysResource,
+    SysTime,
+    SysTtyConfig,
+    Mknod,
+    Lease,
+    AuditWrite,
+    AuditControl,
+    Setfcap,
+    MacOverride,
+    MacAdmin,
+    Syslog,
+    WakeAlarm,
+    BlockSuspend,
+    AuditRead,
+    Perfmon,
+    Bpf,
+    CheckpointRestore,
+}
+
+impl Capability {
+    /// Every capability the kernel defines, in the kernel's numbering order.
+    pub const ALL: [Capability; 41] = [
+        Capability::Chown,
+        Capability::DacOverride,
+        Capability::DacReadSearch,
+        Capability::Fowner,
+        Capability::Fsetid,
+        Capability::Kill,
+        Capability::Setgid,
+        Capability::Setuid,
+        Capability::Setpcap,
+        Capability::LinuxImmutable,
+        Capability::NetBindService,
+        Capability::NetBroadcast,
+        Capability::NetAdmin,
+        Capability::NetRaw,
+        Capability::IpcLock,
+        Capability::IpcOwner,
+        Capability::SysModule,
+        Capability::SysRawio,
+        Capability::SysChroot,
+        Capability::SysPtrace,
+        Capability::SysPacct,
+        Capability::SysAdmin,
+        Capability::SysBoot,
+        Capability::SysNice,
+        Capability::SysResource,
+        Capability::SysTime,
+        Capability::SysTtyConfig,
+        Capability::Mknod,
+        Capability::Lease,
+        Capability::AuditWrite,
+        Capability::AuditControl,
+        Capability::Setfcap,
+        Capability::MacOverride,
+        Capability::MacAdmin,
+        Capability::Syslog,
+        Capability::WakeAlarm,
+        Capability::BlockSuspend,
+        Capability::AuditRead,
+        Capability::Perfmon,
+        Capability::Bpf,
+        Capability::CheckpointRestore,
+    ];
+
+    /// Docker's default set: what a server (and a build script) gets unless
+    /// its role drops or adds capabilities.
+    pub const DOCKER_DEFAULT: [Capability; 14] = [
+        Capability::Chown,
+        Capability::DacOverride,
+        Capability::Fowner,
+        Capability::Fsetid,
+        Capability::Kill,
+        Capability::Setgid,
+        Capability::Setuid,
+        Capability::Setpcap,
+        Capability::NetBindService,
+        Capability::NetRaw,
+        Capability::SysChroot,
+        Capability::Mknod,
+        Capability::AuditWrite,
+        Capability::Setfcap,
+    ];
+
+    /// The kernel's number of this capability (`CAP_CHOWN` is 0).
+    pub fn number(self) -> u32 {
+        Capability::ALL
+            .iter()
+            .position(|c| *c == self)
+            .map(|i| i as u32)
+            .unwrap_or(u32::MAX)
+    }
+
+    /// The name without the `CAP_` prefix, as `capabilities(7)` spells it.
+    pub fn name(self) -> &'static str {
+        use Capability::*;
+        match self {
+            Chown => "CHOWN",
+            DacOverride => "DAC_OVERRIDE",
+            DacReadSearch => "DAC_READ_SEARCH",
+            Fowner => "FOWNER",
+            Fsetid => "FSETID",
+            Kill => "KILL",
+            Setgid => "SETGID",
+            Setuid => "SETUID",
+            Setpcap => "SETPCAP",
+            LinuxImmutable => "LINUX_IMMUTABLE",
+            NetBindService => "NET_BIND_SERVICE",
+            NetBroadcast => "NET_BROADCAST",
+            NetAdmin => "NET_ADMIN",
+            NetRaw => "NET_RAW",
+            IpcLock => "IPC_LOCK",
+            IpcOwner => "IPC_OWNER",
+            SysModule => "SYS_MODULE",
+            SysRawio => "SYS_RAWIO",
+            SysChroot => "SYS_CHROOT",
+            SysPtrace => "SYS_PTRACE",
+            SysPacct => "SYS_PACCT",
+            SysAdmin => "SYS_ADMIN",
+            SysBoot => "SYS_BOOT",
+            SysNice => "SYS_NICE",
+            SysResource => "SYS_RESOURCE",
+            SysTime => "SYS_TIME",
+            SysTtyConfig => "SYS_TTY_CONFIG",
+            Mknod => "MKNOD",
+            Lease => "LEASE",
+            AuditWrite => "AUDIT_WRITE",
+            AuditControl => "AUDIT_CONTROL",
+            Setfcap => "SETFCAP",
+            MacOverride => "MAC_OVERRIDE",
+            MacAdmin => "MAC_ADMIN",
+            Syslog => "SYSLOG",
+            WakeAlarm => "WAKE_ALARM",
+            BlockSuspend => "BLOCK_SUSPEND",
+            AuditRead => "AUDIT_READ",
+            Perfmon => "PERFMON",
+            Bpf => "BPF",
+            CheckpointRestore => "CHECKPOINT_RESTORE",
+        }
+    }
+
+    /// Docker's default set as a set.
+    pub fn docker_default() -> BTreeSet<Capability> {
+        Capability::DOCKER_DEFAULT.into_iter().collect()
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A capability name that `capabilities(7)` does not define.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownCapability(pub String);
+
+impl std::fmt::Display for UnknownCapability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "unknown capability `{}`; expected a name from capabilities(7) such as \"NET_RAW\" or \"CAP_SYS_ADMIN\"",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownCapability {}
+
+impl std::str::FromStr for Capability {
+    type Err = UnknownCapability;
+    fn from_str(s: &str) -> Result<Capability, UnknownCapability> {
+        let upper = s.trim().to_ascii_uppercase();
+        let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+        Capability::ALL
+            .into_iter()
+            .find(|c| c.name() == bare)
+            .ok_or_else(|| UnknownCapability(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for Capability {
+    type Error = UnknownCapability;
+    fn try_from(s: String) -> Result<Capability, UnknownCapability> {
+        s.parse()
+    }
+}
+
+impl From<Capability> for String {
+    fn from(c: Capability) -> String {
+        c.name().to_string()
+    }
+}
+
+/// One side of a `user` declaration: a numeric id or a name to look up.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IdRef {
+    Id(u32),
+    Name(String),
+}
+
+impl std::fmt::Display for IdRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdRef::Id(n) => write!(f, "{n}"),
+            IdRef::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// A declared `user = "NAME" | "UID" | "NAME:GROUP" | "UID:GID"`, resolved
+/// against an image's own `/etc/passwd` and `/etc/group` at bake time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserSpec {
+    pub user: IdRef,
+    pub group: Option<IdRef>,
+}
+
+impl std::fmt::Display for UserSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.group {
+            Some(g) => write!(f, "{}:{g}", self.user),
+            None => write!(f, "{}", self.user),
+        }
+    }
+}
+
+impl std::str::FromStr for UserSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<UserSpec, String> {
+        let part = |p: &str| -> Result<IdRef, String> {
+            if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+                // (uid_t)-1 means "unchanged" to the kernel: never a real id.
+                return match p.parse::<u32>() {
+                    Ok(n) if n != u32::MAX => Ok(IdRef::Id(n)),
+                    _ => Err(format!("`{p}` is out of range; ids go up to 4294967294")),
+                };
+            }
+            let ok = !p.is_empty()
+                && p.len() <= 32
+                && !p.starts_with('-')
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if ok {
+                Ok(IdRef::Name(p.to_string()))
+            } else {
+                Err(format!("`{p}` is not a user or group name; expected letters, digits, `_`, `-` or `.` (at most 32), or a number"))
+            }
+        };
+        let (u, g) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        Ok(UserSpec {
+            user: part(u)?,
+            group: g.map(part).transpose()?,
+        })
+    }
+}
+
+impl TryFrom<String> for UserSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<UserSpec, String> {
+        s.parse()
+    }
+}
+
+impl From<UserSpec> for String {
+    fn from(u: UserSpec) -> String {
+        u.to_string()
+    }
+}
+
+/// A user resolved in an image's `/etc/passwd` and `/etc/group`: what the
+/// runtime needs to start a process as that user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedUser {
+    /// The user's name, if the image's passwd has one for this uid.
+    pub name: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups: every group of `/etc/group` that lists the user.
+    pub additional_gids: Vec<u32>,
+    /// Home directory from passwd, if any.
+    pub home: Option<String>,
+}
+
+impl ResolvedUser {
+    /// Root, as a process runs when an image declares no user.
+    pub fn root() -> ResolvedUser {
+        ResolvedUser {
+            name: Some("root".into()),
+            uid: 0,
+            gid: 0,
+            additional_gids: Vec::new(),
+            home: Some("/root".into()),
+        }
+    }
+}
+
+/// Resource limits of an image's build scripts and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildLimits {
+    /// Most processes (and threads) at once.
+    pub pids: u32,
+    pub memory_bytes: u64,
+    /// Time allowed to each build script.
+    pub script_timeout_secs: u64,
+    /// Time allowed to each image test.
+    pub test_timeout_secs: u64,
+}
+
+impl Default for BuildLimits {
+    fn default() -> BuildLimits {
+        BuildLimits {
+            pids: 4096,
+            memory_bytes: 4 << 30,
+            script_timeout_secs: 30 * 60,
+            test_timeout_secs: 5 * 60,
+        }
+    }
+}
+
+/// Bytes an imported base (rootfs tarball, OCI layers, debootstrap) may
+/// expand to unless `import_limit` says otherwise.
+pub const DEFAULT_IMPORT_LIMIT: u64 = 8 << 30;
 
 /// Size of a server: CPU share and memory limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,6 +645,14 @@ pub struct RoleSpec {
     /// (everything else is refused by the provider's isolation).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reach: Vec<Reach>,
+    /// Capabilities of the role's servers: Docker's default set with the
+    /// role's `drop` and `add` applied.
+    #[serde(default = "Capability::docker_default")]
+    pub capabilities: BTreeSet<Capability>,
+    /// Who its servers run as, over the image's `user`; resolved in the
+    /// image's own `/etc/passwd` and `/etc/group` when planning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserSpec>,
 }
 
 /// A destination servers of a role may reach: `host:PORT` (a service on
@@ -400,5 +778,65 @@ impl Server {
     pub fn endpoint(&self, port: u16) -> String {
         let p = self.published.get(&port).copied().unwrap_or(port);
         format!("{}:{p}", self.address)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_names_parse_with_or_without_prefix_in_any_case() {
+        for s in [
+            "NET_RAW",
+            "net_raw",
+            "CAP_NET_RAW",
+            "cap_Net_Raw",
+            " NET_RAW ",
+        ] {
+            assert_eq!(s.parse::<Capability>(), Ok(Capability::NetRaw), "{s}");
+        }
+        assert!("NET_RAWX".parse::<Capability>().is_err());
+        assert!("CAP_".parse::<Capability>().is_err());
+        assert!("".parse::<Capability>().is_err());
+        // Every name round-trips, and numbers follow the kernel's order.
+        for (i, c) in Capability::ALL.iter().enumerate() {
+            assert_eq!(c.name().parse::<Capability>(), Ok(*c));
+            assert_eq!(c.number(), i as u32);
+        }
+        assert_eq!(Capability::CheckpointRestore.number(), 40);
+        assert_eq!(Capability::docker_default().len(), 14);
+    }
+
+    #[test]
+    fn capabilities_serialize_as_their_names() {
+        let json = serde_json::to_string(&Capability::docker_default()).unwrap();
+        assert!(json.starts_with(r#"["CHOWN","DAC_OVERRIDE","#), "{json}");
+        let back: BTreeSet<Capability> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Capability::docker_default());
+        assert!(serde_json::from_str::<Capability>(r#""NOPE""#).is_err());
+    }
+
+    #[test]
+    fn user_specs_parse_names_ids_and_groups() {
+        let u: UserSpec = "postgres".parse().unwrap();
+        assert_eq!((u.user, u.group), (IdRef::Name("postgres".into()), None));
+        let u: UserSpec = "1000:100".parse().unwrap();
+        assert_eq!((u.user, u.group), (IdRef::Id(1000), Some(IdRef::Id(100))));
+        let u: UserSpec = "www-data:adm".parse().unwrap();
+        assert_eq!(u.to_string(), "www-data:adm");
+        for bad in [
+            "",
+            ":",
+            "a:",
+            ":b",
+            "4294967295",
+            "99999999999",
+            "a b",
+            "-x",
+            "a:b:c",
+        ] {
+            assert!(bad.parse::<UserSpec>().is_err(), "{bad:?} parsed");
+        }
     }
 }

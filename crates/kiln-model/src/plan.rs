@@ -34,9 +34,9 @@ pub struct Launch {
     /// `KEY=VALUE`: the image's environment, then the role's over it.
     pub env: Vec<String>,
     pub workdir: String,
-    /// `uid:gid` (numeric) the process runs as; `None` is root.
+    /// Who the process runs as (resolved in the image); `None` is root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<crate::ResolvedUser>,
 }
 
 /// What a role runs, fully resolved: the target of its servers.

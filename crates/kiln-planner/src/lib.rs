@@ -98,13 +98,24 @@ pub fn role_order(env: &EnvSpec) -> Vec<String> {
 /// ports, volumes and environment. Count, strategy and policies are not in
 /// it: changing them does not make existing servers wrong.
 pub fn spec_hash(role: &RoleSpec) -> String {
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "cpus": role.size.cpus,
         "memory": role.size.memory_bytes,
         "ports": role.ports,
         "volumes": role.volumes,
         "env": role.env,
     });
+    // Only what differs from the defaults joins the hash, so servers made
+    // before these keys existed are not all replaced.
+    if role.capabilities != kiln_model::Capability::docker_default() {
+        v["capabilities"] = serde_json::json!(role.capabilities);
+    }
+    if let Some(user) = &role.user {
+        v["user"] = serde_json::json!(user.to_string());
+    }
+    if !role.reach.is_empty() {
+        v["reach"] = serde_json::json!(role.reach);
+    }
     blake3::hash(v.to_string().as_bytes()).to_hex()[..16].to_string()
 }
 

@@ -32,7 +32,7 @@ use kiln_provider::{
     check, BalancerState, FileCheck, Inspection, LogChunk, Provider, ProviderError, Running,
     ServerRequest, Started,
 };
-use kiln_sandbox::{alive, Bind, Limits, Network, Privilege, Runtime, SandboxSpec};
+use kiln_sandbox::{alive, Bind, Limits, Network, Runtime, SandboxSpec};
 
 /// Labels written on every server sandbox, so strays are found by what they claim to be.
 pub const LABEL_ENV: &str = "dev.kiln.env";
@@ -137,8 +137,9 @@ impl Local {
         spec.env = req.launch.env.clone();
         spec.cwd = req.launch.workdir.clone();
         spec.network = Network::Join(netns);
+        spec.capabilities = req.capabilities.clone();
+        spec.user = req.launch.user.clone();
         spec.binds = binds;
-        spec.privilege = Privilege::Minimal;
         spec.limits = Some(Limits {
             memory_bytes: Some(req.size.memory_bytes as i64),
             cpus: Some(req.size.cpus),

@@ -59,6 +59,9 @@ pub struct ServerRequest {
     pub volumes: Vec<Volume>,
     /// What the server may reach beyond its environment.
     pub reach: Vec<kiln_model::Reach>,
+    /// The capabilities its processes may hold (root's; another user
+    /// holds none).
+    pub capabilities: std::collections::BTreeSet<kiln_model::Capability>,
 }
 
 /// What creating a server gave.

@@ -2,29 +2,59 @@
 //! in-process, from a root directory on disk.
 //!
 //! Two uses share this one mechanism: build sandboxes (a writable root,
-//! the host's network when the image allows it, a broad root capability
-//! set for package managers) and the read-only sandboxes that tests and
-//! servers run in (read-only root, tmpfs `/tmp` and `/run`, a network
-//! namespace of their own, minimal capabilities, cgroup limits).
+//! the host's network when the image allows it) and the read-only
+//! sandboxes that tests and servers run in (read-only root, tmpfs `/tmp`
+//! and `/run`, a network namespace of their own).
+//!
+//! Every sandbox, whatever its use, gets: an explicit capability set
+//! (Docker's default unless told otherwise), `no_new_privileges`, Docker's
+//! default seccomp filter for that capability set (`seccomp.rs`), and a
+//! read-only `/sys/fs/cgroup` and `/proc/sys`.
+//!
+//! A process started as a user other than root keeps no capability at
+//! all: its bounding set is the sandbox's set, but its effective,
+//! permitted, inheritable and ambient sets are empty. This is Docker's
+//! rule for non-root users; since `no_new_privileges` also stops setuid
+//! binaries and file capabilities from granting anything, such a process
+//! can never gain a capability. Daemons that need privileges start as
+//! root and drop them (nginx's master, postgres's initdb wrapper). As in
+//! Docker, ports below 1024 are not privileged inside a sandbox that has
+//! its own network namespace (`net.ipv4.ip_unprivileged_port_start = 0`),
+//! so a non-root daemon can still listen on port 80.
+//!
+//! Sandboxes that `run_to_exit` (build scripts, image tests, command
+//! probes) are tied to the thread that runs them: their first process
+//! gets `PR_SET_PDEATHSIG = SIGKILL` just before it executes the command,
+//! and killing a pid namespace's first process kills the whole namespace.
+//! So a `kiln` killed with SIGKILL leaves no build process behind. Servers
+//! (`start`) are not tied: they outlive `kiln`.
 //!
 //! Invariant: no function here opens a shell in, or joins, a running
 //! sandbox; containers are only created, waited for, signalled, listed and
 //! deleted.
 
+mod seccomp;
+
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use kiln_model::{Capability, ResolvedUser};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
-    LinuxResourcesBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
+    MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
+
+pub use seccomp::default_filter as default_seccomp_filter;
 
 /// Errors of sandbox operations; the source carries libcontainer's chain.
 #[derive(Debug, thiserror::Error)]
@@ -71,13 +101,12 @@ pub struct Limits {
     pub pids: Option<i64>,
 }
 
-/// Which capability set the sandbox's process keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Privilege {
-    /// The OCI default: AUDIT_WRITE, KILL, NET_BIND_SERVICE.
-    Minimal,
-    /// What a root build script needs to install packages (Docker's default set).
-    Build,
+/// Docker's default capability set: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
+/// KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT,
+/// MKNOD, AUDIT_WRITE, SETFCAP. What every sandbox gets unless its spec
+/// says otherwise.
+pub fn docker_default_capabilities() -> BTreeSet<Capability> {
+    Capability::docker_default()
 }
 
 /// Everything needed to run one sandbox.
@@ -97,7 +126,13 @@ pub struct SandboxSpec {
     pub hostname: String,
     pub binds: Vec<Bind>,
     pub limits: Option<Limits>,
-    pub privilege: Privilege,
+    /// The capabilities the sandbox keeps: the bounding set, and for root
+    /// also the effective and permitted sets (see the module doc for other
+    /// users). The seccomp filter follows it, as Docker's does.
+    pub capabilities: BTreeSet<Capability>,
+    /// Who the command runs as (uid, gid, supplementary groups); root when
+    /// `None`. Names and home are the caller's business (`HOME` goes in `env`).
+    pub user: Option<ResolvedUser>,
     /// Where stdout and stderr go (one file, interleaved).
     pub log: PathBuf,
     /// Extra OCI annotations, e.g. environment, role and release labels.
@@ -106,7 +141,7 @@ pub struct SandboxSpec {
 
 impl SandboxSpec {
     /// A sandbox with the defaults of a read-only server: isolated network,
-    /// tmpfs, minimal capabilities.
+    /// tmpfs, Docker's default capabilities, root.
     pub fn readonly(id: &str, rootfs: &Path, args: Vec<String>, log: &Path) -> SandboxSpec {
         SandboxSpec {
             id: id.to_string(),
@@ -120,7 +155,8 @@ impl SandboxSpec {
             hostname: id.to_string(),
             binds: Vec::new(),
             limits: None,
-            privilege: Privilege::Minimal,
+            capabilities: docker_default_capabilities(),
+            user: None,
             log: log.to_path_buf(),
             labels: Vec::new(),
         }
@@ -159,13 +195,14 @@ impl Runtime {
     }
 
     /// Runs a sandbox to completion and returns its exit status (128 + signal
-    /// when killed). The container is deleted afterwards, whatever happens.
+    /// when killed). The container is deleted afterwards, whatever happens,
+    /// and it dies with the calling thread (see the module doc).
     pub fn run_to_exit(
         &self,
         spec: &SandboxSpec,
         timeout: Option<Duration>,
     ) -> Result<i32, SandboxError> {
-        let pid = self.start(spec)?;
+        let pid = self.create(spec, true)?;
         let waited = wait(pid, timeout);
         let deleted = self.delete(&spec.id);
         match waited {
@@ -184,6 +221,12 @@ impl Runtime {
     /// process. The process is a child of the caller until the caller
     /// exits; then init adopts it, so servers outlive `kiln`.
     pub fn start(&self, spec: &SandboxSpec) -> Result<i32, SandboxError> {
+        self.create(spec, false)
+    }
+
+    /// Creates and starts a sandbox; `tied`: it is killed when the calling
+    /// thread dies.
+    fn create(&self, spec: &SandboxSpec, tied: bool) -> Result<i32, SandboxError> {
         let prep = |detail: String| SandboxError::Prepare {
             id: spec.id.clone(),
             detail,
@@ -217,12 +260,16 @@ impl Runtime {
         // while it creates and starts a container; concurrent calls would
         // race on the working directory, so they are serialised.
         let _guard = LIBCONTAINER.lock().unwrap_or_else(|e| e.into_inner());
-        let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
+        let mut builder = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
             .with_root_path(&self.state)
             .map_err(|e| start(chain(&e)))?
             .with_stdin(stdin)
             .with_stdout(log)
-            .with_stderr(log2)
+            .with_stderr(log2);
+        if tied {
+            builder = builder.with_executor(TiedToParent);
+        }
+        let mut container = builder
             .validate_id()
             .map_err(|e| start(chain(&e)))?
             .as_init(&bundle)
@@ -441,27 +488,48 @@ fn ns(
     b.build()
 }
 
-fn capabilities(p: Privilege) -> Vec<Capability> {
-    use Capability::*;
-    match p {
-        Privilege::Minimal => vec![AuditWrite, Kill, NetBindService],
-        Privilege::Build => vec![
-            Chown,
-            DacOverride,
-            Fowner,
-            Fsetid,
-            Kill,
-            Setgid,
-            Setuid,
-            Setpcap,
-            NetBindService,
-            NetRaw,
-            SysChroot,
-            Mknod,
-            AuditWrite,
-            Setfcap,
-        ],
+/// Executes the sandbox's command the way libcontainer's default executor
+/// does, after asking the kernel to SIGKILL this process (the first of the
+/// sandbox's pid namespace, so the whole sandbox) when the thread that
+/// created it dies. It runs after the switch to the sandbox's user, which
+/// would otherwise clear the setting, and the exec that follows keeps it
+/// (no_new_privileges: no setuid or file-capability exec can clear it).
+#[derive(Clone)]
+struct TiedToParent;
+
+impl Executor for TiedToParent {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(|e| ExecutorError::Other(format!("prctl(PR_SET_PDEATHSIG): {e}")))?;
+        libcontainer::workload::default::get_executor().exec(spec)
     }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        libcontainer::workload::default::get_executor().validate(spec)
+    }
+}
+
+/// `/sys/fs/cgroup` and every cgroup hierarchy mounted below it on the host:
+/// libcontainer mounts a sandbox's own view of each one at the same place,
+/// writable unless remounted read-only, and a writable cgroupfs would let
+/// a sandbox raise its own limits.
+fn cgroup_paths() -> &'static [String] {
+    static CELL: OnceLock<Vec<String>> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let mut out = vec!["/sys/fs/cgroup".to_string()];
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in info.lines() {
+            let Some(point) = line.split(' ').nth(4) else {
+                continue;
+            };
+            if let Some(name) = point.strip_prefix("/sys/fs/cgroup/") {
+                if !name.is_empty() && !name.contains('/') && !out.iter().any(|p| p == point) {
+                    out.push(point.to_string());
+                }
+            }
+        }
+        out
+    })
 }
 
 /// The OCI runtime spec of a sandbox.
@@ -479,8 +547,15 @@ fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(DEFAULT_PATH.into());
     }
-    let caps: std::collections::HashSet<Capability> =
-        capabilities(s.privilege).into_iter().collect();
+    let bounding: oci_spec::runtime::Capabilities =
+        s.capabilities.iter().map(|c| oci_capability(*c)).collect();
+    let root = s.user.as_ref().is_none_or(|u| u.uid == 0);
+    // A user other than root holds no capability (see the module doc).
+    let held = if root {
+        bounding.clone()
+    } else {
+        oci_spec::runtime::Capabilities::new()
+    };
     let mut process = ProcessBuilder::default()
         .terminal(false)
         .args(s.args.clone())
@@ -488,13 +563,20 @@ fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
         .cwd(s.cwd.clone())
         .no_new_privileges(true)
         .build()?;
+    if let Some(u) = &s.user {
+        let mut user = UserBuilder::default().uid(u.uid).gid(u.gid);
+        if !u.additional_gids.is_empty() {
+            user = user.additional_gids(u.additional_gids.clone());
+        }
+        process.set_user(user.build()?);
+    }
     process.set_capabilities(Some(
         LinuxCapabilitiesBuilder::default()
-            .bounding(caps.clone())
-            .effective(caps.clone())
-            .permitted(caps)
-            .inheritable(std::collections::HashSet::<Capability>::new())
-            .ambient(std::collections::HashSet::<Capability>::new())
+            .bounding(bounding)
+            .effective(held.clone())
+            .permitted(held)
+            .inheritable(oci_spec::runtime::Capabilities::new())
+            .ambient(oci_spec::runtime::Capabilities::new())
             .build()?,
     ));
     spec.set_process(Some(process));
@@ -550,8 +632,18 @@ fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
     if let Some(m) = defaults.masked_paths() {
         linux = linux.masked_paths(m.clone());
     }
-    if let Some(r) = defaults.readonly_paths() {
-        linux = linux.readonly_paths(r.clone());
+    let mut readonly = defaults.readonly_paths().clone().unwrap_or_default();
+    readonly.extend(cgroup_paths().iter().cloned());
+    linux = linux
+        .readonly_paths(readonly)
+        .seccomp(seccomp::default_filter(&s.capabilities));
+    if s.network != Network::Host {
+        // As Docker does: the namespace is the sandbox's own, so its low
+        // ports guard nothing on the host.
+        linux = linux.sysctl(std::collections::HashMap::from([(
+            "net.ipv4.ip_unprivileged_port_start".to_string(),
+            "0".to_string(),
+        )]));
     }
     if let Some(l) = &s.limits {
         let mut r = LinuxResourcesBuilder::default();
@@ -577,6 +669,13 @@ fn oci_spec(s: &SandboxSpec) -> Result<Spec, oci_spec::OciSpecError> {
         spec.set_annotations(Some(s.labels.iter().cloned().collect()));
     }
     Ok(spec)
+}
+
+/// The OCI name of a capability.
+fn oci_capability(c: Capability) -> oci_spec::runtime::Capability {
+    c.name()
+        .parse()
+        .expect("oci-spec knows every capability of capabilities(7)")
 }
 
 /// The whole chain of an error on one line; libcontainer's errors are
@@ -614,5 +713,248 @@ mod tests {
         assert!(runtime.list().unwrap().is_empty());
         assert!(!runtime.bundles.join("half").exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A read-only busybox root and a runtime beside it, in a fresh
+    /// directory: what these tests run real sandboxes from (as root).
+    struct Fixture {
+        dir: tempfile::TempDir,
+        runtime: Runtime,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::Builder::new()
+                .prefix("kiln-sandbox-")
+                .tempdir()
+                .unwrap();
+            let root = dir.path().join("root");
+            for d in ["bin", "proc", "sys", "dev", "tmp", "run", "mnt", "etc"] {
+                std::fs::create_dir_all(root.join(d)).unwrap();
+            }
+            std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+                .expect("busybox-static is installed (scripts/setup.sh)");
+            for applet in [
+                "sh", "cat", "grep", "id", "echo", "sleep", "unshare", "mount", "mkdir", "httpd",
+                "chroot",
+            ] {
+                std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+            }
+            let runtime = Runtime::new(&dir.path().join("runtime"));
+            Fixture { dir, runtime }
+        }
+
+        fn spec(&self, id: &str, script: &str) -> SandboxSpec {
+            SandboxSpec::readonly(
+                &format!("kiln-unit-{id}-{}", std::process::id()),
+                &self.dir.path().join("root"),
+                vec!["/bin/sh".into(), "-c".into(), script.into()],
+                &self.dir.path().join(format!("{id}.log")),
+            )
+        }
+
+        /// Runs `spec` to its end; returns its status and output.
+        fn run(&self, spec: &SandboxSpec) -> (i32, String) {
+            let status = self
+                .runtime
+                .run_to_exit(spec, Some(Duration::from_secs(60)))
+                .unwrap();
+            (
+                status,
+                std::fs::read_to_string(&spec.log).unwrap_or_default(),
+            )
+        }
+    }
+
+    /// A capability set as `/proc/PID/status` shows it (`CapBnd:` etc.).
+    fn mask(caps: &BTreeSet<Capability>) -> String {
+        format!(
+            "{:016x}",
+            caps.iter().fold(0u64, |m, c| m | 1 << c.number())
+        )
+    }
+
+    fn status_line<'a>(out: &'a str, key: &str) -> &'a str {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+    }
+
+    #[test]
+    fn root_keeps_dockers_capabilities_under_seccomp_and_cannot_mount_or_unshare() {
+        let f = Fixture::new();
+        let spec = f.spec(
+            "root",
+            "grep -E '^(Seccomp|NoNewPrivs|Cap(Bnd|Eff|Prm|Inh|Amb)):' /proc/self/status; \
+             unshare -m true && echo UNSHARED; mount -t tmpfs none /mnt && echo MOUNTED; \
+             chroot / true && echo CHROOTED; echo forked $(echo inside a subshell)",
+        );
+        let (status, out) = f.run(&spec);
+        assert_eq!(status, 0, "{out}");
+        let docker = mask(&docker_default_capabilities());
+        assert_eq!(status_line(&out, "Seccomp:"), "2", "{out}");
+        assert_eq!(status_line(&out, "NoNewPrivs:"), "1", "{out}");
+        assert_eq!(status_line(&out, "CapBnd:"), docker, "{out}");
+        assert_eq!(status_line(&out, "CapEff:"), docker, "{out}");
+        assert_eq!(
+            status_line(&out, "CapInh:"),
+            mask(&BTreeSet::new()),
+            "{out}"
+        );
+        assert!(
+            !out.contains("UNSHARED") && !out.contains("MOUNTED"),
+            "{out}"
+        );
+        // What the default set allows still works: chroot, fork.
+        assert!(out.contains("CHROOTED"), "{out}");
+        assert!(out.contains("forked inside a subshell"), "{out}");
+    }
+
+    #[test]
+    fn cgroupfs_and_proc_sys_are_read_only() {
+        let f = Fixture::new();
+        let mut spec = f.spec(
+            "cgroupfs",
+            "for p in /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max \
+                      /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes; do \
+               if [ -e $p ]; then echo TRY $p; echo 100000000 > $p && echo WROTE $p; fi; done; \
+             mkdir /sys/fs/cgroup/memory/escape /sys/fs/cgroup/escape && echo MADE; \
+             echo 1 > /proc/sys/kernel/panic && echo WROTE /proc/sys; echo done",
+        );
+        spec.limits = Some(Limits {
+            memory_bytes: Some(64 << 20),
+            cpus: None,
+            pids: Some(64),
+        });
+        let (_, out) = f.run(&spec);
+        assert!(
+            out.contains("TRY "),
+            "no cgroup limit file was visible:\n{out}"
+        );
+        assert!(out.contains("done"), "{out}");
+        assert!(!out.contains("WROTE") && !out.contains("MADE"), "{out}");
+        assert!(out.contains("Read-only file system"), "{out}");
+    }
+
+    #[test]
+    fn another_user_holds_no_capability_but_may_listen_on_low_ports() {
+        let f = Fixture::new();
+        let mut spec = f.spec(
+            "user",
+            "id; grep -E '^(Seccomp|Cap(Bnd|Eff|Prm|Amb)):' /proc/self/status; \
+             httpd -p 80 -h /tmp && echo LISTENING",
+        );
+        spec.user = Some(ResolvedUser {
+            name: None,
+            uid: 65534,
+            gid: 65534,
+            additional_gids: vec![100, 4],
+            home: None,
+        });
+        let (status, out) = f.run(&spec);
+        assert_eq!(status, 0, "{out}");
+        // Supplementary groups as given, and nothing else (no root group).
+        assert!(out.contains("uid=65534 gid=65534 groups=4,100\n"), "{out}");
+        let none = mask(&BTreeSet::new());
+        assert_eq!(status_line(&out, "Seccomp:"), "2", "{out}");
+        assert_eq!(
+            status_line(&out, "CapBnd:"),
+            mask(&docker_default_capabilities()),
+            "{out}"
+        );
+        for key in ["CapEff:", "CapPrm:", "CapAmb:"] {
+            assert_eq!(status_line(&out, key), none, "{key} {out}");
+        }
+        assert!(out.contains("LISTENING"), "{out}");
+    }
+
+    #[test]
+    fn a_narrowed_set_is_what_the_sandbox_keeps() {
+        let f = Fixture::new();
+        let mut spec = f.spec(
+            "narrow",
+            "grep -E '^CapBnd:' /proc/self/status; chroot / true && echo CHROOTED",
+        );
+        spec.capabilities.remove(&Capability::SysChroot);
+        spec.capabilities.insert(Capability::SysPtrace);
+        let (_, out) = f.run(&spec);
+        assert_eq!(
+            status_line(&out, "CapBnd:"),
+            mask(&spec.capabilities),
+            "{out}"
+        );
+        // Without SYS_CHROOT the filter refuses chroot too, as Docker's does.
+        assert!(!out.contains("CHROOTED"), "{out}");
+    }
+
+    /// A static program that calls clone(2) itself (busybox's `unshare`
+    /// uses unshare(2)), built with the C compiler cargo links with.
+    const CLONE_PROBE: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+static int child(void *arg) { (void)arg; return 0; }
+static char stack[1 << 16];
+int main(void) {
+    int flags[] = {0, CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID};
+    const char *names[] = {"plain", "newuser", "newns", "newnet", "newpid"};
+    for (int i = 0; i < 5; i++) {
+        int pid = clone(child, stack + sizeof stack, flags[i] | SIGCHLD, NULL);
+        if (pid < 0) {
+            printf("%s refused: %s\n", names[i], strerror(errno));
+        } else {
+            waitpid(pid, NULL, 0);
+            printf("%s allowed\n", names[i]);
+        }
+    }
+    return 0;
+}
+"#;
+
+    #[test]
+    fn clone_forks_but_cannot_make_namespaces() {
+        let f = Fixture::new();
+        let src = f.dir.path().join("clone.c");
+        std::fs::write(&src, CLONE_PROBE).unwrap();
+        let out = std::process::Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(f.dir.path().join("root/bin/clone-probe"))
+            .arg(&src)
+            .output()
+            .expect("a C compiler (cargo links with one)");
+        assert!(out.status.success(), "{out:?}");
+        let mut spec = f.spec("clone", "");
+        spec.args = vec!["/bin/clone-probe".into()];
+        let (status, out) = f.run(&spec);
+        assert_eq!(status, 0, "{out}");
+        assert!(out.contains("plain allowed"), "{out}");
+        for ns in ["newuser", "newns", "newnet", "newpid"] {
+            assert!(
+                out.contains(&format!("{ns} refused: Operation not permitted")),
+                "{ns}: {out}"
+            );
+        }
+        // With SYS_ADMIN the filter lets them through, as Docker's does.
+        spec.capabilities.insert(Capability::SysAdmin);
+        spec.id.push_str("-admin");
+        let (_, out) = f.run(&spec);
+        assert!(out.contains("newns allowed"), "{out}");
+    }
+
+    #[test]
+    fn a_sandbox_past_its_time_is_killed_and_deleted() {
+        let f = Fixture::new();
+        let spec = f.spec("timeout", "sleep 1000 & sleep 1000");
+        let err = f
+            .runtime
+            .run_to_exit(&spec, Some(Duration::from_millis(300)))
+            .unwrap_err();
+        assert!(matches!(err, SandboxError::Timeout { .. }), "{err}");
+        assert!(f.runtime.find(&spec.id).is_none());
     }
 }

@@ -29,6 +29,12 @@ use raw::*;
 /// The project file's name inside a project directory.
 pub const PROJECT_FILE: &str = "kiln.toml";
 
+/// The kernel's highest `pid_max`: a pids limit above it means nothing.
+const MAX_PIDS: i64 = 4_194_304;
+
+/// Below this a build script cannot even start a shell.
+const MIN_BUILD_MEMORY: u64 = 4 << 20;
+
 /// Default Debian mirror for `debootstrap` bases.
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
@@ -143,6 +149,10 @@ impl Validator<'_> {
                 ));
             }
         }
+        let import_limit = match &raw.project.import_limit {
+            Some(l) => self.import_limit(l)?,
+            None => DEFAULT_IMPORT_LIMIT,
+        };
         let mut images = BTreeMap::new();
         for (iname, img) in &raw.images {
             check_name(
@@ -151,7 +161,7 @@ impl Validator<'_> {
                 self.cx.loc.key(&["images", iname]),
                 "image name",
             )?;
-            images.insert(iname.clone(), self.image(iname, img)?);
+            images.insert(iname.clone(), self.image(iname, img, import_limit)?);
         }
         self.check_image_graph(&raw, &images)?;
         let envs = self.envs(&raw, &images)?;
@@ -163,7 +173,7 @@ impl Validator<'_> {
         })
     }
 
-    fn image(&self, name: &str, img: &RawImage) -> Result<ImageSpec, SpecError> {
+    fn image(&self, name: &str, img: &RawImage, import_limit: u64) -> Result<ImageSpec, SpecError> {
         let from = match img.from.as_ref() {
             None => return Err(self.cx.err(self.header(&["images", name]), format!("image `{name}` has no `from`; expected \"scratch\", an image name, or a table with `rootfs`, `oci` or `debootstrap`"))),
             Some(f) => self.source(name, f)?,
@@ -215,6 +225,23 @@ impl Validator<'_> {
                 format!("mtime = {t} is after the year 9999; expected seconds since 1970 up to {MAX_MTIME}"),
             ));
         }
+        let user = img
+            .user
+            .as_ref()
+            .map(|u| {
+                u.get_ref().parse::<UserSpec>().map_err(|e| {
+                    self.cx.err(
+                        u.span(),
+                        format!("bad `user`: {e}; expected \"NAME\", \"UID\", \"NAME:GROUP\" or \"UID:GID\""),
+                    )
+                })
+            })
+            .transpose()?;
+        let build_limits = self.build_limits(img)?;
+        let import_limit_bytes = match &img.import_limit {
+            Some(l) => self.import_limit(l)?,
+            None => import_limit,
+        };
         Ok(ImageSpec {
             name: name.to_string(),
             from,
@@ -230,7 +257,131 @@ impl Validator<'_> {
             labels: img.labels.clone().unwrap_or_default(),
             mtime: img.mtime.unwrap_or(0),
             build_network: img.network.unwrap_or(true),
+            user,
+            build_limits,
+            import_limit_bytes,
         })
+    }
+
+    /// `limits` and `timeout` of an image's build scripts and tests.
+    fn build_limits(&self, img: &RawImage) -> Result<BuildLimits, SpecError> {
+        let mut out = BuildLimits::default();
+        if let Some(l) = &img.limits {
+            let at = |m: String| self.cx.err(l.span(), m);
+            if let Some(p) = l.get_ref().pids {
+                if !(1..=MAX_PIDS).contains(&p) {
+                    return Err(at(format!(
+                        "limits.pids = {p} is out of range; expected 1 to {MAX_PIDS}"
+                    )));
+                }
+                out.pids = p as u32;
+            }
+            if let Some(m) = &l.get_ref().memory {
+                let bytes = parse_size(m).map_err(&at)?;
+                if !(MIN_BUILD_MEMORY..=i64::MAX as u64).contains(&bytes) {
+                    return Err(at(format!(
+                        "limits.memory = \"{m}\" is out of range; expected at least 4M"
+                    )));
+                }
+                out.memory_bytes = bytes;
+            }
+        }
+        if let Some(t) = &img.timeout {
+            let at = |m: String| self.cx.err(t.span(), m);
+            let expected =
+                "expected a duration like \"30m\" or { script = \"30m\", test = \"5m\" }";
+            let secs = |d: &str| -> Result<u64, SpecError> {
+                let secs = parse_duration(d).map_err(&at)?.as_secs();
+                if secs == 0 {
+                    return Err(at(format!("timeout `{d}` is shorter than a second")));
+                }
+                Ok(secs)
+            };
+            match t.get_ref() {
+                toml::Value::String(d) => {
+                    out.script_timeout_secs = secs(d)?;
+                    out.test_timeout_secs = out.script_timeout_secs;
+                }
+                v @ toml::Value::Table(_) => {
+                    let r: RawTimeouts = v.clone().try_into().map_err(|e: toml::de::Error| {
+                        at(format!(
+                            "bad `timeout` table: {}; {expected}",
+                            e.message().trim()
+                        ))
+                    })?;
+                    if let Some(d) = &r.script {
+                        out.script_timeout_secs = secs(d)?;
+                    }
+                    if let Some(d) = &r.test {
+                        out.test_timeout_secs = secs(d)?;
+                    }
+                }
+                other => {
+                    return Err(at(format!(
+                        "`timeout` is a {}; {expected}",
+                        other.type_str()
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `import_limit = "8G"`: at least one byte.
+    fn import_limit(&self, l: &Spanned<String>) -> Result<u64, SpecError> {
+        match parse_size(l.get_ref()) {
+            Ok(0) => Err(self
+                .cx
+                .err(l.span(), "import_limit must be more than 0 bytes")),
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.cx.err(l.span(), e)),
+        }
+    }
+
+    /// Docker's default capability set with a role's `drop` and `add`
+    /// applied the way Docker applies `--cap-drop` and `--cap-add`: `add =
+    /// ["ALL"]` starts from every capability, `drop = ["ALL"]` from none.
+    fn capabilities(&self, r: &RawCapabilities) -> Result<BTreeSet<Capability>, SpecError> {
+        // Whether the list says "ALL", and its capabilities with their spans.
+        type Listed = (bool, Vec<(Capability, Range<usize>)>);
+        let parse = |list: &Option<Vec<Spanned<String>>>| -> Result<Listed, SpecError> {
+            let mut all = false;
+            let mut caps = Vec::new();
+            for c in list.iter().flatten() {
+                if c.get_ref().trim().eq_ignore_ascii_case("ALL") {
+                    all = true;
+                    continue;
+                }
+                let cap = c
+                    .get_ref()
+                    .parse::<Capability>()
+                    .map_err(|e| self.cx.err(c.span(), e))?;
+                caps.push((cap, c.span()));
+            }
+            Ok((all, caps))
+        };
+        let (drop_all, drop) = parse(&r.drop)?;
+        let (add_all, add) = parse(&r.add)?;
+        if let Some((cap, span)) = add.iter().find(|(a, _)| drop.iter().any(|(d, _)| d == a)) {
+            return Err(self.cx.err(
+                span.clone(),
+                format!("capability {cap} is both dropped and added"),
+            ));
+        }
+        let mut set = if add_all {
+            Capability::ALL.into_iter().collect()
+        } else if drop_all {
+            BTreeSet::new()
+        } else {
+            Capability::docker_default()
+        };
+        for (d, _) in &drop {
+            set.remove(d);
+        }
+        if !add_all {
+            set.extend(add.iter().map(|(a, _)| *a));
+        }
+        Ok(set)
     }
 
     fn source(&self, image: &str, from: &Spanned<toml::Value>) -> Result<ImageSource, SpecError> {
@@ -1016,6 +1167,22 @@ impl Validator<'_> {
             env: r.env.clone().unwrap_or_default(),
             watch,
             reach,
+            user: r
+                .user
+                .as_ref()
+                .map(|u| {
+                    u.get_ref().parse::<UserSpec>().map_err(|e| {
+                        self.cx.err(
+                            u.span(),
+                            format!("bad `user`: {e}; expected \"NAME\", \"UID\", \"NAME:GROUP\" or \"UID:GID\""),
+                        )
+                    })
+                })
+                .transpose()?,
+            capabilities: match &r.capabilities {
+                Some(c) => self.capabilities(c)?,
+                None => Capability::docker_default(),
+            },
         })
     }
 

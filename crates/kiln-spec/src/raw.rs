@@ -20,6 +20,8 @@ pub(crate) struct RawFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawProject {
     pub name: Spanned<String>,
+    /// Default cap on what an imported base may expand to (`"8G"`).
+    pub import_limit: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +38,25 @@ pub(crate) struct RawImage {
     pub labels: Option<BTreeMap<String, String>>,
     pub mtime: Option<u64>,
     pub network: Option<bool>,
+    pub user: Option<Spanned<String>>,
+    pub limits: Option<Spanned<RawLimits>>,
+    /// `"30m"` (scripts and tests alike) or `{ script = "30m", test = "5m" }`.
+    pub timeout: Option<Spanned<toml::Value>>,
+    pub import_limit: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub pids: Option<i64>,
+    pub memory: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTimeouts {
+    pub script: Option<String>,
+    pub test: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +145,16 @@ pub(crate) struct RawRole {
     pub replace_share: Option<u32>,
     pub watch: Option<Spanned<Vec<String>>>,
     pub reach: Option<Spanned<Vec<String>>>,
+    pub capabilities: Option<RawCapabilities>,
+    pub user: Option<Spanned<String>>,
+}
+
+/// `capabilities = { drop = [...], add = [...] }`: changes to Docker's default set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCapabilities {
+    pub drop: Option<Vec<Spanned<String>>>,
+    pub add: Option<Vec<Spanned<String>>>,
 }
 
 impl RawRole {
@@ -146,6 +177,8 @@ impl RawRole {
             replace_share: self.replace_share.or(p.replace_share),
             watch: self.watch.or(p.watch),
             reach: self.reach.or(p.reach),
+            capabilities: self.capabilities.or(p.capabilities),
+            user: self.user.or(p.user),
         }
     }
 }

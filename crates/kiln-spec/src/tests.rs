@@ -95,7 +95,7 @@ fn parses_the_design_example() {
 #[test]
 fn unknown_key_points_at_it() {
     check_err("[project]\nname = \"x\"\n\n[images.a]\nfrom = \"scratch\"\nentrypont = [\"/x\"]\n",
-        "kiln.toml:6:1: unknown field `entrypont`, expected one of `from`, `entrypoint`, `cmd`, `env`, `workdir`, `ports`, `health`, `test`, `labels`, `mtime`, `network`");
+        "kiln.toml:6:1: unknown field `entrypont`, expected one of `from`, `entrypoint`, `cmd`, `env`, `workdir`, `ports`, `health`, `test`, `labels`, `mtime`, `network`, `user`, `limits`, `timeout`, `import_limit`");
 }
 
 #[test]
@@ -780,4 +780,140 @@ fn bad_balancer_keys_point_at_the_value() {
         "\"soon\"",
         &parse_duration("soon").unwrap_err().to_string(),
     );
+}
+
+const ROLE: &str =
+    "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.r]\nimage = \"a\"\n";
+
+#[test]
+fn capabilities_default_to_dockers_and_take_drop_and_add() {
+    let p = parse_str(ROLE).unwrap();
+    assert_eq!(
+        p.envs["s"].roles["r"].capabilities,
+        Capability::docker_default()
+    );
+    let p = parse_str(&format!(
+        "{ROLE}capabilities = {{ drop = [\"net_raw\", \"CAP_MKNOD\"], add = [\"SYS_PTRACE\"] }}\n"
+    ))
+    .unwrap();
+    let caps = &p.envs["s"].roles["r"].capabilities;
+    assert!(!caps.contains(&Capability::NetRaw) && !caps.contains(&Capability::Mknod));
+    assert!(caps.contains(&Capability::SysPtrace) && caps.contains(&Capability::Chown));
+    assert_eq!(caps.len(), 13);
+    let p = parse_str(&format!(
+        "{ROLE}capabilities = {{ drop = [\"ALL\"], add = [\"NET_BIND_SERVICE\"] }}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        p.envs["s"].roles["r"].capabilities,
+        BTreeSet::from([Capability::NetBindService])
+    );
+    let p = parse_str(&format!(
+        "{ROLE}capabilities = {{ add = [\"all\"], drop = [\"SYS_ADMIN\"] }}\n"
+    ))
+    .unwrap();
+    assert_eq!(p.envs["s"].roles["r"].capabilities.len(), 40);
+}
+
+#[test]
+fn unknown_capability_is_a_located_error() {
+    check_err(
+        &format!("{ROLE}capabilities = {{ drop = [\"NET_RAW\", \"NET_RAWR\"] }}\n"),
+        "kiln.toml:7:37: unknown capability `NET_RAWR`; expected a name from capabilities(7) such as \"NET_RAW\" or \"CAP_SYS_ADMIN\"",
+    );
+    check_err(
+        &format!("{ROLE}capabilities = {{ add = [\"KILL\"], drop = [\"kill\"] }}\n"),
+        "kiln.toml:7:25: capability KILL is both dropped and added",
+    );
+    check_err(
+        &format!("{ROLE}capabilities = {{ keep = [\"KILL\"] }}\n"),
+        "kiln.toml:7:18: unknown field `keep`, expected `drop` or `add`",
+    );
+}
+
+#[test]
+fn capabilities_are_inherited_with_the_role() {
+    let p = parse_str(&format!(
+        "{ROLE}capabilities = {{ drop = [\"NET_RAW\"] }}\n[env.t]\ninherit = \"s\"\n"
+    ))
+    .unwrap();
+    assert!(!p.envs["t"].roles["r"]
+        .capabilities
+        .contains(&Capability::NetRaw));
+}
+
+const IMAGE: &str = "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n";
+
+#[test]
+fn image_user_limits_timeouts_and_import_limit() {
+    let p = parse_str(IMAGE).unwrap();
+    let a = &p.images["a"];
+    assert_eq!(a.user, None);
+    assert_eq!(a.build_limits, BuildLimits::default());
+    assert_eq!(a.import_limit_bytes, DEFAULT_IMPORT_LIMIT);
+    let p = parse_str(&format!(
+        "{IMAGE}user = \"postgres\"\nlimits = {{ pids = 64, memory = \"512M\" }}\ntimeout = {{ script = \"1h\", test = \"10s\" }}\n"
+    ))
+    .unwrap();
+    let a = &p.images["a"];
+    assert_eq!(
+        a.user.as_ref().map(|u| u.to_string()).as_deref(),
+        Some("postgres")
+    );
+    assert_eq!(
+        a.build_limits,
+        BuildLimits {
+            pids: 64,
+            memory_bytes: 512 << 20,
+            script_timeout_secs: 3600,
+            test_timeout_secs: 10
+        }
+    );
+    let p = parse_str(&format!("{IMAGE}timeout = \"2m\"\nuser = \"1000:100\"\n")).unwrap();
+    assert_eq!(p.images["a"].build_limits.script_timeout_secs, 120);
+    assert_eq!(p.images["a"].build_limits.test_timeout_secs, 120);
+    // The project's import limit is every image's default; an image may set its own.
+    let text = "[project]\nname = \"x\"\nimport_limit = \"1G\"\n[images.a]\nfrom = \"scratch\"\n[images.b]\nfrom = \"scratch\"\nimport_limit = \"2M\"\n";
+    let p = parse_str(text).unwrap();
+    assert_eq!(p.images["a"].import_limit_bytes, 1 << 30);
+    assert_eq!(p.images["b"].import_limit_bytes, 2 << 20);
+}
+
+#[test]
+fn bad_user_limits_and_timeouts_are_located() {
+    check_err(
+        &format!("{IMAGE}user = \"no body\"\n"),
+        "kiln.toml:5:8: bad `user`: `no body` is not a user or group name; expected letters, digits, `_`, `-` or `.` (at most 32), or a number; expected \"NAME\", \"UID\", \"NAME:GROUP\" or \"UID:GID\"",
+    );
+    check_err(
+        &format!("{IMAGE}limits = {{ pids = 0 }}\n"),
+        "kiln.toml:5:10: limits.pids = 0 is out of range; expected 1 to 4194304",
+    );
+    check_err(
+        &format!("{IMAGE}limits = {{ memory = \"1K\" }}\n"),
+        "kiln.toml:5:10: limits.memory = \"1K\" is out of range; expected at least 4M",
+    );
+    check_err(
+        &format!("{IMAGE}limits = {{ memory = \"17179869184G\" }}\n"),
+        "kiln.toml:5:10: `17179869184G` is larger than the largest size accepted (1 PiB)",
+    );
+    check_err(
+        &format!("{IMAGE}timeout = \"0s\"\n"),
+        "kiln.toml:5:11: timeout `0s` is shorter than a second",
+    );
+    check_err(
+        &format!("{IMAGE}timeout = {{ build = \"1m\" }}\n"),
+        "kiln.toml:5:11: bad `timeout` table: unknown field `build`, expected `script` or `test`; expected a duration like \"30m\" or { script = \"30m\", test = \"5m\" }",
+    );
+    check_err(
+        &format!("{IMAGE}import_limit = \"0\"\n"),
+        "kiln.toml:5:16: import_limit must be more than 0 bytes",
+    );
+}
+
+#[test]
+fn huge_durations_and_sizes_are_errors_not_panics() {
+    assert!(parse_duration("18446744073709551615s1s").is_err());
+    assert!(parse_duration("18446744073709551615w").is_err());
+    assert!(parse_size("17179869184G").is_err());
 }

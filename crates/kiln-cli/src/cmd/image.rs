@@ -27,6 +27,17 @@ pub struct BuildArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// NAME (its current version) or NAME@VERSION.
+    pub reference: String,
+    /// First rewrite every blob of the version whose content no longer
+    /// matches its digest, from the roots in the store, kiln.toml and the
+    /// sources of imported bases.
+    #[arg(long)]
+    pub repair: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct ListArgs {
     /// Only this image's versions.
     pub name: Option<String>,
@@ -152,8 +163,23 @@ pub fn show(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn verify(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
+pub fn verify(cli: &Cli, args: &VerifyArgs) -> Result<ExitCode> {
     let store = super::store(cli)?;
+    if args.repair {
+        let project = super::project(cli)?;
+        let quiet = |_| {};
+        let baker = Baker::new(&project, &store, &quiet);
+        let (record, repaired) = kiln_image::repair::repair_reference(&baker, &args.reference)?;
+        for d in &repaired.rewritten {
+            eprintln!("repaired blob {d} of {}@{}", record.name, record.version);
+        }
+        for (d, why) in &repaired.unrepairable {
+            eprintln!(
+                "cannot repair blob {d} of {}@{}: {why}",
+                record.name, record.version
+            );
+        }
+    }
     let v = ops::verify(&store, &args.reference)?;
     if cli.json {
         print_json(&v)?;
