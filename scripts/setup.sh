@@ -2,10 +2,11 @@
 # Installs what kiln and its tests need on a fresh Debian machine (as root):
 # busybox-static (a real userland for test images), debootstrap (Debian
 # bases), zstd (a .tar.zst fixture), python3 (writes hostile tarballs),
-# iproute2 (server networks), libseccomp-dev (libcontainer's seccomp
-# support links against libseccomp), util-linux (runuser in tests), g++
-# (libFuzzer, built by scripts/fuzz.sh), iptables (environment isolation;
-# dockerd programs its firewall with it too), dnsmasq-base and dnsperf (the DNS
+# iproute2 (server networks), openssh-client (ssh-keygen: signature
+# interop tests), libseccomp-dev (libcontainer's seccomp support links
+# against libseccomp), util-linux (runuser in tests), g++ (libFuzzer, built
+# by scripts/fuzz.sh), iptables (environment isolation; dockerd programs
+# its firewall with it too), dnsmasq-base and dnsperf (the DNS
 # benchmark: dnsmasq-base is the dnsmasq binary without the service that
 # would start on port 53), curl (an HTTP/2 client for the balancer's TLS
 # tests), pebble (ACME test server), haproxy and wrk (the balancer
@@ -32,6 +33,7 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 dpkg -s libseccomp-dev >/dev/null 2>&1 || need+=(libseccomp-dev)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "kiln needs root to run sandboxes and to install: ${need[*]}" >&2

@@ -3,6 +3,7 @@
 //! binary (process start included) and the real store; nothing is mocked.
 //!
 //! Usage: kiln-bench [--kiln PATH] [--tree-mib N] [--only NAME] [--debootstrap]
+//! (`--only supply`: SBOM + scan of a Debian image, signature checks)
 
 use std::fs;
 use std::io::Read;
@@ -14,6 +15,7 @@ use anyhow::{bail, Context, Result};
 
 mod balancer;
 mod dns;
+mod supply;
 mod swarm;
 
 struct Opts {
@@ -92,6 +94,11 @@ fn main() -> Result<()> {
     }
     if want("http-balancer") {
         balancer::run(&o)?;
+    }
+    // Builds a Debian image with nginx (minutes on a cold machine): only
+    // when asked for, like the debootstrap figure.
+    if o.only.as_deref() == Some("supply") || o.debootstrap {
+        supply::run(&o.kiln)?;
     }
     Ok(())
 }

@@ -67,6 +67,9 @@ pub enum Command {
     History(cmd::apply::EnvArgs),
     /// Break an environment's lock whose holder died.
     Unlock(cmd::apply::EnvArgs),
+    /// Secrets encrypted with age in the project (`secrets/ENV/NAME.age`).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// The balancer process (started and supervised by kiln itself).
     #[command(subcommand, hide = true)]
     Balancer(BalancerCommand),
@@ -88,6 +91,14 @@ pub enum BalancerCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum SecretCommand {
+    /// Encrypt a value read from stdin (never echoed) to the environment's recipients.
+    Set(cmd::secret::SetArgs),
+    /// Names and fingerprints of an environment's secrets, never values.
+    List(cmd::secret::ListArgs),
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ServerCommand {
     /// id, role, image, address, age and health of each server.
     List(cmd::server::ServerListArgs),
@@ -105,6 +116,12 @@ pub enum ImageCommand {
     Verify(cmd::image::VerifyArgs),
     /// Remove versions nothing uses and the blobs only they used.
     Gc(cmd::image::GcArgs),
+    /// The CycloneDX 1.5 bill of materials of a version (`--json`: the document).
+    Sbom(RefArgs),
+    /// Match a version's packages against the project's OSV advisories now.
+    Scan(RefArgs),
+    /// Sign a version with an SSH key (as `ssh-keygen -Y sign -n kiln`).
+    Sign(cmd::sign::SignArgs),
 }
 
 #[derive(Args, Debug)]

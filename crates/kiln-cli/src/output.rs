@@ -74,6 +74,13 @@ impl BuildProgress {
                     b.set_message(format!("{step} │ {}", style(line).dim()));
                 }
             }
+            Event::Warn { image, message } => {
+                let line = format!("{} {image}: {message}", style("warning:").yellow().bold());
+                match bar.as_ref() {
+                    Some(b) => b.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
             Event::Cached {
                 image,
                 version,

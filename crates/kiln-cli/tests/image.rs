@@ -113,16 +113,18 @@ fn builds_a_layered_chain_with_scripts_in_a_sandbox() {
     // The store is an OCI image layout whose index names every version.
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(p.store().join("oci/index.json")).unwrap()).unwrap();
+    // Tagged entries are versions; untagged ones are their artifacts (SBOMs).
     let refs: Vec<&str> = index["manifests"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| {
-            m["annotations"]["org.opencontainers.image.ref.name"]
-                .as_str()
-                .unwrap()
-        })
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
         .collect();
+    assert!(index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["artifactType"] == "application/vnd.cyclonedx+json"));
     assert!(
         refs.contains(&"worker:1") && refs.contains(&"app:latest"),
         "{refs:?}"

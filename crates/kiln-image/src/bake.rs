@@ -54,6 +54,9 @@ pub enum Event {
         version: u32,
         digest: Digest,
     },
+    /// Something the user must read that does not stop the build: a stale
+    /// advisory cache, findings below the gate, an expired `ignore`.
+    Warn { image: String, message: String },
     /// A new version was built, tested and made current.
     Built {
         image: String,
@@ -79,6 +82,10 @@ pub struct Baker<'a> {
     /// Rebuild the named images even when the cache has them (repairs a
     /// root that no longer matches its seal).
     pub no_cache: bool,
+    /// The project's secret values, to refuse a version that contains one.
+    pub secrets: crate::leak::SecretCheck,
+    /// The project's advisories, loaded on first use by a scan gate.
+    advisories: std::sync::OnceLock<crate::scan::Advisories>,
 }
 
 /// Environment every build script and test gets unless the image overrides it.
@@ -116,6 +123,8 @@ impl<'a> Baker<'a> {
             runtime: Runtime::new(&store.root().join("sandbox")),
             events,
             no_cache: false,
+            secrets: crate::leak::SecretCheck::None,
+            advisories: std::sync::OnceLock::new(),
         }
     }
 
@@ -177,6 +186,9 @@ impl<'a> Baker<'a> {
         } else {
             self.cached(name, &key)?
         } {
+            // The gates depend on more than the bytes (new advisories, a
+            // new policy, a new secret): a cached version passes them again.
+            self.gates(spec, &hit)?;
             if self.store.current(name)? != Some(hit.version) {
                 self.store.set_current(name, hit.version)?;
             }
@@ -408,7 +420,32 @@ impl<'a> Baker<'a> {
             build_ms: 0,
             user: user.clone(),
         };
-        if let Err(e) = self.run_tests(spec, &final_root, &base.env, user.as_ref(), work) {
+        self.emit(Event::Step {
+            image: name.clone(),
+            step: "writing the SBOM".into(),
+        });
+        let checked = crate::sbom::generate(self.store, &record)
+            .and_then(|sbom| self.hardening_gates(spec, &record, &sealed, &sbom))
+            .and_then(|()| self.run_tests(spec, &final_root, &base.env, user.as_ref(), work))
+            .and_then(|()| self.scan_gate(spec, &record));
+        if let Err(e) = checked {
+            if matches!(e, ImageError::SecretInImage { .. }) {
+                // A secret must not stay in the store: drop what holds the
+                // version's bytes (its root, its own layer, its config),
+                // keeping the record (and seal) that says why it failed.
+                layer::remove_any(&final_root)?;
+                for d in [
+                    record.layers.last().map(|l| &l.digest),
+                    Some(&record.config),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    if self.store.has_blob(d) {
+                        self.store.remove_blob(d)?;
+                    }
+                }
+            }
             record.outcome = Outcome::Failed;
             record.error = Some(e.to_string());
             record.build_ms = started.elapsed().as_millis() as u64;
@@ -419,6 +456,169 @@ impl<'a> Baker<'a> {
         self.store.put_version(&record)?;
         self.store.set_current(name, record.version)?;
         Ok(record)
+    }
+
+    /// Every gate a version must pass to become current, for a version
+    /// already built (a cache hit).
+    fn gates(&self, spec: &ImageSpec, record: &VersionRecord) -> Result<()> {
+        let sbom = match crate::sbom::read(self.store, record)? {
+            Some(s) => s,
+            None => crate::sbom::generate(self.store, record)?,
+        };
+        let sealed: Seal = self.store.read_json_blob(&record.seal)?;
+        self.hardening_gates(spec, record, &sealed, &sbom)?;
+        self.scan_gate(spec, record)
+    }
+
+    /// What stays current if `record` does not become current, in words.
+    fn kept(&self, record: &VersionRecord) -> String {
+        match self.store.current(&record.name) {
+            Ok(Some(v)) if v != record.version => {
+                format!("{}@{v} stays current", record.name)
+            }
+            Ok(Some(v)) => format!(
+                "{}@{v} was current and stays so, but fails today's gates; rebuild it (`kiln image build --no-cache {}`)",
+                record.name, record.name
+            ),
+            _ => format!("{} has no current version", record.name),
+        }
+    }
+
+    /// The hardening policy and the secret check.
+    fn hardening_gates(
+        &self,
+        spec: &ImageSpec,
+        record: &VersionRecord,
+        sealed: &Seal,
+        sbom: &crate::sbom::Stored,
+    ) -> Result<()> {
+        let name = &spec.name;
+        self.emit(Event::Step {
+            image: name.clone(),
+            step: "checking the hardening policy".into(),
+        });
+        let violations =
+            crate::policy::check(&spec.hardening, sealed, sbom.inventory.packages.as_deref())
+                .map_err(|e| match e {
+                    ImageError::Input { reason, .. } => ImageError::Input {
+                        image: name.clone(),
+                        reason,
+                    },
+                    e => e,
+                })?;
+        if !violations.is_empty() {
+            return Err(ImageError::Policy {
+                image: name.clone(),
+                version: record.version,
+                kept: self.kept(record),
+                violations: violations
+                    .iter()
+                    .map(|v| format!("  {v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            });
+        }
+        if let crate::leak::SecretCheck::Values(needles) = &self.secrets {
+            self.emit(Event::Step {
+                image: name.clone(),
+                step: format!("looking for {} secret values", needles.len()),
+            });
+            let config = self.store.read_blob(&record.config)?;
+            let root = self.store.root_path(&record.digest);
+            let leaks = crate::leak::find(&root, sealed, &config, needles)?;
+            if !leaks.is_empty() {
+                return Err(ImageError::SecretInImage {
+                    image: name.clone(),
+                    version: record.version,
+                    kept: self.kept(record),
+                    found: leaks
+                        .iter()
+                        .map(|l| format!("  {l}"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                });
+            }
+            let short = crate::leak::too_short(needles);
+            if !short.is_empty() {
+                self.emit(Event::Warn {
+                    image: name.clone(),
+                    message: format!(
+                        "secrets shorter than {} bytes were not searched for: {}",
+                        crate::leak::MIN_LEN,
+                        short.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The vulnerability gate, when the image has one.
+    fn scan_gate(&self, spec: &ImageSpec, record: &VersionRecord) -> Result<()> {
+        let (Some(policy), Some(source)) = (&spec.scan, &self.project.vulnerabilities) else {
+            return Ok(());
+        };
+        let name = &spec.name;
+        self.emit(Event::Step {
+            image: name.clone(),
+            step: "scanning for vulnerabilities".into(),
+        });
+        let advisories = match self.advisories.get() {
+            Some(a) => a,
+            None => {
+                let loaded = crate::scan::Advisories::load(source, self.store)?;
+                for w in &loaded.warnings {
+                    self.emit(Event::Warn {
+                        image: name.clone(),
+                        message: w.clone(),
+                    });
+                }
+                self.advisories.get_or_init(|| loaded)
+            }
+        };
+        let report = crate::scan::scan_version(self.store, record, advisories, policy)?;
+        for e in &report.expired_ignores {
+            self.emit(Event::Warn {
+                image: name.clone(),
+                message: format!("scan ignore entry expired: {e}"),
+            });
+        }
+        for w in report
+            .warnings
+            .iter()
+            .filter(|w| !advisories.warnings.contains(w))
+        {
+            self.emit(Event::Warn {
+                image: name.clone(),
+                message: w.clone(),
+            });
+        }
+        if report.fails() {
+            return Err(ImageError::Vulnerable {
+                image: name.clone(),
+                version: record.version,
+                fail_on: policy.fail_on.as_str().into(),
+                kept: self.kept(record),
+                findings: crate::scan::describe(&report),
+            });
+        }
+        let below = report
+            .findings
+            .iter()
+            .filter(|f| f.ignored.is_none())
+            .count();
+        if below > 0 {
+            self.emit(Event::Warn {
+                image: name.clone(),
+                message: format!(
+                    "{below} findings below fail_on = \"{}\" (`kiln image scan {}@{}` lists them)",
+                    policy.fail_on.as_str(),
+                    name,
+                    record.version
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The environment of the image's processes: kiln's defaults, the
@@ -836,6 +1036,8 @@ struct Base {
     user: Option<ResolvedUser>,
 }
 
+// One value per build, never in a collection: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum BaseOrigin {
     Scratch,
     Parent(Box<VersionRecord>),

@@ -106,6 +106,39 @@ pub enum ImageError {
     /// The store holds something it should not.
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// OSV advisories could not be read.
+    #[error("advisories from {origin}: {reason}")]
+    Advisories { origin: String, reason: String },
+    /// An advisory URL could not be fetched and nothing is cached.
+    #[error("cannot fetch advisories from {url} ({reason}) and there is no cached copy; check the URL or point `vulnerabilities.osv` at a local copy")]
+    AdvisoriesUnreachable { url: String, reason: String },
+    /// A version has findings at or above its gate's `fail_on`.
+    #[error("image `{image}` v{version} fails its vulnerability gate (fail_on = \"{fail_on}\"); {kept}:\n{findings}")]
+    Vulnerable {
+        image: String,
+        version: u32,
+        fail_on: String,
+        /// What stays current, in words.
+        kept: String,
+        findings: String,
+    },
+    /// A version breaks its hardening policy.
+    #[error("image `{image}` v{version} breaks its hardening policy; {kept}:\n{violations}")]
+    Policy {
+        image: String,
+        version: u32,
+        kept: String,
+        violations: String,
+    },
+    /// The value of a project secret was found in a version's files.
+    #[error("image `{image}` v{version} contains the value of a secret; {kept}:\n{found}")]
+    SecretInImage {
+        image: String,
+        version: u32,
+        kept: String,
+        /// `secret NAME in /path` lines; never the value.
+        found: String,
+    },
     /// A file that an image copies in cannot be used.
     #[error("image `{image}`: {reason}")]
     Input { image: String, reason: String },

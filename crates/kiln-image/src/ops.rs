@@ -103,6 +103,15 @@ pub struct Shown {
     pub inputs: crate::store::Inputs,
     pub build_ms: u64,
     pub error: Option<String>,
+    /// Regular files with the setuid or setgid bit.
+    pub setuid: Vec<crate::policy::SpecialFile>,
+    /// Files and directories anyone may write.
+    pub world_writable: Vec<crate::policy::SpecialFile>,
+    /// Digest of the SBOM artifact, if the version has one.
+    pub sbom: Option<Digest>,
+    /// Keys whose signatures are stored with the version (not checked
+    /// against any environment's trust).
+    pub signatures: Vec<crate::sign::Signer>,
 }
 
 pub fn show(store: &Store, reference: &str) -> Result<Shown> {
@@ -136,6 +145,13 @@ pub fn show(store: &Store, reference: &str) -> Result<Shown> {
         inputs: r.inputs.clone(),
         build_ms: r.build_ms,
         error: r.error.clone(),
+        setuid: crate::policy::setuid_files(&sealed),
+        world_writable: crate::policy::world_writable(&sealed),
+        sbom: crate::sbom::read(store, &r)?.map(|s| s.referrer.digest),
+        signatures: crate::sign::signatures(store, &r)?
+            .into_iter()
+            .map(|s| s.signer)
+            .collect(),
     })
 }
 
@@ -287,6 +303,18 @@ pub fn gc(store: &Store, keep: usize, in_use: &BTreeSet<Digest>) -> Result<Colle
                 store.remove_version(&name, r.version)?;
                 out.versions.push(format!("{name}@{}", r.version));
             }
+        }
+    }
+    // Artifacts (SBOM, signatures) live as long as the image they refer to.
+    for subject in store.referrer_subjects()? {
+        if !live_roots.contains(&subject) {
+            store.remove_referrers(&subject)?;
+            continue;
+        }
+        for r in store.referrers(&subject)? {
+            live_blobs.insert(r.digest.clone());
+            live_blobs.insert(r.payload.clone());
+            live_blobs.insert(Digest::of(b"{}"));
         }
     }
     // Imported bases are the import cache: kept while their blobs are.

@@ -8,6 +8,7 @@
 //! .kiln/images/<name>/current    the current version number
 //! .kiln/roots/<hex>/         unpacked root of the version whose manifest is sha256:<hex>
 //! .kiln/bases/<key>.json     imported bases (rootfs, OCI, debootstrap) by source key
+//! .kiln/referrers/<hex>.json artifacts (SBOM, signatures) whose subject is manifest sha256:<hex>
 //! .kiln/tmp/                 work in progress; emptied by the next writer
 //! .kiln/lock                 held (POSIX record lock) by every writer
 //! ```
@@ -136,6 +137,20 @@ pub struct BaseRecord {
     pub env: Vec<String>,
 }
 
+/// An OCI artifact (an image manifest with an `artifactType` and a
+/// `subject`) that refers to a version's image manifest: its SBOM, its
+/// signatures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Referrer {
+    /// `application/vnd.cyclonedx+json`, [`crate::sign::ARTIFACT_TYPE`]...
+    pub artifact_type: String,
+    /// Digest of the artifact's manifest.
+    pub digest: Digest,
+    pub size: u64,
+    /// Digest of its one layer: the SBOM or signature itself.
+    pub payload: Digest,
+}
+
 /// An open store.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -157,6 +172,7 @@ impl Store {
             s.root.join("images"),
             s.root.join("roots"),
             s.root.join("bases"),
+            s.root.join("referrers"),
             s.tmp_dir(),
         ] {
             fs::create_dir_all(&d).ctx("create directory", &d)?;
@@ -498,6 +514,124 @@ impl Store {
         )
     }
 
+    fn referrers_path(&self, subject: &Digest) -> PathBuf {
+        self.root
+            .join("referrers")
+            .join(format!("{}.json", subject.hex()))
+    }
+
+    /// Every artifact that refers to the manifest `subject`, oldest first.
+    pub fn referrers(&self, subject: &Digest) -> Result<Vec<Referrer>> {
+        let p = self.referrers_path(subject);
+        match fs::read(&p) {
+            Ok(b) => {
+                serde_json::from_slice(&b).map_err(|source| ImageError::Json { path: p, source })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(ImageError::Io {
+                op: "read",
+                path: p,
+                source: e,
+            }),
+        }
+    }
+
+    /// Stores `payload` as an OCI artifact of `artifact_type` whose subject
+    /// is the image manifest `subject`, and records it among the subject's
+    /// referrers (once: the same artifact stored twice is one referrer).
+    /// Callers hold the store lock.
+    pub fn put_artifact(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+        payload: &[u8],
+        annotations: BTreeMap<String, String>,
+    ) -> Result<Referrer> {
+        use oci_spec::image::{DescriptorBuilder, ImageManifestBuilder, MediaType};
+        let oci = |e: oci_spec::OciSpecError| {
+            ImageError::Corrupt(format!("cannot build OCI artifact manifest: {e}"))
+        };
+        let descriptor = |mt: MediaType, d: &Digest, size: u64| {
+            let digest: oci_spec::image::Digest =
+                d.0.parse().map_err(|e: oci_spec::OciSpecError| oci(e))?;
+            DescriptorBuilder::default()
+                .media_type(mt)
+                .digest(digest)
+                .size(size)
+                .build()
+                .map_err(oci)
+        };
+        let subject_size = fs::metadata(self.blob_path(subject))
+            .map(|m| m.len())
+            .ctx("stat", self.blob_path(subject))?;
+        let payload_digest = self.put_blob(payload)?;
+        // The OCI 1.1 empty config for artifacts: `{}`.
+        let empty = self.put_blob(b"{}")?;
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .artifact_type(MediaType::Other(artifact_type.to_string()))
+            .config(descriptor(MediaType::EmptyJSON, &empty, 2)?)
+            .layers(vec![descriptor(
+                MediaType::Other(artifact_type.to_string()),
+                &payload_digest,
+                payload.len() as u64,
+            )?])
+            .subject(descriptor(MediaType::ImageManifest, subject, subject_size)?)
+            .annotations(
+                annotations
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            )
+            .build()
+            .map_err(oci)?;
+        let (digest, size) = self.put_json(&manifest)?;
+        let referrer = Referrer {
+            artifact_type: artifact_type.to_string(),
+            digest,
+            size,
+            payload: payload_digest,
+        };
+        let mut all = self.referrers(subject)?;
+        if !all.contains(&referrer) {
+            all.push(referrer.clone());
+            self.write_atomic(
+                &self.referrers_path(subject),
+                &serde_json::to_vec_pretty(&all).expect("referrers serialize"),
+            )?;
+        }
+        Ok(referrer)
+    }
+
+    /// Digests of every subject with referrers.
+    pub fn referrer_subjects(&self) -> Result<Vec<Digest>> {
+        let dir = self.root.join("referrers");
+        let mut out = Vec::new();
+        let Ok(items) = fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for item in items {
+            let name = item.ctx("read directory", &dir)?.file_name();
+            if let Some(hex) = name.to_string_lossy().strip_suffix(".json") {
+                out.push(Digest(format!("sha256:{hex}")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets the referrers of a subject (their blobs go with `gc`).
+    pub fn remove_referrers(&self, subject: &Digest) -> Result<()> {
+        let p = self.referrers_path(subject);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(ImageError::Io {
+                op: "remove",
+                path: p,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Rewrites `index.json` so that it lists every successful version as
     /// `name:N` and each current version also as `name:latest`.
     pub fn sync_index(&self) -> Result<()> {
@@ -524,7 +658,7 @@ impl Store {
     }
 
     fn write_index(&self, refs: &BTreeMap<String, (Digest, u64)>) -> Result<()> {
-        let manifests: Vec<_> = refs
+        let mut manifests: Vec<_> = refs
             .iter()
             .map(|(name, (d, size))| {
                 serde_json::json!({
@@ -535,6 +669,18 @@ impl Store {
                 })
             })
             .collect();
+        // Artifacts of listed images, untagged, as OCI 1.1 layouts list referrers.
+        let listed: std::collections::BTreeSet<&Digest> = refs.values().map(|(d, _)| d).collect();
+        for subject in listed {
+            for r in self.referrers(subject)? {
+                manifests.push(serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": r.digest.0,
+                    "size": r.size,
+                    "artifactType": r.artifact_type,
+                }));
+            }
+        }
         let index = serde_json::json!({ "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests });
         self.write_atomic(&self.index_path(), &canonical_json(&index))
     }

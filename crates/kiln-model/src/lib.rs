@@ -26,6 +26,9 @@ pub struct Project {
     pub dir: PathBuf,
     pub images: BTreeMap<String, ImageSpec>,
     pub envs: BTreeMap<String, EnvSpec>,
+    /// Where vulnerability advisories come from (`[project] vulnerabilities`).
+    #[serde(default)]
+    pub vulnerabilities: Option<AdvisorySource>,
 }
 
 impl Project {
@@ -128,6 +131,97 @@ pub struct ImageSpec {
     /// Bytes an imported base of this image may expand to.
     #[serde(default = "default_import_limit")]
     pub import_limit_bytes: u64,
+    /// The vulnerability gate (the image's own `scan`, else the project's).
+    #[serde(default)]
+    pub scan: Option<ScanPolicy>,
+    /// The hardening policy: forbidden paths and packages, setuid files.
+    #[serde(default)]
+    pub hardening: Hardening,
+}
+
+/// Where OSV advisories are read from: a directory or a `.zip` of OSV JSON
+/// in the ecosystem exports' format, on disk or at an HTTP(S) URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvisorySource {
+    /// An absolute path (a directory of `*.json` or a `.zip`).
+    Path(PathBuf),
+    /// An `http://` or `https://` URL of a `.zip`, cached per URL.
+    Url(String),
+}
+
+/// How bad a vulnerability is, lowest first (ordered: `Low < Critical`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s {
+            "low" => Some(Severity::Low),
+            "medium" => Some(Severity::Medium),
+            "high" => Some(Severity::High),
+            "critical" => Some(Severity::Critical),
+            _ => None,
+        }
+    }
+}
+
+/// The vulnerability gate of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanPolicy {
+    /// Findings at or above this severity keep a version from becoming current.
+    pub fail_on: Severity,
+    /// The severity assumed for an advisory that states none (default high:
+    /// the gate fails closed).
+    pub unknown: Severity,
+    /// Findings with no fixed version yet do not fail the gate.
+    pub ignore_unfixed: bool,
+    pub ignore: Vec<ScanIgnore>,
+}
+
+/// One accepted advisory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanIgnore {
+    /// Advisory id or one of its aliases (`CVE-2024-1234`, `DSA-5555-1`).
+    pub id: String,
+    /// Last day (`YYYY-MM-DD`, UTC) the entry applies; none: for good.
+    pub until: Option<String>,
+    pub reason: String,
+}
+
+/// What a hardened image may not contain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardening {
+    /// Glob patterns over absolute paths (`/usr/bin/ssh*`).
+    pub forbid: Vec<String>,
+    /// dpkg package names.
+    pub forbid_packages: Vec<String>,
+    pub setuid: SetuidPolicy,
+}
+
+/// What to do about setuid and setgid files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetuidPolicy {
+    /// Listed by `kiln image show`, allowed.
+    #[default]
+    Report,
+    /// Any setuid or setgid file fails the build.
+    Deny,
 }
 
 fn default_import_limit() -> u64 {
@@ -653,6 +747,10 @@ pub struct RoleSpec {
     /// image's own `/etc/passwd` and `/etc/group` when planning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<UserSpec>,
+    /// Names of the environment's secrets this role's servers receive as
+    /// files in `/run/secrets/`.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 /// A destination servers of a role may reach: `host:PORT` (a service on
@@ -700,6 +798,26 @@ pub struct EnvSpec {
     /// How long a quarantined server's evidence is kept (seconds).
     pub quarantine_secs: u64,
     pub roles: BTreeMap<String, RoleSpec>,
+    /// Who may encrypt this environment's secrets (`secrets/ENV/*.age`).
+    #[serde(default)]
+    pub secrets: Option<SecretsSpec>,
+    /// Image versions must be signed by one of these keys to run here.
+    #[serde(default)]
+    pub trust: Option<Trust>,
+}
+
+/// The age recipients an environment's secrets are encrypted to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretsSpec {
+    /// `age1...` X25519 recipients.
+    pub recipients: Vec<String>,
+}
+
+/// Trusted image signers of an environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trust {
+    /// SSH public keys in OpenSSH format (`ssh-ed25519 AAAA... alice@ops`).
+    pub signers: Vec<String>,
 }
 
 /// Lifecycle of a server as the state records it. A server row is written

@@ -60,7 +60,7 @@ pub enum SwarmError {
     #[error("image store: {what}")]
     Store {
         what: String,
-        source: kiln_image::ImageError,
+        source: Box<kiln_image::ImageError>,
     },
     /// The registry refused or failed a push.
     #[error("registry {repo}: {op}")]

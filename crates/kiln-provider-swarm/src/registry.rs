@@ -108,7 +108,7 @@ impl Registry {
             .read_blob(digest)
             .map_err(|source| SwarmError::Store {
                 what: format!("manifest {digest}"),
-                source,
+                source: Box::new(source),
             })?;
         let parsed: oci_client::manifest::OciImageManifest = serde_json::from_slice(&manifest)
             .map_err(|e| self.err("read manifest")(OciDistributionError::JsonError(e)))?;

@@ -9,6 +9,7 @@ mod check;
 mod duration;
 mod locate;
 mod raw;
+mod supply;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -25,6 +26,7 @@ pub use check::{
 pub use duration::{format_duration, parse_duration, parse_size, MAX_DURATION, MAX_SIZE};
 use locate::Locator;
 use raw::*;
+pub use supply::is_secret_name;
 
 /// The project file's name inside a project directory.
 pub const PROJECT_FILE: &str = "kiln.toml";
@@ -161,15 +163,19 @@ impl Validator<'_> {
                 self.cx.loc.key(&["images", iname]),
                 "image name",
             )?;
-            images.insert(iname.clone(), self.image(iname, img, import_limit)?);
+            let mut spec = self.image(iname, img, import_limit)?;
+            self.supply_chain(&raw.project, iname, img, &mut spec)?;
+            images.insert(iname.clone(), spec);
         }
         self.check_image_graph(&raw, &images)?;
         let envs = self.envs(&raw, &images)?;
+        let vulnerabilities = self.advisories(&raw.project)?;
         Ok(Project {
             name: name.into_inner(),
             dir: self.dir.to_path_buf(),
             images,
             envs,
+            vulnerabilities,
         })
     }
 
@@ -260,6 +266,8 @@ impl Validator<'_> {
             user,
             build_limits,
             import_limit_bytes,
+            scan: None,
+            hardening: Hardening::default(),
         })
     }
 
@@ -882,6 +890,8 @@ impl Validator<'_> {
                 Some(q) => self.secs(q.get_ref(), q.span(), "quarantine", Some("a quarantined server's evidence would be deleted at once; kill without quarantine is `drift = \"replace\"`"))?,
                 None => 7 * 86_400,
             },
+            secrets: self.env_secrets(env)?,
+            trust: self.trust(env)?,
             roles,
         })
     }
@@ -1183,6 +1193,7 @@ impl Validator<'_> {
                 Some(c) => self.capabilities(c)?,
                 None => Capability::docker_default(),
             },
+            secrets: self.role_secrets(env_name, name, r, env)?,
         })
     }
 

@@ -22,6 +22,43 @@ pub(crate) struct RawProject {
     pub name: Spanned<String>,
     /// Default cap on what an imported base may expand to (`"8G"`).
     pub import_limit: Option<Spanned<String>>,
+    pub vulnerabilities: Option<Spanned<RawAdvisories>>,
+    pub scan: Option<Spanned<RawScan>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdvisories {
+    pub osv: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScan {
+    pub fail_on: Option<String>,
+    pub unknown: Option<String>,
+    pub ignore_unfixed: Option<bool>,
+    pub ignore: Option<Vec<RawIgnore>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIgnore {
+    pub id: String,
+    pub until: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecrets {
+    pub recipients: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTrust {
+    pub signers: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +80,10 @@ pub(crate) struct RawImage {
     /// `"30m"` (scripts and tests alike) or `{ script = "30m", test = "5m" }`.
     pub timeout: Option<Spanned<toml::Value>>,
     pub import_limit: Option<Spanned<String>>,
+    pub scan: Option<Spanned<RawScan>>,
+    pub forbid: Option<Vec<Spanned<String>>>,
+    pub forbid_packages: Option<Vec<Spanned<String>>>,
+    pub setuid: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +133,8 @@ pub(crate) struct RawEnv {
     pub unmanaged: Option<Spanned<String>>,
     pub replace_share: Option<u32>,
     pub quarantine: Option<Spanned<String>>,
+    pub secrets: Option<Spanned<RawSecrets>>,
+    pub trust: Option<Spanned<RawTrust>>,
     #[serde(default)]
     pub roles: BTreeMap<String, RawRole>,
 }
@@ -111,6 +154,8 @@ impl RawEnv {
         self.unmanaged = self.unmanaged.or(p.unmanaged);
         self.replace_share = self.replace_share.or(p.replace_share);
         self.quarantine = self.quarantine.or(p.quarantine);
+        self.secrets = self.secrets.or(p.secrets);
+        self.trust = self.trust.or(p.trust);
         for (name, prole) in p.roles {
             match self.roles.remove(&name) {
                 Some(mine) => {
@@ -147,6 +192,7 @@ pub(crate) struct RawRole {
     pub reach: Option<Spanned<Vec<String>>>,
     pub capabilities: Option<RawCapabilities>,
     pub user: Option<Spanned<String>>,
+    pub secrets: Option<Vec<Spanned<String>>>,
 }
 
 /// `capabilities = { drop = [...], add = [...] }`: changes to Docker's default set.
@@ -179,6 +225,7 @@ impl RawRole {
             reach: self.reach.or(p.reach),
             capabilities: self.capabilities.or(p.capabilities),
             user: self.user.or(p.user),
+            secrets: self.secrets.or(p.secrets),
         }
     }
 }

@@ -95,7 +95,7 @@ fn parses_the_design_example() {
 #[test]
 fn unknown_key_points_at_it() {
     check_err("[project]\nname = \"x\"\n\n[images.a]\nfrom = \"scratch\"\nentrypont = [\"/x\"]\n",
-        "kiln.toml:6:1: unknown field `entrypont`, expected one of `from`, `entrypoint`, `cmd`, `env`, `workdir`, `ports`, `health`, `test`, `labels`, `mtime`, `network`, `user`, `limits`, `timeout`, `import_limit`");
+        "kiln.toml:6:1: unknown field `entrypont`, expected one of `from`, `entrypoint`, `cmd`, `env`, `workdir`, `ports`, `health`, `test`, `labels`, `mtime`, `network`, `user`, `limits`, `timeout`, `import_limit`, `scan`, `forbid`, `forbid_packages`, `setuid`");
 }
 
 #[test]
@@ -911,9 +911,172 @@ fn bad_user_limits_and_timeouts_are_located() {
     );
 }
 
+const SIGNER: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@ops";
+
+const RECIPIENT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
 #[test]
-fn huge_durations_and_sizes_are_errors_not_panics() {
-    assert!(parse_duration("18446744073709551615s1s").is_err());
-    assert!(parse_duration("18446744073709551615w").is_err());
-    assert!(parse_size("17179869184G").is_err());
+fn parses_supply_chain_keys() {
+    let text = format!(
+        r#"
+[project]
+name = "shop"
+vulnerabilities = {{ osv = "osv/debian-12.zip" }}
+scan = {{ fail_on = "critical" }}
+
+[images.base]
+from = "scratch"
+forbid = ["/usr/bin/ssh*", "/bin/bash"]
+forbid_packages = ["openssh-server", "wget"]
+setuid = "deny"
+
+[images.app]
+from = "base"
+scan = {{ fail_on = "medium", unknown = "low", ignore_unfixed = true, ignore = [{{ id = "CVE-2024-1", until = "2027-03-01", reason = "not reachable" }}, {{ id = "DSA-1-1", reason = "accepted" }}] }}
+
+[env.staging]
+secrets = {{ recipients = ["{RECIPIENT}"] }}
+trust = {{ signers = ["{SIGNER}"] }}
+
+[env.staging.roles.app]
+image = "app"
+secrets = ["db_password", "api.key"]
+
+[env.production]
+inherit = "staging"
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = parse(&text, Path::new("kiln.toml"), dir.path()).unwrap();
+    assert_eq!(
+        p.vulnerabilities,
+        Some(AdvisorySource::Path(dir.path().join("osv/debian-12.zip")))
+    );
+    let base = &p.images["base"];
+    assert_eq!(
+        base.scan.as_ref().unwrap().fail_on,
+        Severity::Critical,
+        "project default"
+    );
+    assert_eq!(base.hardening.forbid, vec!["/usr/bin/ssh*", "/bin/bash"]);
+    assert_eq!(
+        base.hardening.forbid_packages,
+        vec!["openssh-server", "wget"]
+    );
+    assert_eq!(base.hardening.setuid, SetuidPolicy::Deny);
+    let app = p.images["app"].scan.clone().unwrap();
+    assert_eq!(app.fail_on, Severity::Medium);
+    assert_eq!(app.unknown, Severity::Low);
+    assert!(app.ignore_unfixed);
+    assert_eq!(
+        app.ignore,
+        vec![
+            ScanIgnore {
+                id: "CVE-2024-1".into(),
+                until: Some("2027-03-01".into()),
+                reason: "not reachable".into()
+            },
+            ScanIgnore {
+                id: "DSA-1-1".into(),
+                until: None,
+                reason: "accepted".into()
+            }
+        ]
+    );
+    assert_eq!(p.images["app"].hardening, Hardening::default());
+    for env in ["staging", "production"] {
+        let e = &p.envs[env];
+        assert_eq!(e.secrets.as_ref().unwrap().recipients, vec![RECIPIENT]);
+        assert_eq!(e.trust.as_ref().unwrap().signers, vec![SIGNER]);
+        assert_eq!(e.roles["app"].secrets, vec!["db_password", "api.key"]);
+    }
+    // Without the keys, nothing changes.
+    let plain = parse_str(GOOD).unwrap();
+    assert_eq!(plain.vulnerabilities, None);
+    assert!(plain.images["app"].scan.is_none());
+    assert!(plain.envs["staging"].trust.is_none());
+    assert!(plain.envs["staging"].roles["app"].secrets.is_empty());
+}
+
+#[test]
+fn url_advisories_are_kept_as_urls() {
+    let p = parse_str("[project]\nname = \"x\"\nvulnerabilities = { osv = \"https://example.org/Debian/all.zip\" }\n").unwrap();
+    assert_eq!(
+        p.vulnerabilities,
+        Some(AdvisorySource::Url(
+            "https://example.org/Debian/all.zip".into()
+        ))
+    );
+    check_err(
+        "[project]\nname = \"x\"\nvulnerabilities = { osv = \"ftp://h/x.zip\" }\n",
+        "kiln.toml:3:19: `vulnerabilities.osv` URL `ftp://h/x.zip` is not http or https",
+    );
+}
+
+#[test]
+fn bad_supply_chain_keys_point_at_them() {
+    let head = "[project]\nname = \"x\"\nvulnerabilities = { osv = \"o.zip\" }\n[images.a]\nfrom = \"scratch\"\n";
+    check_err(
+        &format!("{head}scan = {{ fail_on = \"severe\" }}\n"),
+        "kiln.toml:6:8: scan.fail_on `severe` is not a severity; expected \"low\", \"medium\", \"high\" or \"critical\"",
+    );
+    check_err(
+        &format!("{head}scan = {{ ignore = [{{ id = \"CVE-1\", until = \"2027-13-01\", reason = \"r\" }}] }}\n"),
+        "kiln.toml:6:8: scan.ignore `CVE-1`: until `2027-13-01` is not a date; expected \"YYYY-MM-DD\"",
+    );
+    check_err(
+        &format!("{head}scan = {{ ignore = [{{ id = \"CVE-1\", reason = \" \" }}] }}\n"),
+        "kiln.toml:6:8: scan.ignore entry `CVE-1` needs a `reason`",
+    );
+    check_err(
+        &format!("{head}forbid = [\"usr/bin/wget\"]\n"),
+        "kiln.toml:6:11: forbid pattern `usr/bin/wget` must be an absolute path glob like \"/usr/bin/ssh*\"",
+    );
+    check_err(
+        &format!("{head}forbid = [\"/usr/bin/[ab\"]\n"),
+        "kiln.toml:6:11: forbid pattern `/usr/bin/[ab`: unclosed character class; missing ']'",
+    );
+    check_err(
+        &format!("{head}forbid_packages = [\"Open SSH\"]\n"),
+        "kiln.toml:6:20: `Open SSH` is not a Debian package name",
+    );
+    check_err(
+        &format!("{head}setuid = \"allow\"\n"),
+        "kiln.toml:6:10: unknown setuid policy `allow`; expected \"deny\" or \"report\"",
+    );
+    check_err(
+        "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\nscan = { fail_on = \"high\" }\n",
+        "kiln.toml:5:8: image `a` has a `scan` gate but the project names no advisories; add `vulnerabilities = { osv = \"PATH|URL\" }` to [project]",
+    );
+}
+
+#[test]
+fn bad_secrets_and_signers_point_at_them() {
+    let head = "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s]\n";
+    check_err(
+        &format!("{head}secrets = {{ recipients = [\"age1nope\"] }}\n"),
+        "kiln.toml:6:27: `age1nope` is not an age X25519 recipient; expected \"age1\" and 58 more characters (`age-keygen -y KEYFILE` prints it)",
+    );
+    check_err(
+        &format!("{head}secrets = {{ recipients = [] }}\n"),
+        "kiln.toml:6:11: `secrets.recipients` is empty; expected at least one age recipient (\"age1...\")",
+    );
+    let e = parse_str(&format!(
+        "{head}trust = {{ signers = [\"ssh-ed25519 AAAAnotbase64!\"] }}\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("kiln.toml:6:22: signer is not an OpenSSH public key ("),
+        "{e}"
+    );
+    check_err(
+        &format!("{head}[env.s.roles.r]\nimage = \"a\"\nsecrets = [\"db\"]\n"),
+        "kiln.toml:8:12: role `r` receives secret `db` but environment `s` declares no `secrets = { recipients = [...] }`",
+    );
+    check_err(
+        &format!("{head}secrets = {{ recipients = [\"{RECIPIENT}\"] }}\n[env.s.roles.r]\nimage = \"a\"\nsecrets = [\"../etc/passwd\"]\n"),
+        "kiln.toml:9:12: secret name `../etc/passwd` is invalid; expected letters, digits, `_`, `-` or `.`, starting with a letter or digit, at most 64 characters",
+    );
 }

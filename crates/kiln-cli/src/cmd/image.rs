@@ -64,6 +64,7 @@ pub fn build(cli: &Cli, args: &BuildArgs) -> Result<ExitCode> {
     let events = |e| progress.event(e);
     let mut baker = Baker::new(&project, &store, &events);
     baker.no_cache = args.no_cache;
+    baker.secrets = super::secret::bake_check(&project.dir)?;
     let built = baker.build(&names).inspect_err(|_| progress.abandon())?;
     if cli.json {
         let rows: Vec<_> = built
@@ -159,6 +160,22 @@ pub fn show(cli: &Cli, args: &RefArgs) -> Result<ExitCode> {
     println!("    cache    {}", s.inputs.cache_key);
     if let Some(e) = &s.error {
         println!("  {} {e}", style("failed:").red());
+    }
+    println!(
+        "  sbom       {}",
+        s.sbom.as_ref().map(|d| d.0.as_str()).unwrap_or("-")
+    );
+    for signer in &s.signatures {
+        println!("  signed by  {signer}");
+    }
+    for (title, files) in [
+        ("setuid/setgid", &s.setuid),
+        ("world-writable", &s.world_writable),
+    ] {
+        println!("  {title} ({})", files.len());
+        for f in files {
+            println!("    {} {}  {}:{}", f.mode, f.path, f.uid, f.gid);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

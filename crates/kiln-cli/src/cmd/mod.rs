@@ -16,7 +16,11 @@ pub mod logs;
 pub mod plan;
 pub mod promote;
 pub mod reconcile;
+pub mod sbom;
+pub mod scan;
+pub mod secret;
 pub mod server;
+pub mod sign;
 pub mod unlock;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
@@ -29,7 +33,9 @@ use kiln_engine::{Engine, Options, Progress};
 use kiln_provider_local::Local;
 use kiln_state::State;
 
-use crate::{BalancerCommand, Cli, Command, DnsServerCommand, ImageCommand, ServerCommand};
+use crate::{
+    BalancerCommand, Cli, Command, DnsServerCommand, ImageCommand, SecretCommand, ServerCommand,
+};
 
 /// Exit status for "the command worked and found differences".
 pub const FOUND: u8 = 2;
@@ -42,6 +48,11 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Image(ImageCommand::Show(a)) => image::show(cli, a),
         Command::Image(ImageCommand::Verify(a)) => image::verify(cli, a),
         Command::Image(ImageCommand::Gc(a)) => image::gc(cli, a),
+        Command::Image(ImageCommand::Sbom(a)) => sbom::run(cli, a),
+        Command::Image(ImageCommand::Scan(a)) => scan::run(cli, a),
+        Command::Image(ImageCommand::Sign(a)) => sign::run(cli, a),
+        Command::Secret(SecretCommand::Set(a)) => secret::set(cli, a),
+        Command::Secret(SecretCommand::List(a)) => secret::list(cli, a),
         Command::Plan(a) => plan::run(cli, a),
         Command::Apply(a) => apply::apply(cli, a),
         Command::Approve(a) => approve::run(cli, a),
