@@ -3,7 +3,8 @@
 //! binary (process start included) and the real store; nothing is mocked.
 //!
 //! Usage: kiln-bench [--kiln PATH] [--tree-mib N] [--only NAME] [--debootstrap]
-//! (`--only supply`: SBOM + scan of a Debian image, signature checks)
+//! (`--only supply`: SBOM + scan of a Debian image, signature checks;
+//! `--only rollout-http`: the rollout figures with the balancer in HTTP mode)
 
 use std::fs;
 use std::io::Read;
@@ -78,7 +79,10 @@ fn main() -> Result<()> {
         rebuild(&o)?;
     }
     if want("rollout") {
-        rollout(&o)?;
+        rollout(&o, "tcp")?;
+    }
+    if o.only.as_deref() == Some("rollout-http") {
+        rollout(&o, "http")?;
     }
     if want("drift") {
         drift(&o)?;
@@ -666,14 +670,17 @@ fn measure(addr: &str, clients: usize, secs: u64) -> (f64, String, u64) {
 }
 
 /// Blue-green rollout of 10 servers under load, switch latency, balancer overhead.
-fn rollout(o: &Opts) -> Result<()> {
+/// The blue-green rollout, rollback and balancer figures, with the role's
+/// balancer in `mode` (`tcp`, or `http` for `--only rollout-http`).
+fn rollout(o: &Opts, mode: &str) -> Result<()> {
+    println!("balancer mode: {mode}");
     let dir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     static_web_project(dir.path(), &[("web", 10)], "10.77.92.0/24")?;
     let toml = fs::read_to_string(dir.path().join("kiln.toml"))?;
-    fs::write(dir.path().join("kiln.toml"), format!("{toml}ports = [8080]\nstrategy = {{ kind = \"blue_green\", rollback_window = \"1m\" }}\nbalancer = {{ listen = \"127.0.0.1:{port}\", port = 8080 }}\n"))?;
+    fs::write(dir.path().join("kiln.toml"), format!("{toml}ports = [8080]\nstrategy = {{ kind = \"blue_green\", rollback_window = \"1m\" }}\nbalancer = {{ listen = \"127.0.0.1:{port}\", port = 8080, mode = \"{mode}\" }}\n"))?;
     fs::write(dir.path().join("images/web/files/www/index.html"), "v1\n")?;
     kiln(o, dir.path(), &["image", "build", "web"])?;
     kiln(o, dir.path(), &["apply", "bench", "--yes"])?;
