@@ -447,7 +447,44 @@ balancer = {{ listen = "127.0.0.1:{port}", port = 8080, drain_timeout = "5s" }}
 
     let plan = p.kiln_env(&["plan", "staging", "--json"], &env).ok();
     assert!(plan.stdout.contains("db_password") && plan.stdout.contains("b3k:"));
-    p.kiln_env(&["apply", "staging", "--yes"], &env).ok();
+    // A saved plan carries fingerprints: a value changed since it was made
+    // refuses it (naming the secret, never a value); the value it was made
+    // with applies it.
+    let saved = p.path().join("first.json");
+    p.kiln_env(&["plan", "staging", "-o", saved.to_str().unwrap()], &env)
+        .ok();
+    kiln_stdin(
+        &p,
+        &["secret", "set", "staging", "db_password"],
+        &key,
+        b"not-what-was-planned",
+    );
+    let stale = p
+        .kiln_env(
+            &["apply", "staging", saved.to_str().unwrap(), "--yes"],
+            &env,
+        )
+        .expect(1);
+    assert!(
+        stale
+            .stderr
+            .contains("secret `db_password` of `staging` changed since the plan was made"),
+        "{}",
+        stale.stderr
+    );
+    assert!(!stale.stderr.contains("not-what-was-planned"));
+    assert!(p.ids().is_empty());
+    kiln_stdin(
+        &p,
+        &["secret", "set", "staging", "db_password"],
+        &key,
+        FIRST.as_bytes(),
+    );
+    p.kiln_env(
+        &["apply", "staging", saved.to_str().unwrap(), "--yes"],
+        &env,
+    )
+    .ok();
     let first_ids = p.ids();
     assert_eq!(first_ids.len(), 2);
     for (value, uid, mode, owner, tmpfs) in delivered(&p) {
