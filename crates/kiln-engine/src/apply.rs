@@ -242,7 +242,7 @@ impl Engine<'_> {
             let fail = |source| EngineError::Secrets {
                 env: env.into(),
                 role: t.role.clone(),
-                source,
+                source: Box::new(source),
             };
             let identity = kiln_secrets::Identity::required().map_err(fail)?;
             let key = kiln_secrets::FingerprintKey::load(&self.project.dir, env, &identity)

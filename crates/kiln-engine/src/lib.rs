@@ -147,7 +147,7 @@ pub enum EngineError {
         role: String,
         image: String,
         #[source]
-        source: kiln_image::sign::TrustError,
+        source: Box<kiln_image::sign::TrustError>,
     },
     /// A role's secrets could not be decrypted or fingerprinted.
     #[error("cannot read the secrets of role `{role}` in `{env}`")]
@@ -155,7 +155,7 @@ pub enum EngineError {
         env: String,
         role: String,
         #[source]
-        source: kiln_secrets::SecretError,
+        source: Box<kiln_secrets::SecretError>,
     },
     /// A secret's value changed after the plan was made (its fingerprint,
     /// never its value, is compared).
@@ -348,7 +348,7 @@ impl<'a> Engine<'a> {
                 env: env.name.clone(),
                 role: role.into(),
                 image: image.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -365,7 +365,7 @@ impl<'a> Engine<'a> {
         let fail = |source| EngineError::Secrets {
             env: env.into(),
             role: role.name.clone(),
-            source,
+            source: Box::new(source),
         };
         let identity = kiln_secrets::Identity::required().map_err(fail)?;
         kiln_secrets::fingerprints(&self.project.dir, env, &role.secrets, &identity).map_err(fail)
