@@ -437,6 +437,7 @@ fn request(
             env: vec!["PATH=/".into()],
             workdir: "/".into(),
             user: None,
+            secrets: Default::default(),
         },
         size: kiln_model::Size {
             cpus: 0.5,
@@ -446,6 +447,7 @@ fn request(
         volumes: vec![],
         reach: vec![],
         capabilities: kiln_model::Capability::docker_default(),
+        secrets: vec![],
     }
 }
 

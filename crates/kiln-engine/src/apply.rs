@@ -5,7 +5,7 @@
 //! old servers drained and destroyed (or kept warm). Every step is
 //! journaled before and after it runs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use kiln_model::{
     Action, Balancer, Change, HealthCheck, ImageRef, Outcome, Plan, PlanKind, Replace,
     ReplaceOrder, RoleTarget, Server, ServerStatus, Strategy,
 };
-use kiln_provider::ServerRequest;
+use kiln_provider::{SecretFile, ServerRequest};
 
 use crate::{plan_hash, Engine, EngineError, Progress, Result};
 
@@ -119,6 +119,24 @@ impl Engine<'_> {
         }
         self.check_approved(plan)?;
         let images = self.verify_images(plan)?;
+        let secrets = self.open_secrets(plan)?;
+        if !secrets.is_empty() {
+            // The chain records which secrets went where, by name and keyed
+            // fingerprint: enough to tell values apart, nothing to reveal one.
+            let delivered: Vec<String> = plan
+                .targets
+                .iter()
+                .filter(|t| secrets.contains_key(&t.role))
+                .flat_map(|t| {
+                    t.launch
+                        .secrets
+                        .iter()
+                        .map(move |(n, f)| format!("{n} ({f}) to role `{}`", t.role))
+                })
+                .collect();
+            let outcome = format!("delivers {}", delivered.join(", "));
+            self.audit(env, "secrets", &plan_hash(plan), &outcome)?;
+        }
         self.provider.prepare(&images)?;
         self.converge_runtime(env, &plan.targets)?;
         let actor = kiln_state::actor();
@@ -141,6 +159,7 @@ impl Engine<'_> {
             engine: self,
             plan,
             release,
+            secrets,
         };
         if let Err(e) = run.changes() {
             self.state
@@ -193,7 +212,61 @@ impl Engine<'_> {
                     first: first.split_whitespace().collect::<Vec<_>>().join(" "),
                 });
             }
+            if let Ok(env) = self.env(&plan.env) {
+                self.check_trust(env, &t.role, &t.image)?;
+            }
             out.push(t.image.clone());
+        }
+        Ok(out)
+    }
+
+    /// Decrypts the secrets of every role the plan launches servers of,
+    /// checking each against the fingerprint the plan carries: a value
+    /// changed since a saved plan was made refuses the plan. Plans kiln
+    /// makes itself (rollbacks, reconcile) deliver today's values, the
+    /// only ones there are. Values stay in memory, zeroed when dropped.
+    fn open_secrets(&self, plan: &Plan) -> Result<BTreeMap<String, Vec<SecretFile>>> {
+        let launched: BTreeSet<&str> = plan
+            .changes
+            .iter()
+            .filter(|c| c.image().is_some())
+            .map(|c| c.role())
+            .collect();
+        let mut out = BTreeMap::new();
+        let env = plan.env.as_str();
+        for t in plan
+            .targets
+            .iter()
+            .filter(|t| launched.contains(t.role.as_str()) && !t.spec.secrets.is_empty())
+        {
+            let fail = |source| EngineError::Secrets {
+                env: env.into(),
+                role: t.role.clone(),
+                source: Box::new(source),
+            };
+            let identity = kiln_secrets::Identity::required().map_err(fail)?;
+            let key = kiln_secrets::FingerprintKey::load(&self.project.dir, env, &identity)
+                .map_err(fail)?;
+            let mut files = Vec::new();
+            for name in &t.spec.secrets {
+                let value =
+                    kiln_secrets::decrypt(&self.project.dir, env, name, &identity).map_err(fail)?;
+                let current = key.fingerprint(&value);
+                let planned = t.launch.secrets.get(name).cloned().unwrap_or_default();
+                if plan.kind.can_be_saved() && current != planned {
+                    return Err(EngineError::SecretChanged {
+                        env: env.into(),
+                        name: name.clone(),
+                        planned,
+                        current,
+                    });
+                }
+                files.push(SecretFile {
+                    name: name.clone(),
+                    value: zeroize::Zeroizing::new(value.expose().to_vec()),
+                });
+            }
+            out.insert(t.role.clone(), files);
         }
         Ok(out)
     }
@@ -297,6 +370,8 @@ struct Run<'e, 'a> {
     engine: &'e Engine<'a>,
     plan: &'e Plan,
     release: i64,
+    /// Decrypted secrets by role, for the servers this apply creates.
+    secrets: BTreeMap<String, Vec<SecretFile>>,
 }
 
 impl Run<'_, '_> {
@@ -655,6 +730,7 @@ impl Run<'_, '_> {
             volumes: t.spec.volumes.clone(),
             reach: t.spec.reach.clone(),
             capabilities: t.spec.capabilities.clone(),
+            secrets: self.secrets.get(role).cloned().unwrap_or_default(),
         })
     }
 

@@ -36,6 +36,12 @@ pub enum FindingKind {
     /// Something nobody declared: a stray sandbox, a rogue backend, a
     /// state entry whose process is gone.
     Unmanaged,
+    /// The server runs an image version the environment no longer trusts
+    /// (no valid signature by any of its `trust` signers).
+    Untrusted,
+    /// The server runs an image version that today's advisories fail
+    /// (the image's `scan` gate).
+    Vulnerable,
 }
 
 impl FindingKind {
@@ -48,14 +54,18 @@ impl FindingKind {
             FindingKind::Stale => "stale",
             FindingKind::Expired => "expired",
             FindingKind::Unmanaged => "unmanaged",
+            FindingKind::Untrusted => "untrusted",
+            FindingKind::Vulnerable => "vulnerable",
         }
     }
 
     pub fn parse(s: &str) -> Option<FindingKind> {
         use FindingKind::*;
-        [Files, Writable, Process, Config, Stale, Expired, Unmanaged]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        [
+            Files, Writable, Process, Config, Stale, Expired, Unmanaged, Untrusted, Vulnerable,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
     }
 
     /// A change made to a server (as opposed to time passing or a newer
@@ -100,6 +110,10 @@ pub struct Report {
     pub findings: Vec<Finding>,
     /// Findings silenced by `.kilnignore`.
     pub ignored: usize,
+    /// What could not be checked, and why (advisories unreachable, no
+    /// identity for a role's secrets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The report as text: a summary line, then findings grouped by server,
@@ -121,6 +135,7 @@ pub fn render(report: &Report) -> String {
         );
         out.push_str(&ignored(", ", " findings"));
         out.push_str(").\n");
+        out.push_str(&warnings(report));
         return out;
     }
     let servers: BTreeSet<&str> = report.findings.iter().map(|f| f.server.as_str()).collect();
@@ -139,7 +154,17 @@ pub fn render(report: &Report) -> String {
         }
         out.push_str(&format!("    {:<9} {}\n", f.kind.as_str(), f.detail));
     }
+    out.push_str(&warnings(report));
     out
+}
+
+/// What could not be checked, one `warning:` line each.
+fn warnings(report: &Report) -> String {
+    report
+        .warnings
+        .iter()
+        .map(|w| format!("warning: {w}\n"))
+        .collect()
 }
 
 /// One `.kilnignore` line: `KIND SERVER PATH [until=YYYY-MM-DD] # reason`,
@@ -310,16 +335,30 @@ impl Engine<'_> {
         self.drift_fronts(env, &servers, &mut found);
         let verified = self.drift_files(&servers, &alive, full, &mut found);
 
-        let targets: BTreeMap<String, (String, String, String)> = env
+        let mut warnings = Vec::new();
+        let targets: BTreeMap<String, (String, String, Option<String>)> = env
             .roles
             .values()
             .filter_map(|r| {
                 let rec = self.store.current_record(&r.image).ok()?;
                 let image = format!("{}@{}", rec.name, rec.version);
-                let hash = kiln_planner::spec_hash(r);
+                // Without the identity, the secrets' fingerprints (part of
+                // the hash) are unknown: the comparison is skipped, saying so.
+                let hash = match self.secret_fingerprints(env_name, r) {
+                    Ok(secrets) => Some(kiln_planner::spec_hash_with_secrets(r, &secrets)),
+                    Err(e) => {
+                        warnings.push(format!(
+                            "role `{}`: spec not compared: {}",
+                            r.name,
+                            error_chain(&e)
+                        ));
+                        None
+                    }
+                };
                 Some((r.name.clone(), (image, rec.digest.0.clone(), hash)))
             })
             .collect();
+        self.drift_supply(env, &servers, &alive, &mut found, &mut warnings);
         for s in servers.iter().filter(|s| alive.contains(s.id.as_str())) {
             let Some(role) = env.roles.get(&s.role) else {
                 let detail = format!("role `{}` is no longer declared", s.role);
@@ -334,7 +373,7 @@ impl Engine<'_> {
                 if digest != &s.image_digest {
                     let detail = format!("runs {}, the role's current image is {image}", s.image);
                     found.push(&s.id, Stale, Some(&s.role), detail);
-                } else if hash != &s.spec_hash {
+                } else if hash.as_ref().is_some_and(|h| h != &s.spec_hash) {
                     let detail =
                         "created with a different role spec (size, ports, volumes or env)".into();
                     found.push(&s.id, Config, Some(&s.role), detail);
@@ -361,7 +400,97 @@ impl Engine<'_> {
             images_verified: verified,
             findings,
             ignored,
+            warnings,
         })
+    }
+
+    /// The supply chain of what runs: each image version running in `env`
+    /// is checked once against the environment's trusted signers and
+    /// against today's advisories (the image's `scan` gate); every live
+    /// server of a version that fails gets a finding.
+    fn drift_supply(
+        &self,
+        env: &EnvSpec,
+        servers: &[Server],
+        alive: &BTreeSet<&str>,
+        found: &mut Findings,
+        warnings: &mut Vec<String>,
+    ) {
+        let live: Vec<&Server> = servers
+            .iter()
+            .filter(|s| alive.contains(s.id.as_str()))
+            .collect();
+        let versions: BTreeSet<(&str, &str)> = live
+            .iter()
+            .map(|s| (s.image.as_str(), s.image_digest.as_str()))
+            .collect();
+        if versions.is_empty() {
+            return;
+        }
+        let advisories = match &self.project.vulnerabilities {
+            None => None,
+            Some(source) => match kiln_image::scan::Advisories::load(source, self.store) {
+                Ok(a) => {
+                    warnings.extend(a.warnings.iter().cloned());
+                    Some(a)
+                }
+                Err(e) => {
+                    warnings.push(format!("vulnerabilities not checked: {}", error_chain(&e)));
+                    None
+                }
+            },
+        };
+        for (image, digest) in versions {
+            let on: Vec<&&Server> = live
+                .iter()
+                .filter(|s| s.image == image && s.image_digest == digest)
+                .collect();
+            let rec = match kiln_image::ops::resolve(self.store, image) {
+                Ok(r) if r.digest.0 == digest => r,
+                _ => {
+                    warnings.push(format!(
+                        "image {image} ({digest}) is no longer in the store: its signatures and advisories were not checked"
+                    ));
+                    continue;
+                }
+            };
+            let mut details: Vec<(FindingKind, String)> = Vec::new();
+            if let Some(trust) = &env.trust {
+                if let Err(e) = kiln_image::sign::verify_signature(self.store, &rec, &trust.signers)
+                {
+                    details.push((FindingKind::Untrusted, format!("{image}: {e}")));
+                }
+            }
+            if let Some(adv) = &advisories {
+                let policy = kiln_image::scan::policy_for(self.project, &rec.name);
+                match kiln_image::scan::scan_version(self.store, &rec, adv, &policy) {
+                    Ok(report) if report.fails() => {
+                        for f in report.blocking() {
+                            details.push((
+                                FindingKind::Vulnerable,
+                                format!(
+                                    "{image}: {} ({}) in {} {}, fixed in {}",
+                                    f.id,
+                                    f.severity.as_str(),
+                                    f.package,
+                                    f.installed,
+                                    f.fixed.as_deref().unwrap_or("no version yet")
+                                ),
+                            ));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warnings.push(format!("image {image} not scanned: {}", error_chain(&e)))
+                    }
+                }
+            }
+            for s in &on {
+                for (kind, detail) in &details {
+                    found.push(&s.id, *kind, Some(&s.role), detail.clone());
+                }
+            }
+        }
     }
 
     /// Balancers that are down while their role serves, and backends nobody declared.
@@ -495,6 +624,18 @@ impl Engine<'_> {
             found.push(&s.id, Config, Some(&s.role), setting.clone());
         }
     }
+}
+
+/// An error and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
 }
 
 /// Whether `path` is `dir` or below it.

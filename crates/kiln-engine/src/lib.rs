@@ -137,6 +137,35 @@ pub enum EngineError {
         to: String,
         reason: String,
     },
+    /// The environment trusts signers, and the image version carries no
+    /// valid signature by any of them.
+    #[error(
+        "`{env}` runs only images signed by a key it trusts: refused {image} for role `{role}`"
+    )]
+    Untrusted {
+        env: String,
+        role: String,
+        image: String,
+        #[source]
+        source: Box<kiln_image::sign::TrustError>,
+    },
+    /// A role's secrets could not be decrypted or fingerprinted.
+    #[error("cannot read the secrets of role `{role}` in `{env}`")]
+    Secrets {
+        env: String,
+        role: String,
+        #[source]
+        source: Box<kiln_secrets::SecretError>,
+    },
+    /// A secret's value changed after the plan was made (its fingerprint,
+    /// never its value, is compared).
+    #[error("secret `{name}` of `{env}` changed since the plan was made (fingerprint {planned} in the plan, {current} now); plan again")]
+    SecretChanged {
+        env: String,
+        name: String,
+        planned: String,
+        current: String,
+    },
     /// The apply failed and the environment was returned to a previous release.
     #[error("{cause}\nrolled back automatically to release #{to} (as release #{release})")]
     RolledBack {
@@ -270,22 +299,76 @@ impl<'a> Engine<'a> {
                     version: rec.version,
                     digest: rec.digest.0.clone(),
                 };
-                self.target(r, image)
+                self.target(env, r, image)
             })
             .collect()
     }
 
-    /// The target of role `r` running `image`.
-    pub fn target(&self, r: &kiln_model::RoleSpec, image: ImageRef) -> Result<RoleTarget> {
+    /// The target of role `r` of `env` running `image`: refused if `env`
+    /// trusts signers and none of them signed `image`. The role's secrets
+    /// join it as names and keyed fingerprints (never values), in the
+    /// launch and in the spec hash.
+    pub fn target(
+        &self,
+        env: &EnvSpec,
+        r: &kiln_model::RoleSpec,
+        image: ImageRef,
+    ) -> Result<RoleTarget> {
+        self.check_trust(env, &r.name, &image)?;
+        let secrets = self.secret_fingerprints(&env.name, r)?;
+        let mut launch = self.launch(&image, r)?;
+        launch.secrets = secrets.clone();
         Ok(RoleTarget {
             role: r.name.clone(),
-            launch: self.launch(&image, r)?,
+            launch,
             image,
-            spec_hash: kiln_planner::spec_hash(r),
+            spec_hash: kiln_planner::spec_hash_with_secrets(r, &secrets),
             servers: r.servers,
             cold: r.cold_only || !r.volumes.is_empty(),
             spec: r.clone(),
         })
+    }
+
+    /// Refuses `image` for `role` unless `env` trusts no signers or one of
+    /// them signed this exact version (manifest digest and seal root).
+    pub fn check_trust(&self, env: &EnvSpec, role: &str, image: &ImageRef) -> Result<()> {
+        let Some(trust) = &env.trust else {
+            return Ok(());
+        };
+        let rec = kiln_image::ops::resolve(self.store, &image.to_string())?;
+        if rec.digest.0 != image.digest {
+            return Err(EngineError::Missing {
+                image: image.to_string(),
+                digest: image.digest.clone(),
+            });
+        }
+        kiln_image::sign::verify_signature(self.store, &rec, &trust.signers)
+            .map(|_| ())
+            .map_err(|source| EngineError::Untrusted {
+                env: env.name.clone(),
+                role: role.into(),
+                image: image.to_string(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Keyed fingerprints of `role`'s secrets in `env`, by name (empty for
+    /// a role without secrets; otherwise `$KILN_AGE_IDENTITY` is needed).
+    pub fn secret_fingerprints(
+        &self,
+        env: &str,
+        role: &kiln_model::RoleSpec,
+    ) -> Result<BTreeMap<String, String>> {
+        if role.secrets.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let fail = |source| EngineError::Secrets {
+            env: env.into(),
+            role: role.name.clone(),
+            source: Box::new(source),
+        };
+        let identity = kiln_secrets::Identity::required().map_err(fail)?;
+        kiln_secrets::fingerprints(&self.project.dir, env, &role.secrets, &identity).map_err(fail)
     }
 
     /// How servers of `role` start from `image`: its OCI config, with the
@@ -329,6 +412,7 @@ impl<'a> Engine<'a> {
             env: vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
             workdir: conf.working_dir().clone().unwrap_or_else(|| "/".into()),
             user: user.filter(|u| u.uid != 0 || u.gid != 0 || !u.additional_gids.is_empty()),
+            secrets: BTreeMap::new(),
         })
     }
 
@@ -545,7 +629,9 @@ impl<'a> Engine<'a> {
         let releases = self.state.releases(env_name)?;
         let current = self.targets(self.env(env_name)?)?;
         let (release, targets) = kiln_planner::rollback_targets(env_name, &releases, to, &current)?;
+        let env = self.env(env_name)?;
         for t in &targets {
+            self.check_trust(env, &t.role, &t.image)?;
             if kiln_image::ops::resolve(self.store, &t.image.to_string())
                 .map(|r| r.digest.0 != t.image.digest)
                 .unwrap_or(true)
@@ -614,7 +700,7 @@ impl<'a> Engine<'a> {
                         r.image, r.name
                     ),
                 })?;
-            targets.push(self.target(r, image)?);
+            targets.push(self.target(dest, r, image)?);
         }
         let mut plan =
             self.plan_targets(to, targets, PlanKind::Promote, &BTreeMap::new(), random)?;

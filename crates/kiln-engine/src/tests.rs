@@ -880,6 +880,7 @@ fn drift_report_renders_grouped_by_server() {
             f("10.88.1.99:8080", FindingKind::Unmanaged, "balancer of `staging` role `web` routes to it, but no running server of the state has this address"),
         ],
         ignored: 1,
+        warnings: vec![],
     };
     expect![[r#"
         DRIFT in `staging`: 4 findings on 3 servers (1 ignored)

@@ -37,6 +37,11 @@ pub struct Launch {
     /// Who the process runs as (resolved in the image); `None` is root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<crate::ResolvedUser>,
+    /// Secrets delivered as files in `/run/secrets/`, by name, with the
+    /// keyed fingerprint of the value the plan was made with. Never the
+    /// value: that is decrypted when a server is created.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub secrets: std::collections::BTreeMap<String, String>,
 }
 
 /// What a role runs, fully resolved: the target of its servers.

@@ -119,6 +119,22 @@ pub fn spec_hash(role: &RoleSpec) -> String {
     blake3::hash(v.to_string().as_bytes()).to_hex()[..16].to_string()
 }
 
+/// [`spec_hash`] with the keyed fingerprints of the role's secrets (name →
+/// fingerprint): a new secret value makes a new hash, so the role's
+/// servers are replaced through the usual path. A role without secrets
+/// keeps its plain spec hash.
+pub fn spec_hash_with_secrets(
+    role: &RoleSpec,
+    secrets: &std::collections::BTreeMap<String, String>,
+) -> String {
+    let plain = spec_hash(role);
+    if secrets.is_empty() {
+        return plain;
+    }
+    let v = serde_json::json!({ "spec": plain, "secrets": secrets });
+    blake3::hash(v.to_string().as_bytes()).to_hex()[..16].to_string()
+}
+
 /// Hands out new ids and addresses: ids never used by any observed or
 /// taken server, addresses from the lowest free one, in one pass.
 struct Allocator<'a> {

@@ -769,3 +769,24 @@ fn declared_changes_name_the_role_and_field() {
         ]
     );
 }
+
+#[test]
+fn secret_fingerprints_change_the_spec_hash_only_when_there_are_secrets() {
+    let e = env();
+    let app = &e.roles["app"];
+    let none = std::collections::BTreeMap::new();
+    assert_eq!(spec_hash_with_secrets(app, &none), spec_hash(app));
+    let one: std::collections::BTreeMap<String, String> =
+        [("db_password".to_string(), "b3k:aaaa".to_string())].into();
+    let other: std::collections::BTreeMap<String, String> =
+        [("db_password".to_string(), "b3k:bbbb".to_string())].into();
+    assert_ne!(spec_hash_with_secrets(app, &one), spec_hash(app));
+    assert_ne!(
+        spec_hash_with_secrets(app, &one),
+        spec_hash_with_secrets(app, &other)
+    );
+    assert_eq!(
+        spec_hash_with_secrets(app, &one),
+        spec_hash_with_secrets(app, &one.clone())
+    );
+}

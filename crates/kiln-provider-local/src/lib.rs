@@ -10,7 +10,8 @@
 //! Layout under `<dir>` (the store, `.kiln/`), the provider's own:
 //! `servers/` (libcontainer state and bundles), `logs/<env>/<id>.log`,
 //! `volumes/<env>/<role>-<slot>/<volume>/`, `balancers/<env>-<role>/`,
-//! `quarantine/<env>/<id>/`.
+//! `quarantine/<env>/<id>/`, `secrets/<id>/` (a server's secrets tmpfs,
+//! mounted there only while its sandbox is being created; see `secrets.rs`).
 
 mod balancer;
 mod daemon;
@@ -18,6 +19,7 @@ mod dns;
 pub mod firewall;
 mod inspect;
 pub mod net;
+mod secrets;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -139,6 +141,13 @@ impl Local {
         spec.network = Network::Join(netns);
         spec.capabilities = req.capabilities.clone();
         spec.user = req.launch.user.clone();
+        if !req.secrets.is_empty() {
+            binds.push(Bind {
+                source: secrets::staging_dir(&self.dir, &req.id),
+                destination: "/run/secrets".into(),
+                readonly: true,
+            });
+        }
         spec.binds = binds;
         spec.limits = Some(Limits {
             memory_bytes: Some(req.size.memory_bytes as i64),
@@ -202,14 +211,26 @@ impl Provider for Local {
             return Err(fail(e.to_string()));
         }
         let log = self.log_path(&req.env, &req.id);
+        let staging = secrets::staging_dir(&self.dir, &req.id);
         let prepared = log
             .parent()
             .map(std::fs::create_dir_all)
             .transpose()
             .map_err(|e| e.to_string())
+            .and_then(|_| {
+                if req.secrets.is_empty() {
+                    return Ok(());
+                }
+                secrets::stage(&staging, &req.secrets, req.launch.user.as_ref())
+            })
             .and_then(|_| self.sandbox_spec(req, netns));
         let started =
             prepared.and_then(|spec| self.runtime.start(&spec).map_err(|e| e.to_string()));
+        // The sandbox holds its own mount of the secrets now (or failed):
+        // the host lets go of the plaintext either way.
+        if !req.secrets.is_empty() {
+            secrets::release(&staging);
+        }
         match started {
             Ok(pid) => Ok(Started {
                 pid: Some(pid),
@@ -229,6 +250,8 @@ impl Provider for Local {
         };
         let pid = self.runtime.find(id).and_then(|f| f.pid);
         self.runtime.delete(id).map_err(|e| fail(e.to_string()))?;
+        // Left mounted only by a crash during its creation.
+        secrets::release(&secrets::staging_dir(&self.dir, id));
         if let Some(pid) = pid {
             reap(pid);
         }
@@ -572,12 +595,22 @@ impl Provider for Local {
         }
         for (from, to) in areas {
             // `cp -a` keeps modes, owners, times and links as they were:
-            // evidence, not a working copy.
-            let _ = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(&from)
-                .arg(dir.join(to))
-                .status();
+            // evidence, not a working copy. Entry by entry, so that
+            // `/run/secrets` (delivered, not written) is never copied out.
+            let _ = std::fs::create_dir_all(dir.join(&to));
+            let Ok(items) = std::fs::read_dir(&from) else {
+                continue;
+            };
+            for item in items.flatten() {
+                if to == "run" && item.file_name() == "secrets" {
+                    continue;
+                }
+                let _ = std::process::Command::new("cp")
+                    .arg("-a")
+                    .arg(item.path())
+                    .arg(dir.join(&to))
+                    .status();
+            }
         }
         Ok(dir.display().to_string())
     }

@@ -62,6 +62,30 @@ pub struct ServerRequest {
     /// The capabilities its processes may hold (root's; another user
     /// holds none).
     pub capabilities: std::collections::BTreeSet<kiln_model::Capability>,
+    /// Secrets to deliver as files in `/run/secrets/` (decrypted by the
+    /// engine just before the server is created; never written to disk
+    /// outside the server's own tmpfs).
+    pub secrets: Vec<SecretFile>,
+}
+
+/// One secret for a server: `/run/secrets/NAME`, mode 0400, owned by the
+/// server's user. `Debug` shows the name and size, never the value; the
+/// value is zeroed when dropped.
+#[derive(Clone)]
+pub struct SecretFile {
+    pub name: String,
+    pub value: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SecretFile({}, [redacted, {} bytes])",
+            self.name,
+            self.value.len()
+        )
+    }
 }
 
 /// What creating a server gave.

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use console::style;
 use kiln_secrets::{Identity, SecretValue};
+use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 
 use super::print_json;
 use crate::{output, Cli};
@@ -92,35 +93,30 @@ fn read_value() -> Result<SecretValue> {
     Ok(SecretValue::new(line.into_bytes()))
 }
 
-/// Turns terminal echo off on stdin while alive.
-struct NoEcho(Option<libc::termios>);
+/// Turns terminal echo off on stdin while alive (a value typed at a
+/// terminal is never shown); stdin that is not a terminal is left alone.
+struct NoEcho(Option<Termios>);
 
 impl NoEcho {
     fn new() -> NoEcho {
-        // SAFETY: tcgetattr/tcsetattr on fd 0 with a zeroed, then filled, termios.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
-                return NoEcho(None);
-            }
-            let saved = t;
-            t.c_lflag &= !(libc::ECHO | libc::ECHONL);
-            t.c_lflag |= libc::ICANON;
-            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
-                return NoEcho(None);
-            }
-            NoEcho(Some(saved))
+        let stdin = std::io::stdin();
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
+            return NoEcho(None);
+        };
+        let mut t = saved.clone();
+        t.local_flags &= !(LocalFlags::ECHO | LocalFlags::ECHONL);
+        t.local_flags |= LocalFlags::ICANON;
+        if termios::tcsetattr(&stdin, SetArg::TCSANOW, &t).is_err() {
+            return NoEcho(None);
         }
+        NoEcho(Some(saved))
     }
 }
 
 impl Drop for NoEcho {
     fn drop(&mut self) {
         if let Some(t) = &self.0 {
-            // SAFETY: restores the attributes read in `new`.
-            unsafe {
-                libc::tcsetattr(0, libc::TCSANOW, t);
-            }
+            let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, t);
         }
     }
 }
