@@ -3,7 +3,8 @@
 //! binary (process start included) and the real store; nothing is mocked.
 //!
 //! Usage: kiln-bench [--kiln PATH] [--tree-mib N] [--only NAME] [--debootstrap]
-//! (`--only supply`: SBOM + scan of a Debian image, signature checks)
+//! (`--only supply`: SBOM + scan of a Debian image, signature checks;
+//! `--only start`: server start with the seccomp filter on and off)
 
 use std::fs;
 use std::io::Read;
@@ -15,6 +16,7 @@ use anyhow::{bail, Context, Result};
 
 mod balancer;
 mod dns;
+mod start;
 mod supply;
 mod swarm;
 
@@ -88,6 +90,9 @@ fn main() -> Result<()> {
     }
     if want("dns") {
         dns::run(&o.kiln)?;
+    }
+    if want("start") {
+        start::run(&o)?;
     }
     if want("swarm") {
         swarm::run(&o.kiln)?;

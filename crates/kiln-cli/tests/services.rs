@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use support::*;
 
-const SUBNET: &str = "10.77.90.0/24";
+const SUBNET: &str = "10.77.93.0/24";
 
 /// The probe: tries, as root with the default capabilities, what a server
 /// must not be able to do, and says what happened.
@@ -58,7 +58,10 @@ fn shop() -> Project {
             r#"from = { debootstrap = "bookworm" }"#,
             &format!("from = {{ rootfs = \"{}\" }}", base.display()),
         )
-        .replace(r#"subnet = "10.88.20.0/24""#, &format!("subnet = \"{SUBNET}\""));
+        .replace(
+            r#"subnet = "10.88.20.0/24""#,
+            &format!("subnet = \"{SUBNET}\""),
+        );
     assert!(spec.contains("rootfs") && spec.contains(SUBNET), "{spec}");
     p.write(
         "kiln.toml",
@@ -317,10 +320,8 @@ fn the_shop_runs_debian_software_as_debian_ships_it() {
         3,
         "{report}"
     );
-    assert!(
-        report.matches("unshare failed: Operation not permitted").count() == 2,
-        "{report}"
-    );
+    let unshares = report.matches("unshare failed: Operation not permitted");
+    assert_eq!(unshares.count(), 2, "{report}");
     for line in [
         "Seccomp:\t2",
         "NoNewPrivs:\t1",
