@@ -31,7 +31,10 @@ try unshare --mount true
 try unshare --user --map-root-user true
 grep -E '^(Seccomp|NoNewPrivs|CapEff|CapBnd):' /proc/self/status
 echo PROBE-DONE
-exec sleep infinity
+# The first process of its server: SIGTERM would be ignored without a trap.
+trap 'exit 0' TERM
+sleep infinity &
+wait
 "#;
 
 /// Docker's default capability set as a `/proc/PID/status` mask: CHOWN,

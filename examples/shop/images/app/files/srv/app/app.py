@@ -10,6 +10,8 @@ resolved again at every connection, so it follows the db role's servers.
 """
 
 import os
+import signal
+import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg2
@@ -69,4 +71,6 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(201, "added\n")
 
 
+# The first process of its server: SIGTERM would be ignored without a handler.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8080"))), Handler).serve_forever()
