@@ -4,7 +4,7 @@
 //! fixture, with a probe server that tries what no server may do. One test
 //! in steps, so the Debian base is imported and nginx and PostgreSQL are
 //! installed once. Real `kiln` binary, real sandboxes, the Debian mirror
-//! for `apt-get`; root, debootstrap and busybox-static needed.
+//! for `apt-get`; root and debootstrap needed.
 
 mod support;
 
