@@ -4,7 +4,8 @@
 //!
 //! Usage: kiln-bench [--kiln PATH] [--tree-mib N] [--only NAME] [--debootstrap]
 //! (`--only supply`: SBOM + scan of a Debian image, signature checks;
-//! `--only rollout-http`: the rollout figures with the balancer in HTTP mode)
+//! `--only rollout-http`: the rollout figures with the balancer in HTTP mode;
+//! `--only start`: server start with the seccomp filter on and off)
 
 use std::fs;
 use std::io::Read;
@@ -16,6 +17,7 @@ use anyhow::{bail, Context, Result};
 
 mod balancer;
 mod dns;
+mod start;
 mod supply;
 mod swarm;
 
@@ -92,6 +94,9 @@ fn main() -> Result<()> {
     }
     if want("dns") {
         dns::run(&o.kiln)?;
+    }
+    if want("start") {
+        start::run(&o)?;
     }
     if want("swarm") {
         swarm::run(&o.kiln)?;

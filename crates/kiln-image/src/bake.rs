@@ -711,6 +711,7 @@ impl<'a> Baker<'a> {
                 binds: Vec::new(),
                 limits: Some(build_limits(spec)),
                 capabilities: kiln_sandbox::docker_default_capabilities(),
+                seccomp: true,
                 user: None,
                 log: log.clone(),
                 labels: vec![("dev.kiln.build".into(), name.clone())],
