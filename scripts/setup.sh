@@ -3,10 +3,10 @@
 # busybox-static (a real userland for test images), debootstrap (Debian
 # bases), zstd (a .tar.zst fixture), python3 (writes hostile tarballs),
 # iproute2 (server networks), openssh-client (ssh-keygen: signature
-# interop tests), libseccomp-dev (libcontainer's seccomp
-# support links against libseccomp), util-linux (runuser in tests),
-# iptables (environment isolation; dockerd
-# programs its firewall with it too), dnsmasq-base and dnsperf (the DNS
+# interop tests), libseccomp-dev (libcontainer's seccomp support links
+# against libseccomp), util-linux (runuser in tests), g++ (libFuzzer, built
+# by scripts/fuzz.sh), iptables (environment isolation; dockerd programs
+# its firewall with it too), dnsmasq-base and dnsperf (the DNS
 # benchmark: dnsmasq-base is the dnsmasq binary without the service that
 # would start on port 53), curl (an HTTP/2 client for the balancer's TLS
 # tests), pebble (ACME test server), haproxy and wrk (the balancer
@@ -21,6 +21,7 @@ command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 dpkg -s dnsmasq-base >/dev/null 2>&1 || need+=(dnsmasq-base)
 command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)

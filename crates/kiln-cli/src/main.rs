@@ -4,6 +4,7 @@
 
 mod cmd;
 mod output;
+mod providers;
 mod scaffold;
 
 use std::path::PathBuf;
@@ -65,6 +66,8 @@ pub enum Command {
     Audit(cmd::audit::AuditArgs),
     /// Releases and events of an environment.
     History(cmd::apply::EnvArgs),
+    /// What servers of an environment resolve a name to (its DNS, asked from the host).
+    Dns(cmd::dns::DnsArgs),
     /// Break an environment's lock whose holder died.
     Unlock(cmd::apply::EnvArgs),
     /// Secrets encrypted with age in the project (`secrets/ENV/NAME.age`).

@@ -5,7 +5,7 @@
 //! old servers drained and destroyed (or kept warm). Every step is
 //! journaled before and after it runs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -119,7 +119,7 @@ impl Engine<'_> {
         }
         self.check_approved(plan)?;
         let images = self.verify_images(plan)?;
-        self.provider.prepare(&images)?;
+        self.provider.prepare(env, &images)?;
         self.converge_runtime(env, &plan.targets)?;
         let actor = kiln_state::actor();
         let summary = format!(
@@ -228,8 +228,9 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Points the role's balancer (if it has one) at its running servers,
-    /// leaving out `without`; returns once the switch is in effect.
+    /// Puts the role's rotation in effect: its running servers, leaving
+    /// out `without`, behind its balancer (if it has one) and under its
+    /// names in the environment's DNS. Returns once both answer from it.
     pub(crate) fn rebalance(
         &self,
         env: &str,
@@ -237,19 +238,58 @@ impl Engine<'_> {
         balancer: Option<&Balancer>,
         without: &[String],
     ) -> Result<()> {
+        let servers = self.state.servers(Some(env))?;
+        let in_rotation = |s: &&Server| {
+            s.role == role && s.status == ServerStatus::Running && !without.contains(&s.id)
+        };
+        self.provider
+            .publish(env, &names(env, &servers, role, without, self.dns_ttl(env)))?;
         let Some(b) = balancer else { return Ok(()) };
-        let backends: Vec<String> = self
-            .state
-            .servers(Some(env))?
-            .into_iter()
-            .filter(|s| {
-                s.role == role && s.status == ServerStatus::Running && !without.contains(&s.id)
-            })
+        let backends: Vec<String> = servers
+            .iter()
+            .filter(in_rotation)
             .map(|s| s.endpoint(b.port))
             .collect();
         self.provider.balance(env, role, b, &backends)?;
         Ok(())
     }
+
+    /// The TTL of `env`'s DNS answers.
+    pub(crate) fn dns_ttl(&self, env: &str) -> u32 {
+        self.project.envs.get(env).map_or(1, |e| e.dns_ttl_secs)
+    }
+}
+
+/// The names `env`'s DNS answers: `ROLE` and `ROLE.ENV` for each role's
+/// running servers (leaving `without` out of `role`), and every server
+/// that is not being torn down under its own id.
+pub fn names(
+    env: &str,
+    servers: &[Server],
+    role: &str,
+    without: &[String],
+    ttl_secs: u32,
+) -> kiln_provider::Names {
+    let mut out = kiln_provider::Names {
+        ttl_secs,
+        names: Default::default(),
+    };
+    for s in servers {
+        let Ok(ip) = s.address.parse::<std::net::Ipv4Addr>() else {
+            continue;
+        };
+        let left = s.role == role && without.contains(&s.id);
+        if matches!(s.status, ServerStatus::Running | ServerStatus::Standby) {
+            out.names.insert(s.id.clone(), vec![ip]);
+        }
+        for name in [s.role.clone(), format!("{}.{env}", s.role)] {
+            let addrs = out.names.entry(name).or_default();
+            if s.status == ServerStatus::Running && !left {
+                addrs.push(ip);
+            }
+        }
+    }
+    out
 }
 
 /// One apply in progress: the plan, its release, and the engine.
@@ -262,6 +302,15 @@ struct Run<'e, 'a> {
 impl Run<'_, '_> {
     fn env(&self) -> &str {
         &self.plan.env
+    }
+
+    /// Waits until a server withdrawn from DNS at `since` may stop:
+    /// clients that resolved it just before hold the answer for the TTL.
+    fn outlive_ttl(&self, since: Instant) {
+        let ttl = Duration::from_secs(u64::from(self.plan.target.dns_ttl_secs));
+        if let Some(left) = ttl.checked_sub(since.elapsed()) {
+            std::thread::sleep(left);
+        }
     }
 
     fn target(&self, role: &str) -> Result<&RoleTarget> {
@@ -333,7 +382,7 @@ impl Run<'_, '_> {
     fn batch(&self, group: &[Change]) -> Result<()> {
         match group {
             [Change::Create(c)] => {
-                self.create(&c.role, &c.server, c.slot, &c.address)?;
+                self.create(&c.role, &Spot::of_create(c))?;
                 self.engine
                     .rebalance(self.env(), &c.role, self.balancer(&c.role), &[])
             }
@@ -352,9 +401,9 @@ impl Run<'_, '_> {
     fn replace(&self, r: &Replace) -> Result<()> {
         if r.order == ReplaceOrder::DestroyFirst {
             self.destroy(&r.server)?;
-            self.create(&r.role, &r.replacement, r.slot, &r.address)?;
+            self.create(&r.role, &Spot::of_replace(r))?;
         } else {
-            self.create(&r.role, &r.replacement, r.slot, &r.address)?;
+            self.create(&r.role, &Spot::of_replace(r))?;
         }
         self.engine
             .rebalance(self.env(), &r.role, self.balancer(&r.role), &[])?;
@@ -385,11 +434,11 @@ impl Run<'_, '_> {
         for c in group {
             let r = match c {
                 Change::Create(c) => self
-                    .create(&c.role, &c.server, c.slot, &c.address)
+                    .create(&c.role, &Spot::of_create(c))
                     .map(|_| fresh.push(c.server.clone())),
                 Change::Replace(r) if r.order == ReplaceOrder::SwitchBack => self.promote(r),
                 Change::Replace(r) => self
-                    .create(&r.role, &r.replacement, r.slot, &r.address)
+                    .create(&r.role, &Spot::of_replace(r))
                     .map(|_| fresh.push(r.replacement.clone())),
                 Change::Destroy(_) => Ok(()),
             };
@@ -416,6 +465,7 @@ impl Run<'_, '_> {
             })
             .collect();
         let roles: BTreeSet<&str> = group.iter().map(|c| c.role()).collect();
+        let switched = Instant::now();
         for role in &roles {
             self.engine
                 .rebalance(env, role, self.balancer(role), &old)?;
@@ -428,15 +478,28 @@ impl Run<'_, '_> {
                 // they were serving (drained), then go.
                 self.engine
                     .rebalance(env, &r.role, self.balancer(&r.role), &new_ids)?;
+                let withdrawn = Instant::now();
                 for id in &new_ids {
                     self.drain(id)?;
+                }
+                self.outlive_ttl(withdrawn);
+                for id in &new_ids {
                     self.destroy_quiet(id)?;
                 }
                 return Err(e);
             }
         }
-        for c in group.iter().filter(|c| old.iter().any(|o| o == c.server())) {
+        let leaving: Vec<&Change> = group
+            .iter()
+            .filter(|c| old.iter().any(|o| o == c.server()))
+            .collect();
+        for c in &leaving {
             self.drain(c.server())?;
+        }
+        if !leaving.is_empty() {
+            self.outlive_ttl(switched);
+        }
+        for c in leaving {
             match c {
                 Change::Replace(Replace {
                     keep_warm_secs: Some(secs),
@@ -574,15 +637,17 @@ impl Run<'_, '_> {
     }
 
     /// The full request for a new server of `role`, from the plan alone.
-    fn request(&self, role: &str, id: &str, slot: u32, address: &str) -> Result<ServerRequest> {
+    fn request(&self, role: &str, at: &Spot) -> Result<ServerRequest> {
         let t = self.target(role)?;
         Ok(ServerRequest {
             env: self.env().to_string(),
-            id: id.to_string(),
+            id: at.id.to_string(),
             role: role.to_string(),
             release: self.release,
-            slot,
-            address: address.to_string(),
+            slot: at.slot,
+            address: at.address.to_string(),
+            node: at.node.map(str::to_string),
+            published: at.published.clone(),
             subnet: self.plan.target.subnet,
             image: t.image.clone(),
             spec_hash: t.spec_hash.clone(),
@@ -597,9 +662,10 @@ impl Run<'_, '_> {
 
     /// Creates a server and waits for its health, without touching the
     /// balancer (the caller switches it in). The row is written before the sandbox exists.
-    fn create(&self, role: &str, id: &str, slot: u32, address: &str) -> Result<()> {
+    fn create(&self, role: &str, at: &Spot) -> Result<()> {
         let (engine, env) = (self.engine, self.env());
-        let req = self.request(role, id, slot, address)?;
+        let (id, slot, address) = (at.id, at.slot, at.address);
+        let req = self.request(role, at)?;
         let t = self.target(role)?;
         let mut server = Server {
             id: id.to_string(),
@@ -615,8 +681,8 @@ impl Run<'_, '_> {
             pid: None,
             release: self.release,
             standby_until: None,
-            node: None,
-            published: Default::default(),
+            node: at.node.map(str::to_string),
+            published: at.published.clone(),
         };
         engine.state.put_server(&server)?;
         let started = match engine.provider.create(&req) {
@@ -628,8 +694,12 @@ impl Run<'_, '_> {
             }
         };
         server.pid = started.pid;
-        server.node = started.node;
-        server.published = started.published;
+        if started.node.is_some() {
+            server.node = started.node;
+        }
+        if !started.published.is_empty() {
+            server.published = started.published;
+        }
         if let Some(a) = started.address {
             server.address = a;
         }
@@ -754,14 +824,19 @@ impl Run<'_, '_> {
     fn destroy(&self, id: &str) -> Result<()> {
         let engine = self.engine;
         if let Some(s) = engine.state.server(id)? {
-            if let (Some(b), ServerStatus::Running) = (self.balancer(&s.role), s.status) {
-                engine.rebalance(self.env(), &s.role, Some(b), &[id.to_string()])?;
-                engine.provider.drain(
-                    self.env(),
-                    &s.role,
-                    &s.endpoint(b.port),
-                    Duration::from_secs(b.drain_timeout_secs),
-                );
+            if s.status == ServerStatus::Running {
+                let withdrawn = Instant::now();
+                let b = self.balancer(&s.role);
+                engine.rebalance(self.env(), &s.role, b, &[id.to_string()])?;
+                if let Some(b) = b {
+                    engine.provider.drain(
+                        self.env(),
+                        &s.role,
+                        &s.endpoint(b.port),
+                        Duration::from_secs(b.drain_timeout_secs),
+                    );
+                }
+                self.outlive_ttl(withdrawn);
             }
         }
         self.destroy_quiet(id)
@@ -770,4 +845,36 @@ impl Run<'_, '_> {
 
 fn first_line(e: &EngineError) -> String {
     e.to_string().lines().next().unwrap_or("").to_string()
+}
+
+/// Where the plan puts a new server: id, slot, address, and on providers
+/// with several nodes its node and published ports.
+struct Spot<'p> {
+    id: &'p str,
+    slot: u32,
+    address: &'p str,
+    node: Option<&'p str>,
+    published: &'p BTreeMap<u16, u16>,
+}
+
+impl<'p> Spot<'p> {
+    fn of_create(c: &'p kiln_model::Create) -> Spot<'p> {
+        Spot {
+            id: &c.server,
+            slot: c.slot,
+            address: &c.address,
+            node: c.node.as_deref(),
+            published: &c.published,
+        }
+    }
+
+    fn of_replace(r: &'p Replace) -> Spot<'p> {
+        Spot {
+            id: &r.replacement,
+            slot: r.slot,
+            address: &r.address,
+            node: r.node.as_deref(),
+            published: &r.published,
+        }
+    }
 }

@@ -84,6 +84,13 @@ pub struct ServerView {
     pub balancer: Option<Place>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Declared port → the port it is published on at `address`, on
+    /// providers that publish ports elsewhere.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub published: std::collections::BTreeMap<u16, u16>,
+    /// What resolves to it in the environment's DNS: its id, and its
+    /// role's names while it is in rotation.
+    pub names: Vec<String>,
 }
 
 impl Engine<'_> {
@@ -126,7 +133,13 @@ impl Engine<'_> {
             let place = role
                 .and_then(|r| r.balancer.as_ref())
                 .and_then(|b| self.place(env, &s, b.port, &mut fronts));
+            let mut names = vec![s.id.clone()];
+            if s.status == ServerStatus::Running {
+                names.push(s.role.clone());
+                names.push(format!("{}.{env}", s.role));
+            }
             out.push(ServerView {
+                names,
                 created: kiln_state::rfc3339(s.created),
                 created_at: s.created,
                 ports: role.map(|r| r.ports.clone()).unwrap_or_default(),
@@ -142,6 +155,7 @@ impl Engine<'_> {
                 status: s.status,
                 release: s.release,
                 node: s.node,
+                published: s.published,
             });
         }
         Ok(out)
@@ -165,6 +179,21 @@ impl Engine<'_> {
             Rotation::FailingChecks => Place::FailingChecks,
             Rotation::Draining => Place::Draining,
         })
+    }
+
+    /// Asks `env`'s DNS server for `name`, the way a server of the
+    /// environment would.
+    pub fn dns_lookup(&self, env: &str, name: &str) -> Result<Option<kiln_dns::Answer>> {
+        self.env(env)?;
+        let Some(server) = self.provider.dns_server(env) else {
+            return Ok(None);
+        };
+        kiln_dns::query(server, name, std::time::Duration::from_secs(3))
+            .map(Some)
+            .map_err(|e| crate::EngineError::Dns {
+                env: env.into(),
+                detail: e.to_string(),
+            })
     }
 
     /// Server ids of `env` with logs, destroyed servers included.

@@ -115,6 +115,9 @@ pub enum EngineError {
     /// The author of a plan tried to approve it.
     #[error("{actor} made plan {hash}: someone else must approve it")]
     SelfApproval { actor: String, hash: String },
+    /// The environment's DNS server did not answer.
+    #[error("the DNS server of `{env}` did not answer: {detail}")]
+    Dns { env: String, detail: String },
     /// The state knows nothing of an environment whose servers run.
     #[error("`{env}` runs {} server(s) the state does not know ({}), and the state has no record of `{env}`: was the state database lost or reset? Adopt them into the state with `kiln apply {env} --adopt`, or destroy them with `--forget`", ids.len(), ids.join(", "))]
     LostState { env: String, ids: Vec<String> },
@@ -449,6 +452,7 @@ impl<'a> Engine<'a> {
         }
         let generation = self.state.generation(env_name)?;
         let taken = self.taken_ids()?;
+        let nodes = self.provider.nodes(env_name)?;
         let input = Input {
             env,
             targets: &targets,
@@ -460,6 +464,7 @@ impl<'a> Engine<'a> {
             force,
             taken: &taken,
             strays: &strays,
+            nodes: &nodes,
         };
         Ok(kiln_planner::plan(&input, random)?)
     }

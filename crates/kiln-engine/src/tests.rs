@@ -23,6 +23,7 @@ from = "scratch"
 from = "scratch"
 [env.staging]
 subnet = "10.88.1.0/24"
+dns = { ttl = "0s" }
 [env.staging.roles.db]
 image = "base"
 servers = 1
@@ -945,4 +946,33 @@ fn subnets_in_use_elsewhere_move_or_are_refused() {
         err.to_string(),
         "subnet 10.88.1.0/24 of `staging` is in use by kiln environment /srv/other/.kiln:staging; declare another `subnet` for `staging`"
     );
+}
+
+#[test]
+fn roles_and_servers_are_named_in_dns_and_withdrawn_before_they_stop() {
+    let w = world();
+    w.apply();
+    let names = w.fake.names.borrow()["staging"].clone();
+    let app = &names.names["app"];
+    assert_eq!(app.len(), 2, "{names:?}");
+    assert_eq!(&names.names["app.staging"], app);
+    assert_eq!(names.names["db-0001"].len(), 1);
+    assert_eq!(names.ttl_secs, 0);
+    drop(names);
+    // A replacement: the old server leaves the name before it is destroyed.
+    image(&w.store, "app", 2);
+    w.apply();
+    let after = w.fake.names.borrow()["staging"].clone();
+    assert!(
+        !after.names.contains_key("app-0002"),
+        "destroyed servers lose their name"
+    );
+    let now: Vec<String> = after.names["app"].iter().map(|a| a.to_string()).collect();
+    let servers = w.state.servers(Some("staging")).unwrap();
+    let expected: Vec<String> = servers
+        .iter()
+        .filter(|s| s.role == "app")
+        .map(|s| s.address.clone())
+        .collect();
+    assert_eq!(now, expected);
 }

@@ -882,7 +882,9 @@ impl std::fmt::Display for Constraint {
 impl std::str::FromStr for Constraint {
     type Err = String;
     fn from_str(c: &str) -> Result<Constraint, String> {
-        let bad = |why: &str| format!("placement constraint `{c}` {why}; expected \"node.labels.KEY==VALUE\", \"node.hostname!=NAME\", \"node.role==worker\" or \"node.id==ID\"");
+        let bad = |why: &str| {
+            format!("placement constraint `{c}` {why}; expected \"node.labels.KEY==VALUE\", \"node.hostname!=NAME\", \"node.role==worker\" or \"node.id==ID\"")
+        };
         let (key, equal, value) = match (c.split_once("!="), c.split_once("==")) {
             (Some((k, v)), _) => (k, false, v),
             (None, Some((k, v))) => (k, true, v),
@@ -959,6 +961,10 @@ pub struct EnvSpec {
     pub alarm: Option<String>,
     /// How long a quarantined server's evidence is kept (seconds).
     pub quarantine_secs: u64,
+    /// TTL of the environment's DNS answers: a server leaving a role is
+    /// withdrawn from DNS at least this long before it stops.
+    #[serde(default = "default_dns_ttl")]
+    pub dns_ttl_secs: u32,
     pub roles: BTreeMap<String, RoleSpec>,
     /// Who may encrypt this environment's secrets (`secrets/ENV/*.age`).
     #[serde(default)]
@@ -1059,6 +1065,10 @@ impl Server {
         let p = self.published.get(&port).copied().unwrap_or(port);
         format!("{}:{p}", self.address)
     }
+}
+
+fn default_dns_ttl() -> u32 {
+    1
 }
 
 #[cfg(test)]

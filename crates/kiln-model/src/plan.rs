@@ -62,6 +62,14 @@ pub struct RoleTarget {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvTarget {
     pub subnet: Subnet,
+    /// TTL of DNS answers; servers are withdrawn from DNS this long
+    /// before they stop.
+    #[serde(default = "one")]
+    pub dns_ttl_secs: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Why a plan exists: what carrying it out is, for locks, approvals,

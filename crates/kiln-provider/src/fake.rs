@@ -134,7 +134,7 @@ impl Fake {
 }
 
 impl Provider for Fake {
-    fn prepare(&self, images: &[ImageRef]) -> Result<(), ProviderError> {
+    fn prepare(&self, _env: &str, images: &[ImageRef]) -> Result<(), ProviderError> {
         for i in images {
             self.call(format!("prepare {i}"));
             if self.fail_prepare.borrow().contains(&i.digest) {

@@ -5,7 +5,9 @@
 //! inheritance, and every check that can be made without running anything.
 //! Every error names `file:line:column` and what was expected.
 
+mod check;
 mod duration;
+mod locate;
 mod raw;
 mod supply;
 
@@ -17,7 +19,12 @@ use std::path::{Path, PathBuf};
 use kiln_model::*;
 use toml::Spanned;
 
-pub use duration::{format_duration, parse_duration, parse_size};
+pub use check::{
+    MAX_APPROVALS, MAX_CHECK_STREAK, MAX_CPUS, MAX_ENVS, MAX_IMAGES, MAX_MTIME, MAX_ROLES,
+    MAX_SERVERS, MIN_CHECK_INTERVAL, MIN_CPUS, MIN_MEMORY,
+};
+pub use duration::{format_duration, parse_duration, parse_size, MAX_DURATION, MAX_SIZE};
+use locate::Locator;
 use raw::*;
 pub use supply::is_secret_name;
 
@@ -78,21 +85,36 @@ pub fn load(dir: &Path) -> Result<Project, SpecError> {
 
 /// Parses project text. `file` is only used in error messages; `dir` is the
 /// project directory that relative paths are resolved against.
+///
+/// Every value is range-checked here, with checked arithmetic, so that
+/// nothing downstream (planner, image builder, runtime) meets a value it
+/// cannot handle. One check looks at the host: a balancer's `listen`
+/// address must be one of this host's (`host_has`).
 pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<Project, SpecError> {
-    let cx = Cx { text, file };
+    let mut cx = Cx {
+        text,
+        file,
+        loc: Locator::new(""),
+    };
     let raw: RawFile = toml::from_str(text)
         .map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().to_string()))?;
+    cx.loc = Locator::new(text);
     Validator { cx, dir }.project(raw)
 }
 
 struct Cx<'a> {
     text: &'a str,
     file: &'a Path,
+    loc: Locator<'a>,
 }
 
 impl Cx<'_> {
     fn err(&self, span: Range<usize>, message: impl fmt::Display) -> SpecError {
-        let upto = &self.text[..span.start.min(self.text.len())];
+        let mut start = span.start.min(self.text.len());
+        while !self.text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let upto = &self.text[..start];
         let line = upto.matches('\n').count() + 1;
         let column = upto
             .rsplit('\n')
@@ -118,6 +140,17 @@ impl Validator<'_> {
     fn project(&self, raw: RawFile) -> Result<Project, SpecError> {
         let name = raw.project.name.clone();
         check_name(&self.cx, name.get_ref(), name.span(), "project name")?;
+        for (what, count, max, key) in [
+            ("images", raw.images.len(), MAX_IMAGES, "images"),
+            ("environments", raw.env.len(), MAX_ENVS, "env"),
+        ] {
+            if count > max {
+                return Err(self.cx.err(
+                    self.cx.loc.key(&[key]),
+                    format!("{count} {what} are more than kiln takes ({max})"),
+                ));
+            }
+        }
         let import_limit = match &raw.project.import_limit {
             Some(l) => self.import_limit(l)?,
             None => DEFAULT_IMPORT_LIMIT,
@@ -127,7 +160,7 @@ impl Validator<'_> {
             check_name(
                 &self.cx,
                 iname,
-                self.header(&["images", iname]),
+                self.cx.loc.key(&["images", iname]),
                 "image name",
             )?;
             let mut spec = self.image(iname, img, import_limit)?;
@@ -149,10 +182,55 @@ impl Validator<'_> {
     fn image(&self, name: &str, img: &RawImage, import_limit: u64) -> Result<ImageSpec, SpecError> {
         let from = match img.from.as_ref() {
             None => return Err(self.cx.err(self.header(&["images", name]), format!("image `{name}` has no `from`; expected \"scratch\", an image name, or a table with `rootfs`, `oci` or `debootstrap`"))),
-            Some(f) => self.source(f)?,
+            Some(f) => self.source(name, f)?,
         };
         let base = self.dir.join("images").join(name);
-        let health = img.health.as_ref().map(|h| self.health(h)).transpose()?;
+        let at = |keys: &[&str]| self.cx.loc.at(&[&["images", name], keys].concat());
+        let key_at = |keys: &[&str]| self.cx.loc.key(&[&["images", name], keys].concat());
+        let health = img
+            .health
+            .as_ref()
+            .map(|h| self.health(h, &|k| at(&[&["health"], k].concat())))
+            .transpose()?;
+        for (key, argv) in [("entrypoint", &img.entrypoint), ("cmd", &img.cmd)] {
+            let Some(argv) = argv else { continue };
+            if argv.is_empty() {
+                return Err(self.cx.err(
+                    at(&[key]),
+                    format!("`{key} = []` has no effect (the base image's is kept); remove it, or name the program to run"),
+                ));
+            }
+            check::argv(argv, key).map_err(|(i, m)| self.cx.err(at(&[key, &i.to_string()]), m))?;
+        }
+        if let Some(vars) = &img.env {
+            check::env_vars(vars).map_err(|(k, m)| self.cx.err(key_at(&["env", k]), m))?;
+        }
+        if let Some(w) = &img.workdir {
+            check::abs_path(w, "workdir").map_err(|m| self.cx.err(at(&["workdir"]), m))?;
+        }
+        if let Some(ports) = &img.ports {
+            self.ports(ports, &|i| at(&["ports", &i.to_string()]))?;
+        }
+        for (i, t) in img.test.iter().flatten().enumerate() {
+            let i = i.to_string();
+            if t.is_empty() {
+                return Err(self.cx.err(
+                    at(&["test", &i]),
+                    "test command is empty; expected a program and its arguments",
+                ));
+            }
+            check::argv(t, "test command")
+                .map_err(|(j, m)| self.cx.err(at(&["test", &i, &j.to_string()]), m))?;
+        }
+        for (k, v) in img.labels.iter().flatten() {
+            check::label(k, v).map_err(|m| self.cx.err(key_at(&["labels", k]), m))?;
+        }
+        if let Some(t) = img.mtime.filter(|t| *t > MAX_MTIME) {
+            return Err(self.cx.err(
+                at(&["mtime"]),
+                format!("mtime = {t} is after the year 9999; expected seconds since 1970 up to {MAX_MTIME}"),
+            ));
+        }
         let user = img
             .user
             .as_ref()
@@ -314,7 +392,7 @@ impl Validator<'_> {
         Ok(set)
     }
 
-    fn source(&self, from: &Spanned<toml::Value>) -> Result<ImageSource, SpecError> {
+    fn source(&self, image: &str, from: &Spanned<toml::Value>) -> Result<ImageSource, SpecError> {
         let expected = "expected \"scratch\", an image name, or a table with one of `rootfs`, `oci`, `debootstrap`";
         let at = |m: String| self.cx.err(from.span(), m);
         let t: RawFromTable = match from.get_ref() {
@@ -381,24 +459,25 @@ impl Validator<'_> {
                 "debootstrap suite must be a Debian suite name like \"bookworm\"".into(),
             ));
         }
+        let key_at = |k: &str| self.cx.loc.at(&["images", image, "from", k]);
+        let mirror = t
+            .mirror
+            .clone()
+            .unwrap_or_else(|| DEFAULT_MIRROR.to_string());
+        check::mirror(&mirror).map_err(|m| self.cx.err(key_at("mirror"), m))?;
+        let variant = t.variant.clone().unwrap_or_else(|| "minbase".to_string());
+        check::variant(&variant).map_err(|m| self.cx.err(key_at("variant"), m))?;
         Ok(ImageSource::Debootstrap {
             suite,
-            mirror: t
-                .mirror
-                .clone()
-                .unwrap_or_else(|| DEFAULT_MIRROR.to_string()),
-            variant: t.variant.clone().unwrap_or_else(|| "minbase".to_string()),
+            mirror,
+            variant,
         })
     }
 
-    /// The span of a `[a.b.c]` table header, for errors about a whole table;
-    /// the start of the file when the table is only implied by dotted keys.
+    /// Where a table is named, for errors about the whole table: the name
+    /// in its `[header]`, dotted key or inline table, however it is quoted.
     fn header(&self, keys: &[&str]) -> Range<usize> {
-        let needle = format!("[{}]", keys.join("."));
-        match self.cx.text.find(&needle) {
-            Some(i) => i + 1..i + needle.len() - 1,
-            None => 0..0,
-        }
+        self.cx.loc.key(keys)
     }
 
     /// `tls = { cert, key }` (paths relative to the project) or
@@ -462,9 +541,12 @@ impl Validator<'_> {
                 let ca = a.ca.as_ref().map(|c| path(c, "acme ca")).transpose()?;
                 let renew_before_secs = match &a.renew_before {
                     None => 30 * 86_400,
-                    Some(r) => parse_duration(r.get_ref())
-                        .map_err(|e| self.cx.err(r.span(), e))?
-                        .as_secs(),
+                    Some(r) => self.secs(
+                        r.get_ref(),
+                        r.span(),
+                        "renew_before",
+                        Some("the certificate would only be renewed once it has expired"),
+                    )?,
                 };
                 Ok(BalancerTls::Acme {
                     directory: directory.clone(),
@@ -491,28 +573,78 @@ impl Validator<'_> {
         }
     }
 
-    fn health(&self, h: &Spanned<RawHealth>) -> Result<HealthCheck, SpecError> {
+    /// `at` locates a key (path) inside the health table.
+    fn health(
+        &self,
+        h: &Spanned<RawHealth>,
+        at: &dyn Fn(&[&str]) -> Range<usize>,
+    ) -> Result<HealthCheck, SpecError> {
         let r = h.get_ref();
         let bad = |m: &str| {
             Err(self.cx.err(h.span(), format!("{m}; expected {{ http = \"/path\", port = N }}, {{ tcp = N }} or {{ command = [...] }}")))
         };
+        let port = |p: u16, key: &str| {
+            check::port(p, &format!("health check {key}")).map_err(|m| self.cx.err(at(&[key]), m))
+        };
         match (&r.http, r.port, r.tcp, &r.command) {
-            (Some(path), Some(port), None, None) => {
-                if !path.starts_with('/') {
-                    return bad("http health path must start with `/`");
-                }
+            (Some(path), Some(p), None, None) => {
+                check::http_path(path).map_err(|m| self.cx.err(at(&["http"]), m))?;
+                port(p, "port")?;
                 Ok(HealthCheck::Http {
                     path: path.clone(),
-                    port,
+                    port: p,
                 })
             }
             (Some(_), None, None, None) => bad("http health check has no `port`"),
-            (None, None, Some(port), None) => Ok(HealthCheck::Tcp { port }),
+            (None, None, Some(p), None) => {
+                port(p, "tcp")?;
+                Ok(HealthCheck::Tcp { port: p })
+            }
             (None, None, None, Some(argv)) if !argv.is_empty() => {
+                check::argv(argv, "health command")
+                    .map_err(|(i, m)| self.cx.err(at(&["command", &i.to_string()]), m))?;
                 Ok(HealthCheck::Command { argv: argv.clone() })
             }
             _ => bad("health check must be exactly one kind"),
         }
+    }
+
+    /// A duration kept in whole seconds, at `span`; `zero` says why zero is
+    /// refused, when it is.
+    fn secs(
+        &self,
+        written: &str,
+        span: Range<usize>,
+        what: &str,
+        zero: Option<&str>,
+    ) -> Result<u64, SpecError> {
+        let d = parse_duration(written).map_err(|e| self.cx.err(span.clone(), e))?;
+        if let Some(why) = zero {
+            check::nonzero(d, written, what, why).map_err(|m| self.cx.err(span.clone(), m))?;
+        }
+        check::whole_secs(d, written, what).map_err(|m| self.cx.err(span, m))
+    }
+
+    fn ttl(&self, t: &Spanned<String>) -> Result<u64, SpecError> {
+        self.secs(
+            t.get_ref(),
+            t.span(),
+            "ttl",
+            Some("every server would expire as soon as it starts; remove `ttl` to keep servers until they are replaced"),
+        )
+    }
+
+    /// Ports a server listens on: 1 to 65535, each once. `at` locates the
+    /// `i`-th element.
+    fn ports(&self, ports: &[u16], at: &dyn Fn(usize) -> Range<usize>) -> Result<(), SpecError> {
+        let mut seen = BTreeSet::new();
+        for (i, p) in ports.iter().enumerate() {
+            check::port(*p, "port").map_err(|m| self.cx.err(at(i), m))?;
+            if !seen.insert(p) {
+                return Err(self.cx.err(at(i), format!("port {p} is listed twice")));
+            }
+        }
+        Ok(())
     }
 
     fn check_image_graph(
@@ -568,7 +700,80 @@ impl Validator<'_> {
             out.insert(name.clone(), self.env(name, &merged, images)?);
         }
         self.subnets(raw, &mut out)?;
+        for env in out.values() {
+            self.capacity(env)?;
+            self.balancers(env)?;
+        }
         Ok(out)
+    }
+
+    /// Every server of an environment needs an address of its subnet.
+    fn capacity(&self, env: &EnvSpec) -> Result<(), SpecError> {
+        let capacity = u64::from(env.subnet.capacity());
+        let mut total = 0u64;
+        for role in env.roles.values() {
+            if role.servers > MAX_SERVERS {
+                return Err(self.cx.err(
+                    self.cx.loc.inherited(&env.name, Some(&role.name), &["servers"]),
+                    format!(
+                        "role `{}` declares {} servers, more than one role can have ({MAX_SERVERS}: half of its 65,536 server ids, so that every server can be replaced at once)",
+                        role.name, role.servers
+                    ),
+                ));
+            }
+            total += u64::from(role.servers);
+            if total > capacity {
+                return Err(self.cx.err(
+                    self.cx.loc.inherited(&env.name, Some(&role.name), &["servers"]),
+                    format!(
+                        "role `{}` brings environment `{}` to {total} servers; its subnet {} holds at most {capacity}",
+                        role.name, env.name, env.subnet
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Balancers of an environment listen on distinct addresses (a
+    /// wildcard address takes its port on every address), each one this
+    /// host has or the environment's own gateway.
+    fn balancers(&self, env: &EnvSpec) -> Result<(), SpecError> {
+        // Every address a balancer listens on: its front, and its admin
+        // (metrics) listener if it has one.
+        let mut seen: Vec<(std::net::SocketAddr, &str, &str)> = Vec::new();
+        for role in env.roles.values() {
+            let Some(b) = &role.balancer else { continue };
+            let fronts = [("listen", Some(&b.listen)), ("admin", b.admin.as_ref())];
+            for (key, addr) in fronts {
+                let Some(addr) = addr else { continue };
+                let at = || {
+                    self.cx
+                        .loc
+                        .inherited(&env.name, Some(&role.name), &["balancer", key])
+                };
+                let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+                    self.cx
+                        .err(at(), format!("balancer {key} `{addr}` is not an address"))
+                })?;
+                check::port(addr.port(), &format!("balancer {key} port"))
+                    .map_err(|m| self.cx.err(at(), m))?;
+                if let Some((other, r, k)) = seen.iter().find(|(o, ..)| listen_clash(o, &addr)) {
+                    return Err(self.cx.err(
+                        at(),
+                        format!("balancer {key} of role `{}` is {addr}, which the balancer {k} of role `{r}` takes ({other})", role.name),
+                    ));
+                }
+                if addr.ip() != std::net::IpAddr::V4(env.subnet.gateway()) && !host_has(addr.ip()) {
+                    return Err(self.cx.err(
+                        at(),
+                        format!("balancer {key} address {} is not an address of this host (no interface has it); expected a local address, 127.0.0.1 or 0.0.0.0", addr.ip()),
+                    ));
+                }
+                seen.push((addr, &role.name, key));
+            }
+        }
+        Ok(())
     }
 
     /// The environment with everything it inherits folded in, nearest first.
@@ -604,10 +809,40 @@ impl Validator<'_> {
         env: &RawEnv,
         images: &BTreeMap<String, ImageSpec>,
     ) -> Result<EnvSpec, SpecError> {
+        let at = |keys: &[&str]| self.cx.loc.inherited(name, None, keys);
         let provider = match &env.provider {
             None => ProviderSpec::Local,
             Some(p) => self.provider(name, p)?,
         };
+        if env.roles.len() > MAX_ROLES {
+            return Err(self.cx.err(
+                self.header(&["env", name]),
+                format!(
+                    "environment `{name}` has {} roles, more than kiln takes ({MAX_ROLES})",
+                    env.roles.len()
+                ),
+            ));
+        }
+        if let Some(n) = env.approvals.filter(|n| *n > MAX_APPROVALS) {
+            return Err(self.cx.err(
+                at(&["approvals"]),
+                format!("approvals = {n} is out of range; expected 0 to {MAX_APPROVALS}"),
+            ));
+        }
+        if let Some(a) = &env.alarm {
+            check::text(a, "alarm").map_err(|m| self.cx.err(at(&["alarm"]), m))?;
+        }
+        for (i, id) in env.pipeline_identities.iter().flatten().enumerate() {
+            check::text(id, "pipeline identity")
+                .map_err(|m| self.cx.err(at(&["pipeline_identities", &i.to_string()]), m))?;
+        }
+        if let Some(p) = env.replace_share {
+            check::percent(p, "replace_share")
+                .map_err(|m| self.cx.err(at(&["replace_share"]), m))?;
+        }
+        if let Some(t) = &env.ttl {
+            self.ttl(t)?;
+        }
         let subnet = match &env.subnet {
             Some(s) => s.get_ref().parse::<Subnet>().map_err(|e| {
                 self.cx
@@ -657,10 +892,24 @@ impl Validator<'_> {
             pipeline_identities: env.pipeline_identities.clone().unwrap_or_default(),
             alarm: env.alarm.clone(),
             quarantine_secs: match &env.quarantine {
-                Some(q) => parse_duration(q.get_ref())
-                    .map_err(|e| self.cx.err(q.span(), e))?
-                    .as_secs(),
+                Some(q) => self.secs(q.get_ref(), q.span(), "quarantine", Some("a quarantined server's evidence would be deleted at once; kill without quarantine is `drift = \"replace\"`"))?,
                 None => 7 * 86_400,
+            },
+            dns_ttl_secs: match &env.dns {
+                Some(d) => match &d.get_ref().ttl {
+                    Some(t) => {
+                        let ttl = parse_duration(t).map_err(|e| self.cx.err(d.span(), e))?;
+                        if ttl.as_secs() > 3600 || ttl.subsec_nanos() != 0 {
+                            return Err(self.cx.err(
+                                d.span(),
+                                format!("dns ttl `{t}` must be whole seconds, at most 1h"),
+                            ));
+                        }
+                        ttl.as_secs() as u32
+                    }
+                    None => 1,
+                },
+                None => 1,
             },
             secrets: self.env_secrets(env)?,
             trust: self.trust(env)?,
@@ -686,6 +935,8 @@ impl Validator<'_> {
                 format!("role `{name}` runs unknown image `{}`", image.get_ref()),
             ));
         };
+        let at = |keys: &[&str]| self.cx.loc.inherited(env_name, Some(name), keys);
+        let key_at = |keys: &[&str]| self.cx.loc.inherited_key(env_name, Some(name), keys);
         let size = match &r.size {
             None => Size {
                 cpus: 1.0,
@@ -694,37 +945,35 @@ impl Validator<'_> {
             Some(s) => {
                 let memory_bytes = match &s.get_ref().memory {
                     None => 256 << 20,
-                    Some(m) => parse_size(m).map_err(|e| self.cx.err(s.span(), e))?,
+                    Some(m) => parse_size(m)
+                        .and_then(|b| check::memory(b, m).map(|()| b))
+                        .map_err(|e| self.cx.err(at(&["size", "memory"]), e))?,
                 };
                 let cpus = s.get_ref().cpus.unwrap_or(1.0);
-                // Written so that NaN is refused too.
-                #[allow(clippy::neg_cmp_op_on_partial_ord)]
-                if !(cpus > 0.0) {
-                    return Err(self.cx.err(s.span(), "size.cpus must be greater than 0"));
-                }
+                check::cpus(cpus).map_err(|m| self.cx.err(at(&["size", "cpus"]), m))?;
                 Size { cpus, memory_bytes }
             }
         };
         let health = match &r.health {
-            Some(h) => Some(self.health(h)?),
+            Some(h) => Some(self.health(h, &|k| at(&[&["health"], k].concat()))?),
             None => spec.health.clone(),
         };
+        if let Some(ports) = &r.ports {
+            self.ports(ports, &|i| at(&["ports", &i.to_string()]))?;
+        }
+        if let Some(vars) = &r.env {
+            check::env_vars(vars).map_err(|(k, m)| self.cx.err(key_at(&["env", k]), m))?;
+        }
         let strategy = match &r.strategy {
             None => Strategy::Rolling {
                 max_surge: 1,
                 max_unavailable: 0,
                 min_healthy_secs: 0,
             },
-            Some(s) => self.strategy(s)?,
+            Some(s) => self.strategy(s, &|k| at(&["strategy", k]))?,
         };
         let ttl = r.ttl.as_ref().or(env.ttl.as_ref());
-        let ttl_secs = ttl
-            .map(|t| {
-                parse_duration(t.get_ref())
-                    .map(|d| d.as_secs())
-                    .map_err(|e| self.cx.err(t.span(), e))
-            })
-            .transpose()?;
+        let ttl_secs = ttl.map(|t| self.ttl(t)).transpose()?;
         let drift = r.drift.as_ref().or(env.drift.as_ref());
         let drift = match drift.map(|d| (d.get_ref().as_str(), d.span())) {
             None | Some(("alarm", _)) => DriftPolicy::Alarm,
@@ -754,11 +1003,11 @@ impl Validator<'_> {
             None => None,
             Some(b) => {
                 let rb = b.get_ref();
-                let drain = rb
-                    .drain_timeout
-                    .as_ref()
-                    .map(|d| parse_duration(d).map_err(|e| self.cx.err(b.span(), e)))
-                    .transpose()?;
+                let b_at = |k: &str| at(&["balancer", k]);
+                let drain_timeout_secs = match &rb.drain_timeout {
+                    Some(d) => self.secs(d, b_at("drain_timeout"), "drain_timeout", None)?,
+                    None => 30,
+                };
                 let port = rb
                     .port
                     .or_else(|| r.ports.as_ref().and_then(|p| p.first().copied()))
@@ -768,30 +1017,49 @@ impl Validator<'_> {
                             "balancer has no `port` and the role declares no ports",
                         )
                     })?;
-                if rb.listen.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(self.cx.err(
-                        b.span(),
-                        format!(
-                            "balancer listen `{}` is not an address; expected \"IP:PORT\"",
-                            rb.listen
-                        ),
-                    ));
+                check::port(port, "balancer port").map_err(|m| self.cx.err(b_at("port"), m))?;
+                match rb.listen.parse::<std::net::SocketAddr>() {
+                    Err(_) => {
+                        return Err(self.cx.err(
+                            b_at("listen"),
+                            format!(
+                                "balancer listen `{}` is not an address; expected \"IP:PORT\"",
+                                rb.listen
+                            ),
+                        ))
+                    }
+                    Ok(a) => check::port(a.port(), "balancer listen port")
+                        .map_err(|m| self.cx.err(b_at("listen"), m))?,
                 }
-                let interval = rb
-                    .check_interval
-                    .as_ref()
-                    .map(|d| parse_duration(d).map_err(|e| self.cx.err(b.span(), e)))
-                    .transpose()?
-                    .unwrap_or(std::time::Duration::from_secs(1));
+                let interval = match &rb.check_interval {
+                    Some(d) => {
+                        let i = parse_duration(d)
+                            .map_err(|e| self.cx.err(b_at("check_interval"), e))?;
+                        if !i.is_zero() && i < MIN_CHECK_INTERVAL {
+                            return Err(self.cx.err(
+                                b_at("check_interval"),
+                                format!("check_interval `{d}` is shorter than 100ms; expected \"100ms\" or more, or \"0s\" to turn checks off"),
+                            ));
+                        }
+                        i
+                    }
+                    None => std::time::Duration::from_secs(1),
+                };
+                for (key, n) in [("fall", rb.fall), ("rise", rb.rise)] {
+                    if let Some(n) = n {
+                        check::streak(n, key).map_err(|m| self.cx.err(b_at(key), m))?;
+                    }
+                }
                 let check = match &health {
                     Some(h @ (HealthCheck::Http { .. } | HealthCheck::Tcp { .. }))
                         if !interval.is_zero() =>
                     {
                         Some(BalancerCheck {
                             health: h.clone(),
-                            interval_ms: interval.as_millis() as u64,
-                            fall: rb.fall.unwrap_or(2).max(1),
-                            rise: rb.rise.unwrap_or(2).max(1),
+                            // At most 100 years (MAX_DURATION): fits.
+                            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+                            fall: rb.fall.unwrap_or(2),
+                            rise: rb.rise.unwrap_or(2),
                         })
                     }
                     _ => None,
@@ -842,7 +1110,7 @@ impl Validator<'_> {
                 Some(Balancer {
                     listen: rb.listen.clone(),
                     port,
-                    drain_timeout_secs: drain.map(|d| d.as_secs()).unwrap_or(30),
+                    drain_timeout_secs,
                     check,
                     mode,
                     algorithm,
@@ -863,11 +1131,14 @@ impl Validator<'_> {
         }
         let mut watch = Vec::new();
         if let Some(w) = &r.watch {
-            for p in w.get_ref() {
-                if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+            for (i, p) in w.get_ref().iter().enumerate() {
+                if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p.contains('\0') {
                     return Err(self.cx.err(
-                        w.span(),
-                        format!("watch path `{p}` must be absolute, without `..`"),
+                        at(&["watch", &i.to_string()]),
+                        format!(
+                            "watch path `{}` must be absolute, without `..`",
+                            p.escape_debug()
+                        ),
                     ));
                 }
                 watch.push(p.clone());
@@ -880,11 +1151,23 @@ impl Validator<'_> {
             }
         }
         let mut volumes = Vec::new();
+        let mut mounts: BTreeMap<String, &str> = BTreeMap::new();
         for (vname, path) in r.volumes.iter().flatten() {
-            if !path.starts_with('/') {
+            check::volume_name(vname).map_err(|m| self.cx.err(key_at(&["volumes", vname]), m))?;
+            let path_at = || at(&["volumes", vname]);
+            check::abs_path(path, &format!("volume `{vname}` path"))
+                .map_err(|m| self.cx.err(path_at(), m))?;
+            let mount = check::normal_path(path);
+            if mount == "/" {
                 return Err(self.cx.err(
-                    table.clone(),
-                    format!("volume `{vname}` path `{path}` must be absolute"),
+                    path_at(),
+                    format!("volume `{vname}` is mounted on `/`, over the whole image; expected a directory such as \"/var/lib/{vname}\""),
+                ));
+            }
+            if let Some(other) = mounts.insert(mount.clone(), vname) {
+                return Err(self.cx.err(
+                    path_at(),
+                    format!("volumes `{other}` and `{vname}` are both mounted on `{mount}`"),
                 ));
             }
             volumes.push(Volume {
@@ -892,6 +1175,15 @@ impl Validator<'_> {
                 path: path.clone(),
             });
         }
+        let replace_share = match r.replace_share {
+            Some(p) => {
+                check::percent(p, "replace_share")
+                    .map_err(|m| self.cx.err(at(&["replace_share"]), m))?;
+                p
+            }
+            // Checked in `env`.
+            None => env.replace_share.unwrap_or(25),
+        };
         Ok(RoleSpec {
             name: name.to_string(),
             image: image.get_ref().clone(),
@@ -910,11 +1202,7 @@ impl Validator<'_> {
             strategy,
             balancer,
             ttl_secs,
-            replace_share: r
-                .replace_share
-                .or(env.replace_share)
-                .unwrap_or(25)
-                .clamp(1, 100),
+            replace_share,
             drift,
             unmanaged,
             env: r.env.clone().unwrap_or_default(),
@@ -958,7 +1246,12 @@ impl Validator<'_> {
                     e.message().trim()
                 ))
             })?,
-            other => return Err(at(format!("`provider` is a {}; {expected}", other.type_str()))),
+            other => {
+                return Err(at(format!(
+                    "`provider` is a {}; {expected}",
+                    other.type_str()
+                )))
+            }
         };
         check_endpoint(&raw.swarm).map_err(|m| at(format!("swarm endpoint {m}")))?;
         let Some(registry) = &raw.registry else {
@@ -1012,7 +1305,12 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn strategy(&self, s: &Spanned<toml::Value>) -> Result<Strategy, SpecError> {
+    /// `at` locates a key of the strategy table.
+    fn strategy(
+        &self,
+        s: &Spanned<toml::Value>,
+        at: &dyn Fn(&str) -> Range<usize>,
+    ) -> Result<Strategy, SpecError> {
         let expected = "expected \"rolling\", \"blue_green\", \"canary\", or a table with `kind` and its options";
         let opts: RawStrategyOpts = match s.get_ref() {
             toml::Value::String(kind) => RawStrategyOpts {
@@ -1032,29 +1330,43 @@ impl Validator<'_> {
                 ))
             }
         };
-        let secs = |d: &Option<String>, default: u64| -> Result<u64, SpecError> {
-            d.as_ref()
-                .map(|d| {
-                    parse_duration(d)
-                        .map(|d| d.as_secs())
-                        .map_err(|e| self.cx.err(s.span(), e))
-                })
-                .unwrap_or(Ok(default))
+        let secs = |d: &Option<String>, key: &str, default: u64| -> Result<u64, SpecError> {
+            match d {
+                Some(d) => self.secs(d, at(key), key, None),
+                None => Ok(default),
+            }
         };
         match opts.kind.as_str() {
-            "rolling" => Ok(Strategy::Rolling {
-                max_surge: opts.max_surge.unwrap_or(1),
-                max_unavailable: opts.max_unavailable.unwrap_or(0),
-                min_healthy_secs: secs(&opts.min_healthy, 0)?,
-            }),
+            "rolling" => {
+                let max_surge = opts.max_surge.unwrap_or(1);
+                let max_unavailable = opts.max_unavailable.unwrap_or(0);
+                if u64::from(max_surge) + u64::from(max_unavailable) == 0 {
+                    return Err(self.cx.err(
+                        at(if opts.max_surge.is_some() { "max_surge" } else { "max_unavailable" }),
+                        "max_surge and max_unavailable are both 0, so no server could ever be replaced; expected at least one of them above 0",
+                    ));
+                }
+                Ok(Strategy::Rolling {
+                    max_surge,
+                    max_unavailable,
+                    min_healthy_secs: secs(&opts.min_healthy, "min_healthy", 0)?,
+                })
+            }
             "blue_green" => Ok(Strategy::BlueGreen {
-                rollback_window_secs: secs(&opts.rollback_window, 300)?,
+                rollback_window_secs: secs(&opts.rollback_window, "rollback_window", 300)?,
             }),
-            "canary" => Ok(Strategy::Canary {
-                share_percent: opts.share.unwrap_or(10).clamp(1, 100),
-                bake_secs: secs(&opts.bake, 60)?,
-                max_error_rate: opts.max_error_rate.unwrap_or(0.01),
-            }),
+            "canary" => {
+                let share_percent = opts.share.unwrap_or(10);
+                check::percent(share_percent, "share").map_err(|m| self.cx.err(at("share"), m))?;
+                let max_error_rate = opts.max_error_rate.unwrap_or(0.01);
+                check::error_rate(max_error_rate)
+                    .map_err(|m| self.cx.err(at("max_error_rate"), m))?;
+                Ok(Strategy::Canary {
+                    share_percent,
+                    bake_secs: secs(&opts.bake, "bake", 60)?,
+                    max_error_rate,
+                })
+            }
             other => Err(self
                 .cx
                 .err(s.span(), format!("unknown strategy `{other}`; {expected}"))),
@@ -1070,8 +1382,7 @@ fn check_endpoint(ep: &str) -> Result<(), String> {
         }
     } else if let Some(hostport) = ep.strip_prefix("tcp://") {
         if let Some((host, port)) = hostport.rsplit_once(':') {
-            if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
-            {
+            if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0) {
                 return Ok(());
             }
         }
@@ -1107,7 +1418,9 @@ fn parse_registry(r: &str) -> Result<(String, bool), String> {
 
 /// `"FIRST-LAST"`: host ports, at least 1024.
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let bad = || format!("ports `{s}` is not a range; expected \"FIRST-LAST\" of host ports from 1024 to 65535, e.g. \"30000-32767\"");
+    let bad = || {
+        format!("ports `{s}` is not a range; expected \"FIRST-LAST\" of host ports from 1024 to 65535, e.g. \"30000-32767\"")
+    };
     let (a, b) = s.split_once('-').ok_or_else(bad)?;
     let (a, b): (u16, u16) = (
         a.trim().parse().map_err(|_| bad())?,
@@ -1185,6 +1498,30 @@ impl Validator<'_> {
             taken.push(pick);
         }
         Ok(())
+    }
+}
+
+/// Whether two listen addresses take the same port: the same address, or
+/// a wildcard of one family and any address it covers (`[::]` covers
+/// IPv4 too, as sockets are dual-stack by default).
+fn listen_clash(a: &std::net::SocketAddr, b: &std::net::SocketAddr) -> bool {
+    let covers = |w: &std::net::SocketAddr, o: &std::net::SocketAddr| {
+        w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4())
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// Whether this host has `ip` on an interface: binding a socket to it
+/// (port 0, closed at once) fails with `EADDRNOTAVAIL` when none has.
+/// Wildcards and loopback are always there; any other failure (such as
+/// no permission) is not the spec's fault and passes.
+fn host_has(ip: std::net::IpAddr) -> bool {
+    if ip.is_unspecified() || ip.is_loopback() {
+        return true;
+    }
+    match std::net::TcpListener::bind((ip, 0)) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::AddrNotAvailable,
     }
 }
 

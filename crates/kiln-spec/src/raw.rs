@@ -51,6 +51,12 @@ pub(crate) struct RawIgnore {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct RawSecrets {
     pub recipients: Vec<Spanned<String>>,
 }
@@ -134,6 +140,8 @@ pub(crate) struct RawEnv {
     pub unmanaged: Option<Spanned<String>>,
     pub replace_share: Option<u32>,
     pub quarantine: Option<Spanned<String>>,
+    /// `{ ttl = "1s" }`: the environment's DNS.
+    pub dns: Option<Spanned<RawDns>>,
     pub secrets: Option<Spanned<RawSecrets>>,
     pub trust: Option<Spanned<RawTrust>>,
     #[serde(default)]
@@ -155,6 +163,7 @@ impl RawEnv {
         self.unmanaged = self.unmanaged.or(p.unmanaged);
         self.replace_share = self.replace_share.or(p.replace_share);
         self.quarantine = self.quarantine.or(p.quarantine);
+        self.dns = self.dns.or(p.dns);
         self.secrets = self.secrets.or(p.secrets);
         self.trust = self.trust.or(p.trust);
         for (name, prole) in p.roles {

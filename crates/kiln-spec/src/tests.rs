@@ -193,6 +193,434 @@ fn durations_and_sizes() {
     assert!(parse_size("lots").is_err());
 }
 
+/// A project with image `a` (lines 3–4) and environment `s` whose role
+/// `r` runs it (lines 5–6); `role` is appended from line 7.
+fn with_role(role: &str) -> String {
+    format!("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.r]\nimage = \"a\"\n{role}\n")
+}
+
+/// A project whose image `a` has `image` appended from line 4.
+fn with_image(image: &str) -> String {
+    format!("[project]\nname = \"x\"\n[images.a]\n{image}\n")
+}
+
+#[test]
+fn overflowing_durations_are_refused_everywhere() {
+    let big = "18446744073709551615s1s";
+    let msg = format!("`{big}` is longer than the longest duration accepted (100 years)");
+    check_err(
+        &with_role(&format!("ttl = \"{big}\"")),
+        &format!("kiln.toml:7:7: {msg}"),
+    );
+    check_err(
+        &with_role(&format!(
+            "strategy = {{ kind = \"rolling\", min_healthy = \"{big}\" }}"
+        )),
+        &format!("kiln.toml:7:46: {msg}"),
+    );
+    check_err(
+        &with_role(&format!(
+            "strategy = {{ kind = \"canary\", bake = \"{big}\" }}"
+        )),
+        &format!("kiln.toml:7:38: {msg}"),
+    );
+    check_err(
+        &with_role(&format!(
+            "ports = [80]\nbalancer = {{ listen = \"127.0.0.1:80\", drain_timeout = \"{big}\" }}"
+        )),
+        &format!("kiln.toml:8:55: {msg}"),
+    );
+    check_err(
+        &format!("[project]\nname = \"x\"\n[env.s]\nquarantine = \"{big}\"\n"),
+        &format!("kiln.toml:4:14: {msg}"),
+    );
+}
+
+#[test]
+fn zero_and_fractional_durations_are_refused_where_meaningless() {
+    check_err(&with_role("ttl = \"0s\""),
+        "kiln.toml:7:7: ttl `0s` is zero; every server would expire as soon as it starts; remove `ttl` to keep servers until they are replaced");
+    check_err(
+        &with_role("ttl = \"500ms\""),
+        "kiln.toml:7:7: ttl `500ms` is not a whole number of seconds; ttl is counted in seconds",
+    );
+    check_err("[project]\nname = \"x\"\n[env.s]\nttl = \"0s\"\n",
+        "kiln.toml:4:7: ttl `0s` is zero; every server would expire as soon as it starts; remove `ttl` to keep servers until they are replaced");
+    check_err("[project]\nname = \"x\"\n[env.s]\nquarantine = \"0s\"\n",
+        "kiln.toml:4:14: quarantine `0s` is zero; a quarantined server's evidence would be deleted at once; kill without quarantine is `drift = \"replace\"`");
+    check_err(&with_role("strategy = { kind = \"canary\", bake = \"1500ms\" }"),
+        "kiln.toml:7:38: bake `1500ms` is not a whole number of seconds; bake is counted in seconds");
+    check_err(&with_role("health = { tcp = 80 }\nballancer = 1").replace("ballancer = 1", "balancer = { listen = \"127.0.0.1:81\", port = 80, check_interval = \"10ms\" }"),
+        "kiln.toml:8:67: check_interval `10ms` is shorter than 100ms; expected \"100ms\" or more, or \"0s\" to turn checks off");
+    // Zero is meaningful here: no drain, no warm set, no bake, no checks.
+    parse_str(&with_role("health = { tcp = 80 }\nbalancer = { listen = \"127.0.0.1:81\", port = 80, drain_timeout = \"0s\", check_interval = \"0s\" }\nstrategy = { kind = \"blue_green\", rollback_window = \"0s\" }")).unwrap();
+    parse_str(&with_role(
+        "strategy = { kind = \"canary\", bake = \"0s\" }",
+    ))
+    .unwrap();
+}
+
+#[test]
+fn sizes_are_range_checked() {
+    check_err(
+        &with_role("size = { memory = \"17179869184G\" }"),
+        "kiln.toml:7:19: `17179869184G` is larger than the largest size accepted (1 PiB)",
+    );
+    check_err(
+        &with_role("size = { memory = \"0\" }"),
+        "kiln.toml:7:19: size.memory `0` is too small; a server needs at least \"4M\"",
+    );
+    check_err(
+        &with_role("size = { memory = \"1K\" }"),
+        "kiln.toml:7:19: size.memory `1K` is too small; a server needs at least \"4M\"",
+    );
+    for (cpus, col) in [
+        ("inf", 17),
+        ("nan", 17),
+        ("1e-9", 17),
+        ("0.0", 17),
+        ("-1.0", 17),
+        ("1025.0", 17),
+    ] {
+        let shown = cpus.parse::<f64>().unwrap();
+        check_err(&with_role(&format!("size = {{ cpus = {cpus} }}")),
+            &format!("kiln.toml:7:{col}: size.cpus = {shown} is out of range; expected a number of CPUs from 0.01 to 1024"));
+    }
+    let p = parse_str(&with_role("size = { cpus = 0.01, memory = \"4M\" }")).unwrap();
+    assert_eq!(
+        p.envs["s"].roles["r"].size,
+        Size {
+            cpus: 0.01,
+            memory_bytes: 4 << 20
+        }
+    );
+}
+
+#[test]
+fn canary_and_rolling_parameters_are_range_checked() {
+    for (rate, shown) in [("-1.0", "-1"), ("nan", "NaN"), ("2.0", "2"), ("inf", "inf")] {
+        check_err(&with_role(&format!("strategy = {{ kind = \"canary\", max_error_rate = {rate} }}")),
+            &format!("kiln.toml:7:48: max_error_rate = {shown} is out of range; expected a fraction from 0 to 1 (like 0.01)"));
+    }
+    check_err(
+        &with_role("strategy = { kind = \"canary\", share = 0 }"),
+        "kiln.toml:7:39: share = 0 is out of range; expected a percentage from 1 to 100",
+    );
+    check_err(
+        &with_role("strategy = { kind = \"canary\", share = 101 }"),
+        "kiln.toml:7:39: share = 101 is out of range; expected a percentage from 1 to 100",
+    );
+    check_err(&with_role("strategy = { kind = \"rolling\", max_surge = 0 }"),
+        "kiln.toml:7:44: max_surge and max_unavailable are both 0, so no server could ever be replaced; expected at least one of them above 0");
+    let p = parse_str(&with_role(
+        "strategy = { kind = \"rolling\", max_surge = 0, max_unavailable = 1 }",
+    ))
+    .unwrap();
+    assert!(matches!(
+        p.envs["s"].roles["r"].strategy,
+        Strategy::Rolling {
+            max_surge: 0,
+            max_unavailable: 1,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn replace_share_is_not_clamped() {
+    check_err(
+        &with_role("replace_share = 0"),
+        "kiln.toml:7:17: replace_share = 0 is out of range; expected a percentage from 1 to 100",
+    );
+    check_err(
+        "[project]\nname = \"x\"\n[env.s]\nreplace_share = 101\n",
+        "kiln.toml:4:17: replace_share = 101 is out of range; expected a percentage from 1 to 100",
+    );
+    let p = parse_str(&with_role("replace_share = 100")).unwrap();
+    assert_eq!(p.envs["s"].roles["r"].replace_share, 100);
+}
+
+#[test]
+fn port_zero_is_refused_everywhere() {
+    check_err(
+        &with_role("ports = [8080, 0]"),
+        "kiln.toml:7:16: port 0 is not a port; expected 1 to 65535",
+    );
+    check_err(
+        &with_role("ports = [8080, 8080]"),
+        "kiln.toml:7:16: port 8080 is listed twice",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\nports = [0]"),
+        "kiln.toml:5:10: port 0 is not a port; expected 1 to 65535",
+    );
+    check_err(
+        &with_role("health = { tcp = 0 }"),
+        "kiln.toml:7:18: health check tcp 0 is not a port; expected 1 to 65535",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\nhealth = { http = \"/\", port = 0 }"),
+        "kiln.toml:5:31: health check port 0 is not a port; expected 1 to 65535",
+    );
+    check_err(
+        &with_role("balancer = { listen = \"127.0.0.1:8000\", port = 0 }"),
+        "kiln.toml:7:48: balancer port 0 is not a port; expected 1 to 65535",
+    );
+    check_err(
+        &with_role("balancer = { listen = \"127.0.0.1:0\", port = 80 }"),
+        "kiln.toml:7:23: balancer listen port 0 is not a port; expected 1 to 65535",
+    );
+}
+
+#[test]
+fn balancer_checks_are_range_checked() {
+    check_err(
+        &with_role(
+            "health = { tcp = 80 }\nbalancer = { listen = \"127.0.0.1:81\", port = 80, fall = 0 }",
+        ),
+        "kiln.toml:8:57: balancer fall = 0 is out of range; expected 1 to 100 consecutive checks",
+    );
+    check_err(
+        &with_role(
+            "health = { tcp = 80 }\nbalancer = { listen = \"127.0.0.1:81\", port = 80, rise = 0 }",
+        ),
+        "kiln.toml:8:57: balancer rise = 0 is out of range; expected 1 to 100 consecutive checks",
+    );
+}
+
+#[test]
+fn servers_must_fit_the_subnet() {
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s]\nsubnet = \"10.0.0.0/28\"\n[env.s.roles.r]\nimage = \"a\"\nservers = 14\n",
+        "kiln.toml:9:11: role `r` brings environment `s` to 14 servers; its subnet 10.0.0.0/28 holds at most 13");
+    // Roles share the subnet; the default is a /24.
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.p]\nimage = \"a\"\nservers = 200\n[env.s.roles.q]\nimage = \"a\"\nservers = 54\n",
+        &format!("kiln.toml:10:11: role `q` brings environment `s` to 254 servers; its subnet {} holds at most 253",
+            parse_str("[project]\nname = \"x\"\n[env.s]\n").unwrap().envs["s"].subnet));
+    // Inherited counts point at where they are written.
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s]\nsubnet = \"10.0.0.0/16\"\n[env.s.roles.r]\nimage = \"a\"\nservers = 30000\n[env.t]\ninherit = \"s\"\nsubnet = \"10.1.0.0/24\"\n",
+        "kiln.toml:9:11: role `r` brings environment `t` to 30000 servers; its subnet 10.1.0.0/24 holds at most 253");
+    // The issue's hang: 70,000 servers on a /8 is refused, and no subnet
+    // holds more servers than ids exist.
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s]\nsubnet = \"10.0.0.0/8\"\n[env.s.roles.r]\nimage = \"a\"\nservers = 70000\n",
+        "kiln.toml:6:10: subnet `10.0.0.0/8`: prefix /8 is out of range; expected /16 to /28");
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s]\nsubnet = \"10.0.0.0/16\"\n[env.s.roles.r]\nimage = \"a\"\nservers = 70000\n",
+        "kiln.toml:9:11: role `r` declares 70000 servers, more than one role can have (32768: half of its 65,536 server ids, so that every server can be replaced at once)");
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s]\nsubnet = \"10.0.0.0/16\"\n[env.s.roles.p]\nimage = \"a\"\nservers = 32768\n[env.s.roles.q]\nimage = \"a\"\nservers = 32766\n",
+        "kiln.toml:12:11: role `q` brings environment `s` to 65534 servers; its subnet 10.0.0.0/16 holds at most 65533");
+}
+
+#[test]
+fn balancer_listen_addresses_are_distinct_and_local() {
+    let two = |a: &str, b: &str| {
+        format!("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.p]\nimage = \"a\"\nballancer = {{ listen = \"{a}\", port = 80 }}\n[env.s.roles.q]\nimage = \"a\"\nbalancer = {{ listen = \"{b}\", port = 80 }}\n").replace("ballancer", "balancer")
+    };
+    check_err(&two("127.0.0.1:8000", "127.0.0.1:8000"),
+        "kiln.toml:10:23: balancer listen of role `q` is 127.0.0.1:8000, which the balancer listen of role `p` takes (127.0.0.1:8000)");
+    check_err(&two("0.0.0.0:8000", "127.0.0.1:8000"),
+        "kiln.toml:10:23: balancer listen of role `q` is 127.0.0.1:8000, which the balancer listen of role `p` takes (0.0.0.0:8000)");
+    check_err(&two("127.0.0.2:8000", "[::]:8000"),
+        "kiln.toml:10:23: balancer listen of role `q` is [::]:8000, which the balancer listen of role `p` takes (127.0.0.2:8000)");
+    parse_str(&two("127.0.0.1:8000", "127.0.0.1:8001")).unwrap();
+    parse_str(&two("127.0.0.1:8000", "127.0.0.2:8000")).unwrap();
+    // TEST-NET-1 (192.0.2.0/24) is on no interface of any host.
+    check_err(&with_role("balancer = { listen = \"192.0.2.7:8000\", port = 80 }"),
+        "kiln.toml:7:23: balancer listen address 192.0.2.7 is not an address of this host (no interface has it); expected a local address, 127.0.0.1 or 0.0.0.0");
+    // The admin (metrics) listener takes an address too.
+    check_err(&two("127.0.0.1:8000", "127.0.0.1:8001\", admin = \"127.0.0.1:8000"),
+        "kiln.toml:10:49: balancer admin of role `q` is 127.0.0.1:8000, which the balancer listen of role `p` takes (127.0.0.1:8000)");
+    check_err(&with_role("balancer = { listen = \"127.0.0.1:8000\", port = 80, admin = \"192.0.2.7:9100\" }"),
+        "kiln.toml:7:60: balancer admin address 192.0.2.7 is not an address of this host (no interface has it); expected a local address, 127.0.0.1 or 0.0.0.0");
+    check_err(
+        &with_role(
+            "balancer = { listen = \"127.0.0.1:8000\", port = 80, admin = \"127.0.0.1:0\" }",
+        ),
+        "kiln.toml:7:60: balancer admin port 0 is not a port; expected 1 to 65535",
+    );
+    // The environment's own gateway is there once the environment is up.
+    parse_str("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s]\nsubnet = \"10.99.0.0/24\"\n[env.s.roles.r]\nimage = \"a\"\nbalancer = { listen = \"10.99.0.1:80\", port = 80 }\n").unwrap();
+}
+
+#[test]
+fn environment_variables_can_be_passed_to_execve() {
+    check_err(
+        &with_role("env = { \"\" = \"x\" }"),
+        "kiln.toml:7:9: environment variable has an empty name",
+    );
+    check_err(
+        &with_role("env = { \"A=B\" = \"x\" }"),
+        "kiln.toml:7:9: environment variable name `A=B` contains `=`",
+    );
+    check_err(
+        &with_role("env = { \"A\\u0000\" = \"x\" }"),
+        "kiln.toml:7:9: environment variable name `A\\0` contains a NUL byte",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\nenv = { A = \"x\\u0000\" }"),
+        "kiln.toml:5:9: environment variable `A` has a NUL byte in its value",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\n[images.a.env]\n\"\" = \"x\""),
+        "kiln.toml:6:1: environment variable has an empty name",
+    );
+}
+
+#[test]
+fn launch_settings_are_checked() {
+    check_err(
+        &with_image("from = \"scratch\"\nworkdir = \"app\""),
+        "kiln.toml:5:11: workdir `app` is not absolute; expected a path starting with `/`",
+    );
+    check_err(&with_image("from = \"scratch\"\nentrypoint = []"),
+        "kiln.toml:5:14: `entrypoint = []` has no effect (the base image's is kept); remove it, or name the program to run");
+    check_err(&with_image("from = \"scratch\"\ncmd = []"),
+        "kiln.toml:5:7: `cmd = []` has no effect (the base image's is kept); remove it, or name the program to run");
+    check_err(
+        &with_image("from = \"scratch\"\nentrypoint = [\"\", \"x\"]"),
+        "kiln.toml:5:15: entrypoint names an empty program",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\ncmd = [\"/x\", \"a\\u0000\"]"),
+        "kiln.toml:5:14: cmd argument 1 contains a NUL byte",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\ntest = [[\"/x\"], []]"),
+        "kiln.toml:5:17: test command is empty; expected a program and its arguments",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\nhealth = { command = [\"\"] }"),
+        "kiln.toml:5:23: health command names an empty program",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\nhealth = { http = \"/a b\", port = 80 }"),
+        "kiln.toml:5:19: http health path `/a b` contains whitespace or a control character",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\nlabels = { \"\" = \"x\" }"),
+        "kiln.toml:5:12: label has an empty name",
+    );
+    check_err(
+        &with_image("from = \"scratch\"\nlabels = { \"a\\nb\" = \"x\" }"),
+        "kiln.toml:5:12: label name `a\\nb` contains a control character",
+    );
+    check_err(&with_image("from = \"scratch\"\nmtime = 9223372036854775807"),
+        "kiln.toml:5:9: mtime = 9223372036854775807 is after the year 9999; expected seconds since 1970 up to 253402300799");
+    check_err(&with_image("from = { debootstrap = \"bookworm\", mirror = \"--foo\" }"),
+        "kiln.toml:4:45: debootstrap mirror `--foo` is not a URL; expected http://, https:// or file:///");
+    check_err(&with_image("from = { debootstrap = \"bookworm\", variant = \"huge\" }"),
+        "kiln.toml:4:46: debootstrap variant `huge` is unknown; expected \"minbase\", \"buildd\" or \"fakechroot\"");
+}
+
+#[test]
+fn environment_settings_are_checked() {
+    let env = |line: &str| format!("[project]\nname = \"x\"\n[env.s]\n{line}\n");
+    check_err(
+        &env("approvals = 1000"),
+        "kiln.toml:4:13: approvals = 1000 is out of range; expected 0 to 100",
+    );
+    check_err(&env("alarm = \"\""), "kiln.toml:4:9: alarm is empty");
+    check_err(
+        &env("pipeline_identities = [\"ci\", \" \"]"),
+        "kiln.toml:4:30: pipeline identity is empty",
+    );
+    check_err(&env("provider = \"aws\""), "kiln.toml:4:12: environment `s` uses provider `aws`; expected \"local\" or { swarm = \"unix:///var/run/docker.sock\", registry = \"HOST:PORT/PATH\" }");
+}
+
+#[test]
+fn volumes_are_plain_names_on_absolute_paths() {
+    for name in ["\"/tmp/x\"", "\"..\"", "\".\"", "\"a/b\"", "\"\""] {
+        let shown: String = name.trim_matches('"').into();
+        check_err(&with_role(&format!("volumes = {{ {name} = \"/www\" }}")),
+            &format!("kiln.toml:7:13: volume name `{shown}` is not a plain name; expected letters, digits, `-`, `_` or `.` (not `.` or `..`), at most 64 characters"));
+    }
+    check_err(&with_role("volumes = { data = \"www\" }"),
+        "kiln.toml:7:20: volume `data` path `www` is not absolute; expected a path starting with `/`");
+    check_err(
+        &with_role("volumes = { data = \"/srv/../etc\" }"),
+        "kiln.toml:7:20: volume `data` path `/srv/../etc` contains `..`",
+    );
+    check_err(&with_role("volumes = { data = \"//\" }"),
+        "kiln.toml:7:20: volume `data` is mounted on `/`, over the whole image; expected a directory such as \"/var/lib/data\"");
+    check_err(
+        &with_role("volumes = { a = \"/data\", b = \"/data/\" }"),
+        "kiln.toml:7:30: volumes `a` and `b` are both mounted on `/data`",
+    );
+    let p = parse_str(&with_role("volumes = { \"web.data-1_x\" = \"/srv\" }")).unwrap();
+    assert_eq!(p.envs["s"].roles["r"].volumes[0].name, "web.data-1_x");
+}
+
+#[test]
+fn quoted_names_are_located() {
+    check_err("[project]\nname = \"x\"\n[images.\"a/b\"]\nfrom = \"scratch\"\n",
+        "kiln.toml:3:9: image name `a/b` is invalid; expected lowercase letters, digits, `-` or `_`, starting with a letter, at most 40 characters");
+    check_err("[project]\nname = \"x\"\n[env.\"..\"]\n",
+        "kiln.toml:3:6: environment name `..` is invalid; expected lowercase letters, digits, `-` or `_`, starting with a letter, at most 40 characters");
+    check_err("[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.\"web x\"]\nimage = \"a\"\n",
+        "kiln.toml:5:14: role name `web x` is invalid; expected lowercase letters, digits, `-` or `_`, starting with a letter, at most 40 characters");
+    // Dotted keys and inline tables too.
+    check_err("images.'A'.from = \"scratch\"\n[project]\nname = \"x\"\n",
+        "kiln.toml:1:8: image name `A` is invalid; expected lowercase letters, digits, `-` or `_`, starting with a letter, at most 40 characters");
+    check_err("[project]\nname = \"x\"\n[env]\ns = { roles = { \"r/1\" = { image = \"a\" } } }\n",
+        "kiln.toml:4:17: role name `r/1` is invalid; expected lowercase letters, digits, `-` or `_`, starting with a letter, at most 40 characters");
+    // A table implied by a deeper header is named where it first appears.
+    check_err(
+        "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.s.roles.r]\nservers = 1\n",
+        "kiln.toml:5:14: role `r` has no `image`",
+    );
+}
+
+#[test]
+fn counts_are_bounded() {
+    let mut text = String::from("[project]\nname = \"x\"\n");
+    for i in 0..=MAX_ENVS {
+        text.push_str(&format!("[env.e{i}]\n"));
+    }
+    check_err(
+        &text,
+        "kiln.toml:3:2: 101 environments are more than kiln takes (100)",
+    );
+}
+
+/// Every file of the fuzz corpus (`fuzz/corpus/spec/`, the seeds and every
+/// regression the fuzzer found) parses without a panic: `ok-*` files load,
+/// `bad-*` files are refused at a line and column inside them.
+#[test]
+fn fuzz_corpus_loads_or_is_refused_in_place() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/spec");
+    // The fuzz target's project directory: a rootfs tarball and an OCI layout.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("oci")).unwrap();
+    std::fs::write(dir.path().join("base.tar"), b"").unwrap();
+    std::fs::write(dir.path().join("oci/index.json"), b"{}").unwrap();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&corpus).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&path).unwrap();
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        seen += 1;
+        match parse(text, Path::new("kiln.toml"), dir.path()) {
+            Ok(_) => assert!(!name.starts_with("bad-"), "{name} loaded"),
+            Err(e) => {
+                assert!(!name.starts_with("ok-"), "{name}: {e}");
+                let (line, column) = e.location().unwrap();
+                let lines: Vec<&str> = text.split('\n').collect();
+                assert!(line >= 1 && line <= lines.len(), "{name}: {e}");
+                assert!(
+                    column >= 1 && column <= lines[line - 1].chars().count() + 1,
+                    "{name}: {e}"
+                );
+            }
+        }
+    }
+    assert!(
+        seen >= 50,
+        "only {seen} corpus files in {}",
+        corpus.display()
+    );
+}
+
 /// GOOD with its balancer line (line 30) replaced by `balancer = { ... }`.
 fn with_balancer(fields: &str) -> String {
     GOOD.replace(
@@ -734,7 +1162,7 @@ fn bad_swarm_providers_point_at_them() {
         "kiln.toml:9:10: role `r` of `p` has a command health check, which the swarm provider cannot run (it never execs into servers); use an http or tcp check",
     );
     check_err(
-        &format!("{swarm}balancer = {{ listen = \"0.0.0.0:80\", port = 8080, tls = {{ cert = \"c\", key = \"k\" }} }}\n"),
+        &format!("{swarm}balancer = {{ listen = \"0.0.0.0:80\", port = 8080, tls = {{ acme = {{ directory = \"https://a.test/dir\", email = \"a@b\", domains = [\"a.test\"] }} }} }}\n"),
         "kiln.toml:9:12: the balancer of role `r` terminates TLS, which the swarm provider does not support yet (its certificate files and ACME state live on kiln's host)",
     );
     check_err(
