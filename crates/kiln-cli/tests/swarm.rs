@@ -175,7 +175,7 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     let _destroy = Teardown(&p);
 
     // The plan says where each server goes: node and published port.
-    let plan = p.kiln(&["plan", "staging"]).expect(2).stdout;
+    let plan = p.kiln(&["plan", "staging"]).ok().stdout;
     assert_eq!(plan.matches(" on node ").count(), 4, "{plan}");
     for id in &node_ids {
         assert!(

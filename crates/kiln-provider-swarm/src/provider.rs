@@ -417,7 +417,22 @@ impl Provider for Swarm {
         balancer: &Balancer,
         backends: &[String],
     ) -> Result<(), ProviderError> {
-        self.front.balance(env, role, balancer, backends)
+        // Backends are `NODE_IP:PUBLISHED`, each server on its own host
+        // port: a check of the balanced port probes each backend's own
+        // port (0); a check of another declared port cannot be expressed
+        // per backend, so only kiln's health gates stay for it.
+        let mut b = balancer.clone();
+        if let Some(c) = b.check.as_mut() {
+            match &mut c.health {
+                HealthCheck::Http { port, .. } | HealthCheck::Tcp { port }
+                    if *port == balancer.port =>
+                {
+                    *port = 0
+                }
+                _ => b.check = None,
+            }
+        }
+        self.front.balance(env, role, &b, backends)
     }
 
     fn publish(&self, env: &str, names: &Names) -> Result<(), ProviderError> {
