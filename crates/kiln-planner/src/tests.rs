@@ -864,7 +864,10 @@ fn swarm_servers_are_spread_over_nodes_with_free_host_ports() {
         };
         let was = old.iter().find(|s| s.id == r.server).unwrap();
         assert_eq!(r.node, was.node, "{r:?}");
-        let node = nodes.iter().find(|n| Some(&n.id) == r.node.as_ref()).unwrap();
+        let node = nodes
+            .iter()
+            .find(|n| Some(&n.id) == r.node.as_ref())
+            .unwrap();
         assert!(!node.ports.contains(&r.published[&8080]), "{r:?}");
     }
 }

@@ -161,6 +161,11 @@ impl Local {
 }
 
 impl Provider for Local {
+    fn nodes(&self, _env: &str) -> Result<Vec<kiln_model::NodeInfo>, ProviderError> {
+        // One host: the planner places nothing.
+        Ok(Vec::new())
+    }
+
     fn prepare(&self, _env: &str, images: &[ImageRef]) -> Result<(), ProviderError> {
         // Roots are already unpacked in the store this provider runs from.
         for i in images {

@@ -134,6 +134,11 @@ impl Fake {
 }
 
 impl Provider for Fake {
+    fn nodes(&self, _env: &str) -> Result<Vec<kiln_model::NodeInfo>, ProviderError> {
+        // One host: the planner places nothing.
+        Ok(Vec::new())
+    }
+
     fn prepare(&self, _env: &str, images: &[ImageRef]) -> Result<(), ProviderError> {
         for i in images {
             self.call(format!("prepare {i}"));

@@ -198,12 +198,9 @@ pub trait Provider {
     /// apply changes anything, so a failure leaves nothing half-updated.
     fn prepare(&self, env: &str, images: &[ImageRef]) -> Result<(), ProviderError>;
     /// The nodes new servers of `env` may be placed on, with the host
-    /// ports taken on each; empty on a provider with a single host (the
-    /// default), where the planner places nothing.
-    fn nodes(&self, env: &str) -> Result<Vec<NodeInfo>, ProviderError> {
-        let _ = env;
-        Ok(Vec::new())
-    }
+    /// ports taken on each; empty on a provider with a single host, where
+    /// the planner places nothing.
+    fn nodes(&self, env: &str) -> Result<Vec<NodeInfo>, ProviderError>;
     /// Creates and starts a server.
     fn create(&self, req: &ServerRequest) -> Result<Started, ProviderError>;
     /// Stops and removes a server and what is its alone; idempotent. Its
