@@ -141,6 +141,39 @@ fn services(cluster: &kiln_testcluster::Cluster, env: &str) -> Vec<String> {
     })
 }
 
+/// Adds `EDITED=1` to a service's environment, as `docker service update
+/// --env-add` would.
+fn update_env(cluster: &kiln_testcluster::Cluster, service: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
+        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+        let d = c.engine().docker();
+        let s = d.inspect_service(service, None).await.unwrap();
+        let mut spec = s.spec.unwrap();
+        let cs = spec
+            .task_template
+            .as_mut()
+            .and_then(|t| t.container_spec.as_mut())
+            .unwrap();
+        cs.env.get_or_insert_with(Vec::new).push("EDITED=1".into());
+        d.update_service(
+            service,
+            spec,
+            bollard::query_parameters::UpdateServiceOptions {
+                version: s.version.and_then(|v| v.index).unwrap() as i32,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    });
+}
+
 /// Tears the cluster down even when the test panics, and checks that
 /// nothing is left (daemons, namespaces, links, firewall).
 struct Down<'a>(&'a kiln_testcluster::Cluster);
@@ -222,8 +255,16 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
         .collect();
     assert_eq!(used, node_ids, "still spread after the rollout");
 
-    // Nothing to do now; the replaced servers' logs are kept.
-    p.kiln(&["plan", "staging"]).ok();
+    // Nothing to do now and nothing drifted: files (exported once per node
+    // and version) match the seal, and every service is as kiln made it.
+    let plan = p.kiln(&["plan", "staging"]).ok().stdout;
+    assert!(plan.contains("No changes"), "{plan}");
+    p.kiln(&["drift", "staging"]).ok();
+    // A change behind kiln's back (`docker service update --env-add`) is drift.
+    update_env(&cluster, &format!("kiln-staging-{}", second[0]));
+    let drift = p.kiln(&["drift", "staging"]).expect(2).stdout;
+    assert!(drift.contains(&second[0]), "{drift}");
+    // The replaced servers' logs are kept.
     p.kiln(&["logs", "staging", &first[0]]).ok();
 
     p.kiln(&["destroy", "staging", "--yes"]).ok();
