@@ -471,7 +471,12 @@ impl Provider for Swarm {
             .label(LABEL_SPEC)
             .and_then(|j| serde_json::from_str(j).ok());
         if let Some(expected) = created.as_ref().and_then(ServerSpec::from_service) {
-            out.settings = config_drift(&expected, &found.raw)
+            // The kept spec is kiln's own label, not part of what it asked for.
+            let mut actual = found.raw.clone();
+            if let Some(l) = actual.labels.as_mut() {
+                l.remove(LABEL_SPEC);
+            }
+            out.settings = config_drift(&expected, &actual)
                 .iter()
                 .map(ToString::to_string)
                 .collect();
