@@ -123,9 +123,9 @@ pub struct Check {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Probe {
-    /// `GET path` must answer 2xx or 3xx.
+    /// `GET path` must answer 2xx or 3xx. Port 0 is the backend's own.
     Http { path: String, port: u16 },
-    /// A TCP connection must be accepted.
+    /// A TCP connection must be accepted. Port 0 is the backend's own.
     Tcp { port: u16 },
 }
 

@@ -88,15 +88,16 @@ fn record(b: &Backend, ok: bool, check: &Check) {
     }
 }
 
-/// One health check against a backend's IP.
+/// One health check against a backend's IP (port 0: the backend's own
+/// port, where a provider publishes each server's port elsewhere).
 async fn probe(backend: SocketAddr, probe: &Probe) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let at =
+        |port: u16| SocketAddr::new(backend.ip(), if port == 0 { backend.port() } else { port });
     match probe {
-        Probe::Tcp { port } => TcpStream::connect(SocketAddr::new(backend.ip(), *port))
-            .await
-            .is_ok(),
+        Probe::Tcp { port } => TcpStream::connect(at(*port)).await.is_ok(),
         Probe::Http { path, port } => {
-            let Ok(mut s) = TcpStream::connect(SocketAddr::new(backend.ip(), *port)).await else {
+            let Ok(mut s) = TcpStream::connect(at(*port)).await else {
                 return false;
             };
             let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: kiln-balancer\r\nConnection: close\r\n\r\n", backend.ip());

@@ -434,6 +434,8 @@ fn request(
         release: 1,
         slot: 0,
         address: address.into(),
+        node: None,
+        published: Default::default(),
         subnet: subnet.parse().expect("a valid subnet"),
         image: image_ref(rec),
         spec_hash: String::new(),
@@ -530,6 +532,7 @@ fn plan_10k() -> Result<()> {
             force: &Default::default(),
             taken: &taken,
             strays: &[],
+            nodes: &[],
         };
         let mut n = 0u16;
         let t = Instant::now();

@@ -120,7 +120,107 @@ async fn measure(tc: &TestCluster, kiln: &Path) -> Result<()> {
         "| Swarm's own rolling update of a 10-replica service (start-first, parallelism 1, CLI defaults: delay 0, monitor 5 s) | {:.1} s |",
         wall.as_secs_f64()
     );
+    // The same image, the same nodes, in the same run: kiln's own rollout.
+    let k = tokio::task::block_in_place(|| kiln_rollout(tc, kiln))?;
+    println!(
+        "| kiln apply of 10 servers on the swarm from nothing (push, 10 services placed over 2 nodes, health-gated, balancer) | {:.1} s |",
+        k.apply.as_secs_f64()
+    );
+    println!(
+        "| kiln's rolling replacement of the 10 servers (env change; create-first, one at a time, health gate, switch, drain) under steady load through its balancer | {:.1} s, {} requests, {} failed |",
+        k.rollout.as_secs_f64(),
+        k.ok + k.failed,
+        k.failed
+    );
     Ok(())
+}
+
+struct KilnRollout {
+    apply: Duration,
+    rollout: Duration,
+    ok: u64,
+    failed: u64,
+}
+
+/// `kiln apply` of 10 `web` servers on the swarm, then a rolling
+/// replacement (the role's environment changes) under 2 clients of steady
+/// load through the balancer, then `kiln destroy`.
+fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir()?;
+    let files = dir.path().join("images/web/files");
+    fs::create_dir_all(files.join("www"))?;
+    fs::copy("/bin/busybox", files.join("busybox")).context("needs busybox-static")?;
+    fs::write(files.join("www/index.html"), "v1\n")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let toml = |version: u32| {
+        format!(
+            "[project]\nname = \"benchk\"\n[images.web]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nhealth = {{ http = \"/index.html\", port = 8080 }}\n[env.bench]\nprovider = {{ swarm = \"{}\", registry = \"http://{}/benchk\" }}\n[env.bench.roles.web]\nimage = \"web\"\nservers = 10\nports = [8080]\nenv = {{ VERSION = \"{version}\" }}\nbalancer = {{ listen = \"127.0.0.1:{port}\", port = 8080, drain_timeout = \"5s\" }}\n",
+            tc.manager_endpoint(),
+            tc.registry()
+        )
+    };
+    let run = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new(kiln)
+            .arg("-C")
+            .arg(dir.path())
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "kiln {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    fs::write(dir.path().join("kiln.toml"), toml(1))?;
+    run(&["image", "build", "web"])?;
+    let t = Instant::now();
+    let applied = run(&["apply", "bench", "--yes"]);
+    let apply = t.elapsed();
+    let result = applied.and_then(|_| {
+        fs::write(dir.path().join("kiln.toml"), toml(2))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if http_ok(&format!("127.0.0.1:{port}")) {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let t = Instant::now();
+        let rolled = run(&["apply", "bench", "--yes"]);
+        let rollout = t.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            let _ = c.join();
+        }
+        rolled?;
+        Ok(KilnRollout {
+            apply,
+            rollout,
+            ok: ok.load(Ordering::Relaxed),
+            failed: failed.load(Ordering::Relaxed),
+        })
+    });
+    let destroyed = run(&["destroy", "bench", "--yes", "--forget"]);
+    let k = result?;
+    destroyed?;
+    Ok(k)
 }
 
 /// Two versions of `web` (the second changes one file).

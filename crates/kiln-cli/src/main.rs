@@ -4,6 +4,7 @@
 
 mod cmd;
 mod output;
+mod providers;
 mod scaffold;
 
 use std::path::PathBuf;

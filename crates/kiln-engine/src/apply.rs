@@ -137,7 +137,7 @@ impl Engine<'_> {
             let outcome = format!("delivers {}", delivered.join(", "));
             self.audit(env, "secrets", &plan_hash(plan), &outcome)?;
         }
-        self.provider.prepare(&images)?;
+        self.provider.prepare(env, &images)?;
         self.converge_runtime(env, &plan.targets)?;
         let actor = kiln_state::actor();
         let summary = format!(
@@ -457,7 +457,7 @@ impl Run<'_, '_> {
     fn batch(&self, group: &[Change]) -> Result<()> {
         match group {
             [Change::Create(c)] => {
-                self.create(&c.role, &c.server, c.slot, &c.address)?;
+                self.create(&c.role, &Spot::of_create(c))?;
                 self.engine
                     .rebalance(self.env(), &c.role, self.balancer(&c.role), &[])
             }
@@ -476,9 +476,9 @@ impl Run<'_, '_> {
     fn replace(&self, r: &Replace) -> Result<()> {
         if r.order == ReplaceOrder::DestroyFirst {
             self.destroy(&r.server)?;
-            self.create(&r.role, &r.replacement, r.slot, &r.address)?;
+            self.create(&r.role, &Spot::of_replace(r))?;
         } else {
-            self.create(&r.role, &r.replacement, r.slot, &r.address)?;
+            self.create(&r.role, &Spot::of_replace(r))?;
         }
         self.engine
             .rebalance(self.env(), &r.role, self.balancer(&r.role), &[])?;
@@ -509,11 +509,11 @@ impl Run<'_, '_> {
         for c in group {
             let r = match c {
                 Change::Create(c) => self
-                    .create(&c.role, &c.server, c.slot, &c.address)
+                    .create(&c.role, &Spot::of_create(c))
                     .map(|_| fresh.push(c.server.clone())),
                 Change::Replace(r) if r.order == ReplaceOrder::SwitchBack => self.promote(r),
                 Change::Replace(r) => self
-                    .create(&r.role, &r.replacement, r.slot, &r.address)
+                    .create(&r.role, &Spot::of_replace(r))
                     .map(|_| fresh.push(r.replacement.clone())),
                 Change::Destroy(_) => Ok(()),
             };
@@ -712,15 +712,17 @@ impl Run<'_, '_> {
     }
 
     /// The full request for a new server of `role`, from the plan alone.
-    fn request(&self, role: &str, id: &str, slot: u32, address: &str) -> Result<ServerRequest> {
+    fn request(&self, role: &str, at: &Spot) -> Result<ServerRequest> {
         let t = self.target(role)?;
         Ok(ServerRequest {
             env: self.env().to_string(),
-            id: id.to_string(),
+            id: at.id.to_string(),
             role: role.to_string(),
             release: self.release,
-            slot,
-            address: address.to_string(),
+            slot: at.slot,
+            address: at.address.to_string(),
+            node: at.node.map(str::to_string),
+            published: at.published.clone(),
             subnet: self.plan.target.subnet,
             image: t.image.clone(),
             spec_hash: t.spec_hash.clone(),
@@ -736,9 +738,10 @@ impl Run<'_, '_> {
 
     /// Creates a server and waits for its health, without touching the
     /// balancer (the caller switches it in). The row is written before the sandbox exists.
-    fn create(&self, role: &str, id: &str, slot: u32, address: &str) -> Result<()> {
+    fn create(&self, role: &str, at: &Spot) -> Result<()> {
         let (engine, env) = (self.engine, self.env());
-        let req = self.request(role, id, slot, address)?;
+        let (id, slot, address) = (at.id, at.slot, at.address);
+        let req = self.request(role, at)?;
         let t = self.target(role)?;
         let mut server = Server {
             id: id.to_string(),
@@ -754,8 +757,8 @@ impl Run<'_, '_> {
             pid: None,
             release: self.release,
             standby_until: None,
-            node: None,
-            published: Default::default(),
+            node: at.node.map(str::to_string),
+            published: at.published.clone(),
         };
         engine.state.put_server(&server)?;
         let started = match engine.provider.create(&req) {
@@ -767,8 +770,12 @@ impl Run<'_, '_> {
             }
         };
         server.pid = started.pid;
-        server.node = started.node;
-        server.published = started.published;
+        if started.node.is_some() {
+            server.node = started.node;
+        }
+        if !started.published.is_empty() {
+            server.published = started.published;
+        }
         if let Some(a) = started.address {
             server.address = a;
         }
@@ -914,4 +921,36 @@ impl Run<'_, '_> {
 
 fn first_line(e: &EngineError) -> String {
     e.to_string().lines().next().unwrap_or("").to_string()
+}
+
+/// Where the plan puts a new server: id, slot, address, and on providers
+/// with several nodes its node and published ports.
+struct Spot<'p> {
+    id: &'p str,
+    slot: u32,
+    address: &'p str,
+    node: Option<&'p str>,
+    published: &'p BTreeMap<u16, u16>,
+}
+
+impl<'p> Spot<'p> {
+    fn of_create(c: &'p kiln_model::Create) -> Spot<'p> {
+        Spot {
+            id: &c.server,
+            slot: c.slot,
+            address: &c.address,
+            node: c.node.as_deref(),
+            published: &c.published,
+        }
+    }
+
+    fn of_replace(r: &'p Replace) -> Spot<'p> {
+        Spot {
+            id: &r.replacement,
+            slot: r.slot,
+            address: &r.address,
+            node: r.node.as_deref(),
+            published: &r.published,
+        }
+    }
 }

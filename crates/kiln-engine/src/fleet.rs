@@ -84,6 +84,10 @@ pub struct ServerView {
     pub balancer: Option<Place>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Declared port → the port it is published on at `address`, on
+    /// providers that publish ports elsewhere.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub published: std::collections::BTreeMap<u16, u16>,
     /// What resolves to it in the environment's DNS: its id, and its
     /// role's names while it is in rotation.
     pub names: Vec<String>,
@@ -151,6 +155,7 @@ impl Engine<'_> {
                 status: s.status,
                 release: s.release,
                 node: s.node,
+                published: s.published,
             });
         }
         Ok(out)

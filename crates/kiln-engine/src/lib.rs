@@ -536,6 +536,7 @@ impl<'a> Engine<'a> {
         }
         let generation = self.state.generation(env_name)?;
         let taken = self.taken_ids()?;
+        let nodes = self.provider.nodes(env_name)?;
         let input = Input {
             env,
             targets: &targets,
@@ -547,6 +548,7 @@ impl<'a> Engine<'a> {
             force,
             taken: &taken,
             strays: &strays,
+            nodes: &nodes,
         };
         Ok(kiln_planner::plan(&input, random)?)
     }

@@ -658,6 +658,11 @@ pub struct Balancer {
     /// `IP:PORT` of the admin listener serving Prometheus metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
+    /// On providers with several nodes: the nodes (ids or hostnames) the
+    /// balancer runs on, each publishing `listen`'s port; every node when
+    /// empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 /// The protocol a balancer speaks with clients.
@@ -751,6 +756,11 @@ pub struct RoleSpec {
     /// files in `/run/secrets/`.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Placement constraints on providers with several nodes, in Docker's
+    /// syntax (`node.labels.zone==a`, `node.hostname!=db1`, `node.role==worker`,
+    /// `node.id==...`): every one must hold on a server's node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Constraint>,
 }
 
 /// A destination servers of a role may reach: `host:PORT` (a service on
@@ -780,6 +790,160 @@ pub enum ReachTarget {
 pub enum ProviderSpec {
     /// Sandboxes on this host (the embedded default).
     Local,
+    /// Services on a Docker Swarm, reached through a manager's Engine API.
+    Swarm(SwarmSpec),
+}
+
+impl ProviderSpec {
+    /// The provider's name as `kiln.toml` says it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProviderSpec::Local => "local",
+            ProviderSpec::Swarm(_) => "swarm",
+        }
+    }
+}
+
+/// An environment on a Docker Swarm: `provider = { swarm = "unix:///...",
+/// registry = "host:5000/shop", ... }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwarmSpec {
+    /// A manager's Engine API: `unix:///var/run/docker.sock` or
+    /// `tcp://HOST:PORT`.
+    pub endpoint: String,
+    /// The repository images are pushed to and pulled from by digest,
+    /// `HOST[:PORT]/PATH` (each image under `PATH/NAME`).
+    pub registry: String,
+    /// The registry speaks plain HTTP (declared as `http://HOST:PORT/PATH`,
+    /// as Docker's `insecure-registries`).
+    #[serde(default)]
+    pub registry_insecure: bool,
+    /// A directory with `ca.pem`, `cert.pem` and `key.pem` (Docker's
+    /// `DOCKER_CERT_PATH`) for `tcp://` endpoints: the manager's and the
+    /// nodes'. Absolute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<PathBuf>,
+    /// Each node's own Engine API (exec sessions and filesystem exports are
+    /// only visible there), by node id or hostname. Nodes not listed are
+    /// reached through their `dev.kiln.engine` label, if any.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub engines: BTreeMap<String, String>,
+    /// Host ports the planner publishes servers' ports on, first and last.
+    pub ports: (u16, u16),
+}
+
+/// A placement constraint, in Docker's syntax: `node.labels.zone==a`,
+/// `node.hostname!=db1`, `node.role==worker`, `node.id==ID`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Constraint {
+    pub attribute: NodeAttribute,
+    /// `==` (true) or `!=` (false).
+    pub equal: bool,
+    pub value: String,
+}
+
+/// What a [`Constraint`] looks at.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeAttribute {
+    Id,
+    Hostname,
+    /// `manager` or `worker`.
+    Role,
+    Label(String),
+}
+
+impl Constraint {
+    /// Whether `node` satisfies it (a missing label is unequal to anything).
+    pub fn holds(&self, node: &NodeInfo) -> bool {
+        let found = match &self.attribute {
+            NodeAttribute::Id => Some(node.id.as_str()),
+            NodeAttribute::Hostname => Some(node.hostname.as_str()),
+            NodeAttribute::Role => Some(if node.manager { "manager" } else { "worker" }),
+            NodeAttribute::Label(k) => node.labels.get(k).map(String::as_str),
+        };
+        (found == Some(self.value.as_str())) == self.equal
+    }
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = match &self.attribute {
+            NodeAttribute::Id => "node.id".to_string(),
+            NodeAttribute::Hostname => "node.hostname".to_string(),
+            NodeAttribute::Role => "node.role".to_string(),
+            NodeAttribute::Label(k) => format!("node.labels.{k}"),
+        };
+        let op = if self.equal { "==" } else { "!=" };
+        write!(f, "{key}{op}{}", self.value)
+    }
+}
+
+impl std::str::FromStr for Constraint {
+    type Err = String;
+    fn from_str(c: &str) -> Result<Constraint, String> {
+        let bad = |why: &str| {
+            format!("placement constraint `{c}` {why}; expected \"node.labels.KEY==VALUE\", \"node.hostname!=NAME\", \"node.role==worker\" or \"node.id==ID\"")
+        };
+        let (key, equal, value) = match (c.split_once("!="), c.split_once("==")) {
+            (Some((k, v)), _) => (k, false, v),
+            (None, Some((k, v))) => (k, true, v),
+            _ => return Err(bad("has no == or !=")),
+        };
+        let (key, value) = (key.trim(), value.trim());
+        let attribute = match key {
+            "node.id" => NodeAttribute::Id,
+            "node.hostname" => NodeAttribute::Hostname,
+            "node.role" => NodeAttribute::Role,
+            _ => match key.strip_prefix("node.labels.") {
+                Some(l) if !l.is_empty() => NodeAttribute::Label(l.to_string()),
+                _ => return Err(bad("names no attribute kiln knows")),
+            },
+        };
+        if value.is_empty() || value.contains(['=', '!']) {
+            return Err(bad("has no single value"));
+        }
+        if attribute == NodeAttribute::Role && !matches!(value, "manager" | "worker") {
+            return Err(bad("compares node.role with neither manager nor worker"));
+        }
+        Ok(Constraint {
+            attribute,
+            equal,
+            value: value.to_string(),
+        })
+    }
+}
+
+impl TryFrom<String> for Constraint {
+    type Error = String;
+    fn try_from(s: String) -> Result<Constraint, String> {
+        s.parse()
+    }
+}
+
+impl From<Constraint> for String {
+    fn from(c: Constraint) -> String {
+        c.to_string()
+    }
+}
+
+/// Host ports servers' ports are published on unless `ports` says otherwise.
+pub const SWARM_PORTS: (u16, u16) = (30000, 32767);
+
+/// A machine of a provider with several, as the planner sees it: what it
+/// may place a server on, and which host ports are taken there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    pub hostname: String,
+    /// Where servers on it are reached (published ports are bound there).
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub manager: bool,
+    /// Up and accepting new servers.
+    pub available: bool,
+    /// Host ports something publishes on it now (any environment, anything).
+    pub ports: BTreeSet<u16>,
 }
 
 /// An environment: `staging`, `production`.
@@ -941,6 +1105,42 @@ mod tests {
         let back: BTreeSet<Capability> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, Capability::docker_default());
         assert!(serde_json::from_str::<Capability>(r#""NOPE""#).is_err());
+    }
+
+    #[test]
+    fn constraints_parse_print_and_hold() {
+        let node = NodeInfo {
+            id: "n1".into(),
+            hostname: "vm".into(),
+            address: "10.0.0.1".into(),
+            labels: [("zone".to_string(), "a".to_string())].into(),
+            manager: true,
+            available: true,
+            ports: BTreeSet::new(),
+        };
+        for (c, holds) in [
+            ("node.labels.zone==a", true),
+            ("node.labels.zone != a", false),
+            ("node.labels.disk==ssd", false),
+            ("node.labels.disk!=ssd", true),
+            ("node.role==manager", true),
+            ("node.hostname!=vm", false),
+            ("node.id==n1", true),
+        ] {
+            let parsed: Constraint = c.parse().unwrap();
+            assert_eq!(parsed.holds(&node), holds, "{c}");
+            assert_eq!(parsed.to_string(), c.replace(' ', ""));
+        }
+        for bad in [
+            "zone==a",
+            "node.labels.==a",
+            "node.role==boss",
+            "node.id=x",
+            "node.id==",
+            "node.id==a==b",
+        ] {
+            assert!(bad.parse::<Constraint>().is_err(), "{bad}");
+        }
     }
 
     #[test]

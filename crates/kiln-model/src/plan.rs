@@ -4,6 +4,7 @@
 //! (image, launch config, declared role spec), so applying a saved plan
 //! never re-reads `kiln.toml`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -193,6 +194,12 @@ pub struct Create {
     pub image: String,
     pub reason: String,
     pub batch: u32,
+    /// The node it runs on, on providers with several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Declared port → the host port of `node` it is published on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub published: BTreeMap<u16, u16>,
 }
 
 /// How the new server of a replacement comes in.
@@ -239,6 +246,12 @@ pub struct Replace {
     pub keep_warm_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<Canary>,
+    /// The replacement's node, on providers with several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Declared port → the host port of `node` the replacement is published on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub published: BTreeMap<u16, u16>,
 }
 
 /// A server that goes and is not replaced.

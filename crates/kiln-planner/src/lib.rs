@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use kiln_model::{
-    Canary, Change, Create, Destroy, EnvSpec, EnvTarget, Plan, PlanKind, Replace, ReplaceOrder,
-    RoleSpec, RoleTarget, Server, ServerStatus, Strategy,
+    Canary, Change, Create, Destroy, EnvSpec, EnvTarget, NodeInfo, Plan, PlanKind, ProviderSpec,
+    Replace, ReplaceOrder, RoleSpec, RoleTarget, Server, ServerStatus, Strategy,
 };
 
 pub use render::render;
@@ -45,6 +45,17 @@ pub enum PlanError {
     /// There is nothing to roll back to.
     #[error("cannot roll back `{env}`: {reason}")]
     NoRollback { env: String, reason: String },
+    /// No node may take another server of a role.
+    #[error("no node can take a server of role `{role}`: {reason}")]
+    NoNode { role: String, reason: String },
+    /// A node has no free host port left in the provider's range.
+    #[error("node {node} has no free host port in {first}-{last} for role `{role}`")]
+    PortsFull {
+        role: String,
+        node: String,
+        first: u16,
+        last: u16,
+    },
 }
 
 /// Everything the planner looks at.
@@ -68,6 +79,9 @@ pub struct Input<'a> {
     /// Servers the runtime runs for this environment that the state does
     /// not know, as (id, role): planned to be destroyed.
     pub strays: &'a [(String, String)],
+    /// The provider's nodes, on providers with several (empty otherwise):
+    /// new servers are placed on them and their ports published there.
+    pub nodes: &'a [NodeInfo],
 }
 
 /// Roles in start order: every role after the roles it depends on, ties by name.
@@ -143,6 +157,149 @@ struct Allocator<'a> {
     per_role: BTreeMap<String, usize>,
     used: BTreeSet<Ipv4Addr>,
     hosts: Box<dyn Iterator<Item = Ipv4Addr> + 'a>,
+    nodes: Nodes<'a>,
+}
+
+/// Where a new server goes: its address, and on providers with several
+/// nodes its node and the host ports its declared ports are published on.
+struct Placed {
+    address: String,
+    node: Option<String>,
+    published: BTreeMap<u16, u16>,
+}
+
+/// Node bookkeeping for providers with several nodes: how many servers of
+/// each role and in all each node has, and which host ports are taken on
+/// it, updated as servers are placed so one plan never double-books.
+struct Nodes<'a> {
+    /// The provider's range of host ports; None on single-host providers.
+    range: Option<(u16, u16)>,
+    nodes: &'a [NodeInfo],
+    per_role: BTreeMap<(String, String), usize>,
+    total: BTreeMap<String, usize>,
+    ports: BTreeMap<String, BTreeSet<u16>>,
+}
+
+impl<'a> Nodes<'a> {
+    fn new(input: &Input<'a>) -> Nodes<'a> {
+        let range = match &input.env.provider {
+            ProviderSpec::Swarm(s) => Some(s.ports),
+            ProviderSpec::Local => None,
+        };
+        let mut per_role: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let mut total: BTreeMap<String, usize> = BTreeMap::new();
+        let mut ports: BTreeMap<String, BTreeSet<u16>> = input
+            .nodes
+            .iter()
+            .map(|n| (n.id.clone(), n.ports.clone()))
+            .collect();
+        let present = input.observed.iter().filter(|s| {
+            !input.dead.contains(&s.id)
+                && matches!(s.status, ServerStatus::Running | ServerStatus::Standby)
+        });
+        for s in present {
+            let Some(node) = &s.node else { continue };
+            *per_role.entry((s.role.clone(), node.clone())).or_default() += 1;
+            *total.entry(node.clone()).or_default() += 1;
+        }
+        // Ports of every server the state knows stay booked, dead ones too:
+        // their services may still hold them until the engine removes them.
+        for s in input.observed {
+            if let Some(node) = &s.node {
+                ports
+                    .entry(node.clone())
+                    .or_default()
+                    .extend(s.published.values());
+            }
+        }
+        Nodes {
+            range,
+            nodes: input.nodes,
+            per_role,
+            total,
+            ports,
+        }
+    }
+
+    /// Picks the node for a new server of `t`'s role: one that is
+    /// available and meets the role's constraints, with the fewest servers
+    /// of the role (the server being replaced not counted), then the fewest
+    /// in all, then the lowest id. A replacement of a role with volumes
+    /// stays on its slot's node, where the volumes are.
+    fn place(
+        &mut self,
+        t: &RoleTarget,
+        replacing: Option<&Server>,
+    ) -> Result<Option<Placed>, PlanError> {
+        let Some((first, last)) = self.range else {
+            return Ok(None);
+        };
+        let role = t.role.as_str();
+        let no_node = |reason: String| PlanError::NoNode {
+            role: role.into(),
+            reason,
+        };
+        let pinned = replacing
+            .filter(|_| !t.spec.volumes.is_empty())
+            .and_then(|s| s.node.as_deref());
+        let fits = self.nodes.iter().filter(|n| {
+            n.available
+                && t.spec.placement.iter().all(|c| c.holds(n))
+                && pinned.is_none_or(|p| p == n.id)
+        });
+        let load = |n: &NodeInfo| {
+            let mine = self
+                .per_role
+                .get(&(role.to_string(), n.id.clone()))
+                .copied()
+                .unwrap_or(0);
+            let leaving = replacing.is_some_and(|s| s.node.as_deref() == Some(n.id.as_str()));
+            (
+                mine.saturating_sub(usize::from(leaving)),
+                self.total.get(&n.id).copied().unwrap_or(0),
+                n.id.clone(),
+            )
+        };
+        let Some(node) = fits.min_by_key(|n| load(n)) else {
+            return Err(no_node(match pinned {
+                Some(p) => format!("its volumes are on node {p}, which is not available"),
+                None if self.nodes.iter().all(|n| !n.available) => "no node is available".into(),
+                None => format!(
+                    "no available node meets its placement constraints ({})",
+                    t.spec
+                        .placement
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }));
+        };
+        let taken = self.ports.entry(node.id.clone()).or_default();
+        let mut published = BTreeMap::new();
+        for &port in &t.spec.ports {
+            let Some(free) = (first..=last).find(|p| !taken.contains(p)) else {
+                return Err(PlanError::PortsFull {
+                    role: role.into(),
+                    node: node.id.clone(),
+                    first,
+                    last,
+                });
+            };
+            taken.insert(free);
+            published.insert(port, free);
+        }
+        *self
+            .per_role
+            .entry((role.to_string(), node.id.clone()))
+            .or_default() += 1;
+        *self.total.entry(node.id.clone()).or_default() += 1;
+        Ok(Some(Placed {
+            address: node.address.clone(),
+            node: Some(node.id.clone()),
+            published,
+        }))
+    }
 }
 
 impl<'a> Allocator<'a> {
@@ -169,6 +326,20 @@ impl<'a> Allocator<'a> {
                 .filter_map(|s| s.address.parse().ok())
                 .collect(),
             hosts: Box::new(input.env.subnet.hosts()),
+            nodes: Nodes::new(input),
+        }
+    }
+
+    /// Address, node and published ports of a new server of `t`'s role
+    /// (`replacing` the given one, if any).
+    fn place(&mut self, t: &RoleTarget, replacing: Option<&Server>) -> Result<Placed, PlanError> {
+        match self.nodes.place(t, replacing)? {
+            Some(p) => Ok(p),
+            None => Ok(Placed {
+                address: self.address()?,
+                node: None,
+                published: BTreeMap::new(),
+            }),
         }
     }
 
@@ -388,14 +559,18 @@ fn plan_role(
             } else {
                 "new server".to_string()
             };
+            let server = alloc.id(role, random)?;
+            let at = alloc.place(t, None)?;
             changes.push(Change::Create(Create {
                 role: role.into(),
-                server: alloc.id(role, random)?,
+                server,
                 slot,
-                address: alloc.address()?,
+                address: at.address,
                 image: t.image.to_string(),
                 reason,
                 batch: batch.next(),
+                node: at.node,
+                published: at.published,
             }));
             continue;
         };
@@ -469,6 +644,15 @@ impl Batching<'_> {
             order: ReplaceOrder::CreateFirst,
             keep_warm_secs: None,
             canary: None,
+            node: None,
+            published: BTreeMap::new(),
+        };
+        let place = |c: &mut Replace, s: &Server, alloc: &mut Allocator| -> Result<(), PlanError> {
+            let at = alloc.place(self.t, Some(s))?;
+            c.address = at.address;
+            c.node = at.node;
+            c.published = at.published;
+            Ok(())
         };
         match strategy {
             Strategy::BlueGreen {
@@ -482,12 +666,14 @@ impl Batching<'_> {
                         let warm = self.promotable[i];
                         c.replacement = warm.id.clone();
                         c.address = warm.address.clone();
+                        c.node = warm.node.clone();
+                        c.published = warm.published.clone();
                         c.order = ReplaceOrder::SwitchBack;
                         c.reason =
                             format!("{}; blue-green: switch back to warm {}", c.reason, warm.id);
                     } else {
                         c.replacement = alloc.id(role, random)?;
-                        c.address = alloc.address()?;
+                        place(&mut c, s, alloc)?;
                         c.keep_warm_secs = Some(rollback_window_secs);
                         c.reason = format!(
                             "{}; blue-green: new set, one switch, old set warm for {rollback_window_secs}s",
@@ -515,7 +701,7 @@ impl Batching<'_> {
                 for (i, (s, reason)) in replaces.into_iter().enumerate() {
                     let mut c = base(s, reason, b);
                     c.replacement = alloc.id(role, random)?;
-                    c.address = alloc.address()?;
+                    place(&mut c, s, alloc)?;
                     if i < first {
                         c.canary = Some(Canary {
                             bake_secs,
@@ -566,7 +752,7 @@ impl Batching<'_> {
                         );
                     }
                     c.replacement = alloc.id(role, random)?;
-                    c.address = alloc.address()?;
+                    place(&mut c, s, alloc)?;
                     changes.push(Change::Replace(c));
                 }
             }

@@ -89,15 +89,20 @@ fn batch_kind(plan: &Plan, first: &Change) -> &'static str {
 fn line(c: &Change) -> String {
     match c {
         Change::Create(c) => format!(
-            "  + {:<10} create   {} at {}  ({})",
-            c.server, c.image, c.address, c.reason
+            "  + {:<10} create   {} at {}{}  ({})",
+            c.server,
+            c.image,
+            c.address,
+            placement(c.node.as_deref(), &c.published),
+            c.reason
         ),
         Change::Replace(r) => format!(
-            "  ~ {:<10} replace  by {} ({} at {}){}  ({})",
+            "  ~ {:<10} replace  by {} ({} at {}{}){}  ({})",
             r.server,
             r.replacement,
             r.image,
             r.address,
+            placement(r.node.as_deref(), &r.published),
             match r.order {
                 ReplaceOrder::SwitchBack => ", switch back",
                 ReplaceOrder::DestroyFirst => ", destroy first",
@@ -106,5 +111,18 @@ fn line(c: &Change) -> String {
             r.reason
         ),
         Change::Destroy(d) => format!("  - {:<10} destroy  ({})", d.server, d.reason),
+    }
+}
+
+/// ` on node N, ports 8080→30000` for a server placed on a node.
+fn placement(node: Option<&str>, published: &BTreeMap<u16, u16>) -> String {
+    let Some(node) = node else {
+        return String::new();
+    };
+    let ports: Vec<String> = published.iter().map(|(d, p)| format!("{d}→{p}")).collect();
+    if ports.is_empty() {
+        format!(" on node {node}")
+    } else {
+        format!(" on node {node}, ports {}", ports.join(" "))
     }
 }

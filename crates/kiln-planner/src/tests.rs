@@ -145,6 +145,7 @@ impl<'a> Case<'a> {
             force: &Default::default(),
             taken: &Default::default(),
             strays: self.strays,
+            nodes: &[],
         };
         let plan = plan(&input, &mut seq()).unwrap();
         expect.assert_eq(&render(&plan));
@@ -390,6 +391,7 @@ fn input<'a>(
         force: &NO_FORCE,
         taken,
         strays: &[],
+        nodes: &[],
     }
 }
 
@@ -788,5 +790,140 @@ fn secret_fingerprints_change_the_spec_hash_only_when_there_are_secrets() {
     assert_eq!(
         spec_hash_with_secrets(app, &one),
         spec_hash_with_secrets(app, &one.clone())
+    );
+}
+
+fn swarm_node(id: &str, addr: &str, zone: &str, ports: &[u16]) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        hostname: id.into(),
+        address: addr.into(),
+        labels: [("zone".to_string(), zone.to_string())].into(),
+        manager: id == "n1",
+        available: true,
+        ports: ports.iter().copied().collect(),
+    }
+}
+
+fn swarm_env(extra: &str) -> EnvSpec {
+    let text = format!(
+        "[project]\nname = \"shop\"\n[images.app]\nfrom = \"scratch\"\n[env.prod]\nprovider = {{ swarm = \"unix:///s\", registry = \"h/a\", ports = \"30000-30009\" }}\n[env.prod.roles.app]\nimage = \"app\"\nservers = 4\nports = [8080]\n{extra}"
+    );
+    kiln_spec::parse(
+        &text,
+        std::path::Path::new("kiln.toml"),
+        &std::env::temp_dir(),
+    )
+    .unwrap()
+    .envs["prod"]
+        .clone()
+}
+
+fn swarm_plan(env: &EnvSpec, nodes: &[NodeInfo], observed: &[Server]) -> Result<Plan, PlanError> {
+    let t = targets(env, ("app@1", "sha256:app1"));
+    let none = BTreeSet::new();
+    let input = Input {
+        env,
+        nodes,
+        observed,
+        ..input(env, &t, &none, &none)
+    };
+    plan(&input, &mut seq())
+}
+
+#[test]
+fn swarm_servers_are_spread_over_nodes_with_free_host_ports() {
+    let env = swarm_env("");
+    // 30000 is taken on n2 by something else.
+    let nodes = [
+        swarm_node("n1", "10.0.0.11", "a", &[]),
+        swarm_node("n2", "10.0.0.12", "b", &[30000]),
+    ];
+    let p = swarm_plan(&env, &nodes, &[]).unwrap();
+    expect![[r#"
+        kiln will make these changes to `prod`:
+
+          + app-1000   create   app@1 at 10.0.0.11 on node n1, ports 8080→30000  (new server)
+          + app-1001   create   app@1 at 10.0.0.12 on node n2, ports 8080→30001  (new server)
+          + app-1002   create   app@1 at 10.0.0.11 on node n1, ports 8080→30001  (new server)
+          + app-1003   create   app@1 at 10.0.0.12 on node n2, ports 8080→30002  (new server)
+
+        Plan: 4 to create, 0 to replace, 0 to destroy.
+    "#]]
+    .assert_eq(&render(&p));
+
+    // A replacement takes the node its server leaves, on a new port (the
+    // old server holds its own until it is gone).
+    let old: Vec<Server> = p
+        .changes
+        .iter()
+        .map(|c| match c {
+            Change::Create(c) => Server {
+                node: c.node.clone(),
+                published: c.published.clone(),
+                ..server(
+                    &c.server,
+                    "app",
+                    c.slot,
+                    "app@0",
+                    "sha256:app0",
+                    "h",
+                    &c.address,
+                )
+            },
+            _ => unreachable!("only creates"),
+        })
+        .collect();
+    let nodes = [
+        swarm_node("n1", "10.0.0.11", "a", &[30000, 30001]),
+        swarm_node("n2", "10.0.0.12", "b", &[30000, 30001, 30002]),
+    ];
+    let p = swarm_plan(&env, &nodes, &old).unwrap();
+    for c in &p.changes {
+        let Change::Replace(r) = c else {
+            panic!("{c:?}")
+        };
+        let was = old.iter().find(|s| s.id == r.server).unwrap();
+        assert_eq!(r.node, was.node, "{r:?}");
+        let node = nodes
+            .iter()
+            .find(|n| Some(&n.id) == r.node.as_ref())
+            .unwrap();
+        assert!(!node.ports.contains(&r.published[&8080]), "{r:?}");
+    }
+}
+
+#[test]
+fn swarm_placement_obeys_constraints_availability_and_port_range() {
+    let env = swarm_env("placement = [\"node.labels.zone==a\"]\n");
+    let mut nodes = [
+        swarm_node(
+            "n1",
+            "10.0.0.11",
+            "a",
+            &[30004, 30005, 30006, 30007, 30008, 30009],
+        ),
+        swarm_node("n2", "10.0.0.12", "b", &[]),
+    ];
+    // Only n1 is in zone a, and it has four free ports for four servers.
+    let p = swarm_plan(&env, &nodes, &[]).unwrap();
+    assert!(p
+        .changes
+        .iter()
+        .all(|c| matches!(c, Change::Create(c) if c.node.as_deref() == Some("n1"))));
+    nodes[0].ports.insert(30003);
+    assert_eq!(
+        swarm_plan(&env, &nodes, &[]).unwrap_err(),
+        PlanError::PortsFull {
+            role: "app".into(),
+            node: "n1".into(),
+            first: 30000,
+            last: 30009
+        }
+    );
+    nodes[0].available = false;
+    assert_eq!(
+        swarm_plan(&env, &nodes, &[]).unwrap_err().to_string(),
+        "no node can take a server of role `app`: no available node meets its placement constraints (node.labels.zone==a)"
     );
 }

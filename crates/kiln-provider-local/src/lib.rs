@@ -170,7 +170,12 @@ impl Local {
 }
 
 impl Provider for Local {
-    fn prepare(&self, images: &[ImageRef]) -> Result<(), ProviderError> {
+    fn nodes(&self, _env: &str) -> Result<Vec<kiln_model::NodeInfo>, ProviderError> {
+        // One host: the planner places nothing.
+        Ok(Vec::new())
+    }
+
+    fn prepare(&self, _env: &str, images: &[ImageRef]) -> Result<(), ProviderError> {
         // Roots are already unpacked in the store this provider runs from.
         for i in images {
             let root = self.store.root_path(&kiln_image::Digest(i.digest.clone()));

@@ -11,6 +11,7 @@
 //!   tasks and addresses; waiting; removal; logs; config drift.
 //! - [`node`]: per-node engines: exec sessions, filesystem export vs seal.
 //! - [`balancer`]: the balancer's image, baked from kiln's own binary.
+//! - [`provider`]: [`Swarm`], kiln's `Provider` on all of the above.
 //!
 //! Everything is async (tokio); a synchronous caller owns a runtime and
 //! blocks on these calls.
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod node;
+pub mod provider;
 pub mod registry;
 pub mod server;
 
@@ -27,6 +29,7 @@ pub use cluster::{Availability, Cluster, Node, NodeHealth};
 pub use engine::{Endpoint, Engine, TlsFiles};
 pub use error::{Result, SwarmError};
 pub use node::{ExecSessions, NodeEngine};
+pub use provider::Swarm;
 pub use registry::{Pushed, Registry, RegistryOptions};
 pub use server::{
     config_drift, ConfigChange, LogChunk, PortMap, Restart, Server, ServerSpec, SpecField, Task,

@@ -134,7 +134,12 @@ impl Fake {
 }
 
 impl Provider for Fake {
-    fn prepare(&self, images: &[ImageRef]) -> Result<(), ProviderError> {
+    fn nodes(&self, _env: &str) -> Result<Vec<kiln_model::NodeInfo>, ProviderError> {
+        // One host: the planner places nothing.
+        Ok(Vec::new())
+    }
+
+    fn prepare(&self, _env: &str, images: &[ImageRef]) -> Result<(), ProviderError> {
         for i in images {
             self.call(format!("prepare {i}"));
             if self.fail_prepare.borrow().contains(&i.digest) {

@@ -20,7 +20,7 @@ pub mod fake;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use kiln_model::{Balancer, HealthCheck, ImageRef, Launch, Server, Size, Subnet, Volume};
+use kiln_model::{Balancer, HealthCheck, ImageRef, Launch, NodeInfo, Server, Size, Subnet, Volume};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -62,6 +62,10 @@ pub struct ServerRequest {
     /// The capabilities its processes may hold (root's; another user
     /// holds none).
     pub capabilities: std::collections::BTreeSet<kiln_model::Capability>,
+    /// The node the plan put it on, on providers with several.
+    pub node: Option<String>,
+    /// Declared port → the host port of `node` the plan publishes it on.
+    pub published: BTreeMap<u16, u16>,
     /// Secrets to deliver as files in `/run/secrets/` (decrypted by the
     /// engine just before the server is created; never written to disk
     /// outside the server's own tmpfs).
@@ -216,7 +220,11 @@ pub trait Provider {
     /// Makes image versions available to the servers about to be created
     /// (a remote provider pushes them to its registry). Called before an
     /// apply changes anything, so a failure leaves nothing half-updated.
-    fn prepare(&self, images: &[ImageRef]) -> Result<(), ProviderError>;
+    fn prepare(&self, env: &str, images: &[ImageRef]) -> Result<(), ProviderError>;
+    /// The nodes new servers of `env` may be placed on, with the host
+    /// ports taken on each; empty on a provider with a single host, where
+    /// the planner places nothing.
+    fn nodes(&self, env: &str) -> Result<Vec<NodeInfo>, ProviderError>;
     /// Creates and starts a server.
     fn create(&self, req: &ServerRequest) -> Result<Started, ProviderError>;
     /// Stops and removes a server and what is its alone; idempotent. Its

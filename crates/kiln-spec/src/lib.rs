@@ -810,9 +810,9 @@ impl Validator<'_> {
         images: &BTreeMap<String, ImageSpec>,
     ) -> Result<EnvSpec, SpecError> {
         let at = |keys: &[&str]| self.cx.loc.inherited(name, None, keys);
-        let provider = match env.provider.as_deref() {
-            None | Some("local") => ProviderSpec::Local,
-            Some(other) => return Err(self.cx.err(at(&["provider"]), format!("environment `{name}` uses provider `{other}`; expected \"local\" (the only provider built in)"))),
+        let provider = match &env.provider {
+            None => ProviderSpec::Local,
+            Some(p) => self.provider(name, p)?,
         };
         if env.roles.len() > MAX_ROLES {
             return Err(self.cx.err(
@@ -870,6 +870,11 @@ impl Validator<'_> {
                         format!("role `{rname}` depends on unknown role `{}`", dep.get_ref()),
                     ));
                 }
+            }
+        }
+        if let ProviderSpec::Swarm(_) = provider {
+            for (rname, role) in &env.roles {
+                self.swarm_role(name, rname, role, &roles[rname])?;
             }
         }
         if let Some(role) = dependency_cycle(&roles) {
@@ -1111,9 +1116,19 @@ impl Validator<'_> {
                     algorithm,
                     tls,
                     admin,
+                    nodes: rb.nodes.clone().unwrap_or_default(),
                 })
             }
         };
+        let mut placement = Vec::new();
+        if let Some(p) = &r.placement {
+            for c in p.get_ref() {
+                placement.push(
+                    c.parse::<Constraint>()
+                        .map_err(|m| self.cx.err(p.span(), m))?,
+                );
+            }
+        }
         let mut watch = Vec::new();
         if let Some(w) = &r.watch {
             for (i, p) in w.get_ref().iter().enumerate() {
@@ -1210,7 +1225,84 @@ impl Validator<'_> {
                 None => Capability::docker_default(),
             },
             secrets: self.role_secrets(env_name, name, r, env)?,
+            placement,
         })
+    }
+
+    /// `provider = "local"` or `provider = { swarm = ... }`.
+    fn provider(&self, env: &str, p: &Spanned<toml::Value>) -> Result<ProviderSpec, SpecError> {
+        let expected = "expected \"local\" or { swarm = \"unix:///var/run/docker.sock\", registry = \"HOST:PORT/PATH\" }";
+        let at = |m: String| self.cx.err(p.span(), m);
+        let raw: RawSwarm = match p.get_ref() {
+            toml::Value::String(n) if n == "local" => return Ok(ProviderSpec::Local),
+            toml::Value::String(other) => {
+                return Err(at(format!(
+                    "environment `{env}` uses provider `{other}`; {expected}"
+                )))
+            }
+            v @ toml::Value::Table(_) => v.clone().try_into().map_err(|e: toml::de::Error| {
+                at(format!(
+                    "bad `provider` table: {}; {expected}",
+                    e.message().trim()
+                ))
+            })?,
+            other => {
+                return Err(at(format!(
+                    "`provider` is a {}; {expected}",
+                    other.type_str()
+                )))
+            }
+        };
+        check_endpoint(&raw.swarm).map_err(|m| at(format!("swarm endpoint {m}")))?;
+        let Some(registry) = &raw.registry else {
+            return Err(at(format!(
+                "the swarm provider of `{env}` has no `registry`; expected registry = \"HOST[:PORT]/PATH\" (where the nodes pull images from)"
+            )));
+        };
+        let (registry, insecure) = parse_registry(registry).map_err(at)?;
+        let mut engines = BTreeMap::new();
+        for (node, ep) in raw.engines.iter().flatten() {
+            check_endpoint(ep).map_err(|m| at(format!("engine of node `{node}` {m}")))?;
+            engines.insert(node.clone(), ep.clone());
+        }
+        let ports = match &raw.ports {
+            None => SWARM_PORTS,
+            Some(r) => parse_port_range(r).map_err(at)?,
+        };
+        Ok(ProviderSpec::Swarm(SwarmSpec {
+            endpoint: raw.swarm.clone(),
+            registry,
+            registry_insecure: insecure,
+            tls: raw.tls.as_ref().map(|t| self.dir.join(t)),
+            engines,
+            ports,
+        }))
+    }
+
+    /// What a role of a swarm environment cannot ask for: a command health
+    /// check (it would run inside the server), and balancer settings that
+    /// name files on kiln's host.
+    fn swarm_role(
+        &self,
+        env: &str,
+        name: &str,
+        raw: &RawRole,
+        role: &RoleSpec,
+    ) -> Result<(), SpecError> {
+        let table = self.header(&["env", env, "roles", name]);
+        if let Some(HealthCheck::Command { .. }) = role.health {
+            let span = raw.health.as_ref().map_or(table.clone(), |h| h.span());
+            return Err(self.cx.err(span, format!("role `{name}` of `{env}` has a command health check, which the swarm provider cannot run (it never execs into servers); use an http or tcp check")));
+        }
+        if let (Some(b), Some(rb)) = (&role.balancer, &raw.balancer) {
+            if b.tls.is_some() {
+                return Err(self.cx.err(rb.span(), format!("the balancer of role `{name}` terminates TLS, which the swarm provider does not support yet (its certificate files and ACME state live on kiln's host)")));
+            }
+            if b.admin.is_some() {
+                return Err(self.cx.err(rb.span(), format!("the balancer of role `{name}` has an `admin` listener, which the swarm provider does not publish")));
+            }
+        }
+        Ok(())
     }
 
     /// `at` locates a key of the strategy table.
@@ -1280,6 +1372,64 @@ impl Validator<'_> {
                 .err(s.span(), format!("unknown strategy `{other}`; {expected}"))),
         }
     }
+}
+
+/// A Docker Engine endpoint: `unix:///PATH` or `tcp://HOST:PORT`.
+fn check_endpoint(ep: &str) -> Result<(), String> {
+    if let Some(path) = ep.strip_prefix("unix://") {
+        if path.starts_with('/') && path.len() > 1 {
+            return Ok(());
+        }
+    } else if let Some(hostport) = ep.strip_prefix("tcp://") {
+        if let Some((host, port)) = hostport.rsplit_once(':') {
+            if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0) {
+                return Ok(());
+            }
+        }
+    }
+    Err(format!(
+        "`{ep}` is not an endpoint; expected \"unix:///PATH\" or \"tcp://HOST:PORT\""
+    ))
+}
+
+/// `[http://|https://]HOST[:PORT]/PATH` → (`HOST[:PORT]/PATH`, plain HTTP).
+fn parse_registry(r: &str) -> Result<(String, bool), String> {
+    let (rest, insecure) = match (r.strip_prefix("http://"), r.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, true),
+        (_, Some(rest)) => (rest, false),
+        _ => (r, false),
+    };
+    let rest = rest.trim_end_matches('/');
+    let bad = || {
+        format!("registry `{r}` is not a repository; expected \"HOST[:PORT]/PATH\" (\"http://HOST:PORT/PATH\" for a registry without TLS)")
+    };
+    let (host, path) = rest.split_once('/').ok_or_else(bad)?;
+    let path_ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c);
+    if host.is_empty()
+        || host.contains(['@', ' '])
+        || path.is_empty()
+        || !path.chars().all(path_ok)
+        || path.split('/').any(str::is_empty)
+    {
+        return Err(bad());
+    }
+    Ok((rest.to_string(), insecure))
+}
+
+/// `"FIRST-LAST"`: host ports, at least 1024.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || {
+        format!("ports `{s}` is not a range; expected \"FIRST-LAST\" of host ports from 1024 to 65535, e.g. \"30000-32767\"")
+    };
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a < 1024 || b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 /// Networks a subnet may not be in: they are not for a bridge of servers.

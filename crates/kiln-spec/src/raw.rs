@@ -129,7 +129,8 @@ pub(crate) struct RawHealth {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawEnv {
     pub inherit: Option<Spanned<String>>,
-    pub provider: Option<String>,
+    /// `"local"`, or `{ swarm = "ENDPOINT", registry = "...", ... }`.
+    pub provider: Option<Spanned<toml::Value>>,
     pub subnet: Option<Spanned<String>>,
     pub approvals: Option<u32>,
     pub pipeline_identities: Option<Vec<String>>,
@@ -202,6 +203,8 @@ pub(crate) struct RawRole {
     pub capabilities: Option<RawCapabilities>,
     pub user: Option<Spanned<String>>,
     pub secrets: Option<Vec<Spanned<String>>>,
+    /// Docker-style placement constraints (`node.labels.zone==a`).
+    pub placement: Option<Spanned<Vec<String>>>,
 }
 
 /// `capabilities = { drop = [...], add = [...] }`: changes to Docker's default set.
@@ -235,6 +238,7 @@ impl RawRole {
             capabilities: self.capabilities.or(p.capabilities),
             user: self.user.or(p.user),
             secrets: self.secrets.or(p.secrets),
+            placement: self.placement.or(p.placement),
         }
     }
 }
@@ -276,6 +280,20 @@ pub(crate) struct RawBalancer {
     pub tls: Option<Spanned<RawTls>>,
     /// `"IP:PORT"` of the Prometheus metrics listener.
     pub admin: Option<Spanned<String>>,
+    /// Nodes (ids or hostnames) a swarm environment runs the balancer on.
+    pub nodes: Option<Vec<String>>,
+}
+
+/// `provider = { swarm = "ENDPOINT", registry = "HOST:PORT/PATH", tls =
+/// "DIR", engines = { NODE = "ENDPOINT" }, ports = "FIRST-LAST" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSwarm {
+    pub swarm: String,
+    pub registry: Option<String>,
+    pub tls: Option<String>,
+    pub engines: Option<BTreeMap<String, String>>,
+    pub ports: Option<String>,
 }
 
 /// `tls = { cert, key }` or `tls = { acme = { ... } }`.

@@ -522,7 +522,7 @@ fn environment_settings_are_checked() {
         &env("pipeline_identities = [\"ci\", \" \"]"),
         "kiln.toml:4:30: pipeline identity is empty",
     );
-    check_err(&env("provider = \"aws\""), "kiln.toml:4:12: environment `s` uses provider `aws`; expected \"local\" (the only provider built in)");
+    check_err(&env("provider = \"aws\""), "kiln.toml:4:12: environment `s` uses provider `aws`; expected \"local\" or { swarm = \"unix:///var/run/docker.sock\", registry = \"HOST:PORT/PATH\" }");
 }
 
 #[test]
@@ -1078,5 +1078,95 @@ fn bad_secrets_and_signers_point_at_them() {
     check_err(
         &format!("{head}secrets = {{ recipients = [\"{RECIPIENT}\"] }}\n[env.s.roles.r]\nimage = \"a\"\nsecrets = [\"../etc/passwd\"]\n"),
         "kiln.toml:9:12: secret name `../etc/passwd` is invalid; expected letters, digits, `_`, `-` or `.`, starting with a letter or digit, at most 64 characters",
+    );
+}
+
+#[test]
+fn staging_runs_locally_and_production_on_a_swarm() {
+    let text = r#"
+[project]
+name = "shop"
+[images.app]
+from = "scratch"
+[env.staging.roles.app]
+image = "app"
+ports = [8080]
+health = { http = "/", port = 8080 }
+placement = ["node.labels.zone==a", "node.role != manager"]
+balancer = { listen = "0.0.0.0:8000", port = 8080, nodes = ["n1"] }
+[env.production]
+inherit = "staging"
+provider = { swarm = "tcp://10.0.0.5:2376", registry = "http://10.0.0.5:5000/shop", tls = "certs", engines = { n2 = "tcp://10.0.0.6:2376" }, ports = "31000-31999" }
+"#;
+    let p = parse_str(text).unwrap();
+    assert_eq!(p.envs["staging"].provider, ProviderSpec::Local);
+    let ProviderSpec::Swarm(s) = &p.envs["production"].provider else {
+        panic!("{:?}", p.envs["production"].provider)
+    };
+    assert_eq!(s.endpoint, "tcp://10.0.0.5:2376");
+    assert_eq!(s.registry, "10.0.0.5:5000/shop");
+    assert!(s.registry_insecure);
+    assert_eq!(s.tls, Some(p.dir.join("certs")));
+    assert_eq!(s.engines["n2"], "tcp://10.0.0.6:2376");
+    assert_eq!(s.ports, (31000, 31999));
+    let app = &p.envs["production"].roles["app"];
+    let placement: Vec<String> = app.placement.iter().map(|c| c.to_string()).collect();
+    assert_eq!(placement, ["node.labels.zone==a", "node.role!=manager"]);
+    assert_eq!(app.balancer.as_ref().unwrap().nodes, ["n1"]);
+    // Defaults: TLS registry, the default port range.
+    let p = parse_str(
+        "[project]\nname = \"x\"\n[env.p]\nprovider = { swarm = \"unix:///run/docker.sock\", registry = \"reg.example:5000/a/b\" }\n",
+    )
+    .unwrap();
+    let ProviderSpec::Swarm(s) = &p.envs["p"].provider else {
+        panic!()
+    };
+    assert!(!s.registry_insecure);
+    assert_eq!(s.ports, SWARM_PORTS);
+}
+
+#[test]
+fn bad_swarm_providers_point_at_them() {
+    let head = "[project]\nname = \"x\"\n[images.a]\nfrom = \"scratch\"\n[env.p]\n";
+    check_err(
+        &format!("{head}provider = \"aws\"\n"),
+        "kiln.toml:6:12: environment `p` uses provider `aws`; expected \"local\" or { swarm = \"unix:///var/run/docker.sock\", registry = \"HOST:PORT/PATH\" }",
+    );
+    check_err(
+        &format!("{head}provider = {{ swarm = \"http://h:1\", registry = \"h/a\" }}\n"),
+        "kiln.toml:6:12: swarm endpoint `http://h:1` is not an endpoint; expected \"unix:///PATH\" or \"tcp://HOST:PORT\"",
+    );
+    check_err(
+        &format!("{head}provider = {{ swarm = \"unix:///s\" }}\n"),
+        "kiln.toml:6:12: the swarm provider of `p` has no `registry`; expected registry = \"HOST[:PORT]/PATH\" (where the nodes pull images from)",
+    );
+    check_err(
+        &format!("{head}provider = {{ swarm = \"unix:///s\", registry = \"h:5000\" }}\n"),
+        "kiln.toml:6:12: registry `h:5000` is not a repository; expected \"HOST[:PORT]/PATH\" (\"http://HOST:PORT/PATH\" for a registry without TLS)",
+    );
+    check_err(
+        &format!("{head}provider = {{ swarm = \"unix:///s\", registry = \"h/a\", ports = \"80-90\" }}\n"),
+        "kiln.toml:6:12: ports `80-90` is not a range; expected \"FIRST-LAST\" of host ports from 1024 to 65535, e.g. \"30000-32767\"",
+    );
+    check_err(
+        &format!("{head}provider = {{ swarm = \"unix:///s\", registry = \"h/a\", engines = {{ n1 = \"n1:2376\" }} }}\n"),
+        "kiln.toml:6:12: engine of node `n1` `n1:2376` is not an endpoint; expected \"unix:///PATH\" or \"tcp://HOST:PORT\"",
+    );
+    check_err(
+        &format!("{head}provider = {{ swarm = \"unix:///s\", registry = \"h/a\", nodes = 3 }}\n"),
+        "kiln.toml:6:12: bad `provider` table: unknown field `nodes`, expected one of `swarm`, `registry`, `tls`, `engines`, `ports`; expected \"local\" or { swarm = \"unix:///var/run/docker.sock\", registry = \"HOST:PORT/PATH\" }",
+    );
+    let swarm = format!("{head}provider = {{ swarm = \"unix:///s\", registry = \"h/a\" }}\n[env.p.roles.r]\nimage = \"a\"\n");
+    check_err(
+        &format!("{swarm}health = {{ command = [\"/bin/true\"] }}\n"),
+        "kiln.toml:9:10: role `r` of `p` has a command health check, which the swarm provider cannot run (it never execs into servers); use an http or tcp check",
+    );
+    check_err(
+        &format!("{swarm}balancer = {{ listen = \"0.0.0.0:80\", port = 8080, tls = {{ acme = {{ directory = \"https://a.test/dir\", email = \"a@b\", domains = [\"a.test\"] }} }} }}\n"),
+        "kiln.toml:9:12: the balancer of role `r` terminates TLS, which the swarm provider does not support yet (its certificate files and ACME state live on kiln's host)",
+    );
+    check_err(
+        &format!("{swarm}placement = [\"zone==a\"]\n"),
+        "kiln.toml:9:13: placement constraint `zone==a` names no attribute kiln knows; expected \"node.labels.KEY==VALUE\", \"node.hostname!=NAME\", \"node.role==worker\" or \"node.id==ID\"",
     );
 }

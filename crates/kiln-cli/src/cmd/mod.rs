@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kiln_engine::{Engine, Options, Progress};
-use kiln_provider_local::Local;
 use kiln_state::State;
 
 use crate::{
@@ -116,19 +115,19 @@ pub struct Ctx {
     pub project: kiln_model::Project,
     pub store: kiln_image::Store,
     pub state: State,
-    pub local: Local,
+    pub providers: crate::providers::Providers,
 }
 
 pub fn ctx(cli: &Cli) -> Result<Ctx> {
     let project = project(cli)?;
     let store = store(cli)?;
     let state = State::open(&store.root().join("state.db"))?;
-    let local = Local::new(&store);
+    let providers = crate::providers::Providers::new(&project, &store);
     Ok(Ctx {
         project,
         store,
         state,
-        local,
+        providers,
     })
 }
 
@@ -138,7 +137,7 @@ impl Ctx {
             project: &self.project,
             store: &self.store,
             state: &self.state,
-            provider: &self.local,
+            provider: &self.providers,
             progress,
             clock: &now,
             options: Options {

@@ -44,7 +44,15 @@ pub fn list(cli: &Cli, args: &ServerListArgs) -> Result<ExitCode> {
                 s.env.clone(),
                 s.role.clone(),
                 s.image.clone(),
-                s.address.clone(),
+                match (&s.node, s.ports.first()) {
+                    (Some(node), Some(&port)) => format!(
+                        "{}:{} ({})",
+                        s.address,
+                        s.published.get(&port).copied().unwrap_or(port),
+                        &node[..node.len().min(12)]
+                    ),
+                    _ => s.address.clone(),
+                },
                 kiln_spec::format_duration((now() - s.created_at).max(0) as u64),
                 health.to_string(),
                 place,

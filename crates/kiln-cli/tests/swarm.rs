@@ -1,0 +1,273 @@
+//! The `swarm` provider end to end, on a real two-node swarm
+//! (kiln-testcluster: a second dockerd in its own network namespace and a
+//! registry), through the real `kiln` binary: plan and apply place servers
+//! on both nodes (the plan says where), each serves over HTTP at
+//! `NODE_IP:PORT`; a rolling replacement under steady load through the
+//! balancer loses no request; logs outlive servers; destroy leaves no
+//! service. One cluster for the whole binary, torn down at the end (with
+//! the host's firewall as it was).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+/// `staging` on the swarm: `servers` `web` servers behind a balancer on
+/// `port`, `version` in the role's environment.
+fn kiln_toml(cluster: &kiln_testcluster::Cluster, port: u16, servers: u32, version: u32) -> String {
+    let engines: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| format!("\"{}\" = \"{}\"", n.id, n.endpoint))
+        .collect();
+    format!(
+        r#"
+[project]
+name = "fleet"
+[images.web]
+from = "scratch"
+entrypoint = ["/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
+health = {{ http = "/index.html", port = 8080 }}
+[env.staging]
+provider = {{ swarm = "{manager}", registry = "http://{registry}/fleet", engines = {{ {engines} }} }}
+[env.staging.roles.web]
+image = "web"
+servers = {servers}
+ports = [8080]
+env = {{ VERSION = "{version}" }}
+balancer = {{ listen = "127.0.0.1:{port}", port = 8080, drain_timeout = "5s" }}
+"#,
+        manager = cluster.manager_endpoint(),
+        registry = cluster.registry(),
+        engines = engines.join(", "),
+    )
+}
+
+fn http_get(addr: &str) -> Result<String, String> {
+    let mut s = std::net::TcpStream::connect_timeout(
+        &addr.parse().map_err(|e| format!("{addr}: {e}"))?,
+        Duration::from_secs(2),
+    )
+    .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e}"))?;
+    if out.starts_with("HTTP/1.") && out.contains(" 200 ") {
+        Ok(out)
+    } else {
+        Err(format!("bad response: {out:?}"))
+    }
+}
+
+/// Requests through the balancer until stopped: (ok, failed, first errors).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let handles = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let mut errors = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match http_get(&format!("127.0.0.1:{port}")) {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                if errors.len() < 5 {
+                                    errors.push(e);
+                                }
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                    errors
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            handles,
+        }
+    }
+
+    fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self
+            .handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+/// Services on the swarm labelled with kiln's environment `env`.
+fn services(cluster: &kiln_testcluster::Cluster, env: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
+        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+        c.servers(Some(env))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.service_name)
+            .collect()
+    })
+}
+
+/// Adds `EDITED=1` to a service's environment, as `docker service update
+/// --env-add` would.
+fn update_env(cluster: &kiln_testcluster::Cluster, service: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
+        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+        let d = c.engine().docker();
+        let s = d.inspect_service(service, None).await.unwrap();
+        let mut spec = s.spec.unwrap();
+        let cs = spec
+            .task_template
+            .as_mut()
+            .and_then(|t| t.container_spec.as_mut())
+            .unwrap();
+        cs.env.get_or_insert_with(Vec::new).push("EDITED=1".into());
+        d.update_service(
+            service,
+            spec,
+            bollard::query_parameters::UpdateServiceOptions {
+                version: s.version.and_then(|v| v.index).unwrap() as i32,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    });
+}
+
+/// Tears the cluster down even when the test panics, and checks that
+/// nothing is left (daemons, namespaces, links, firewall).
+struct Down<'a>(&'a kiln_testcluster::Cluster);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let t = self.0.teardown();
+        if !std::thread::panicking() {
+            assert!(t.leftovers.is_empty(), "left behind: {:?}", t.leftovers);
+        }
+    }
+}
+
+/// A web project on the cluster, its image built (busybox on scratch).
+fn project(cluster: &kiln_testcluster::Cluster, port: u16) -> Project {
+    let p = Project::new();
+    std::fs::create_dir_all(p.path().join("images/web/files/www")).unwrap();
+    std::fs::copy(BUSYBOX, p.path().join("images/web/files/busybox")).unwrap();
+    p.write("images/web/files/www/index.html", "kiln on swarm\n");
+    p.write("kiln.toml", &kiln_toml(cluster, port, 4, 1));
+    p.kiln(&["image", "build", "web"]).ok();
+    p
+}
+
+#[test]
+fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
+    let cluster = kiln_testcluster::Cluster::start(Default::default()).unwrap();
+    let _down = Down(&cluster);
+    let node_ids: BTreeSet<String> = cluster.nodes().into_iter().map(|n| n.id).collect();
+    let port = free_port();
+    let p = project(&cluster, port);
+    let _destroy = Teardown(&p);
+
+    // The plan says where each server goes: node and published port.
+    let plan = p.kiln(&["plan", "staging"]).ok().stdout;
+    assert_eq!(plan.matches(" on node ").count(), 4, "{plan}");
+    for id in &node_ids {
+        assert!(
+            plan.contains(&format!("on node {id}")),
+            "{id} unused:\n{plan}"
+        );
+    }
+
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let servers = p.servers();
+    assert_eq!(servers.len(), 4);
+    let used: BTreeSet<String> = servers
+        .iter()
+        .map(|s| s["node"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(used, node_ids, "servers are spread over both nodes");
+    let first: Vec<String> = p.ids();
+    assert_eq!(services(&cluster, "staging").len(), 4);
+    // Each serves at NODE_IP:PUBLISHED, straight from the host.
+    for s in &servers {
+        let addr = s["address"].as_str().unwrap();
+        let published = s["published"]["8080"].as_u64().expect("published port");
+        http_get(&format!("{addr}:{published}")).unwrap();
+    }
+    http_get(&format!("127.0.0.1:{port}")).unwrap();
+
+    // A rolling replacement under load through the balancer loses nothing.
+    p.write("kiln.toml", &kiln_toml(&cluster, port, 4, 2));
+    let load = Load::start(port, 4);
+    let out = p.kiln(&["apply", "staging", "--yes"]).ok();
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
+    assert!(ok > 20, "only {ok} requests were sent:\n{}", out.stdout);
+    let second = p.ids();
+    assert_eq!(second.len(), 4);
+    assert!(
+        second.iter().all(|id| !first.contains(id)),
+        "{first:?} → {second:?}"
+    );
+    let used: BTreeSet<String> = p
+        .servers()
+        .iter()
+        .map(|s| s["node"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(used, node_ids, "still spread after the rollout");
+
+    // Nothing to do now and nothing drifted: files (exported once per node
+    // and version) match the seal, and every service is as kiln made it.
+    let plan = p.kiln(&["plan", "staging"]).ok().stdout;
+    assert!(plan.contains("No changes"), "{plan}");
+    p.kiln(&["drift", "staging"]).ok();
+    // A change behind kiln's back (`docker service update --env-add`) is drift.
+    update_env(&cluster, &format!("kiln-staging-{}", second[0]));
+    let drift = p.kiln(&["drift", "staging"]).expect(2).stdout;
+    assert!(drift.contains(&second[0]), "{drift}");
+    // The replaced servers' logs are kept.
+    p.kiln(&["logs", "staging", &first[0]]).ok();
+
+    p.kiln(&["destroy", "staging", "--yes"]).ok();
+    assert!(p.servers().is_empty());
+    assert!(services(&cluster, "staging").is_empty());
+}
