@@ -287,6 +287,13 @@ impl Provider for Swarm {
             id: req.id.clone(),
             detail,
         };
+        if !req.secrets.is_empty() {
+            // kiln.toml refuses this; a server must never start without
+            // the secrets its plan promised it.
+            return Err(fail(
+                "the swarm provider does not deliver secrets yet".into(),
+            ));
+        }
         let cluster = self.cluster()?;
         let image = self
             .registry()?

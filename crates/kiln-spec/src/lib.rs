@@ -1294,6 +1294,9 @@ impl Validator<'_> {
             let span = raw.health.as_ref().map_or(table.clone(), |h| h.span());
             return Err(self.cx.err(span, format!("role `{name}` of `{env}` has a command health check, which the swarm provider cannot run (it never execs into servers); use an http or tcp check")));
         }
+        if let Some(first) = raw.secrets.iter().flatten().next() {
+            return Err(self.cx.err(first.span(), format!("role `{name}` of `{env}` receives secrets, which the swarm provider does not deliver yet (they would need Docker secrets); use them on the local provider")));
+        }
         if let (Some(b), Some(rb)) = (&role.balancer, &raw.balancer) {
             if b.tls.is_some() {
                 return Err(self.cx.err(rb.span(), format!("the balancer of role `{name}` terminates TLS, which the swarm provider does not support yet (its certificate files and ACME state live on kiln's host)")));

@@ -1166,6 +1166,10 @@ fn bad_swarm_providers_point_at_them() {
         "kiln.toml:9:12: the balancer of role `r` terminates TLS, which the swarm provider does not support yet (its certificate files and ACME state live on kiln's host)",
     );
     check_err(
+        &format!("{head}provider = {{ swarm = \"unix:///s\", registry = \"h/a\" }}\nsecrets = {{ recipients = [\"{RECIPIENT}\"] }}\n[env.p.roles.r]\nimage = \"a\"\nsecrets = [\"pw\"]\n"),
+        "kiln.toml:10:12: role `r` of `p` receives secrets, which the swarm provider does not deliver yet (they would need Docker secrets); use them on the local provider",
+    );
+    check_err(
         &format!("{swarm}placement = [\"zone==a\"]\n"),
         "kiln.toml:9:13: placement constraint `zone==a` names no attribute kiln knows; expected \"node.labels.KEY==VALUE\", \"node.hostname!=NAME\", \"node.role==worker\" or \"node.id==ID\"",
     );
