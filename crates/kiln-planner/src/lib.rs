@@ -155,6 +155,10 @@ struct Allocator<'a> {
     env: &'a EnvSpec,
     ids: BTreeSet<String>,
     per_role: BTreeMap<String, usize>,
+    /// Per role, where the last linear walk for a free id ended: every id
+    /// it passed was taken and stays taken for the plan, so the next walk
+    /// starts there and all walks of a plan cost at most one lap.
+    walked: BTreeMap<String, u16>,
     used: BTreeSet<Ipv4Addr>,
     hosts: Box<dyn Iterator<Item = Ipv4Addr> + 'a>,
     nodes: Nodes<'a>,
@@ -320,6 +324,7 @@ impl<'a> Allocator<'a> {
             env: input.env,
             ids,
             per_role,
+            walked: BTreeMap::new(),
             used: input
                 .observed
                 .iter()
@@ -361,19 +366,28 @@ impl<'a> Allocator<'a> {
             return Err(PlanError::IdsExhausted { role: role.into() });
         }
         // With ids left, a random pick collides with probability < 1; after
-        // a few tries, walk up from the last pick so the search ends.
-        let mut n = random();
-        for attempt in 0..MAX_IDS_PER_ROLE {
-            let id = format!("{role}-{n:04x}");
+        // a few tries, walk up (from where this role's last walk ended) so
+        // the search ends, and costs at most one lap per plan whatever the
+        // random source returns.
+        for _ in 0..16 {
+            let id = format!("{role}-{:04x}", random());
             if self.ids.insert(id.clone()) {
                 *count += 1;
                 return Ok(id);
             }
-            n = if attempt < 16 {
-                random()
-            } else {
-                n.wrapping_add(1)
-            };
+        }
+        let mut n = match self.walked.get(role) {
+            Some(n) => *n,
+            None => random(),
+        };
+        for _ in 0..MAX_IDS_PER_ROLE {
+            let id = format!("{role}-{n:04x}");
+            if self.ids.insert(id.clone()) {
+                *count += 1;
+                self.walked.insert(role.to_string(), n);
+                return Ok(id);
+            }
+            n = n.wrapping_add(1);
         }
         Err(PlanError::IdsExhausted { role: role.into() })
     }
