@@ -95,6 +95,9 @@ fn main() -> Result<()> {
     if want("dns") {
         dns::run(&o.kiln)?;
     }
+    if want("dns-withdrawal") {
+        dns_withdrawal(&o)?;
+    }
     if want("start") {
         start::run(&o)?;
     }
@@ -934,5 +937,106 @@ fn reconcile_cpu(o: &Opts) -> Result<()> {
         anyhow::ensure!(pass.plan.is_empty(), "a healthy fleet needs nothing");
     }
     println!("| reconcile pass (drift + plan, dry run), 1,000 servers in state, in-memory provider, CPU time | p50 {} · max {} (10 passes) — goal < 50 ms |", ms(percentile(&mut samples, 0.5)), ms(percentile(&mut samples, 1.0)));
+    Ok(())
+}
+
+/// `--only dns-withdrawal`: during a rolling rollout of 4 servers (no
+/// balancer: clients find them by name only), the time from each old
+/// server's withdrawal from the environment's DNS answers to its stop, as
+/// seen from outside: one thread asks the DNS server for the role's name
+/// every 5 ms, another connects to every old server's port every 5 ms.
+/// The engine promises at least the TTL (1 s here) between the two.
+fn dns_withdrawal(o: &Opts) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir()?;
+    static_web_project(dir.path(), &[("web", 4)], "10.77.97.0/24")?;
+    let toml = fs::read_to_string(dir.path().join("kiln.toml"))?
+        .replace("[env.bench]\n", "[env.bench]\ndns = { ttl = \"1s\" }\n");
+    fs::write(dir.path().join("kiln.toml"), toml)?;
+    fs::write(dir.path().join("images/web/files/www/index.html"), "v1\n")?;
+    kiln(o, dir.path(), &["image", "build", "web"])?;
+    kiln(o, dir.path(), &["apply", "bench", "--yes"])?;
+    let store = kiln_image::Store::open(dir.path().join(".kiln"))?;
+    let state = kiln_state::State::open(&store.root().join("state.db"))?;
+    let old: Vec<String> = state
+        .servers(Some("bench"))?
+        .iter()
+        .map(|s| s.address.clone())
+        .collect();
+    let dns: std::net::SocketAddr = "10.77.97.1:53".parse()?;
+
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Per old address: the last time an answer named it, the first time
+    // its port refused.
+    let seen = Arc::new(Mutex::new(vec![None::<Duration>; old.len()]));
+    let gone = Arc::new(Mutex::new(vec![None::<Duration>; old.len()]));
+    let asker = {
+        let (stop, seen, old) = (stop.clone(), seen.clone(), old.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(a) = kiln_dns::client::query(dns, "web", Duration::from_millis(500)) {
+                    let now = start.elapsed();
+                    let mut seen = seen.lock().unwrap();
+                    for (i, addr) in old.iter().enumerate() {
+                        if a.addresses.iter().any(|x| x.to_string() == *addr) {
+                            seen[i] = Some(now);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let prober = {
+        let (stop, gone, old) = (stop.clone(), gone.clone(), old.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for (i, addr) in old.iter().enumerate() {
+                    if gone.lock().unwrap()[i].is_some() {
+                        continue;
+                    }
+                    let Ok(sa) = format!("{addr}:8080").parse::<std::net::SocketAddr>() else {
+                        continue;
+                    };
+                    if std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(200))
+                        .is_err()
+                    {
+                        gone.lock().unwrap()[i] = Some(start.elapsed());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    fs::write(dir.path().join("images/web/files/www/index.html"), "v2\n")?;
+    kiln(o, dir.path(), &["image", "build", "web"])?;
+    let rollout = kiln(o, dir.path(), &["apply", "bench", "--yes"])?;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let _ = asker.join();
+    let _ = prober.join();
+    let (seen, gone) = (seen.lock().unwrap().clone(), gone.lock().unwrap().clone());
+    let mut gaps: Vec<Duration> = seen
+        .iter()
+        .zip(&gone)
+        .filter_map(|(s, g)| Some(g.as_ref()?.saturating_sub(*s.as_ref()?)))
+        .collect();
+    kiln(o, dir.path(), &["destroy", "bench", "--yes"])?;
+    anyhow::ensure!(
+        gaps.len() == old.len(),
+        "every old server should have been seen in DNS and then stopped: {seen:?} {gone:?}"
+    );
+    let min = *gaps.iter().min().context("no servers")?;
+    println!(
+        "| DNS withdrawal → stop during a rolling rollout of {} servers (TTL 1 s, no balancer; DNS polled every 5 ms, ports every 5 ms) | p50 {} · min {} · max {} (rollout {}) |",
+        old.len(),
+        ms(percentile(&mut gaps, 0.5)),
+        ms(min),
+        ms(percentile(&mut gaps, 1.0)),
+        ms(rollout)
+    );
     Ok(())
 }
