@@ -200,7 +200,7 @@ fn web_project(dir: &Path, port: u16) -> Result<()> {
             "[project]\nname = \"bench\"\n[images.web]\nfrom = \"scratch\"\n\
              entrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
              ports = [8080]\nhealth = {{ http = \"/healthz\", port = 8080 }}\n\
-             [env.bench]\nsubnet = \"10.77.93.0/24\"\n\
+             [env.bench]\nsubnet = \"10.77.99.0/24\"\n\
              [env.bench.roles.web]\nimage = \"web\"\nservers = 3\nsize = {{ cpus = 1.0, memory = \"64M\" }}\n\
              balancer = {{ listen = \"127.0.0.1:{port}\", port = 8080 }}\n"
         ),

@@ -806,7 +806,7 @@ fn drift(o: &Opts) -> Result<()> {
         make_tree(&files.join("data"), 200)?;
         toml.push_str(&format!("[images.v{i}]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nhealth = {{ http = \"/healthz\", port = 8080 }}\n"));
     }
-    toml.push_str("[env.bench]\nsubnet = \"10.77.93.0/24\"\n");
+    toml.push_str("[env.bench]\nsubnet = \"10.77.98.0/24\"\n");
     for i in 0..5 {
         toml.push_str(&format!("[env.bench.roles.r{i}]\nimage = \"v{i}\"\nservers = 10\nsize = {{ cpus = 0.2, memory = \"32M\" }}\n"));
     }
