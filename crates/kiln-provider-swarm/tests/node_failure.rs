@@ -87,7 +87,7 @@ fn a_stopped_node_takes_its_servers_down_and_brings_none_back() {
                         s.service_name,
                         t.phase,
                         t.desired,
-                        &t.node_id[..6],
+                        t.node_id.get(..6).unwrap_or("(unassigned)"),
                         s.tasks.len()
                     )
                 })
@@ -116,7 +116,7 @@ fn a_stopped_node_takes_its_servers_down_and_brings_none_back() {
             let tasks: Vec<String> = s
                 .tasks
                 .iter()
-                .map(|t| format!("{:?}/{:?} on {} ({})", t.phase, t.desired, &t.node_id[..6], t.message))
+                .map(|t| format!("{:?}/{:?} on {} ({})", t.phase, t.desired, t.node_id.get(..6).unwrap_or("(unassigned)"), t.message))
                 .collect();
             eprintln!("{}: {tasks:?}", s.service_name);
             match s.service_name.as_str() {
