@@ -81,7 +81,9 @@ fn a_stopped_node_takes_its_servers_down_and_brings_none_back() {
             let report: Vec<String> = servers
                 .iter()
                 .map(|s| {
-                    let t = s.current().unwrap();
+                    let Some(t) = s.current() else {
+                        return format!("{}: no task", s.service_name);
+                    };
                     format!(
                         "{}: {:?}/{:?} on {} ({} tasks)",
                         s.service_name,
@@ -129,9 +131,10 @@ fn a_stopped_node_takes_its_servers_down_and_brings_none_back() {
                 }
                 // Restart on-failure: Swarm reschedules on the surviving node.
                 _ => {
+                    // Its node is asserted once it runs (below): the new
+                    // task may not be assigned to a node yet.
                     let t = s.current().unwrap();
                     assert_eq!(t.desired, TaskPhase::Running, "{s:?}");
-                    assert_eq!(t.node_id, nodes[0].id, "{s:?}");
                 }
             }
         }
