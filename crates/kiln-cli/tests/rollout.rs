@@ -4,10 +4,9 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use support::load::{get, Load};
 use support::*;
 
 fn project(subnet: &str, port: u16) -> Project {
@@ -19,98 +18,12 @@ fn project_with(subnet: &str, port: u16, strategy: &str) -> Project {
     web_fleet(subnet, 3, "", &format!("balancer = {{ listen = \"127.0.0.1:{port}\", port = 8080, drain_timeout = \"5s\" }}\n{strategy}"))
 }
 
-/// Steady load through the balancer until stopped: (ok, failed, bodies seen).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    handles: Vec<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        Load::start_path(port, clients, "/")
-    }
-
-    fn start_path(port: u16, clients: usize, path: &'static str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let handles = (0..clients)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                std::thread::spawn(move || {
-                    let mut errors = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        match request_path(port, path) {
-                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                errors.push(e);
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                    errors
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            handles,
-        }
-    }
-
-    /// Stops the load and asserts that every request succeeded and that
-    /// more than `min` were sent (so zero failures means something).
-    fn finish_clean(self, min: u64) -> u64 {
-        let (ok, failed, errors) = self.finish();
-        assert_eq!(
-            failed,
-            0,
-            "{failed} of {} requests failed: {:?}",
-            ok + failed,
-            &errors[..errors.len().min(5)]
-        );
-        assert!(ok > min, "only {ok} requests were sent");
-        eprintln!("{ok} requests, 0 failed");
-        ok
-    }
-
-    fn finish(self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors = self
-            .handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
-    }
-}
-
 fn request(port: u16) -> Result<String, String> {
     request_path(port, "/")
 }
 
 fn request_path(port: u16, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut s =
-        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .map_err(|e| format!("read: {e}"))?;
-    if !out.starts_with("HTTP/1.") || !out.contains(" 200 ") {
-        return Err(format!("bad response: {:?}", out.lines().next()));
-    }
-    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    get(&format!("127.0.0.1:{port}"), path)
 }
 
 #[test]
@@ -120,7 +33,7 @@ fn rolling_replacement_under_load_drops_nothing() {
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     assert_eq!(request(port).unwrap(), "v1\n");
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     std::thread::sleep(Duration::from_millis(300));
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
@@ -142,7 +55,7 @@ fn rolling_with_max_unavailable_under_load_drops_nothing() {
     );
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     std::thread::sleep(Duration::from_millis(300));
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
@@ -170,7 +83,7 @@ fn sigkill_mid_rollout_then_rerun_drops_nothing() {
     let p = project("10.77.21.0/24", port);
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
     for delay in [60u64, 200] {
@@ -224,7 +137,7 @@ fn manual_rollback_under_load_drops_nothing() {
     p.kiln(&["image", "build", "web"]).ok();
     p.kiln(&["apply", "staging", "--yes"]).ok();
     assert_eq!(request(port).unwrap(), "v2\n");
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
     assert!(
         run.stdout.contains("back to release #1")
@@ -255,7 +168,7 @@ fn failed_rollout_rolls_back_automatically_under_load() {
     p.write("kiln.toml", &format!("{spec}\n[images.api]\nfrom = \"base\"\nentrypoint = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"9090\", \"-h\", \"/srv/www\"]\nhealth = {{ http = \"/healthz\", port = 9090 }}\n[env.staging.roles.api]\nimage = \"api\"\nservers = 1\ndepends_on = [\"web\"]\n"));
     p.kiln(&["image", "build", "--all"]).ok();
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     p.write("images/web/files/srv/www/index.html", "v2\n");
     std::fs::remove_file(p.path().join("images/api/files/srv/www/healthz")).unwrap();
     p.write("images/api/files/srv/www/other", "x\n");
@@ -303,7 +216,7 @@ fn blue_green_switches_in_one_step_and_switches_back_instantly() {
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let blue: Vec<String> = p.ids();
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
     let plan = p.kiln(&["plan", "staging"]).ok();
@@ -363,7 +276,7 @@ fn failing_canary_is_rolled_back_without_a_failed_request() {
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let before = p.ids();
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     // v2 keeps serving traffic, but its health endpoint passes at first and
     // is gone a second later, during the bake. (Same check for both
     // versions: the balancer checks every backend with the role's current
@@ -406,7 +319,7 @@ fn canary_answering_server_errors_fails_the_error_rate_gate() {
     p.kiln(&["apply", "staging", "--yes"]).ok();
     assert_eq!(request_path(port, "/cgi-bin/app").unwrap(), "v1\n");
     let before = p.ids();
-    let load = Load::start_path(port, 4, "/cgi-bin/app");
+    let load = Load::start(format!("127.0.0.1:{port}"), "/cgi-bin/app", 4);
     app("printf 'Status: 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\n\\r\\nbroken\\n'");
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).expect(1);
@@ -438,7 +351,7 @@ fn passing_canary_bakes_then_rolls_on() {
     );
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     p.write("images/web/files/srv/www/index.html", "v2\n");
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).ok();

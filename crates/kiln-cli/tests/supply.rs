@@ -317,31 +317,6 @@ fn run_with_stdin(
     )
 }
 
-/// Every file under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(items) = fs::read_dir(&d) else {
-            continue;
-        };
-        for i in items.flatten() {
-            let path = i.path();
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file()
-                && fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-            {
-                out.push(path.display().to_string());
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn secrets_are_encrypted_listed_by_fingerprint_and_never_baked() {
     const VALUE: &str = "hunter2-is-the-db-password";

@@ -14,10 +14,8 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
+use support::load::{get, Load};
 use support::*;
 
 /// An ed25519 key pair `NAME`, `NAME.pub` in `dir`; returns the public key line.
@@ -52,22 +50,6 @@ fn advisory(id: &str, source: &str, fixed: &str) -> String {
         }]
     })
     .to_string()
-}
-
-/// `GET path` from `addr` (`host:port`): the body of a 200, else an error.
-fn get(addr: &str, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .map_err(|e| format!("read: {e}"))?;
-    if !out.starts_with("HTTP/1.") || !out.contains(" 200 ") {
-        return Err(format!("bad response: {:?}", out.lines().next()));
-    }
-    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
 }
 
 /// Kinds of `kiln drift staging --json`'s findings, with their details.
@@ -238,93 +220,6 @@ fn kiln_stdin(p: &Project, args: &[&str], identity: &str, stdin: &[u8]) -> Run {
         what: format!("kiln {}", args.join(" ")),
     };
     run.ok()
-}
-
-/// Every file under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(items) = fs::read_dir(&d) else {
-            continue;
-        };
-        for i in items.flatten() {
-            let path = i.path();
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file()
-                && fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-            {
-                out.push(path.display().to_string());
-            }
-        }
-    }
-    out
-}
-
-/// Requests through the balancer until stopped: (ok, failed, first errors).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    handles: Vec<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(addr: String, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let handles = (0..clients)
-            .map(|_| {
-                let (stop, ok, failed, addr) =
-                    (stop.clone(), ok.clone(), failed.clone(), addr.clone());
-                std::thread::spawn(move || {
-                    let mut errors = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        match get(&addr, "/healthz") {
-                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                errors.push(e);
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                    errors
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            handles,
-        }
-    }
-
-    fn finish_clean(self, min: u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors: Vec<String> = self
-            .handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect();
-        let (ok, failed) = (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        );
-        assert_eq!(
-            failed,
-            0,
-            "{failed} of {} requests failed: {:?}",
-            ok + failed,
-            &errors[..errors.len().min(5)]
-        );
-        assert!(ok > min, "only {ok} requests were sent");
-    }
 }
 
 /// What each server of `staging` says it read from `/run/secrets`, and how
@@ -509,13 +404,11 @@ balancer = {{ listen = "127.0.0.1:{port}", port = 8080, drain_timeout = "5s" }}
     );
     let planned = p.kiln_env(&["plan", "staging"], &env).ok();
     assert!(planned.stdout.contains("replace"), "{}", planned.stdout);
-    let load = Load::start(format!("127.0.0.1:{port}"), 4);
-    wait_until("load flows", || load.ok.load(Ordering::Relaxed) > 20);
+    let load = Load::start(format!("127.0.0.1:{port}"), "/healthz", 4);
+    wait_until("load flows", || load.ok() > 20);
     p.kiln_env(&["apply", "staging", "--yes"], &env).ok();
-    let settled = load.ok.load(Ordering::Relaxed) + 20;
-    wait_until("load after the apply", || {
-        load.ok.load(Ordering::Relaxed) > settled
-    });
+    let settled = load.ok() + 20;
+    wait_until("load after the apply", || load.ok() > settled);
     load.finish_clean(100);
     let second_ids = p.ids();
     assert_eq!(second_ids.len(), 2);

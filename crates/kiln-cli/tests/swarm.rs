@@ -11,10 +11,9 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use support::load::Load;
 use support::*;
 
 /// `staging` on the swarm: `servers` `web` servers behind a balancer on
@@ -64,62 +63,6 @@ fn http_get(addr: &str) -> Result<String, String> {
         Ok(out)
     } else {
         Err(format!("bad response: {out:?}"))
-    }
-}
-
-/// Requests through the balancer until stopped: (ok, failed, first errors).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    handles: Vec<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let handles = (0..clients)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                std::thread::spawn(move || {
-                    let mut errors = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        match http_get(&format!("127.0.0.1:{port}")) {
-                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                if errors.len() < 5 {
-                                    errors.push(e);
-                                }
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                    errors
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            handles,
-        }
-    }
-
-    fn finish(self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors = self
-            .handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
     }
 }
 
@@ -237,7 +180,7 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
 
     // A rolling replacement under load through the balancer loses nothing.
     p.write("kiln.toml", &kiln_toml(&cluster, port, 4, 2));
-    let load = Load::start(port, 4);
+    let load = Load::local(port, 4);
     let out = p.kiln(&["apply", "staging", "--yes"]).ok();
     let (ok, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
