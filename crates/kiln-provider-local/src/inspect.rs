@@ -53,10 +53,26 @@ impl Procs {
     }
 }
 
-/// TCP ports in LISTEN state in the network namespace of `pid`, from
-/// `/proc/PID/net/tcp` and `tcp6` (`local_address` is `HEXIP:HEXPORT`,
-/// state `0A` is LISTEN).
+/// TCP ports in LISTEN state in the network namespace of `pid`.
+///
+/// Asked of the kernel through sock_diag with a LISTEN-only filter, so only
+/// the listening hash is visited. Reading `/proc/PID/net/tcp` instead walks
+/// the host's whole established-socket table on every read (profiled at 74%
+/// of a 20-server drift check); it stays as the fallback for a kernel
+/// without `inet_diag`.
 pub(crate) fn listening_ports(pid: i32) -> Vec<u16> {
+    match diag::listening_ports(pid) {
+        Ok(ports) => ports,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "sock_diag unavailable, reading /proc/PID/net/tcp");
+            listening_ports_proc(pid)
+        }
+    }
+}
+
+/// The same answer from `/proc/PID/net/tcp` and `tcp6` (`local_address` is
+/// `HEXIP:HEXPORT`, state `0A` is LISTEN).
+fn listening_ports_proc(pid: i32) -> Vec<u16> {
     let mut out = std::collections::BTreeSet::new();
     for table in ["tcp", "tcp6"] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
@@ -78,6 +94,95 @@ pub(crate) fn listening_ports(pid: i32) -> Vec<u16> {
         }
     }
     out.into_iter().collect()
+}
+
+/// A sock_diag dump of LISTEN sockets inside another network namespace.
+mod diag {
+    use std::collections::BTreeSet;
+    use std::io;
+
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    };
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+    pub(super) fn listening_ports(pid: i32) -> io::Result<Vec<u16>> {
+        let socket = socket_in_netns_of(pid)?;
+        let mut out = BTreeSet::new();
+        for (family, id) in [
+            (AF_INET, SocketId::new_v4()),
+            (AF_INET6, SocketId::new_v6()),
+        ] {
+            dump(&socket, family, id, &mut out)?;
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// A netlink socket belongs to the network namespace it was created in:
+    /// a short-lived thread enters `pid`'s namespace, creates it and exits,
+    /// leaving this thread where it was.
+    fn socket_in_netns_of(pid: i32) -> io::Result<Socket> {
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+                socket.bind_auto()?;
+                socket.connect(&SocketAddr::new(0, 0))?;
+                Ok(socket)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
+        })
+    }
+
+    fn dump(socket: &Socket, family: u8, id: SocketId, out: &mut BTreeSet<u16>) -> io::Result<()> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::LISTEN,
+                socket_id: id,
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut buf = vec![0; request.buffer_len()];
+        request.serialize(&mut buf);
+        socket.send(&buf, 0)?;
+        let mut rx = vec![0u8; 32 * 1024];
+        loop {
+            let size = socket.recv(&mut &mut rx[..], 0)?;
+            let mut offset = 0;
+            while offset < size {
+                let message = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[offset..size])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let length = message.header.length as usize;
+                match message.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                        out.insert(r.header.socket_id.source_port);
+                    }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) => {
+                        return Err(io::Error::other(format!("sock_diag: {e}")))
+                    }
+                    _ => {}
+                }
+                if length == 0 {
+                    break;
+                }
+                offset += length;
+            }
+        }
+    }
 }
 
 /// Processes in `pid`'s pid namespace that are not `pid` or its
@@ -170,4 +275,30 @@ pub(crate) fn root_inode(pid: i32) -> Option<(u64, u64)> {
     std::fs::metadata(format!("/proc/{pid}/root"))
         .ok()
         .map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sock_diag_sees_the_same_listeners_as_proc() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::TcpListener::bind("[::1]:0").ok();
+        // A connected socket is not a listener.
+        let client = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
+        let pid = std::process::id() as i32;
+        let diag = diag::listening_ports(pid).expect("sock_diag answers in this namespace");
+        assert!(diag.contains(&v4.local_addr().unwrap().port()), "{diag:?}");
+        assert!(
+            !diag.contains(&client.local_addr().unwrap().port()),
+            "{diag:?}"
+        );
+        if let Some(v6) = v6 {
+            assert!(diag.contains(&v6.local_addr().unwrap().port()), "{diag:?}");
+        }
+        let proc = listening_ports_proc(pid);
+        // Other tests may open listeners meanwhile: compare only this one.
+        assert!(proc.contains(&v4.local_addr().unwrap().port()), "{proc:?}");
+    }
 }
