@@ -15,6 +15,7 @@ use crate::control::{
     read_backends, status_path, write_atomic, Algorithm, BackendStatus, Check, Front, Status,
     TlsStatus,
 };
+use crate::dial::ConnectTime;
 use crate::http::Pool;
 use crate::metrics::{BackendMetrics, Metrics};
 
@@ -32,6 +33,7 @@ pub(crate) struct Backend {
     /// connections kept for reuse.
     pub active: AtomicBool,
     pub pool: Pool,
+    pub connect_time: ConnectTime,
 }
 
 impl Backend {
@@ -46,6 +48,7 @@ impl Backend {
             answered: AtomicU64::new(0),
             active: AtomicBool::new(true),
             pool: Pool::default(),
+            connect_time: ConnectTime::default(),
         }
     }
 

@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::dial::Close;
 use crate::fleet::{Backend, Fleet};
 
 /// Idle connections kept per backend.
@@ -344,7 +345,7 @@ async fn send(
         let from_pool = pooled.is_some();
         let mut sender = match pooled {
             Some(s) => s,
-            None => match connect(backend.addr).await {
+            None => match connect(backend, upgrade).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(addr = %backend.addr, "cannot connect: {e}");
@@ -365,19 +366,86 @@ async fn send(
     Err(Failure::NotSent(Box::new(req)))
 }
 
-async fn connect(addr: SocketAddr) -> std::io::Result<SendRequest<ReqBody>> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+/// A new connection to `backend`. Closed with a reset, as HAProxy closes
+/// server connections: kiln only closes one once its response has been
+/// read whole (or the client is gone), and a FIN would leave it in
+/// TIME_WAIT on this host for a minute; backends that answer HTTP/1.0 (a
+/// connection per request) would then run the host out of ports to them at
+/// about 470 new connections per second each. An upgrade (a tunnel) may
+/// rely on half-closes, so it keeps the normal close.
+async fn connect(backend: &Backend, upgrade: bool) -> std::io::Result<SendRequest<ReqBody>> {
+    let close = if upgrade { Close::Normal } else { Close::Reset };
+    let stream = crate::dial::connect(
+        backend.addr,
+        CONNECT_TIMEOUT,
+        &backend.connect_time,
+        &backend.m.hedges,
+        close,
+    )
+    .await?;
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(BackendIo {
+            stream,
+            graceful: close == Close::Normal,
+        }))
         .await
         .map_err(std::io::Error::other)?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
     Ok(sender)
+}
+
+/// A backend connection whose shutdown (hyper's FIN before it drops a
+/// connection) can be skipped, so that the drop resets it instead.
+struct BackendIo {
+    stream: TcpStream,
+    graceful: bool,
+}
+
+impl AsyncRead for BackendIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BackendIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.graceful {
+            Pin::new(&mut self.stream).poll_shutdown(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
 }
 
 /// The backend's response, counted, with its connection returned to the

@@ -29,6 +29,7 @@
 
 mod acme;
 mod control;
+mod dial;
 mod fleet;
 mod health;
 mod http;

@@ -26,6 +26,7 @@ pub(crate) struct Metrics {
     pub responses: IntCounterVec,
     pub errors: IntCounterVec,
     pub retries: IntCounterVec,
+    pub hedges: IntCounterVec,
     pub in_flight: IntGaugeVec,
     pub connections: IntCounterVec,
     pub open: IntGaugeVec,
@@ -97,6 +98,11 @@ impl Metrics {
                 "Requests that failed on a backend and were sent to another",
                 &["backend"],
             ),
+            hedges: cv(
+                "kiln_balancer_connect_hedges_total",
+                "Extra connection attempts started because a connect was slow (a dropped SYN)",
+                &["backend"],
+            ),
             in_flight: gv(
                 "kiln_balancer_in_flight_requests",
                 "HTTP requests in flight on a backend",
@@ -158,6 +164,7 @@ impl Metrics {
             responses: CLASSES.map(|class| self.responses.with_label_values(&[addr, class])),
             errors: self.errors.with_label_values(&[addr]),
             retries: self.retries.with_label_values(&[addr]),
+            hedges: self.hedges.with_label_values(&[addr]),
             in_flight: self.in_flight.with_label_values(&[addr]),
             connections: self.connections.with_label_values(&[addr]),
             open: self.open.with_label_values(&[addr]),
@@ -174,6 +181,7 @@ impl Metrics {
         }
         let _ = self.errors.remove_label_values(&[addr]);
         let _ = self.retries.remove_label_values(&[addr]);
+        let _ = self.hedges.remove_label_values(&[addr]);
         let _ = self.in_flight.remove_label_values(&[addr]);
         let _ = self.connections.remove_label_values(&[addr]);
         let _ = self.open.remove_label_values(&[addr]);
@@ -195,6 +203,7 @@ pub(crate) struct BackendMetrics {
     pub responses: [IntCounter; 5],
     pub errors: IntCounter,
     pub retries: IntCounter,
+    pub hedges: IntCounter,
     pub in_flight: IntGauge,
     pub connections: IntCounter,
     pub open: IntGauge,

@@ -36,8 +36,16 @@ where
         if !fail_open && !backend.is_up() {
             continue;
         }
-        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(backend.addr)).await {
-            Ok(Ok(mut upstream)) => {
+        let dialed = crate::dial::connect(
+            backend.addr,
+            Duration::from_secs(2),
+            &backend.connect_time,
+            &backend.m.hedges,
+            // Relayed bytes may still be unread when kiln closes.
+            crate::dial::Close::Normal,
+        );
+        match dialed.await {
+            Ok(mut upstream) => {
                 let _ = upstream.set_nodelay(true);
                 backend.m.open.inc();
                 backend.m.connections.inc();
@@ -45,7 +53,7 @@ where
                 backend.m.open.dec();
                 return;
             }
-            _ => backend.m.errors.inc(),
+            Err(_) => backend.m.errors.inc(),
         }
     }
     fleet.metrics.rejected.inc();

@@ -629,3 +629,57 @@ async fn an_http10_backend_that_closes_does_not_close_the_client_connection() {
     )
     .await;
 }
+
+/// Sockets in TIME_WAIT on this host whose remote port is `port`
+/// (`/proc/net/tcp`: `rem_address` is `HEXIP:HEXPORT`, state `06`).
+fn time_wait_to(port: u16) -> usize {
+    let hex = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[2].ends_with(&hex) && cols[3] == "06"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_backends_leave_no_time_wait_behind() {
+    // An HTTP/1.0 backend that answers and keeps its end open a moment, so
+    // the balancer is the one to close each connection (a FIN from it then
+    // ends in TIME_WAIT once the backend closes too).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            });
+        }
+    });
+    let lb = Balancer::start(&[b], None, http_front()).await;
+    let mut c = connect(lb.addr).await;
+    for _ in 0..5 {
+        let (status, body, _) = call(&mut c, "GET", "/", "").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+    lb.wait_status(|s| s.backends[0].total == 5, "five responses")
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Each connection was closed by a reset: a FIN would have left five
+    // sockets in TIME_WAIT for a minute, and ports run out that way.
+    assert_eq!(time_wait_to(b.port()), 0);
+}
