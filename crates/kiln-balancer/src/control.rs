@@ -6,6 +6,7 @@
 //! Everything here runs on kiln's side too (the local provider, the engine's
 //! canary gate, `kiln server list`), so it is plain blocking code.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,6 +22,11 @@ pub struct Backends {
     /// The active health check of every backend, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
+    /// Backends checked otherwise than `check` (`null`: not checked):
+    /// during a rollout that changes the health check, each server is
+    /// checked as its own release declares.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<String, Option<Check>>,
     /// How the front speaks to clients. Absent in files written before
     /// HTTP mode existed, which therefore keep today's TCP behaviour.
     #[serde(default)]
@@ -271,6 +277,18 @@ pub fn set_backends_with(
     check: Option<&Check>,
     front: &Front,
 ) -> Result<u64, BalancerError> {
+    set_backends_checked(dir, backends, check, &BTreeMap::new(), front)
+}
+
+/// [`set_backends_with`], with backends whose own check differs from
+/// `check` (`None`: that backend is not checked).
+pub fn set_backends_checked(
+    dir: &Path,
+    backends: &[String],
+    check: Option<&Check>,
+    checks: &BTreeMap<String, Option<Check>>,
+    front: &Front,
+) -> Result<u64, BalancerError> {
     std::fs::create_dir_all(dir).map_err(|source| BalancerError::Io {
         op: "create",
         path: dir.to_path_buf(),
@@ -281,6 +299,7 @@ pub fn set_backends_with(
         generation,
         backends: backends.to_vec(),
         check: check.cloned(),
+        checks: checks.clone(),
         front: front.clone(),
     };
     write_atomic(

@@ -77,6 +77,8 @@ pub(crate) struct Fleet {
     next: AtomicUsize,
     pub front: ArcSwap<Front>,
     pub check: ArcSwap<Option<Check>>,
+    /// Backends checked otherwise than `check`.
+    pub checks: ArcSwap<BTreeMap<SocketAddr, Option<Check>>>,
     pub generation: AtomicU64,
     seq: AtomicU64,
     pub metrics: Arc<Metrics>,
@@ -92,6 +94,7 @@ impl Fleet {
             next: AtomicUsize::new(0),
             front: ArcSwap::from_pointee(Front::default()),
             check: ArcSwap::from_pointee(None),
+            checks: ArcSwap::from_pointee(BTreeMap::new()),
             generation: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             metrics: Metrics::new(),
@@ -148,6 +151,12 @@ impl Fleet {
         };
         self.current.store(Arc::new(set));
         self.check.store(Arc::new(b.check.clone()));
+        self.checks.store(Arc::new(
+            b.checks
+                .iter()
+                .filter_map(|(a, c)| Some((a.parse().ok()?, c.clone())))
+                .collect(),
+        ));
         self.front.store(Arc::new(b.front.clone()));
         self.generation.store(b.generation, Ordering::SeqCst);
         self.metrics.generation.set(b.generation as i64);

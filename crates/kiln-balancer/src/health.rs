@@ -1,5 +1,6 @@
 //! Active health checks: every backend of the current set is probed with
-//! the role's HTTP or TCP check; one failing `fall` checks in a row leaves
+//! its HTTP or TCP check (the role's, or its own release's where that
+//! differs); one failing `fall` checks in a row leaves
 //! rotation, and returns after `rise` passing ones. Also the one HTTP
 //! status-line reader that the checks and kiln's own probes share.
 
@@ -28,24 +29,36 @@ pub fn passes(head: &[u8]) -> bool {
     status_code(head).is_some_and(|c| (200..400).contains(&c))
 }
 
-/// Probes every backend of the current set each `interval_ms`, all at once,
-/// and moves them in and out of rotation (`fall` / `rise`).
+/// Probes every backend of the current set, all at once, each with its own
+/// check (the role's, or the one its release declared when that differs),
+/// every `interval_ms` (the shortest among them), and moves them in and
+/// out of rotation (`fall` / `rise`).
 pub(crate) async fn check_loop(fleet: Arc<Fleet>) {
     loop {
-        let check = fleet.check.load_full();
-        let Some(check) = check.as_ref().clone() else {
+        let (role, own) = (fleet.check.load_full(), fleet.checks.load_full());
+        let planned: Vec<(Arc<Backend>, Check)> = fleet
+            .current
+            .load_full()
+            .iter()
+            .filter_map(|b| {
+                let check = match own.get(&b.addr) {
+                    Some(c) => c.clone(),
+                    None => role.as_ref().clone(),
+                }?;
+                Some((b.clone(), check))
+            })
+            .collect();
+        let Some(interval_ms) = planned.iter().map(|(_, c)| c.interval_ms).min() else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let interval = Duration::from_millis(check.interval_ms.max(10));
-        let targets = fleet.current.load_full();
+        let interval = Duration::from_millis(interval_ms.max(10));
         // A check may take up to a second (two for long intervals): a busy
         // machine answering slowly is not a dead backend.
         let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(2));
-        let probes: Vec<_> = targets
-            .iter()
-            .map(|backend| {
-                let (check, backend) = (check.clone(), backend.clone());
+        let probes: Vec<_> = planned
+            .into_iter()
+            .map(|(backend, check)| {
                 tokio::spawn(async move {
                     let ok = tokio::time::timeout(timeout, probe(backend.addr, &check.probe))
                         .await

@@ -47,9 +47,9 @@ use tokio::task::JoinHandle;
 
 pub use acme::AcmeError;
 pub use control::{
-    backends_path, read_backends, read_status, set_backends, set_backends_with, status_path,
-    wait_drained, wait_generation, Acme, Algorithm, BackendStatus, Backends, Check, Front, Mode,
-    Probe, Status, Tls, TlsStatus,
+    backends_path, read_backends, read_status, set_backends, set_backends_checked,
+    set_backends_with, status_path, wait_drained, wait_generation, Acme, Algorithm, BackendStatus,
+    Backends, Check, Front, Mode, Probe, Status, Tls, TlsStatus,
 };
 pub use health::{passes, status_code};
 pub use tls::TlsError;

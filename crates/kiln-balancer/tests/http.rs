@@ -683,3 +683,79 @@ async fn connections_to_backends_leave_no_time_wait_behind() {
     // sockets in TIME_WAIT for a minute, and ports run out that way.
     assert_eq!(time_wait_to(b.port()), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_backend_is_checked_as_its_own_release_declares() {
+    // Mid-rollout: the old server answers its health check at `/old`
+    // only, the new one at `/new` only.
+    let path_only = |ok: &'static str| {
+        handler(move |p, _| async move {
+            if p.uri.path() == ok || p.uri.path() == "/" {
+                (200, ok.to_string())
+            } else {
+                (404, "no".to_string())
+            }
+        })
+    };
+    let (old, _) = backend("127.0.0.1", 0, path_only("/old")).await;
+    let (new, _) = backend("127.0.0.1", 0, path_only("/new")).await;
+    let (unchecked, _) = backend("127.0.0.1", 0, path_only("/none")).await;
+    let check = |path: &str| Check {
+        probe: Probe::Http {
+            path: path.into(),
+            port: 0,
+        },
+        interval_ms: 20,
+        fall: 1,
+        rise: 1,
+    };
+    let lb = Balancer::start(&[], None, http_front()).await;
+    let list: Vec<String> = [old, new, unchecked]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let own = [
+        (old.to_string(), Some(check("/old"))),
+        (unchecked.to_string(), None),
+    ]
+    .into_iter()
+    .collect();
+    let g = kiln_balancer::set_backends_checked(
+        lb.path(),
+        &list,
+        Some(&check("/new")),
+        &own,
+        &http_front(),
+    )
+    .unwrap();
+    lb.wait_status(|s| s.generation >= g, "switch").await;
+    // Many check rounds later, all three are still in rotation.
+    lb.wait_status(
+        |s| s.backends.len() == 3 && s.backends.iter().all(|b| b.checks_failed == 0),
+        "three backends",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = lb.status();
+    assert!(
+        status
+            .backends
+            .iter()
+            .all(|b| b.healthy && b.checks_failed == 0),
+        "{status:?}"
+    );
+    // The role's check (`/new`) applied to the old server would fail:
+    // the same set under it alone takes the old one out.
+    let g = kiln_balancer::set_backends_with(lb.path(), &list, Some(&check("/new")), &http_front())
+        .unwrap();
+    lb.wait_status(|s| s.generation >= g, "switch").await;
+    lb.wait_status(
+        |s| {
+            s.backends
+                .iter()
+                .any(|b| b.addr == old.to_string() && !b.healthy)
+        },
+        "old server out under the role's check",
+    )
+    .await;
+}

@@ -82,7 +82,7 @@ impl Provider for Providers {
         env: &str,
         role: &str,
         balancer: &Balancer,
-        backends: &[String],
+        backends: &[kiln_provider::Upstream],
     ) -> Result<(), ProviderError> {
         self.of(env).balance(env, role, balancer, backends)
     }

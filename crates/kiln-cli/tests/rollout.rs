@@ -273,17 +273,32 @@ fn failing_canary_is_rolled_back_without_a_failed_request() {
         port,
         "strategy = { kind = \"canary\", share = 34, bake = \"3s\" }",
     );
+    // The balancer's own checks act within 200 ms.
+    let spec = std::fs::read_to_string(p.path().join("kiln.toml")).unwrap();
+    p.write(
+        "kiln.toml",
+        &spec.replace(
+            r#"drain_timeout = "5s" }"#,
+            r#"drain_timeout = "5s", check_interval = "100ms", fall = 2 }"#,
+        ),
+    );
     let _t = Teardown(&p);
     p.kiln(&["apply", "staging", "--yes"]).ok();
     let before = p.ids();
     let load = Load::local(port, 4);
-    // v2 keeps serving traffic, but its health endpoint passes at first and
-    // is gone a second later, during the bake. (Same check for both
-    // versions: the balancer checks every backend with the role's current
-    // check, so a check on another port would eject the old servers too.)
+    // v2 keeps serving traffic, but its health endpoint (a second listener,
+    // on another port than v1's check) passes at first and goes away a
+    // second later, during the bake. The balancer checks each server as
+    // its own release declares: v1's servers stay in rotation throughout.
     let spec = std::fs::read_to_string(p.path().join("kiln.toml")).unwrap();
-    let spec = spec.replace(r#"entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]"#, r#"entrypoint = ["/bin/sh", "-c", "/bin/busybox mkdir -p /tmp/www; /bin/busybox cp -r /srv/www/. /tmp/www/; (/bin/busybox sleep 1; /bin/busybox rm /tmp/www/healthz) & exec /bin/busybox httpd -f -p 8080 -h /tmp/www"]"#);
-    p.write("kiln.toml", &spec);
+    let spec = spec.replace(r#"entrypoint = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]"#, r#"entrypoint = ["/bin/sh", "-c", "/bin/busybox httpd -f -p 8081 -h /srv/www & H=$!; /bin/busybox httpd -f -p 8080 -h /srv/www & sleep 1; kill $H; wait"]"#);
+    p.write(
+        "kiln.toml",
+        &spec.replace(
+            r#"health = { http = "/healthz", port = 8080 }"#,
+            r#"health = { http = "/healthz", port = 8081 }"#,
+        ),
+    );
     p.kiln(&["image", "build", "web"]).ok();
     let run = p.kiln(&["apply", "staging", "--yes"]).expect(1);
     assert!(

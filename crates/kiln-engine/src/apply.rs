@@ -14,7 +14,7 @@ use kiln_model::{
     Action, Balancer, Change, HealthCheck, ImageRef, Outcome, Plan, PlanKind, Replace,
     ReplaceOrder, RoleTarget, Server, ServerStatus, Strategy,
 };
-use kiln_provider::{SecretFile, ServerRequest};
+use kiln_provider::{SecretFile, ServerRequest, Upstream};
 
 use crate::{plan_hash, Engine, EngineError, Progress, Result};
 
@@ -318,10 +318,20 @@ impl Engine<'_> {
         self.provider
             .publish(env, &names(env, &servers, role, without, self.dns_ttl(env)))?;
         let Some(b) = balancer else { return Ok(()) };
-        let backends: Vec<String> = servers
+        // Each server as its own release declared the balancer (port and
+        // check): mid-rollout, old and new servers may differ.
+        let releases = self.state.releases(env)?;
+        let backends: Vec<Upstream> = servers
             .iter()
             .filter(in_rotation)
-            .map(|s| s.endpoint(b.port))
+            .map(|s| {
+                let own = declared_balancer(&releases, s, b);
+                Upstream {
+                    addr: s.endpoint(own.port),
+                    port: own.port,
+                    check: own.check.clone(),
+                }
+            })
             .collect();
         self.provider.balance(env, role, b, &backends)?;
         Ok(())
@@ -331,6 +341,21 @@ impl Engine<'_> {
     pub(crate) fn dns_ttl(&self, env: &str) -> u32 {
         self.project.envs.get(env).map_or(1, |e| e.dns_ttl_secs)
     }
+}
+
+/// The balancer as `s`'s own release declared it (port, check), or
+/// `current` when that release recorded none.
+fn declared_balancer<'b>(
+    releases: &'b [kiln_model::Release],
+    s: &Server,
+    current: &'b Balancer,
+) -> &'b Balancer {
+    releases
+        .iter()
+        .find(|r| r.id == s.release)
+        .and_then(|r| r.targets.iter().find(|t| t.role == s.role))
+        .and_then(|t| t.spec.balancer.as_ref())
+        .unwrap_or(current)
 }
 
 /// The names `env`'s DNS answers: `ROLE` and `ROLE.ENV` for each role's
@@ -868,14 +893,23 @@ impl Run<'_, '_> {
     fn drain(&self, id: &str) -> Result<()> {
         if let Some(s) = self.engine.state.server(id)? {
             if let Some(b) = self.balancer(&s.role) {
-                self.engine.provider.drain(
-                    self.env(),
-                    &s.role,
-                    &s.endpoint(b.port),
-                    Duration::from_secs(b.drain_timeout_secs),
-                );
+                self.drain_server(&s, b)?;
             }
         }
+        Ok(())
+    }
+
+    /// Waits for `s`'s open connections at its balancer `b` to finish; `s`
+    /// is found there at the port its own release declared.
+    fn drain_server(&self, s: &Server, b: &Balancer) -> Result<()> {
+        let releases = self.engine.state.releases(self.env())?;
+        let own = declared_balancer(&releases, s, b);
+        self.engine.provider.drain(
+            self.env(),
+            &s.role,
+            &s.endpoint(own.port),
+            Duration::from_secs(b.drain_timeout_secs),
+        );
         Ok(())
     }
 
@@ -905,12 +939,7 @@ impl Run<'_, '_> {
                 let b = self.balancer(&s.role);
                 engine.rebalance(self.env(), &s.role, b, &[id.to_string()])?;
                 if let Some(b) = b {
-                    engine.provider.drain(
-                        self.env(),
-                        &s.role,
-                        &s.endpoint(b.port),
-                        Duration::from_secs(b.drain_timeout_secs),
-                    );
+                    self.drain_server(&s, b)?;
                 }
                 self.outlive_ttl(withdrawn);
             }

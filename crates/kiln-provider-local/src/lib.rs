@@ -21,7 +21,7 @@ mod inspect;
 pub mod net;
 mod secrets;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -400,29 +400,21 @@ impl Provider for Local {
         env: &str,
         role: &str,
         b: &Balancer,
-        backends: &[String],
+        backends: &[kiln_provider::Upstream],
     ) -> Result<(), ProviderError> {
         let fail = |detail: String| ProviderError::Other {
             what: format!("balancer of {env}/{role}"),
             detail,
         };
         let dir = self.balancer_dir(env, role);
-        let check = b.check.as_ref().and_then(|c| {
-            let probe = match &c.health {
-                HealthCheck::Http { path, port } => kiln_balancer::Probe::Http {
-                    path: path.clone(),
-                    port: *port,
-                },
-                HealthCheck::Tcp { port } => kiln_balancer::Probe::Tcp { port: *port },
-                HealthCheck::Command { .. } => return None,
-            };
-            Some(kiln_balancer::Check {
-                probe,
-                interval_ms: c.interval_ms,
-                fall: c.fall,
-                rise: c.rise,
-            })
-        });
+        let check = b.check.as_ref().and_then(balancer_check);
+        // Servers of another release checked otherwise than the role now.
+        let own: BTreeMap<String, Option<kiln_balancer::Check>> = backends
+            .iter()
+            .map(|u| (u.addr.clone(), u.check.as_ref().and_then(balancer_check)))
+            .filter(|(_, c)| *c != check)
+            .collect();
+        let addrs: Vec<String> = backends.iter().map(|u| u.addr.clone()).collect();
         self.open_front(env, &b.listen)
             .map_err(|e| fail(e.to_string()))?;
         let front = kiln_balancer::Front {
@@ -456,8 +448,9 @@ impl Provider for Local {
             }),
             admin: b.admin.clone(),
         };
-        let generation = kiln_balancer::set_backends_with(&dir, backends, check.as_ref(), &front)
-            .map_err(|e| fail(e.to_string()))?;
+        let generation =
+            kiln_balancer::set_backends_checked(&dir, &addrs, check.as_ref(), &own, &front)
+                .map_err(|e| fail(e.to_string()))?;
         self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
         kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5))
             .map_err(|e| fail(e.to_string()))?;
@@ -746,4 +739,23 @@ pub(crate) fn reap(pid: i32) {
             _ => return,
         }
     }
+}
+
+/// The balancer's own active check for a role's health check: HTTP and TCP
+/// checks (a command check is kiln's alone).
+fn balancer_check(c: &kiln_model::BalancerCheck) -> Option<kiln_balancer::Check> {
+    let probe = match &c.health {
+        HealthCheck::Http { path, port } => kiln_balancer::Probe::Http {
+            path: path.clone(),
+            port: *port,
+        },
+        HealthCheck::Tcp { port } => kiln_balancer::Probe::Tcp { port: *port },
+        HealthCheck::Command { .. } => return None,
+    };
+    Some(kiln_balancer::Check {
+        probe,
+        interval_ms: c.interval_ms,
+        fall: c.fall,
+        rise: c.rise,
+    })
 }

@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use kiln_image::{Digest, Store};
-use kiln_model::{Balancer, HealthCheck, ImageRef, NodeInfo, Server, Subnet, SwarmSpec, Volume};
+use kiln_model::{
+    Balancer, BalancerCheck, HealthCheck, ImageRef, NodeInfo, Server, Subnet, SwarmSpec, Volume,
+};
 use kiln_provider::{
     BalancerState, FileCheck, Inspection, LogChunk, Names, Provider, ProviderError, Running,
     ServerRequest, Started,
@@ -422,24 +424,32 @@ impl Provider for Swarm {
         env: &str,
         role: &str,
         balancer: &Balancer,
-        backends: &[String],
+        backends: &[kiln_provider::Upstream],
     ) -> Result<(), ProviderError> {
         // Backends are `NODE_IP:PUBLISHED`, each server on its own host
         // port: a check of the balanced port probes each backend's own
         // port (0); a check of another declared port cannot be expressed
         // per backend, so only kiln's health gates stay for it.
-        let mut b = balancer.clone();
-        if let Some(c) = b.check.as_mut() {
+        let own_port = |check: &Option<BalancerCheck>, balanced: u16| {
+            let mut c = check.clone()?;
             match &mut c.health {
-                HealthCheck::Http { port, .. } | HealthCheck::Tcp { port }
-                    if *port == balancer.port =>
-                {
-                    *port = 0
+                HealthCheck::Http { port, .. } | HealthCheck::Tcp { port } if *port == balanced => {
+                    *port = 0;
+                    Some(c)
                 }
-                _ => b.check = None,
+                _ => None,
             }
-        }
-        self.front.balance(env, role, &b, backends)
+        };
+        let mut b = balancer.clone();
+        b.check = own_port(&balancer.check, balancer.port);
+        let backends: Vec<kiln_provider::Upstream> = backends
+            .iter()
+            .map(|u| kiln_provider::Upstream {
+                check: own_port(&u.check, u.port),
+                ..u.clone()
+            })
+            .collect();
+        self.front.balance(env, role, &b, &backends)
     }
 
     fn publish(&self, env: &str, names: &Names) -> Result<(), ProviderError> {

@@ -254,8 +254,9 @@ impl Provider for Fake {
         env: &str,
         role: &str,
         _b: &Balancer,
-        backends: &[String],
+        backends: &[crate::Upstream],
     ) -> Result<(), ProviderError> {
+        let backends: Vec<String> = backends.iter().map(|u| u.addr.clone()).collect();
         self.call(format!("balance {role} [{}]", backends.join(" ")));
         let mut all = self.balancers.borrow_mut();
         let b = all.entry(key(env, role)).or_default();
@@ -265,7 +266,7 @@ impl Provider for Fake {
             }
         }
         b.draining.retain(|a| !backends.contains(a));
-        b.backends = backends.to_vec();
+        b.backends = backends;
         b.alive = true;
         Ok(())
     }

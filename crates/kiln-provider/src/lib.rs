@@ -20,7 +20,9 @@ pub mod fake;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use kiln_model::{Balancer, HealthCheck, ImageRef, Launch, NodeInfo, Server, Size, Subnet, Volume};
+use kiln_model::{
+    Balancer, BalancerCheck, HealthCheck, ImageRef, Launch, NodeInfo, Server, Size, Subnet, Volume,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -170,6 +172,19 @@ pub enum Rotation {
     Draining,
 }
 
+/// A server to put behind its role's balancer, as its own release
+/// declared it: during a rollout that changes the balanced port or the
+/// health check, old and new servers differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `address:port` where the balancer reaches it.
+    pub addr: String,
+    /// The declared port that `addr` reaches.
+    pub port: u16,
+    /// The balancer's active check of it.
+    pub check: Option<BalancerCheck>,
+}
+
 /// One backend of a role's balancer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
@@ -239,13 +254,13 @@ pub trait Provider {
     /// A server's stdout and stderr from byte `offset` on.
     fn read_log(&self, env: &str, id: &str, offset: u64) -> Result<LogChunk, ProviderError>;
     /// Makes the role's balancer run and send new connections only to
-    /// `backends` (`address:port`), returning once the switch is in effect.
+    /// `backends`, returning once the switch is in effect.
     fn balance(
         &self,
         env: &str,
         role: &str,
         balancer: &Balancer,
-        backends: &[String],
+        backends: &[Upstream],
     ) -> Result<(), ProviderError>;
     /// Makes `env`'s DNS answer `names` (starting its server if needed),
     /// returning once it does.
