@@ -3,7 +3,8 @@
 //! registry), through the real `kiln` binary: plan and apply place servers
 //! on both nodes (the plan says where), each serves over HTTP at
 //! `NODE_IP:PORT`; a rolling replacement under steady load through the
-//! balancer loses no request; logs outlive servers; destroy leaves no
+//! balancer loses no request; a hand-made service with kiln's labels is
+//! unmanaged and removed under `unmanaged = "kill"`; logs outlive servers; destroy leaves no
 //! service. One cluster for the whole binary, torn down at the end (with
 //! the host's firewall as it was).
 
@@ -117,6 +118,52 @@ fn update_env(cluster: &kiln_testcluster::Cluster, service: &str) {
     });
 }
 
+/// A service started by hand with kiln's env and role labels (but not
+/// kiln's name or its other labels), running the same image as `like`.
+fn start_stray(cluster: &kiln_testcluster::Cluster, like: &str, name: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
+        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+        let d = c.engine().docker();
+        let template = d.inspect_service(like, None).await.unwrap().spec.unwrap();
+        let image = template
+            .task_template
+            .and_then(|t| t.container_spec)
+            .and_then(|c| c.image)
+            .unwrap();
+        let spec = bollard::models::ServiceSpec {
+            name: Some(name.into()),
+            labels: Some(
+                [
+                    (
+                        kiln_provider_swarm::server::LABEL_ENV.to_string(),
+                        "staging".to_string(),
+                    ),
+                    (
+                        kiln_provider_swarm::server::LABEL_ROLE.to_string(),
+                        "web".to_string(),
+                    ),
+                ]
+                .into(),
+            ),
+            task_template: Some(bollard::models::TaskSpec {
+                container_spec: Some(bollard::models::TaskSpecContainerSpec {
+                    image: Some(image),
+                    command: Some(vec!["/busybox".into(), "sleep".into(), "300".into()]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        d.create_service(spec, None).await.unwrap();
+    });
+}
+
 /// Tears the cluster down even when the test panics, and checks that
 /// nothing is left (daemons, namespaces, links, firewall).
 struct Down<'a>(&'a kiln_testcluster::Cluster);
@@ -202,6 +249,32 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     // and version) match the seal, and every service is as kiln made it.
     let plan = p.kiln(&["plan", "staging"]).ok().stdout;
     assert!(plan.contains("No changes"), "{plan}");
+    p.kiln(&["drift", "staging"]).ok();
+
+    // A service made by hand with kiln's labels is unmanaged: reported,
+    // left alone by default, removed by reconcile under `unmanaged = "kill"`.
+    start_stray(
+        &cluster,
+        &format!("kiln-staging-{}", second[1]),
+        "stray-web",
+    );
+    let drift = p.kiln(&["drift", "staging"]).expect(2).stdout;
+    assert!(
+        drift.contains("stray-web") && drift.contains("unmanaged"),
+        "{drift}"
+    );
+    p.kiln(&["reconcile", "staging", "--yes"]).ok();
+    assert!(services(&cluster, "staging").contains(&"stray-web".to_string()));
+    let toml = kiln_toml(&cluster, port, 4, 2);
+    p.write(
+        "kiln.toml",
+        &toml.replace("[env.staging]\n", "[env.staging]\nunmanaged = \"kill\"\n"),
+    );
+    p.kiln(&["reconcile", "staging", "--yes"]).ok();
+    let left = services(&cluster, "staging");
+    assert!(!left.contains(&"stray-web".to_string()), "{left:?}");
+    assert_eq!(left.len(), 4, "{left:?}");
+    assert_eq!(p.ids(), second, "kiln's own servers untouched");
     p.kiln(&["drift", "staging"]).ok();
     // A change behind kiln's back (`docker service update --env-add`) is drift.
     update_env(&cluster, &format!("kiln-staging-{}", second[0]));

@@ -354,11 +354,13 @@ impl Provider for Swarm {
             .rt
             .block_on(cluster.servers(Some(env)))
             .map_err(other("list services"))?;
+        // Services carrying the env's label but not kiln's whole set of
+        // labels (made by hand) are listed too: the engine finds them
+        // unmanaged, and may remove them.
         Ok(servers
             .iter()
-            .filter_map(|s| {
-                let spec = s.spec.as_ref()?;
-                Some(Running {
+            .map(|s| match s.spec.as_ref() {
+                Some(spec) => Running {
                     id: spec.server.clone(),
                     env: spec.env.clone(),
                     role: spec.role.clone(),
@@ -366,7 +368,19 @@ impl Provider for Swarm {
                     pid: None,
                     alive: s.alive(),
                     record: None,
-                })
+                },
+                None => Running {
+                    id: s.inventory_id(),
+                    env: env.to_string(),
+                    role: s
+                        .label(crate::server::LABEL_ROLE)
+                        .unwrap_or_default()
+                        .to_string(),
+                    release: 0,
+                    pid: None,
+                    alive: s.alive(),
+                    record: None,
+                },
             })
             .collect())
     }

@@ -679,6 +679,13 @@ impl Server {
         self.current().is_some_and(Task::alive)
     }
 
+    /// The id kiln knows it by: its server label, else (a stray with
+    /// kiln's env label only) its service name.
+    pub fn inventory_id(&self) -> String {
+        self.label(LABEL_SERVER)
+            .map_or_else(|| self.service_name.clone(), str::to_string)
+    }
+
     /// `NODE_ADDR:PUBLISHED` of the target port `port`, once placed.
     pub fn address(&self, port: u16) -> Option<String> {
         let t = self.current()?;
@@ -855,8 +862,27 @@ impl Cluster {
     /// Removes the server's service (idempotent) and waits until the swarm
     /// has no task of it left, so its published ports are free again.
     pub async fn remove_server(&self, env: &str, server: &str, timeout: Duration) -> Result<()> {
-        let name = service_name(env, server);
+        let mut name = service_name(env, server);
         let e = &self.engine;
+        // Not kiln's name: a stray carrying kiln's labels (unmanaged),
+        // known by its server label or its own service name.
+        if matches!(
+            e.docker.inspect_service(&name, None).await,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                ..
+            })
+        ) {
+            match self
+                .servers(Some(env))
+                .await?
+                .into_iter()
+                .find(|s| s.inventory_id() == server)
+            {
+                Some(stray) => name = stray.service_name,
+                None => return Ok(()),
+            }
+        }
         let id = match e.docker.inspect_service(&name, None).await {
             Ok(s) => s.id.unwrap_or_default(),
             Err(bollard::errors::Error::DockerResponseServerError {
