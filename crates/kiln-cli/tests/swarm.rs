@@ -4,7 +4,8 @@
 //! on both nodes (the plan says where), each serves over HTTP at
 //! `NODE_IP:PORT`; a rolling replacement under steady load through the
 //! balancer loses no request; a hand-made service with kiln's labels is
-//! unmanaged and removed under `unmanaged = "kill"`; logs outlive servers; destroy leaves no
+//! unmanaged and removed under `unmanaged = "kill"`; a `docker exec` is
+//! an interactive session, replaced under `drift = "kill"`; logs outlive servers; destroy leaves no
 //! service. One cluster for the whole binary, torn down at the end (with
 //! the host's firewall as it was).
 
@@ -164,6 +165,56 @@ fn start_stray(cluster: &kiln_testcluster::Cluster, like: &str, name: &str) {
     });
 }
 
+/// What `docker exec -d SERVICE_CONTAINER sleep 60` does, on the node
+/// where `env`'s server `id` runs.
+fn exec_into(cluster: &kiln_testcluster::Cluster, env: &str, id: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
+        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+        let server = c
+            .server(env, id)
+            .await
+            .unwrap()
+            .expect("the server's service");
+        let task = server.current().expect("a task").clone();
+        let node = cluster
+            .nodes()
+            .into_iter()
+            .find(|n| n.id == task.node_id)
+            .expect("the task's node");
+        let engine = kiln_provider_swarm::Engine::connect(&kiln_provider_swarm::Endpoint::new(
+            node.endpoint,
+        ))
+        .await
+        .unwrap();
+        let d = engine.docker();
+        let container = task.container_id.expect("a container");
+        let exec = d
+            .create_exec(
+                &container,
+                bollard::exec::CreateExecOptions {
+                    cmd: Some(vec!["/busybox", "sleep", "60"]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        d.start_exec(
+            &exec.id,
+            Some(bollard::exec::StartExecOptions {
+                detach: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    });
+}
+
 /// Tears the cluster down even when the test panics, and checks that
 /// nothing is left (daemons, namespaces, links, firewall).
 struct Down<'a>(&'a kiln_testcluster::Cluster);
@@ -276,6 +327,38 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     assert_eq!(left.len(), 4, "{left:?}");
     assert_eq!(p.ids(), second, "kiln's own servers untouched");
     p.kiln(&["drift", "staging"]).ok();
+
+    // `docker exec` into a server is an interactive session: drift says so,
+    // and under `drift = "kill"` reconcile quarantines and replaces it.
+    let victim = second[1].clone();
+    exec_into(&cluster, "staging", &victim);
+    let drift = p.kiln(&["drift", "staging"]).expect(2).stdout;
+    assert!(
+        drift.contains(&victim) && drift.contains("interactive session"),
+        "{drift}"
+    );
+    p.write(
+        "kiln.toml",
+        &toml.replace(
+            "[env.staging]\n",
+            "[env.staging]\nunmanaged = \"kill\"\ndrift = \"kill\"\n",
+        ),
+    );
+    let load = Load::local(port, 4);
+    let out = p.kiln(&["reconcile", "staging", "--yes"]).ok();
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
+    let now = p.ids();
+    assert_eq!(now.len(), 4, "{now:?}");
+    assert!(
+        !now.contains(&victim),
+        "{victim} still runs:\n{}",
+        out.stdout
+    );
+    let history = p.kiln(&["history", "staging"]).ok().stdout;
+    assert!(history.contains("reconcile"), "{history}");
+    p.kiln(&["drift", "staging"]).ok();
+    let second = now;
     // A change behind kiln's back (`docker service update --env-add`) is drift.
     update_env(&cluster, &format!("kiln-staging-{}", second[0]));
     let drift = p.kiln(&["drift", "staging"]).expect(2).stdout;
