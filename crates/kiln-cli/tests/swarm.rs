@@ -5,7 +5,8 @@
 //! `NODE_IP:PORT`; a rolling replacement under steady load through the
 //! balancer loses no request; a hand-made service with kiln's labels is
 //! unmanaged and removed under `unmanaged = "kill"`; a `docker exec` is
-//! an interactive session, replaced under `drift = "kill"`; logs outlive servers; destroy leaves no
+//! an interactive session, replaced under `drift = "kill"`; `kiln promote`
+//! from a `local` environment runs the same digest on the swarm; logs outlive servers; destroy leaves no
 //! service. One cluster for the whole binary, torn down at the end (with
 //! the host's firewall as it was).
 
@@ -215,6 +216,27 @@ fn exec_into(cluster: &kiln_testcluster::Cluster, env: &str, id: &str) {
     });
 }
 
+/// Destroys an environment of the project when dropped.
+struct DestroyEnv<'a>(&'a Project, &'static str);
+
+impl Drop for DestroyEnv<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kiln(&["destroy", self.1, "--yes", "--forget"]);
+    }
+}
+
+/// The image digests `env`'s servers run.
+fn digests(p: &Project, env: &str) -> BTreeSet<String> {
+    p.kiln(&["server", "list", env, "--json"])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["image_digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Tears the cluster down even when the test panics, and checks that
 /// nothing is left (daemons, namespaces, links, firewall).
 struct Down<'a>(&'a kiln_testcluster::Cluster);
@@ -365,6 +387,32 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     assert!(drift.contains(&second[0]), "{drift}");
     // The replaced servers' logs are kept.
     p.kiln(&["logs", "staging", &first[0]]).ok();
+
+    // Promotion across providers: `dev` runs on this host (`local`); what
+    // it runs goes to the swarm by digest, whatever the store's current
+    // version is by then.
+    let with_dev = format!(
+        "{}\n[env.dev]\nsubnet = \"10.77.62.0/24\"\n[env.dev.roles.web]\nimage = \"web\"\nservers = 1\nports = [8080]\nenv = {{ VERSION = \"2\" }}\n",
+        toml.replace(
+            "[env.staging]\n",
+            "[env.staging]\nunmanaged = \"kill\"\ndrift = \"kill\"\n"
+        )
+    );
+    p.write("kiln.toml", &with_dev);
+    let _dev = DestroyEnv(&p, "dev");
+    p.write("images/web/files/www/index.html", "promoted\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    p.kiln(&["apply", "dev", "--yes"]).ok();
+    let dev = digests(&p, "dev");
+    assert_eq!(dev.len(), 1);
+    assert_ne!(dev, digests(&p, "staging"));
+    p.write("images/web/files/www/index.html", "newer, not promoted\n");
+    p.kiln(&["image", "build", "web"]).ok();
+    p.kiln(&["promote", "dev", "staging", "--yes"]).ok();
+    assert_eq!(digests(&p, "staging"), dev, "staging runs what dev runs");
+    let body = http_get(&format!("127.0.0.1:{port}")).unwrap();
+    assert!(body.ends_with("promoted\n"), "{body}");
+    p.kiln(&["destroy", "dev", "--yes"]).ok();
 
     p.kiln(&["destroy", "staging", "--yes"]).ok();
     assert!(p.servers().is_empty());
