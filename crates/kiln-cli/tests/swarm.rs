@@ -6,7 +6,9 @@
 //! balancer loses no request; a hand-made service with kiln's labels is
 //! unmanaged and removed under `unmanaged = "kill"`; a `docker exec` is
 //! an interactive session, replaced under `drift = "kill"`; `kiln promote`
-//! from a `local` environment runs the same digest on the swarm; logs outlive servers; destroy leaves no
+//! from a `local` environment runs the same digest on the swarm; a
+//! blue-green rollout and a rollback inside its window lose no request;
+//! logs outlive servers; destroy leaves no
 //! service. One cluster for the whole binary, torn down at the end (with
 //! the host's firewall as it was).
 
@@ -225,7 +227,7 @@ impl Drop for DestroyEnv<'_> {
     }
 }
 
-/// The image digests `env`'s servers run.
+/// The image digests `env`'s running servers run.
 fn digests(p: &Project, env: &str) -> BTreeSet<String> {
     p.kiln(&["server", "list", env, "--json"])
         .ok()
@@ -233,8 +235,64 @@ fn digests(p: &Project, env: &str) -> BTreeSet<String> {
         .as_array()
         .unwrap()
         .iter()
+        .filter(|s| s["status"] == "running")
         .map(|s| s["image_digest"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// Ids of `env`'s servers with `status`, sorted.
+fn ids_with(p: &Project, env: &str, status: &str) -> Vec<String> {
+    let mut v: Vec<String> = p
+        .kiln(&["server", "list", env, "--json"])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == status)
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// What the swarm runs for `env`, one line per service (for failures).
+fn describe(cluster: &kiln_testcluster::Cluster, env: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
+        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+        c.servers(Some(env))
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let ports: Vec<u16> = s
+                    .spec
+                    .as_ref()
+                    .map(|p| p.ports.iter().map(|p| p.published).collect())
+                    .unwrap_or_default();
+                let tasks: Vec<String> = s
+                    .tasks
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{:?}/{:?} on {} {:?} {}",
+                            t.phase,
+                            t.desired,
+                            t.node_id.get(..6).unwrap_or(""),
+                            t.error,
+                            t.message
+                        )
+                    })
+                    .collect();
+                format!("{} ports {ports:?}: {}\n", s.service_name, tasks.join("; "))
+            })
+            .collect()
+    })
 }
 
 /// Tears the cluster down even when the test panics, and checks that
@@ -368,6 +426,7 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     );
     let load = Load::local(port, 4);
     let out = p.kiln(&["reconcile", "staging", "--yes"]).ok();
+    eprintln!("reconcile:\n{}\n{}", out.stdout, out.stderr);
     let (ok, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
     let now = p.ids();
@@ -380,14 +439,6 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     let history = p.kiln(&["history", "staging"]).ok().stdout;
     assert!(history.contains("reconcile"), "{history}");
     p.kiln(&["drift", "staging"]).ok();
-    let second = now;
-    // A change behind kiln's back (`docker service update --env-add`) is drift.
-    update_env(&cluster, &format!("kiln-staging-{}", second[0]));
-    let drift = p.kiln(&["drift", "staging"]).expect(2).stdout;
-    assert!(drift.contains(&second[0]), "{drift}");
-    // The replaced servers' logs are kept.
-    p.kiln(&["logs", "staging", &first[0]]).ok();
-
     // Promotion across providers: `dev` runs on this host (`local`); what
     // it runs goes to the swarm by digest, whatever the store's current
     // version is by then.
@@ -396,6 +447,10 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
         toml.replace(
             "[env.staging]\n",
             "[env.staging]\nunmanaged = \"kill\"\ndrift = \"kill\"\n"
+        )
+        .replace(
+            "[env.staging.roles.web]\n",
+            "[env.staging.roles.web]\nstrategy = { kind = \"blue_green\", rollback_window = \"10m\" }\n",
         )
     );
     p.write("kiln.toml", &with_dev);
@@ -408,11 +463,46 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     assert_ne!(dev, digests(&p, "staging"));
     p.write("images/web/files/www/index.html", "newer, not promoted\n");
     p.kiln(&["image", "build", "web"]).ok();
+    eprintln!("before promote:\n{}", describe(&cluster, "staging"));
     p.kiln(&["promote", "dev", "staging", "--yes"]).ok();
     assert_eq!(digests(&p, "staging"), dev, "staging runs what dev runs");
     let body = http_get(&format!("127.0.0.1:{port}")).unwrap();
     assert!(body.ends_with("promoted\n"), "{body}");
     p.kiln(&["destroy", "dev", "--yes"]).ok();
+
+    // Blue-green (staging's strategy since the promotion) on the swarm under
+    // load, to the store's newer version built above: the new set comes up
+    // beside the old, one switch; a rollback inside the window switches back to the
+    // very same warm servers. No request fails.
+    let blue = ids_with(&p, "staging", "running");
+    let load = Load::local(port, 4);
+    let run = p.kiln(&["apply", "staging", "--yes"]).ok();
+    assert_eq!(
+        run.stderr.matches("switched to the new servers").count(),
+        1,
+        "one switch: {}",
+        run.stderr
+    );
+    assert_eq!(ids_with(&p, "staging", "standby"), blue, "blue is warm");
+    let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
+    assert!(run.stdout.contains("switch back"), "{}", run.stdout);
+    assert!(!run.stderr.contains("creating"), "{}", run.stderr);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
+    assert!(ok > 20, "only {ok} requests were sent");
+    assert_eq!(
+        ids_with(&p, "staging", "running"),
+        blue,
+        "blue serves again"
+    );
+
+    // Last (Swarm rolls the edited service for a while): a change behind
+    // kiln's back (`docker service update --env-add`) is drift.
+    update_env(&cluster, &format!("kiln-staging-{}", blue[0]));
+    let drift = p.kiln(&["drift", "staging"]).expect(2).stdout;
+    assert!(drift.contains(&blue[0]), "{drift}");
+    // The replaced servers' logs are kept.
+    p.kiln(&["logs", "staging", &first[0]]).ok();
 
     p.kiln(&["destroy", "staging", "--yes"]).ok();
     assert!(p.servers().is_empty());

@@ -29,6 +29,9 @@ use crate::cluster::{Cluster, NodeHealth};
 use crate::error::{Result, SwarmError};
 
 pub const LABEL_ENV: &str = "dev.kiln.env";
+/// How long a host port may stay taken (by a stopping container) before a
+/// task that needs it is an error.
+const PORT_GRACE: Duration = Duration::from_secs(15);
 pub const LABEL_ROLE: &str = "dev.kiln.role";
 pub const LABEL_RELEASE: &str = "dev.kiln.release";
 pub const LABEL_SLOT: &str = "dev.kiln.slot";
@@ -823,6 +826,10 @@ impl Cluster {
     pub async fn wait_running(&self, env: &str, server: &str, timeout: Duration) -> Result<Server> {
         let deadline = Instant::now() + timeout;
         let mut last = String::from("no task yet");
+        // A host port still held by a container that is stopping (a
+        // server just removed) frees itself in a moment, and Swarm places
+        // the task then: only a port held for longer is an error.
+        let mut port_busy_since: Option<Instant> = None;
         loop {
             if let Some(s) = self.server(env, server).await? {
                 if s.alive() {
@@ -830,10 +837,19 @@ impl Cluster {
                 }
                 if let Some(t) = s.current() {
                     let reason = t.error.clone().unwrap_or_else(|| t.message.clone());
+                    let port_busy = t
+                        .error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("host-mode port already in use"));
+                    let waited = *port_busy_since.get_or_insert_with(Instant::now);
+                    if !port_busy {
+                        port_busy_since = None;
+                    }
                     let unplaceable = t.phase == TaskPhase::Pending
                         && t.error
                             .as_deref()
-                            .is_some_and(|e| e.contains("no suitable node"));
+                            .is_some_and(|e| e.contains("no suitable node"))
+                        && !(port_busy && waited.elapsed() < PORT_GRACE);
                     if unplaceable
                         || matches!(
                             t.phase,
