@@ -295,6 +295,24 @@ fn describe(cluster: &kiln_testcluster::Cluster, env: &str) -> String {
     })
 }
 
+/// Nodes the manager sees ready.
+fn ready_nodes(cluster: &kiln_testcluster::Cluster) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
+        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+        c.nodes()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|n| n.health == kiln_provider_swarm::NodeHealth::Ready)
+            .count()
+    })
+}
+
 /// Tears the cluster down even when the test panics, and checks that
 /// nothing is left (daemons, namespaces, links, firewall).
 struct Down<'a>(&'a kiln_testcluster::Cluster);
@@ -507,4 +525,55 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     p.kiln(&["destroy", "staging", "--yes"]).ok();
     assert!(p.servers().is_empty());
     assert!(services(&cluster, "staging").is_empty());
+}
+
+#[test]
+fn a_lost_node_is_replaced_by_reconcile_and_brings_nothing_back() {
+    // A cluster of its own: stopping a node would disturb the other test.
+    let cluster = kiln_testcluster::Cluster::start(kiln_testcluster::Options {
+        heartbeat: Duration::from_secs(1),
+    })
+    .unwrap();
+    let _down = Down(&cluster);
+    let nodes = cluster.nodes();
+    let (n1, n2) = (nodes[0].id.clone(), nodes[1].id.clone());
+    let port = free_port();
+    let p = project(&cluster, port);
+    let _destroy = Teardown(&p);
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let on_n2: Vec<String> = p
+        .servers()
+        .iter()
+        .filter(|s| s["node"] == n2.as_str())
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(on_n2.len(), 2, "spread: {:?}", p.servers());
+
+    cluster.stop_node(1).unwrap();
+    // Once the swarm has seen the node go, drift reports its servers gone.
+    wait_until("the lost servers reported", || {
+        let out = p.kiln(&["drift", "staging"]);
+        on_n2.iter().all(|id| out.stdout.contains(id.as_str()))
+            && out.stdout.contains("process is gone")
+    });
+    let out = p.kiln(&["reconcile", "staging", "--yes"]).ok();
+    eprintln!("reconcile:\n{}\n{}", out.stdout, out.stderr);
+    let servers = p.servers();
+    assert_eq!(servers.len(), 4, "{servers:?}");
+    assert!(
+        servers.iter().all(|s| s["node"] == n1.as_str()),
+        "all on the surviving node: {servers:?}"
+    );
+    assert!(p.ids().iter().all(|id| !on_n2.contains(id)));
+    http_get(&format!("127.0.0.1:{port}")).unwrap();
+    let history = p.kiln(&["history", "staging"]).ok().stdout;
+    assert!(history.contains("reconcile"), "{history}");
+
+    // The node comes back with none of the lost servers.
+    cluster.start_node(1).unwrap();
+    wait_until("node 2 ready again", || ready_nodes(&cluster) == 2);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(services(&cluster, "staging").len(), 4);
+    assert_eq!(p.servers().len(), 4);
+    p.kiln(&["drift", "staging"]).ok();
 }

@@ -12,7 +12,7 @@
 //! (journaled, audited, within `replace_share`). `on-failure` is offered
 //! for roles that prefer Swarm's quicker restarts in place.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bollard::models::{
@@ -922,12 +922,29 @@ impl Cluster {
                 }))
                 .await
                 .unwrap_or_default();
-            if tasks.is_empty() {
+            // A task on a node that is down cannot confirm its end until
+            // the node returns, and then the swarm stops it (its service is
+            // gone): it holds nothing kiln could place now.
+            let down: HashSet<String> = self
+                .nodes()
+                .await
+                .map(|ns| {
+                    ns.into_iter()
+                        .filter(|n| n.health != NodeHealth::Ready)
+                        .map(|n| n.id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let left = tasks
+                .iter()
+                .filter(|t| !t.node_id.as_ref().is_some_and(|n| down.contains(n)))
+                .count();
+            if left == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(SwarmError::Timeout {
-                    what: format!("removal of service {name} ({} tasks left)", tasks.len()),
+                    what: format!("removal of service {name} ({left} tasks left)"),
                     after: timeout,
                 });
             }
