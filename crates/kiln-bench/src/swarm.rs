@@ -132,11 +132,16 @@ async fn measure(tc: &TestCluster, kiln: &Path) -> Result<()> {
         k.ok + k.failed,
         k.failed
     );
+    println!(
+        "| kiln apply of 20 servers on the swarm from nothing (same image already in the registry; 20 services over 2 nodes, health-gated, balancer) | {:.1} s |",
+        k.apply20.as_secs_f64()
+    );
     Ok(())
 }
 
 struct KilnRollout {
     apply: Duration,
+    apply20: Duration,
     rollout: Duration,
     ok: u64,
     failed: u64,
@@ -144,7 +149,8 @@ struct KilnRollout {
 
 /// `kiln apply` of 10 `web` servers on the swarm, then a rolling
 /// replacement (the role's environment changes) under 2 clients of steady
-/// load through the balancer, then `kiln destroy`.
+/// load through the balancer, then `kiln destroy`; then an apply of 20
+/// servers from nothing, and `kiln destroy`.
 fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
@@ -156,9 +162,9 @@ fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let toml = |version: u32| {
+    let toml = |version: u32, servers: u32| {
         format!(
-            "[project]\nname = \"benchk\"\n[images.web]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nhealth = {{ http = \"/index.html\", port = 8080 }}\n[env.bench]\nprovider = {{ swarm = \"{}\", registry = \"http://{}/benchk\" }}\n[env.bench.roles.web]\nimage = \"web\"\nservers = 10\nports = [8080]\nenv = {{ VERSION = \"{version}\" }}\nbalancer = {{ listen = \"127.0.0.1:{port}\", port = 8080, drain_timeout = \"5s\" }}\n",
+            "[project]\nname = \"benchk\"\n[images.web]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nhealth = {{ http = \"/index.html\", port = 8080 }}\n[env.bench]\nprovider = {{ swarm = \"{}\", registry = \"http://{}/benchk\" }}\n[env.bench.roles.web]\nimage = \"web\"\nservers = {servers}\nports = [8080]\nenv = {{ VERSION = \"{version}\" }}\nbalancer = {{ listen = \"127.0.0.1:{port}\", port = 8080, drain_timeout = \"5s\" }}\n",
             tc.manager_endpoint(),
             tc.registry()
         )
@@ -179,13 +185,13 @@ fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
         }
         Ok(())
     };
-    fs::write(dir.path().join("kiln.toml"), toml(1))?;
+    fs::write(dir.path().join("kiln.toml"), toml(1, 10))?;
     run(&["image", "build", "web"])?;
     let t = Instant::now();
     let applied = run(&["apply", "bench", "--yes"]);
     let apply = t.elapsed();
     let result = applied.and_then(|_| {
-        fs::write(dir.path().join("kiln.toml"), toml(2))?;
+        fs::write(dir.path().join("kiln.toml"), toml(2, 10))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let clients: Vec<_> = (0..2)
@@ -210,8 +216,14 @@ fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
             let _ = c.join();
         }
         rolled?;
+        run(&["destroy", "bench", "--yes"])?;
+        fs::write(dir.path().join("kiln.toml"), toml(2, 20))?;
+        let t = Instant::now();
+        run(&["apply", "bench", "--yes"])?;
+        let apply20 = t.elapsed();
         Ok(KilnRollout {
             apply,
+            apply20,
             rollout,
             ok: ok.load(Ordering::Relaxed),
             failed: failed.load(Ordering::Relaxed),
