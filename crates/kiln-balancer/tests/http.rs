@@ -581,18 +581,16 @@ async fn the_admin_listener_serves_prometheus_metrics() {
     assert_eq!(status.mode, Mode::Http);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http10_backend_that_closes_does_not_close_the_client_connection() {
-    // Like busybox httpd: HTTP/1.0 responses, one connection per request.
+/// An HTTP/1.0 backend like busybox httpd: one connection per request,
+/// answered with `response`, then its end kept open for `hold` and closed.
+/// Counts the connections it accepted.
+async fn http10_backend(response: &'static [u8], hold: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let b = l.local_addr().unwrap();
+    let addr = l.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let a = accepted.clone();
     tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
+        while let Ok((mut s, _)) = l.accept().await {
             a.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut head = Vec::new();
@@ -603,14 +601,22 @@ async fn an_http10_backend_that_closes_does_not_close_the_client_connection() {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nold",
-                    )
-                    .await;
+                let _ = s.write_all(response).await;
+                tokio::time::sleep(hold).await;
             });
         }
     });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_backend_that_closes_does_not_close_the_client_connection() {
+    // Like busybox httpd: HTTP/1.0 responses, one connection per request.
+    let (b, accepted) = http10_backend(
+        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nold",
+        Duration::ZERO,
+    )
+    .await;
     let lb = Balancer::start(&[b], None, http_front()).await;
     let mut c = connect(lb.addr).await;
     for _ in 0..5 {
@@ -650,26 +656,11 @@ async fn connections_to_backends_leave_no_time_wait_behind() {
     // An HTTP/1.0 backend that answers and keeps its end open a moment, so
     // the balancer is the one to close each connection (a FIN from it then
     // ends in TIME_WAIT once the backend closes too).
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let b = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            });
-        }
-    });
+    let (b, _) = http10_backend(
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        Duration::from_millis(200),
+    )
+    .await;
     let lb = Balancer::start(&[b], None, http_front()).await;
     let mut c = connect(lb.addr).await;
     for _ in 0..5 {

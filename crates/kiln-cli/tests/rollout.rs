@@ -251,18 +251,11 @@ fn blue_green_switches_in_one_step_and_switches_back_instantly() {
     assert!(!run.stderr.contains("creating"), "{}", run.stderr);
     load.finish_clean(50);
     assert_eq!(request(port).unwrap(), "v1\n");
-    let mut now: Vec<String> = p
-        .kiln(&["server", "list", "staging", "--json"])
-        .ok()
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "running")
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
-    now.sort();
-    assert_eq!(now, blue, "the very same blue servers serve again");
+    assert_eq!(
+        p.ids_with("staging", "running"),
+        blue,
+        "the very same blue servers serve again"
+    );
 }
 
 #[test]

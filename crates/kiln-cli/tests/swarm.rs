@@ -71,15 +71,26 @@ fn http_get(addr: &str) -> Result<String, String> {
     }
 }
 
-/// Services on the swarm labelled with kiln's environment `env`.
-fn services(cluster: &kiln_testcluster::Cluster, env: &str) -> Vec<String> {
+/// Runs `f` with a connection to the cluster's manager, on a runtime of
+/// its own (the tests themselves are synchronous, like the CLI).
+fn with_manager<T, F, Fut>(cluster: &kiln_testcluster::Cluster, f: F) -> T
+where
+    F: FnOnce(kiln_provider_swarm::Cluster) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
-        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+        f(kiln_provider_swarm::Cluster::connect(&ep).await.unwrap()).await
+    })
+}
+
+/// Services on the swarm labelled with kiln's environment `env`.
+fn services(cluster: &kiln_testcluster::Cluster, env: &str) -> Vec<String> {
+    with_manager(cluster, |c| async move {
         c.servers(Some(env))
             .await
             .unwrap()
@@ -92,13 +103,7 @@ fn services(cluster: &kiln_testcluster::Cluster, env: &str) -> Vec<String> {
 /// Adds `EDITED=1` to a service's environment, as `docker service update
 /// --env-add` would.
 fn update_env(cluster: &kiln_testcluster::Cluster, service: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
-        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+    with_manager(cluster, |c| async move {
         let d = c.engine().docker();
         let s = d.inspect_service(service, None).await.unwrap();
         let mut spec = s.spec.unwrap();
@@ -125,13 +130,7 @@ fn update_env(cluster: &kiln_testcluster::Cluster, service: &str) {
 /// A service started by hand with kiln's env and role labels (but not
 /// kiln's name or its other labels), running the same image as `like`.
 fn start_stray(cluster: &kiln_testcluster::Cluster, like: &str, name: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
-        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+    with_manager(cluster, |c| async move {
         let d = c.engine().docker();
         let template = d.inspect_service(like, None).await.unwrap().spec.unwrap();
         let image = template
@@ -171,13 +170,7 @@ fn start_stray(cluster: &kiln_testcluster::Cluster, like: &str, name: &str) {
 /// What `docker exec -d SERVICE_CONTAINER sleep 60` does, on the node
 /// where `env`'s server `id` runs.
 fn exec_into(cluster: &kiln_testcluster::Cluster, env: &str, id: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
-        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+    with_manager(cluster, |c| async move {
         let server = c
             .server(env, id)
             .await
@@ -240,31 +233,9 @@ fn digests(p: &Project, env: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Ids of `env`'s servers with `status`, sorted.
-fn ids_with(p: &Project, env: &str, status: &str) -> Vec<String> {
-    let mut v: Vec<String> = p
-        .kiln(&["server", "list", env, "--json"])
-        .ok()
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == status)
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
-    v.sort();
-    v
-}
-
 /// What the swarm runs for `env`, one line per service (for failures).
 fn describe(cluster: &kiln_testcluster::Cluster, env: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
-        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+    with_manager(cluster, |c| async move {
         c.servers(Some(env))
             .await
             .unwrap()
@@ -297,13 +268,7 @@ fn describe(cluster: &kiln_testcluster::Cluster, env: &str) -> String {
 
 /// Nodes the manager sees ready.
 fn ready_nodes(cluster: &kiln_testcluster::Cluster) -> usize {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let ep = kiln_provider_swarm::Endpoint::new(cluster.manager_endpoint());
-        let c = kiln_provider_swarm::Cluster::connect(&ep).await.unwrap();
+    with_manager(cluster, |c| async move {
         c.nodes()
             .await
             .unwrap()
@@ -492,7 +457,7 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     // load, to the store's newer version built above: the new set comes up
     // beside the old, one switch; a rollback inside the window switches back to the
     // very same warm servers. No request fails.
-    let blue = ids_with(&p, "staging", "running");
+    let blue = p.ids_with("staging", "running");
     let load = Load::local(port, 4);
     let run = p.kiln(&["apply", "staging", "--yes"]).ok();
     assert_eq!(
@@ -501,18 +466,14 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
         "one switch: {}",
         run.stderr
     );
-    assert_eq!(ids_with(&p, "staging", "standby"), blue, "blue is warm");
+    assert_eq!(p.ids_with("staging", "standby"), blue, "blue is warm");
     let run = p.kiln(&["rollback", "staging", "--yes"]).ok();
     assert!(run.stdout.contains("switch back"), "{}", run.stdout);
     assert!(!run.stderr.contains("creating"), "{}", run.stderr);
     let (ok, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
     assert!(ok > 20, "only {ok} requests were sent");
-    assert_eq!(
-        ids_with(&p, "staging", "running"),
-        blue,
-        "blue serves again"
-    );
+    assert_eq!(p.ids_with("staging", "running"), blue, "blue serves again");
 
     // Last (Swarm rolls the edited service for a while): a change behind
     // kiln's back (`docker service update --env-add`) is drift.

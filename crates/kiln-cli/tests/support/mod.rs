@@ -264,6 +264,22 @@ impl Project {
             .clone()
     }
 
+    /// Sorted ids of `env`'s servers with `status` (`running`, `standby`).
+    pub fn ids_with(&self, env: &str, status: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .kiln(&["server", "list", env, "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["status"] == status)
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Sorted ids of staging's servers.
     pub fn ids(&self) -> Vec<String> {
         let mut v: Vec<String> = self
