@@ -350,7 +350,7 @@ impl Engine<'_> {
                         warnings.push(format!(
                             "role `{}`: spec not compared: {}",
                             r.name,
-                            error_chain(&e)
+                            kiln_model::error_chain(&e)
                         ));
                         None
                     }
@@ -435,7 +435,10 @@ impl Engine<'_> {
                     Some(a)
                 }
                 Err(e) => {
-                    warnings.push(format!("vulnerabilities not checked: {}", error_chain(&e)));
+                    warnings.push(format!(
+                        "vulnerabilities not checked: {}",
+                        kiln_model::error_chain(&e)
+                    ));
                     None
                 }
             },
@@ -480,9 +483,10 @@ impl Engine<'_> {
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => {
-                        warnings.push(format!("image {image} not scanned: {}", error_chain(&e)))
-                    }
+                    Err(e) => warnings.push(format!(
+                        "image {image} not scanned: {}",
+                        kiln_model::error_chain(&e)
+                    )),
                 }
             }
             for s in &on {
@@ -624,18 +628,6 @@ impl Engine<'_> {
             found.push(&s.id, Config, Some(&s.role), setting.clone());
         }
     }
-}
-
-/// An error and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
 }
 
 /// Whether `path` is `dir` or below it.

@@ -18,6 +18,19 @@ pub use plan::*;
 pub use release::*;
 pub use subnet::{Subnet, SubnetError, DEFAULT_POOL, MAX_PREFIX, MIN_PREFIX};
 
+/// An error and its sources on one line, `: `-separated: what kiln shows
+/// for errors whose detail is in their sources (libcontainer's, Docker's).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// A validated project: the images it bakes and the environments it fires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Project {

@@ -22,7 +22,8 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use kiln_image::{Digest, Store};
 use kiln_model::{
-    Balancer, BalancerCheck, HealthCheck, ImageRef, NodeInfo, Server, Subnet, SwarmSpec, Volume,
+    error_chain, Balancer, BalancerCheck, HealthCheck, ImageRef, NodeInfo, Server, Subnet,
+    SwarmSpec, Volume,
 };
 use kiln_provider::{
     BalancerState, FileCheck, Inspection, LogChunk, Names, Provider, ProviderError, Running,
@@ -66,20 +67,8 @@ fn other(what: impl Into<String>) -> impl FnOnce(SwarmError) -> ProviderError {
     let what = what.into();
     move |e| ProviderError::Other {
         what,
-        detail: chain(&e),
+        detail: error_chain(&e),
     }
-}
-
-/// The error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl Swarm {
@@ -239,7 +228,7 @@ impl Provider for Swarm {
                 .block_on(registry.push(&self.store, &digest))
                 .map_err(|e| ProviderError::Prepare {
                     image: image.to_string(),
-                    detail: chain(&e),
+                    detail: error_chain(&e),
                 })?;
         }
         Ok(())
@@ -301,7 +290,7 @@ impl Provider for Swarm {
             .registry()?
             .reference(&Digest(req.image.digest.clone()));
         let spec = self.server_spec(req, image);
-        let mut service = spec.to_service().map_err(|e| fail(chain(&e)))?;
+        let mut service = spec.to_service().map_err(|e| fail(error_chain(&e)))?;
         let json = serde_json::to_string(&service).map_err(|e| fail(e.to_string()))?;
         service
             .labels
@@ -310,11 +299,11 @@ impl Provider for Swarm {
         let docker = cluster.engine().docker().clone();
         self.rt
             .block_on(docker.create_service(service, None))
-            .map_err(|e| fail(chain(&e)))?;
+            .map_err(|e| fail(error_chain(&e)))?;
         let running = self
             .rt
             .block_on(cluster.wait_running(&req.env, &req.id, START_TIMEOUT))
-            .map_err(|e| fail(chain(&e)))?;
+            .map_err(|e| fail(error_chain(&e)))?;
         let task = running.current();
         Ok(Started {
             pid: None,
@@ -327,7 +316,7 @@ impl Provider for Swarm {
     fn destroy(&self, env: &str, id: &str) -> Result<(), ProviderError> {
         let fail = |e: SwarmError| ProviderError::Destroy {
             id: id.into(),
-            detail: chain(&e),
+            detail: error_chain(&e),
         };
         let cluster = self.cluster()?;
         let exists = self
@@ -550,16 +539,16 @@ impl Provider for Swarm {
         let rec = self
             .store
             .version(&image.name, image.version)
-            .map_err(|e| fail(chain(&e)))?;
+            .map_err(|e| fail(error_chain(&e)))?;
         let seal: kiln_image::seal::Seal = self
             .store
             .read_json_blob(&rec.seal)
-            .map_err(|e| fail(chain(&e)))?;
+            .map_err(|e| fail(error_chain(&e)))?;
         let wanted: BTreeSet<&str> = servers.iter().map(|s| s.id.as_str()).collect();
         let found: Vec<crate::server::Server> = self
             .rt
             .block_on(cluster.servers(Some(&env)))
-            .map_err(|e| fail(chain(&e)))?
+            .map_err(|e| fail(error_chain(&e)))?
             .into_iter()
             .filter(|s| s.label(LABEL_SERVER).is_some_and(|id| wanted.contains(id)))
             .collect();
@@ -581,7 +570,7 @@ impl Provider for Swarm {
             let diffs = self
                 .rt
                 .block_on(node.verify_export(&target.container, &seal, &mounts))
-                .map_err(|e| fail(chain(&e)))?;
+                .map_err(|e| fail(error_chain(&e)))?;
             let lines: Vec<String> = diffs.iter().map(ToString::to_string).collect();
             for s in &found {
                 let same_place = s.current().is_some_and(|t| t.node_id == target.node_id);

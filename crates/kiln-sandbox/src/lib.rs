@@ -35,6 +35,7 @@
 
 mod seccomp;
 
+use kiln_model::error_chain;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -267,7 +268,7 @@ impl Runtime {
         let _guard = LIBCONTAINER.lock().unwrap_or_else(|e| e.into_inner());
         let mut builder = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
             .with_root_path(&self.state)
-            .map_err(|e| start(chain(&e)))?
+            .map_err(|e| start(error_chain(&e)))?
             .with_stdin(stdin)
             .with_stdout(log)
             .with_stderr(log2);
@@ -276,16 +277,16 @@ impl Runtime {
         }
         let mut container = builder
             .validate_id()
-            .map_err(|e| start(chain(&e)))?
+            .map_err(|e| start(error_chain(&e)))?
             .as_init(&bundle)
             .with_systemd(false)
             .with_detach(true)
             .build()
-            .map_err(|e| start(chain(&e)))?;
+            .map_err(|e| start(error_chain(&e)))?;
         if let Err(e) = container.start() {
             // The container's first process is parked waiting for start.
             let _ = container.delete(true);
-            return Err(start(chain(&e)));
+            return Err(start(error_chain(&e)));
         }
         container
             .pid()
@@ -328,7 +329,7 @@ impl Runtime {
                         result = c.delete(true);
                     }
                     if let Err(e) = result {
-                        tracing::warn!(id, error = %chain(&e), "libcontainer delete failed; removing state");
+                        tracing::warn!(id, error = %error_chain(&e), "libcontainer delete failed; removing state");
                         sweep_cgroup(id);
                         if dir.exists() {
                             std::fs::remove_dir_all(&dir)
@@ -682,19 +683,6 @@ fn oci_capability(c: Capability) -> oci_spec::runtime::Capability {
     c.name()
         .parse()
         .expect("oci-spec knows every capability of capabilities(7)")
-}
-
-/// The whole chain of an error on one line; libcontainer's errors are
-/// mostly transparent wrappers whose detail is in the sources.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
