@@ -841,15 +841,13 @@ impl Cluster {
                         .error
                         .as_deref()
                         .is_some_and(|e| e.contains("host-mode port already in use"));
-                    let waited = *port_busy_since.get_or_insert_with(Instant::now);
-                    if !port_busy {
-                        port_busy_since = None;
-                    }
+                    port_busy_since =
+                        port_busy.then(|| port_busy_since.unwrap_or_else(Instant::now));
                     let unplaceable = t.phase == TaskPhase::Pending
                         && t.error
                             .as_deref()
                             .is_some_and(|e| e.contains("no suitable node"))
-                        && !(port_busy && waited.elapsed() < PORT_GRACE);
+                        && port_busy_since.is_none_or(|since| since.elapsed() >= PORT_GRACE);
                     if unplaceable
                         || matches!(
                             t.phase,
@@ -878,32 +876,26 @@ impl Cluster {
     /// Removes the server's service (idempotent) and waits until the swarm
     /// has no task of it left, so its published ports are free again.
     pub async fn remove_server(&self, env: &str, server: &str, timeout: Duration) -> Result<()> {
-        let mut name = service_name(env, server);
         let e = &self.engine;
-        // Not kiln's name: a stray carrying kiln's labels (unmanaged),
-        // known by its server label or its own service name.
-        if matches!(
-            e.docker.inspect_service(&name, None).await,
+        let mut name = service_name(env, server);
+        let id = match e.docker.inspect_service(&name, None).await {
+            Ok(s) => s.id.unwrap_or_default(),
+            // Not kiln's name: a stray carrying kiln's labels (unmanaged),
+            // known by its server label or its own service name.
             Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404,
-                ..
-            })
-        ) {
-            match self
+                status_code: 404, ..
+            }) => match self
                 .servers(Some(env))
                 .await?
                 .into_iter()
                 .find(|s| s.inventory_id() == server)
             {
-                Some(stray) => name = stray.service_name,
+                Some(stray) => {
+                    name = stray.service_name;
+                    stray.service_id
+                }
                 None => return Ok(()),
-            }
-        }
-        let id = match e.docker.inspect_service(&name, None).await {
-            Ok(s) => s.id.unwrap_or_default(),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Ok(()),
+            },
             Err(err) => return Err(e.api(format!("inspect service {name}"))(err)),
         };
         match e.docker.delete_service(&name).await {
@@ -922,6 +914,9 @@ impl Cluster {
                 }))
                 .await
                 .unwrap_or_default();
+            if tasks.is_empty() {
+                return Ok(());
+            }
             // A task on a node that is down cannot confirm its end until
             // the node returns, and then the swarm stops it (its service is
             // gone): it holds nothing kiln could place now.
