@@ -320,42 +320,40 @@ impl Engine<'_> {
         let Some(b) = balancer else { return Ok(()) };
         // Each server as its own release declared the balancer (port and
         // check): mid-rollout, old and new servers may differ.
-        let releases = self.state.releases(env)?;
-        let backends: Vec<Upstream> = servers
-            .iter()
-            .filter(in_rotation)
-            .map(|s| {
-                let own = declared_balancer(&releases, s, b);
-                Upstream {
-                    addr: s.endpoint(own.port),
-                    port: own.port,
-                    check: own.check.clone(),
+        let mut declared: BTreeMap<i64, Balancer> = BTreeMap::new();
+        let mut backends = Vec::new();
+        for s in servers.iter().filter(in_rotation) {
+            let own = match declared.entry(s.release) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(self.declared_balancer(s, b)?)
                 }
-            })
-            .collect();
+            };
+            backends.push(Upstream {
+                addr: s.endpoint(own.port),
+                port: own.port,
+                check: own.check.clone(),
+            });
+        }
         self.provider.balance(env, role, b, &backends)?;
         Ok(())
+    }
+
+    /// The balancer as `s`'s own release declared it (port, check), or
+    /// `current` when that release recorded none.
+    fn declared_balancer(&self, s: &Server, current: &Balancer) -> Result<Balancer> {
+        Ok(self
+            .state
+            .release(&s.env, s.release)?
+            .and_then(|r| r.targets.into_iter().find(|t| t.role == s.role))
+            .and_then(|t| t.spec.balancer)
+            .unwrap_or_else(|| current.clone()))
     }
 
     /// The TTL of `env`'s DNS answers.
     pub(crate) fn dns_ttl(&self, env: &str) -> u32 {
         self.project.envs.get(env).map_or(1, |e| e.dns_ttl_secs)
     }
-}
-
-/// The balancer as `s`'s own release declared it (port, check), or
-/// `current` when that release recorded none.
-fn declared_balancer<'b>(
-    releases: &'b [kiln_model::Release],
-    s: &Server,
-    current: &'b Balancer,
-) -> &'b Balancer {
-    releases
-        .iter()
-        .find(|r| r.id == s.release)
-        .and_then(|r| r.targets.iter().find(|t| t.role == s.role))
-        .and_then(|t| t.spec.balancer.as_ref())
-        .unwrap_or(current)
 }
 
 /// The names `env`'s DNS answers: `ROLE` and `ROLE.ENV` for each role's
@@ -907,8 +905,7 @@ impl Run<'_, '_> {
     /// Waits for `s`'s open connections at its balancer `b` to finish; `s`
     /// is found there at the port its own release declared.
     fn drain_server(&self, s: &Server, b: &Balancer) -> Result<()> {
-        let releases = self.engine.state.releases(self.env())?;
-        let own = declared_balancer(&releases, s, b);
+        let own = self.engine.declared_balancer(s, b)?;
         self.engine.provider.drain(
             self.env(),
             &s.role,

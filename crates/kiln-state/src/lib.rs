@@ -287,6 +287,16 @@ impl State {
         Ok(())
     }
 
+    /// Release `id` of `env`, if there is one.
+    pub fn release(&self, env: &str, id: i64) -> Result<Option<Release>> {
+        let err = self.fail("read", format!("release {id} of environment `{env}`"));
+        let sql = format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE env = ?1 AND id = ?2");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(&err)?;
+        stmt.query_row(params![env, id], release_row)
+            .optional()
+            .map_err(&err)
+    }
+
     /// Releases of `env`, oldest first.
     pub fn releases(&self, env: &str) -> Result<Vec<Release>> {
         let err = self.fail("read the releases of", format!("environment `{env}`"));
