@@ -289,24 +289,33 @@ pub fn set_backends_checked(
     checks: &BTreeMap<String, Option<Check>>,
     front: &Front,
 ) -> Result<u64, BalancerError> {
+    store_backends(
+        dir,
+        Backends {
+            generation: 0,
+            backends: backends.to_vec(),
+            check: check.cloned(),
+            checks: checks.clone(),
+            front: front.clone(),
+        },
+    )
+}
+
+/// Writes `b` as the next generation of the control file (its own
+/// `generation` is ignored) and returns that generation. Both kiln's side
+/// and the balancer's control channel (`remote.rs`) write through it.
+pub fn store_backends(dir: &Path, mut b: Backends) -> Result<u64, BalancerError> {
     std::fs::create_dir_all(dir).map_err(|source| BalancerError::Io {
         op: "create",
         path: dir.to_path_buf(),
         source,
     })?;
-    let generation = read_backends(dir).map(|b| b.generation).unwrap_or(0) + 1;
-    let b = Backends {
-        generation,
-        backends: backends.to_vec(),
-        check: check.cloned(),
-        checks: checks.clone(),
-        front: front.clone(),
-    };
+    b.generation = read_backends(dir).map(|b| b.generation).unwrap_or(0) + 1;
     write_atomic(
         &backends_path(dir),
         &serde_json::to_vec(&b).expect("serializes"),
     )?;
-    Ok(generation)
+    Ok(b.generation)
 }
 
 pub fn read_backends(dir: &Path) -> Option<Backends> {
@@ -327,19 +336,31 @@ pub fn wait_generation(
     generation: u64,
     timeout: Duration,
 ) -> Result<Status, BalancerError> {
+    wait_generation_with(|| read_status(dir), generation, timeout).ok_or_else(|| {
+        BalancerError::Timeout {
+            dir: dir.to_path_buf(),
+            what: format!("switch to backend set {generation}"),
+            secs: timeout.as_secs(),
+        }
+    })
+}
+
+/// [`wait_generation`] with the status read by `read` (a file, or a
+/// balancer's control channel); `None` on timeout.
+pub fn wait_generation_with(
+    mut read: impl FnMut() -> Option<Status>,
+    generation: u64,
+    timeout: Duration,
+) -> Option<Status> {
     let start = std::time::Instant::now();
     loop {
-        if let Some(s) = read_status(dir) {
+        if let Some(s) = read() {
             if s.generation >= generation {
-                return Ok(s);
+                return Some(s);
             }
         }
         if start.elapsed() > timeout {
-            return Err(BalancerError::Timeout {
-                dir: dir.to_path_buf(),
-                what: format!("switch to backend set {generation}"),
-                secs: timeout.as_secs(),
-            });
+            return None;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -349,12 +370,21 @@ pub fn wait_generation(
 /// connection), or the timeout passes: draining is bounded. Returns
 /// whether it drained fully.
 pub fn wait_drained(dir: &Path, addr: &str, timeout: Duration) -> bool {
+    wait_drained_with(|| read_status(dir), addr, timeout)
+}
+
+/// [`wait_drained`] with the status read by `read`.
+pub fn wait_drained_with(
+    mut read: impl FnMut() -> Option<Status>,
+    addr: &str,
+    timeout: Duration,
+) -> bool {
     let start = std::time::Instant::now();
     // Only a status written after this call started counts: counters in an
     // older one may predate the last requests to `addr`.
-    let from = read_status(dir).map(|s| s.seq).unwrap_or(0);
+    let from = read().map(|s| s.seq).unwrap_or(0);
     loop {
-        let status = read_status(dir).filter(|s| s.seq >= from + 2);
+        let status = read().filter(|s| s.seq >= from + 2);
         let open = status.as_ref().map(|s| {
             s.backends
                 .iter()

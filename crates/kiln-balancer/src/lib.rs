@@ -26,6 +26,10 @@
 //!   serves, per-backend counters, the served certificate. kiln waits on it:
 //!   for a switch to be acknowledged, for a removed backend to drain.
 //! - `pid`, `balancer.log`, and `acme/` (account and certificate, 0600).
+//!
+//! A balancer kiln cannot reach through a directory (a Swarm service on
+//! another machine) also serves a control channel over HTTP (`remote.rs`)
+//! that reads and writes those same files.
 
 mod acme;
 mod control;
@@ -34,6 +38,7 @@ mod fleet;
 mod health;
 mod http;
 mod metrics;
+mod remote;
 mod tcp;
 mod tls;
 
@@ -48,8 +53,9 @@ use tokio::task::JoinHandle;
 pub use acme::AcmeError;
 pub use control::{
     backends_path, read_backends, read_status, set_backends, set_backends_checked,
-    set_backends_with, status_path, wait_drained, wait_generation, Acme, Algorithm, BackendStatus,
-    Backends, Check, Front, Mode, Probe, Status, Tls, TlsStatus,
+    set_backends_with, status_path, store_backends, wait_drained, wait_drained_with,
+    wait_generation, wait_generation_with, Acme, Algorithm, BackendStatus, Backends, Check, Front,
+    Mode, Probe, Status, Tls, TlsStatus,
 };
 pub use health::{passes, status_code};
 pub use tls::TlsError;
@@ -81,8 +87,25 @@ pub enum BalancerError {
     },
 }
 
+/// The control channel over HTTP: where it listens, and the bearer token
+/// every request must carry.
+#[derive(Debug, Clone)]
+pub struct Control {
+    pub addr: String,
+    pub token: String,
+}
+
 /// Runs a balancer until the process is told to stop (SIGTERM/SIGINT).
 pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
+    run_with(listen, dir, None).await
+}
+
+/// [`run`], also serving the control channel when `control` is given.
+pub async fn run_with(
+    listen: &str,
+    dir: PathBuf,
+    control: Option<Control>,
+) -> Result<(), BalancerError> {
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| BalancerError::Listen {
@@ -127,6 +150,15 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
         })
     };
     let checker = tokio::spawn(health::check_loop(fleet.clone()));
+    let remote = match control {
+        Some(c) => Some(tokio::spawn(remote::serve(
+            metrics::bind_admin(&c.addr).await?,
+            dir.clone(),
+            c.token.into(),
+            fleet.metrics.clone(),
+        ))),
+        None => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| BalancerError::Io {
             op: "watch signals of",
@@ -145,6 +177,9 @@ pub async fn run(listen: &str, dir: PathBuf) -> Result<(), BalancerError> {
     }
     watcher.abort();
     checker.abort();
+    if let Some(r) = remote {
+        r.abort();
+    }
     Ok(())
 }
 

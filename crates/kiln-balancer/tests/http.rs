@@ -750,3 +750,104 @@ async fn each_backend_is_checked_as_its_own_release_declares() {
     )
     .await;
 }
+
+/// One request to a control channel with `token`: status and body.
+async fn control(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> (u16, String) {
+    use http_body_util::BodyExt as _;
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut c, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "control.test")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_channel_switches_backends_for_its_token_only() {
+    let (a, _) = named("127.0.0.1", "a").await;
+    let (b, _) = named("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ctl: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let run_dir = dir.path().to_path_buf();
+    let task = tokio::spawn(async move {
+        let control = kiln_balancer::Control {
+            addr: ctl.to_string(),
+            token: "s3cret".into(),
+        };
+        kiln_balancer::run_with(&front.to_string(), run_dir, Some(control))
+            .await
+            .unwrap();
+    });
+    let set = |addr: SocketAddr| {
+        serde_json::to_string(&kiln_balancer::Backends {
+            backends: vec![addr.to_string()],
+            front: http_front(),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let mut up = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(ctl).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up, "the control channel listens");
+    // No token, a wrong one: refused, nothing switched.
+    assert_eq!(
+        control(ctl, "PUT", "/backends", "wrong", &set(a)).await.0,
+        401
+    );
+    assert_eq!(control(ctl, "GET", "/status", "", "").await.0, 401);
+    assert!(kiln_balancer::read_backends(dir.path()).is_none());
+    // Garbage is refused with the reason.
+    let (code, why) = control(ctl, "PUT", "/backends", "s3cret", "{nope").await;
+    assert_eq!(code, 400, "{why}");
+    // With the token: the next generation, served.
+    for (want, addr, generation) in [("a", a, 1), ("b", b, 2)] {
+        let (code, body) = control(ctl, "PUT", "/backends", "s3cret", &set(addr)).await;
+        assert_eq!(
+            (code, body),
+            (200, format!(r#"{{"generation":{generation}}}"#))
+        );
+        let mut served = false;
+        for _ in 0..200 {
+            let (code, status) = control(ctl, "GET", "/status", "s3cret", "").await;
+            let status: Option<kiln_balancer::Status> = serde_json::from_str(&status).ok();
+            if code == 200 && status.is_some_and(|s| s.generation == generation) {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(served, "generation {generation} served");
+        assert_eq!(get(front, "/").await.1, want);
+    }
+    let metrics = control(ctl, "GET", "/metrics", "s3cret", "").await.1;
+    assert!(
+        metrics.contains("kiln_balancer_responses_total"),
+        "{metrics}"
+    );
+    task.abort();
+}

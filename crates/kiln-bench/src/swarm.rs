@@ -164,7 +164,7 @@ fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
         .port();
     let toml = |version: u32, servers: u32| {
         format!(
-            "[project]\nname = \"benchk\"\n[images.web]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nhealth = {{ http = \"/index.html\", port = 8080 }}\n[env.bench]\nprovider = {{ swarm = \"{}\", registry = \"http://{}/benchk\" }}\n[env.bench.roles.web]\nimage = \"web\"\nservers = {servers}\nports = [8080]\nenv = {{ VERSION = \"{version}\" }}\nbalancer = {{ listen = \"127.0.0.1:{port}\", port = 8080, drain_timeout = \"5s\" }}\n",
+            "[project]\nname = \"benchk\"\n[images.web]\nfrom = \"scratch\"\nentrypoint = [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nhealth = {{ http = \"/index.html\", port = 8080 }}\n[env.bench]\nprovider = {{ swarm = \"{}\", registry = \"http://{}/benchk\" }}\n[env.bench.roles.web]\nimage = \"web\"\nservers = {servers}\nports = [8080]\nenv = {{ VERSION = \"{version}\" }}\nbalancer = {{ listen = \"0.0.0.0:{port}\", port = 8080, drain_timeout = \"5s\" }}\n",
             tc.manager_endpoint(),
             tc.registry()
         )

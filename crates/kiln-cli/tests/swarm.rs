@@ -44,7 +44,7 @@ image = "web"
 servers = {servers}
 ports = [8080]
 env = {{ VERSION = "{version}" }}
-balancer = {{ listen = "127.0.0.1:{port}", port = 8080, drain_timeout = "5s" }}
+balancer = {{ listen = "0.0.0.0:{port}", port = 8080, drain_timeout = "5s" }}
 "#,
         manager = cluster.manager_endpoint(),
         registry = cluster.registry(),
@@ -88,16 +88,43 @@ where
     })
 }
 
-/// Services on the swarm labelled with kiln's environment `env`.
+/// Services on the swarm labelled with kiln's environment `env`, the
+/// role balancers aside.
 fn services(cluster: &kiln_testcluster::Cluster, env: &str) -> Vec<String> {
     with_manager(cluster, |c| async move {
         c.servers(Some(env))
             .await
             .unwrap()
             .into_iter()
+            .filter(|s| !kiln_provider_swarm::front::is_balancer(s))
             .map(|s| s.service_name)
             .collect()
     })
+}
+
+/// The nodes where a balancer of `env` runs.
+fn balancer_nodes(cluster: &kiln_testcluster::Cluster, env: &str) -> BTreeSet<String> {
+    with_manager(cluster, |c| async move {
+        c.servers(Some(env))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| kiln_provider_swarm::front::is_balancer(s) && s.alive())
+            .filter_map(|s| Some(s.current()?.node_id.clone()))
+            .collect()
+    })
+}
+
+/// Every service of `env`, balancers included.
+fn all_services(cluster: &kiln_testcluster::Cluster, env: &str) -> usize {
+    with_manager(cluster, |c| async move {
+        c.servers(Some(env)).await.unwrap().len()
+    })
+}
+
+/// The role's front on node `i` (0 or 1): its balancer's published port.
+fn front(cluster: &kiln_testcluster::Cluster, i: usize, port: u16) -> String {
+    format!("{}:{port}", cluster.nodes()[i].ip)
 }
 
 /// Adds `EDITED=1` to a service's environment, as `docker service update
@@ -337,11 +364,19 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
         let published = s["published"]["8080"].as_u64().expect("published port");
         http_get(&format!("{addr}:{published}")).unwrap();
     }
-    http_get(&format!("127.0.0.1:{port}")).unwrap();
+    // The role's balancer runs on the swarm, one per node, and serves
+    // there once kiln has exited.
+    assert_eq!(balancer_nodes(&cluster, "staging"), node_ids);
+    http_get(&front(&cluster, 0, port)).unwrap();
+    http_get(&front(&cluster, 1, port)).unwrap();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens on kiln's own host"
+    );
 
     // A rolling replacement under load through the balancer loses nothing.
     p.write("kiln.toml", &kiln_toml(&cluster, port, 4, 2));
-    let load = Load::local(port, 4);
+    let load = Load::start(front(&cluster, 1, port), "/", 4);
     let out = p.kiln(&["apply", "staging", "--yes"]).ok();
     let (ok, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
@@ -407,7 +442,7 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
             "[env.staging]\nunmanaged = \"kill\"\ndrift = \"kill\"\n",
         ),
     );
-    let load = Load::local(port, 4);
+    let load = Load::start(front(&cluster, 0, port), "/", 4);
     let out = p.kiln(&["reconcile", "staging", "--yes"]).ok();
     eprintln!("reconcile:\n{}\n{}", out.stdout, out.stderr);
     let (ok, failed, errors) = load.finish();
@@ -449,7 +484,7 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     eprintln!("before promote:\n{}", describe(&cluster, "staging"));
     p.kiln(&["promote", "dev", "staging", "--yes"]).ok();
     assert_eq!(digests(&p, "staging"), dev, "staging runs what dev runs");
-    let body = http_get(&format!("127.0.0.1:{port}")).unwrap();
+    let body = http_get(&front(&cluster, 0, port)).unwrap();
     assert!(body.ends_with("promoted\n"), "{body}");
     p.kiln(&["destroy", "dev", "--yes"]).ok();
 
@@ -458,7 +493,7 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
     // beside the old, one switch; a rollback inside the window switches back to the
     // very same warm servers. No request fails.
     let blue = p.ids_with("staging", "running");
-    let load = Load::local(port, 4);
+    let load = Load::start(front(&cluster, 1, port), "/", 4);
     let run = p.kiln(&["apply", "staging", "--yes"]).ok();
     assert_eq!(
         run.stderr.matches("switched to the new servers").count(),
@@ -485,7 +520,7 @@ fn a_swarm_environment_is_planned_applied_rolled_and_destroyed() {
 
     p.kiln(&["destroy", "staging", "--yes"]).ok();
     assert!(p.servers().is_empty());
-    assert!(services(&cluster, "staging").is_empty());
+    assert_eq!(all_services(&cluster, "staging"), 0, "balancers included");
 }
 
 #[test]
@@ -526,7 +561,8 @@ fn a_lost_node_is_replaced_by_reconcile_and_brings_nothing_back() {
         "all on the surviving node: {servers:?}"
     );
     assert!(p.ids().iter().all(|id| !on_n2.contains(id)));
-    http_get(&format!("127.0.0.1:{port}")).unwrap();
+    // The surviving node's balancer serves the replacements.
+    http_get(&front(&cluster, 0, port)).unwrap();
     let history = p.kiln(&["history", "staging"]).ok().stdout;
     assert!(history.contains("reconcile"), "{history}");
 
@@ -536,5 +572,17 @@ fn a_lost_node_is_replaced_by_reconcile_and_brings_nothing_back() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(services(&cluster, "staging").len(), 4);
     assert_eq!(p.servers().len(), 4);
+    // Its balancer comes back with the set it had (it missed the switch):
+    // drift says so, reconcile brings it up to date, and it serves.
+    wait_until("node 2's balancer back", || {
+        balancer_nodes(&cluster, "staging").contains(&n2)
+    });
+    let drift = p.kiln(&["drift", "staging"]).expect(2).stdout;
+    assert!(drift.contains("serves another backend set"), "{drift}");
+    let out = p.kiln(&["reconcile", "staging", "--yes"]).ok();
+    assert!(out.stdout.contains("balancer"), "{}", out.stdout);
     p.kiln(&["drift", "staging"]).ok();
+    http_get(&front(&cluster, 1, port)).unwrap();
+    let history = p.kiln(&["history", "staging"]).ok().stdout;
+    assert!(history.contains("up to date"), "{history}");
 }

@@ -504,10 +504,17 @@ impl Engine<'_> {
             let serving = servers
                 .iter()
                 .any(|s| &s.role == role && s.status == ServerStatus::Running);
-            let alive = self
-                .provider
-                .balancer(&env.name, role)
-                .is_some_and(|b| b.alive);
+            let state = self.provider.balancer(&env.name, role);
+            for name in state.iter().flat_map(|b| &b.behind) {
+                let detail = format!("the balancer `{name}` of role `{role}` serves another backend set than kiln last switched to (it was away): reconcile brings it up to date");
+                found.push(
+                    &format!("balancer:{role}"),
+                    FindingKind::Config,
+                    Some(role),
+                    detail,
+                );
+            }
+            let alive = state.is_some_and(|b| b.alive);
             if serving && !alive {
                 let detail = format!("the balancer of role `{role}` is not running: its front is down (reconcile restarts it)");
                 found.push(

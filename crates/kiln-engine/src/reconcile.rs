@@ -196,7 +196,8 @@ impl Engine<'_> {
         self.alarm(env, "drift", detail);
     }
 
-    /// Roles with a balancer and running servers whose balancer is not running.
+    /// Roles with a balancer and running servers whose balancer is not
+    /// running, or (in part) serves another set than the last switch.
     fn dead_fronts(&self, env: &EnvSpec, servers: &[Server]) -> Vec<String> {
         env.roles
             .values()
@@ -210,20 +211,34 @@ impl Engine<'_> {
                 !self
                     .provider
                     .balancer(&env.name, &r.name)
-                    .is_some_and(|b| b.alive)
+                    .is_some_and(|b| b.alive && b.behind.is_empty())
             })
             .map(|r| r.name.clone())
             .collect()
     }
 
     /// A role's balancer is part of the fleet: one that died (OOM, a kill,
-    /// a reboot) is restarted with the live servers behind it.
+    /// a reboot) is restarted with the live servers behind it; one that
+    /// missed a switch gets the live servers.
     fn restart_fronts(&self, env: &EnvSpec, roles: &[String]) -> Result<()> {
         let _lock = self.lock(&env.name, PlanKind::Reconcile.as_str())?;
         for role in roles {
+            let behind = self
+                .provider
+                .balancer(&env.name, role)
+                .filter(|b| b.alive)
+                .map(|b| b.behind)
+                .unwrap_or_default();
             let b = env.roles.get(role).and_then(|r| r.balancer.as_ref());
             self.rebalance(&env.name, role, b, &[])?;
-            let detail = format!("restarted the balancer of `{role}` (it was not running)");
+            let detail = if behind.is_empty() {
+                format!("restarted the balancer of `{role}` (it was not running)")
+            } else {
+                format!(
+                    "brought the balancer of `{role}` up to date ({} served an older backend set)",
+                    behind.join(", ")
+                )
+            };
             self.state
                 .record_event(&env.name, &kiln_state::actor(), "self-heal", &detail)?;
             self.audit(&env.name, PlanKind::Reconcile.as_str(), "-", &detail)?;

@@ -681,6 +681,46 @@ fn reconcile_restarts_a_dead_balancer() {
 }
 
 #[test]
+fn a_balancer_that_missed_a_switch_is_drift_and_reconcile_brings_it_up_to_date() {
+    let w = fronted("");
+    w.apply();
+    w.fake.leave_behind("staging", "app", "app-lb-n2");
+    let report = w.engine().drift("staging", false).unwrap();
+    let finding = report
+        .findings
+        .iter()
+        .find(|f| f.server == "balancer:app")
+        .expect("a finding for the balancer");
+    assert_eq!(finding.kind, FindingKind::Config);
+    assert!(finding.detail.contains("`app-lb-n2`"), "{}", finding.detail);
+    let pass = w
+        .engine()
+        .reconcile("staging", false, &mut w.random())
+        .unwrap();
+    assert_eq!(pass.balancers_restarted, ["app"]);
+    assert!(w.fake.balancer("staging", "app").unwrap().behind.is_empty());
+    assert!(w
+        .engine()
+        .drift("staging", false)
+        .unwrap()
+        .findings
+        .is_empty());
+    let events: Vec<String> = w
+        .state
+        .events("staging")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.detail)
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("brought the balancer of `app` up to date (app-lb-n2")),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn drift_reads_what_the_provider_sees() {
     let mut w = fronted("");
     w.app_mut().watch = vec!["/etc/app".into()];

@@ -81,22 +81,8 @@ impl Local {
         }
         let alive = balancer_pid(&dir).is_some();
         let backends = match kiln_balancer::read_status(&dir) {
-            Some(s) => s
-                .backends
-                .into_iter()
-                .map(|b| Backend {
-                    rotation: if !b.active {
-                        Rotation::Draining
-                    } else if !b.healthy {
-                        Rotation::FailingChecks
-                    } else {
-                        Rotation::InRotation
-                    },
-                    attempts: b.total + b.errors,
-                    failures: b.errors + b.responses_5xx,
-                    addr: b.addr,
-                })
-                .collect(),
+            Some(s) => kiln_provider::front::backends_of(&[s]),
+            // Not started yet: what it was asked to serve.
             None => kiln_balancer::read_backends(&dir)
                 .map(|b| b.backends)
                 .unwrap_or_default()
@@ -109,7 +95,12 @@ impl Local {
                 })
                 .collect(),
         };
-        Some(BalancerState { alive, backends })
+        // One process: it always serves the last set written.
+        Some(BalancerState {
+            alive,
+            backends,
+            behind: Vec::new(),
+        })
     }
 
     /// Stops and removes a role's balancer; idempotent.

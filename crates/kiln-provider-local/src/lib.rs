@@ -21,15 +21,14 @@ mod inspect;
 pub mod net;
 mod secrets;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_image::Store;
-use kiln_model::{
-    Balancer, BalancerAlgorithm, BalancerMode, BalancerTls, HealthCheck, ImageRef, Server, Volume,
-};
+use kiln_model::{Balancer, HealthCheck, ImageRef, Server, Volume};
+use kiln_provider::front::backend_set;
 use kiln_provider::{
     check, BalancerState, FileCheck, Inspection, LogChunk, Provider, ProviderError, Running,
     ServerRequest, Started,
@@ -407,50 +406,10 @@ impl Provider for Local {
             detail,
         };
         let dir = self.balancer_dir(env, role);
-        let check = b.check.as_ref().and_then(balancer_check);
-        // Servers of another release checked otherwise than the role now.
-        let own: BTreeMap<String, Option<kiln_balancer::Check>> = backends
-            .iter()
-            .map(|u| (u.addr.clone(), u.check.as_ref().and_then(balancer_check)))
-            .filter(|(_, c)| *c != check)
-            .collect();
-        let addrs: Vec<String> = backends.iter().map(|u| u.addr.clone()).collect();
         self.open_front(env, &b.listen)
             .map_err(|e| fail(e.to_string()))?;
-        let front = kiln_balancer::Front {
-            mode: match b.mode {
-                BalancerMode::Http => kiln_balancer::Mode::Http,
-                BalancerMode::Tcp => kiln_balancer::Mode::Tcp,
-            },
-            algorithm: match b.algorithm {
-                BalancerAlgorithm::RoundRobin => kiln_balancer::Algorithm::RoundRobin,
-                BalancerAlgorithm::LeastRequests => kiln_balancer::Algorithm::LeastRequests,
-            },
-            tls: b.tls.as_ref().map(|t| match t {
-                BalancerTls::Files { cert, key } => kiln_balancer::Tls::Files {
-                    cert: cert.into(),
-                    key: key.into(),
-                },
-                BalancerTls::Acme {
-                    directory,
-                    email,
-                    domains,
-                    ca,
-                    renew_before_secs,
-                } => kiln_balancer::Tls::Acme(kiln_balancer::Acme {
-                    directory: directory.clone(),
-                    email: email.clone(),
-                    domains: domains.clone(),
-                    ca: ca.as_ref().map(Into::into),
-                    renew_before_secs: *renew_before_secs,
-                    check_interval_ms: 3_600_000,
-                }),
-            }),
-            admin: b.admin.clone(),
-        };
-        let generation =
-            kiln_balancer::set_backends_checked(&dir, &addrs, check.as_ref(), &own, &front)
-                .map_err(|e| fail(e.to_string()))?;
+        let generation = kiln_balancer::store_backends(&dir, backend_set(b, backends))
+            .map_err(|e| fail(e.to_string()))?;
         self.ensure_balancer(&dir, &b.listen).map_err(fail)?;
         kiln_balancer::wait_generation(&dir, generation, Duration::from_secs(5))
             .map_err(|e| fail(e.to_string()))?;
@@ -739,23 +698,4 @@ pub(crate) fn reap(pid: i32) {
             _ => return,
         }
     }
-}
-
-/// The balancer's own active check for a role's health check: HTTP and TCP
-/// checks (a command check is kiln's alone).
-fn balancer_check(c: &kiln_model::BalancerCheck) -> Option<kiln_balancer::Check> {
-    let probe = match &c.health {
-        HealthCheck::Http { path, port } => kiln_balancer::Probe::Http {
-            path: path.clone(),
-            port: *port,
-        },
-        HealthCheck::Tcp { port } => kiln_balancer::Probe::Tcp { port: *port },
-        HealthCheck::Command { .. } => return None,
-    };
-    Some(kiln_balancer::Check {
-        probe,
-        interval_ms: c.interval_ms,
-        fall: c.fall,
-        rise: c.rise,
-    })
 }

@@ -19,10 +19,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Result, SwarmError};
-use crate::server::{PortMap, Restart, ServerSpec};
+use crate::server::{PortMap, Restart, ServerSpec, VolumeMount};
 
-/// Where the balancer keeps its control files inside its container (a tmpfs).
-pub const CONTROL_DIR: &str = "/run";
+/// Where the balancer keeps its control files inside its container: a
+/// node-local volume, so a restarted balancer serves the last backend set
+/// kiln gave it at once.
+pub const CONTROL_DIR: &str = "/state";
+/// The port of the balancer's control channel inside its container.
+pub const CONTROL_PORT: u16 = 9190;
+/// The environment variable carrying the control channel's token.
+pub const TOKEN_VAR: &str = "KILN_BALANCER_TOKEN";
+/// The image's name in kiln's store.
+pub const IMAGE_NAME: &str = "kiln-balancer";
 
 /// Files of the balancer image: `(file on this host, path in the image)`.
 /// The binary goes to `/kiln`; shared objects (if any) keep their paths.
@@ -53,6 +61,9 @@ pub fn stage(kiln: &Path, files_dir: &Path) -> Result<()> {
                 source,
             })?;
         }
+        if to == "kiln" && strip(&from, &dest) {
+            continue;
+        }
         std::fs::copy(&from, &dest).map_err(|source| SwarmError::Io {
             op: "copy",
             path: from.clone(),
@@ -60,6 +71,28 @@ pub fn stage(kiln: &Path, files_dir: &Path) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Copies `from` to `to` without debug sections (binutils' `strip`: kiln's
+/// binary carries line tables that triple its size and that a balancer on
+/// a node never uses). False when `strip` is missing or fails; the caller
+/// then copies the binary as it is.
+fn strip(from: &Path, to: &Path) -> bool {
+    Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(to)
+        .arg(from)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The project that bakes the balancer image: `scratch` plus the staged
+/// files, entrypoint `/kiln`.
+pub fn project_toml() -> String {
+    format!(
+        "[project]\nname = \"kiln\"\n[images.{IMAGE_NAME}]\nfrom = \"scratch\"\nentrypoint = [\"/kiln\"]\n"
+    )
 }
 
 /// The shared objects `binary` loads (absolute paths, loader included);
@@ -93,22 +126,41 @@ pub fn shared_objects(binary: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
-/// The balancer of `role` as a server spec: the baked balancer image,
-/// listening on `port` inside, published on `published` of `node`.
+/// Where one balancer of a role runs and how kiln reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The node's id (the service is pinned to it).
+    pub node: String,
+    /// The host port clients reach the balancer on (`listen`'s port).
+    pub published: u16,
+    /// The host port of its control channel.
+    pub control: u16,
+}
+
+/// The balancer's server id on `node`: `ROLE-lb-NODE` (the node id's first
+/// 10 characters: node ids are random, so that is unique in practice).
+pub fn server_id(role: &str, node: &str) -> String {
+    let short: String = node.chars().take(10).collect();
+    format!("{role}-lb-{short}")
+}
+
+/// The balancer of `role` on one node as a server spec: the baked
+/// balancer image, listening on `port` inside, published on the node, its
+/// control channel too, its control directory on a node-local volume.
 pub fn spec(
     env: &str,
     role: &str,
     image: &str,
     port: u16,
-    published: u16,
-    node: Option<String>,
+    at: &Placement,
+    token: &str,
 ) -> ServerSpec {
     ServerSpec {
         env: env.into(),
-        role: format!("{role}-balancer"),
+        role: role.into(),
         release: 0,
         slot: 0,
-        server: format!("{role}-balancer"),
+        server: server_id(role, &at.node),
         image: image.into(),
         argv: vec![
             "/kiln".into(),
@@ -118,22 +170,34 @@ pub fn spec(
             format!("0.0.0.0:{port}"),
             "--dir".into(),
             CONTROL_DIR.into(),
+            "--control".into(),
+            format!("0.0.0.0:{CONTROL_PORT}"),
         ],
-        env_vars: vec![],
+        env_vars: vec![format!("{TOKEN_VAR}={token}")],
         workdir: None,
         user: None,
-        cpus: 0.5,
-        memory_bytes: 128 << 20,
+        cpus: 0.0,
+        memory_bytes: 256 << 20,
         reserve: false,
-        cap_add: vec![],
-        cap_drop: vec![],
-        ports: vec![PortMap {
-            target: port,
-            published,
-        }],
+        // Listening on a port below 1024 is all it needs.
+        cap_add: vec!["CAP_NET_BIND_SERVICE".into()],
+        cap_drop: vec!["ALL".into()],
+        ports: vec![
+            PortMap {
+                target: port,
+                published: at.published,
+            },
+            PortMap {
+                target: CONTROL_PORT,
+                published: at.control,
+            },
+        ],
         constraints: vec![],
-        node,
-        volumes: vec![],
+        node: Some(at.node.clone()),
+        volumes: vec![VolumeMount {
+            name: format!("kiln-{env}-{role}-balancer"),
+            target: CONTROL_DIR.into(),
+        }],
         tmpfs_bytes: 0,
         // The balancer is what keeps traffic flowing: Swarm restarts it in
         // place at once, rather than waiting for kiln's reconcile.

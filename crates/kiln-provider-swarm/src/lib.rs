@@ -11,6 +11,8 @@
 //!   tasks and addresses; waiting; removal; logs; config drift.
 //! - [`node`]: per-node engines: exec sessions, filesystem export vs seal.
 //! - [`balancer`]: the balancer's image, baked from kiln's own binary.
+//! - [`front`]: the role balancers as services on the swarm, switched
+//!   through their control channel.
 //! - [`provider`]: [`Swarm`], kiln's `Provider` on all of the above.
 //!
 //! Everything is async (tokio); a synchronous caller owns a runtime and
@@ -20,6 +22,7 @@ pub mod balancer;
 pub mod cluster;
 pub mod engine;
 pub mod error;
+pub mod front;
 pub mod node;
 pub mod provider;
 pub mod registry;

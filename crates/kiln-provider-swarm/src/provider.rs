@@ -53,14 +53,16 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// An environment's swarm.
 pub struct Swarm {
     spec: SwarmSpec,
-    store: Store,
-    /// Where kept logs and quarantined evidence go.
-    dir: PathBuf,
-    /// Runs balancers and DNS for the swarm's servers (see the module doc).
+    pub(crate) store: Store,
+    /// Where kept logs, quarantined evidence and balancer tokens go.
+    pub(crate) dir: PathBuf,
+    /// Serves DNS for the swarm's servers (see the module doc).
     front: Box<dyn Provider>,
-    rt: tokio::runtime::Runtime,
+    pub(crate) rt: tokio::runtime::Runtime,
     cluster: Mutex<Option<Cluster>>,
     registry: Mutex<Option<std::sync::Arc<Registry>>>,
+    /// The balancer image's reference, once baked and pushed.
+    pub(crate) balancer_image: Mutex<Option<String>>,
 }
 
 fn other(what: impl Into<String>) -> impl FnOnce(SwarmError) -> ProviderError {
@@ -89,6 +91,7 @@ impl Swarm {
             rt,
             cluster: Mutex::new(None),
             registry: Mutex::new(None),
+            balancer_image: Mutex::new(None),
         }
     }
 
@@ -114,7 +117,7 @@ impl Swarm {
         Ok(c)
     }
 
-    fn registry(&self) -> Result<std::sync::Arc<Registry>, ProviderError> {
+    pub(crate) fn registry(&self) -> Result<std::sync::Arc<Registry>, ProviderError> {
         let mut g = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = g.as_ref() {
             return Ok(r.clone());
@@ -346,8 +349,10 @@ impl Provider for Swarm {
         // Services carrying the env's label but not kiln's whole set of
         // labels (made by hand) are listed too: the engine finds them
         // unmanaged, and may remove them.
+        // The role balancers are not servers (see `front`).
         Ok(servers
             .iter()
+            .filter(|s| !crate::front::is_balancer(s))
             .map(|s| match s.spec.as_ref() {
                 Some(spec) => Running {
                     id: spec.server.clone(),
@@ -452,7 +457,8 @@ impl Provider for Swarm {
                 ..u.clone()
             })
             .collect();
-        self.front.balance(env, role, &b, &backends)
+        let set = kiln_provider::front::backend_set(&b, &backends);
+        self.switch_balancers(env, role, &b, &set)
     }
 
     fn publish(&self, env: &str, names: &Names) -> Result<(), ProviderError> {
@@ -464,15 +470,15 @@ impl Provider for Swarm {
     }
 
     fn drain(&self, env: &str, role: &str, backend: &str, timeout: Duration) -> bool {
-        self.front.drain(env, role, backend, timeout)
+        self.drain_balancers(env, role, backend, timeout)
     }
 
     fn balancer(&self, env: &str, role: &str) -> Option<BalancerState> {
-        self.front.balancer(env, role)
+        self.balancer_state(env, role)
     }
 
     fn remove_balancer(&self, env: &str, role: &str) -> Result<(), ProviderError> {
-        self.front.remove_balancer(env, role)
+        self.remove_balancers(env, Some(role))
     }
 
     fn inspect(&self, server: &Server, _volumes: &[Volume]) -> Inspection {
@@ -653,6 +659,7 @@ impl Provider for Swarm {
     }
 
     fn teardown(&self, env: &str) -> Result<(), ProviderError> {
+        self.remove_balancers(env, None)?;
         self.front.teardown(env)
     }
 }

@@ -24,6 +24,13 @@ fn test_cluster() -> &'static TestCluster {
     TestCluster::shared()
 }
 
+/// Runs `f` on a fresh runtime, the shared cluster started first: starting
+/// it blocks on a runtime of its own, which cannot happen inside another.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    test_cluster();
+    rt().block_on(f)
+}
+
 fn registry(repo: &str) -> Registry {
     Registry::new(
         &format!("{}/{repo}", test_cluster().registry()),
@@ -40,7 +47,7 @@ fn web_ref() -> &'static str {
     static REF: OnceLock<String> = OnceLock::new();
     REF.get_or_init(|| {
         let img = web_image();
-        rt().block_on(registry("swarmtest/web").push(&img.store, &img.digest))
+        block_on(registry("swarmtest/web").push(&img.store, &img.digest))
             .unwrap()
             .reference
     })
@@ -201,7 +208,7 @@ where
 #[test]
 fn exec_sessions_show_up_as_logins() {
     let image = web_ref();
-    rt().block_on(async {
+    block_on(async {
         let c = manager().await;
         let s = spec("exec", "web-x", image, 31010);
         c.create_server(&s).await.unwrap();
@@ -248,7 +255,7 @@ fn exec_sessions_show_up_as_logins() {
 fn changes_behind_kilns_back_are_config_drift_and_files_are_checked_against_the_seal() {
     let image = web_ref();
     let img = web_image();
-    rt().block_on(async {
+    block_on(async {
         let c = manager().await;
         let s = spec("drift", "web-d", image, 31020);
         c.create_server(&s).await.unwrap();
@@ -367,7 +374,7 @@ fn logs_come_through_the_manager() {
         "[\"/busybox\", \"sh\", \"-c\", \"echo out-line; echo err-line >&2; exec /busybox sleep 600\"]",
     );
     let reg = registry("swarmtest/talker");
-    rt().block_on(async {
+    block_on(async {
         let image = reg.push(&img.store, &img.digest).await.unwrap().reference;
         let c = manager().await;
         let mut s = spec("logs", "talker-1", &image, 31030);
@@ -400,7 +407,7 @@ fn logs_come_through_the_manager() {
 #[test]
 fn a_server_with_no_room_anywhere_is_a_clear_error() {
     let image = web_ref();
-    rt().block_on(async {
+    block_on(async {
         let c = manager().await;
         let mut s = spec("room", "web-big", image, 31040);
         s.reserve = true;
@@ -421,7 +428,7 @@ fn a_server_with_no_room_anywhere_is_a_clear_error() {
 
 #[test]
 fn engines_that_cannot_serve_kiln_are_clear_errors() {
-    rt().block_on(async {
+    block_on(async {
         // A worker is not a manager.
         let worker = test_cluster().nodes()[1].endpoint.clone();
         let e = Cluster::connect(&Endpoint::new(&worker)).await.unwrap_err();
@@ -519,29 +526,66 @@ fn the_balancer_runs_on_the_swarm_from_kilns_own_binary() {
     );
     let store = kiln_image::Store::open(dir.path().join(".kiln")).unwrap();
     let digest = store.current_record("balancer").unwrap().digest;
-    rt().block_on(async {
+    block_on(async {
         let image = registry("swarmtest/balancer")
             .push(&store, &digest)
             .await
             .unwrap()
             .reference;
         let c = manager().await;
-        let s = kiln_provider_swarm::balancer::spec("lb", "web", &image, 8000, 31050, None);
+        let at = kiln_provider_swarm::balancer::Placement {
+            node: c.node_id.clone(),
+            published: 31050,
+            control: 31051,
+        };
+        let s = kiln_provider_swarm::balancer::spec("lb", "web", &image, 8000, &at, "s3cret");
         c.create_server(&s).await.unwrap();
-        let up = c.wait_running("lb", "web-balancer", WAIT).await.unwrap();
+        let up = c.wait_running("lb", &s.server, WAIT).await.unwrap();
         let addr = up.address(8000).unwrap();
+        let control = format!(
+            "http://{}",
+            up.address(kiln_provider_swarm::balancer::CONTROL_PORT)
+                .unwrap()
+        );
         // It accepts connections on its node's published port and keeps running.
         wait_for(&format!("balancer at {addr}"), WAIT, || {
             std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500))
                 .ok()
         });
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(c
-            .server("lb", "web-balancer")
-            .await
-            .unwrap()
-            .unwrap()
-            .alive());
-        c.remove_server("lb", "web-balancer", WAIT).await.unwrap();
+        // Its control channel switches backends, for the token only.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let set = r#"{"generation":0,"backends":["10.9.9.9:80"]}"#;
+        let denied = agent
+            .put(format!("{control}/backends"))
+            .header("Authorization", "Bearer wrong")
+            .send(set)
+            .unwrap();
+        assert_eq!(denied.status().as_u16(), 401);
+        let mut ok = agent
+            .put(format!("{control}/backends"))
+            .header("Authorization", "Bearer s3cret")
+            .send(set)
+            .unwrap();
+        assert_eq!(ok.status().as_u16(), 200);
+        assert_eq!(
+            ok.body_mut().read_to_string().unwrap(),
+            r#"{"generation":1}"#
+        );
+        let served = wait_for("the new set served", WAIT, || {
+            let mut r = agent
+                .get(format!("{control}/status"))
+                .header("Authorization", "Bearer s3cret")
+                .call()
+                .ok()?;
+            let status: kiln_balancer::Status =
+                serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
+            (status.generation == 1).then_some(status)
+        });
+        assert_eq!(served.backends[0].addr, "10.9.9.9:80");
+        assert!(c.server("lb", &s.server).await.unwrap().unwrap().alive());
+        c.remove_server("lb", &s.server, WAIT).await.unwrap();
     });
 }

@@ -24,6 +24,9 @@ pub struct FakeBalancer {
     pub draining: Vec<String>,
     /// Scripted counts per backend: (attempts, failures).
     pub counts: BTreeMap<String, (u64, u64)>,
+    /// Instances that missed the last switch (a node was away); the next
+    /// switch brings them up to date.
+    pub behind: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +90,14 @@ impl Fake {
     pub fn kill_balancer(&self, env: &str, role: &str) {
         if let Some(b) = self.balancers.borrow_mut().get_mut(&key(env, role)) {
             b.alive = false;
+        }
+    }
+
+    /// Marks an instance of the role's balancer as having missed the last
+    /// switch, as a balancer on a node that was down does.
+    pub fn leave_behind(&self, env: &str, role: &str, instance: &str) {
+        if let Some(b) = self.balancers.borrow_mut().get_mut(&key(env, role)) {
+            b.behind.push(instance.to_string());
         }
     }
 
@@ -268,6 +279,7 @@ impl Provider for Fake {
         b.draining.retain(|a| !backends.contains(a));
         b.backends = backends;
         b.alive = true;
+        b.behind.clear();
         Ok(())
     }
 
@@ -318,6 +330,7 @@ impl Provider for Fake {
         Some(BalancerState {
             alive: b.alive,
             backends,
+            behind: b.behind.clone(),
         })
     }
 

@@ -16,6 +16,7 @@
 
 pub mod check;
 pub mod fake;
+pub mod front;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -161,8 +162,9 @@ pub struct Inspection {
     pub settings: Vec<String>,
 }
 
-/// Where a backend stands at its role's balancer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a backend stands at its role's balancer. Ordered by how far out
+/// of rotation it is (several balancers' views combine to the furthest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Rotation {
     /// Takes new connections.
     InRotation,
@@ -203,6 +205,9 @@ pub struct BalancerState {
     /// Whether its process (or service) runs.
     pub alive: bool,
     pub backends: Vec<Backend>,
+    /// Instances (a role may have one per node) serving another backend
+    /// set than the last switch: one whose node was away during it.
+    pub behind: Vec<String>,
 }
 
 /// Files of the servers running one image version, against its seal.

@@ -1304,6 +1304,12 @@ impl Validator<'_> {
             if b.admin.is_some() {
                 return Err(self.cx.err(rb.span(), format!("the balancer of role `{name}` has an `admin` listener, which the swarm provider does not publish")));
             }
+            // It runs on the nodes and publishes the port on each of them.
+            if let Some((ip, port)) = b.listen.rsplit_once(':') {
+                if ip != "0.0.0.0" {
+                    return Err(self.cx.err(rb.span(), format!("the balancer of role `{name}` of `{env}` runs on the swarm's nodes and is reached on port {port} of each: write listen = \"0.0.0.0:{port}\"")));
+                }
+            }
         }
         Ok(())
     }

@@ -1170,6 +1170,10 @@ fn bad_swarm_providers_point_at_them() {
         "kiln.toml:10:12: role `r` of `p` receives secrets, which the swarm provider does not deliver yet (they would need Docker secrets); use them on the local provider",
     );
     check_err(
+        &format!("{swarm}balancer = {{ listen = \"127.0.0.1:8000\", port = 8080 }}\n"),
+        "kiln.toml:9:12: the balancer of role `r` of `p` runs on the swarm's nodes and is reached on port 8000 of each: write listen = \"0.0.0.0:8000\"",
+    );
+    check_err(
         &format!("{swarm}placement = [\"zone==a\"]\n"),
         "kiln.toml:9:13: placement constraint `zone==a` names no attribute kiln knows; expected \"node.labels.KEY==VALUE\", \"node.hostname!=NAME\", \"node.role==worker\" or \"node.id==ID\"",
     );
