@@ -2,7 +2,10 @@
 //! and teardown, a push by digest, one server from create to running to
 //! answering HTTP, and Swarm's own rolling update of a 10-replica service
 //! (`docker service update --update-order start-first --update-parallelism
-//! 1`, through the API) for the side-by-side with kiln's rollout.
+//! 1`, through the API) for the side-by-side with kiln's rollout. Both
+//! run under the same steady load through the same kind of front (kiln's
+//! balancer in HTTP mode): kiln's is the role's own balancer on the swarm,
+//! Swarm's follows its tasks from the API (see [`NativeFront`]).
 
 use std::collections::HashMap;
 use std::fs;
@@ -115,10 +118,12 @@ async fn measure(tc: &TestCluster, kiln: &Path) -> Result<()> {
         http[http.len() - 1].as_secs_f64() * 1e3
     );
 
-    let wall = native_update(&c, &first.reference, &second.reference).await?;
+    let n = native_update(&c, kiln, &first.reference, &second.reference).await?;
     println!(
-        "| Swarm's own rolling update of a 10-replica service (start-first, parallelism 1, CLI defaults: delay 0, monitor 5 s) | {:.1} s |",
-        wall.as_secs_f64()
+        "| Swarm's own rolling update of a 10-replica service (start-first, parallelism 1, CLI defaults: delay 0, monitor 5 s) under steady load through a front following its tasks | {:.1} s, {} requests, {} failed |",
+        n.wall.as_secs_f64(),
+        n.ok + n.failed,
+        n.failed
     );
     // The same image, the same nodes, in the same run: kiln's own rollout.
     let k = tokio::task::block_in_place(|| kiln_rollout(tc, kiln))?;
@@ -152,8 +157,6 @@ struct KilnRollout {
 /// load through the balancer, then `kiln destroy`; then an apply of 20
 /// servers from nothing, and `kiln destroy`.
 fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
     let dir = tempfile::tempdir()?;
     let files = dir.path().join("images/web/files");
     fs::create_dir_all(files.join("www"))?;
@@ -192,29 +195,12 @@ fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
     let apply = t.elapsed();
     let result = applied.and_then(|_| {
         fs::write(dir.path().join("kiln.toml"), toml(2, 10))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let clients: Vec<_> = (0..2)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        if http_ok(&format!("127.0.0.1:{port}")) {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
-            })
-            .collect();
+        // Through the role's balancer on the first node (a swarm service).
+        let load = SteadyLoad::start(format!("{}:{port}", tc.nodes()[0].ip), 2);
         let t = Instant::now();
         let rolled = run(&["apply", "bench", "--yes"]);
         let rollout = t.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        for c in clients {
-            let _ = c.join();
-        }
+        let (ok, failed) = load.finish();
         rolled?;
         run(&["destroy", "bench", "--yes"])?;
         fs::write(dir.path().join("kiln.toml"), toml(2, 20))?;
@@ -225,8 +211,8 @@ fn kiln_rollout(tc: &TestCluster, kiln: &Path) -> Result<KilnRollout> {
             apply,
             apply20,
             rollout,
-            ok: ok.load(Ordering::Relaxed),
-            failed: failed.load(Ordering::Relaxed),
+            ok,
+            failed,
         })
     });
     let destroyed = run(&["destroy", "bench", "--yes", "--forget"]);
@@ -311,11 +297,196 @@ fn http_ok(addr: &str) -> bool {
     matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
 }
 
-/// Creates a 10-replica service on `v1`, waits for it, updates it to `v2`
-/// the way `docker service update --image V2 --update-order start-first
-/// --update-parallelism 1` does, and returns the update's wall time (until
-/// every running task runs v2).
-async fn native_update(c: &Cluster, v1: &str, v2: &str) -> Result<Duration> {
+/// What Swarm's own update measured: its wall time, and the requests of 2
+/// steady clients through the front that follows its tasks.
+struct Native {
+    wall: Duration,
+    ok: u64,
+    failed: u64,
+}
+
+/// The front a Swarm user runs without the routing mesh (it needs IPVS):
+/// kiln's balancer in HTTP mode (as a role's: same retries, same health
+/// check) on this host, its backends the service's running tasks at
+/// `NODE_IP:PORT` of each task's host-mode port, re-read from the API
+/// every 100 ms, as Docker-aware proxies do.
+struct NativeFront {
+    port: u16,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+    follow: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NativeFront {
+    fn drop(&mut self) {
+        self.follow.abort();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `NODE_IP:PORT` of every task of `service` that runs and is meant to.
+async fn task_backends(d: &bollard::Docker, service: &str) -> Result<Vec<String>> {
+    let nodes: HashMap<String, String> = d
+        .list_nodes(None::<bollard::query_parameters::ListNodesOptions>)
+        .await?
+        .into_iter()
+        .filter_map(|n| Some((n.id?, n.status?.addr?)))
+        .collect();
+    let tasks = d
+        .list_tasks(Some(bollard::query_parameters::ListTasksOptions {
+            filters: Some(HashMap::from([(
+                "service".to_string(),
+                vec![service.to_string()],
+            )])),
+        }))
+        .await?;
+    let mut out: Vec<String> = tasks
+        .iter()
+        .filter(|t| {
+            t.desired_state == Some(TaskState::RUNNING)
+                && t.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
+        })
+        .filter_map(|t| {
+            let addr = nodes.get(t.node_id.as_ref()?)?;
+            let port = t
+                .status
+                .as_ref()?
+                .port_status
+                .as_ref()?
+                .ports
+                .as_ref()?
+                .first()?
+                .published_port?;
+            Some(format!("{addr}:{port}"))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+async fn native_front(
+    kiln: &Path,
+    d: bollard::Docker,
+    service: &'static str,
+) -> Result<NativeFront> {
+    let dir = tempfile::tempdir()?;
+    let front = kiln_balancer::Front {
+        mode: kiln_balancer::Mode::Http,
+        ..Default::default()
+    };
+    let check = kiln_balancer::Check {
+        probe: kiln_balancer::Probe::Http {
+            path: "/index.html".into(),
+            port: 0,
+        },
+        interval_ms: 1000,
+        fall: 2,
+        rise: 2,
+    };
+    let first = task_backends(&d, service).await?;
+    kiln_balancer::set_backends_with(dir.path(), &first, Some(&check), &front)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = std::process::Command::new(kiln)
+        .args([
+            "balancer",
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let control = dir.path().to_path_buf();
+    let follow = tokio::spawn(async move {
+        let mut last = first;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let Ok(now) = task_backends(&d, service).await else {
+                continue;
+            };
+            if now != last && !now.is_empty() {
+                let _ = kiln_balancer::set_backends_with(&control, &now, Some(&check), &front);
+                last = now;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http_ok(&format!("127.0.0.1:{port}")) {
+        if Instant::now() > deadline {
+            bail!("the native service's front never answered");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(NativeFront {
+        port,
+        _dir: dir,
+        child,
+        follow,
+    })
+}
+
+/// `clients` threads asking `addr` for `/` until stopped; (ok, failed).
+struct SteadyLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    clients: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    fn start(addr: String, clients: usize) -> SteadyLoad {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed, addr) =
+                    (stop.clone(), ok.clone(), failed.clone(), addr.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if http_ok(&addr) {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            ok,
+            failed,
+            clients,
+        }
+    }
+
+    fn finish(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        for c in self.clients {
+            let _ = c.join();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Creates a 10-replica service on `v1` (each task publishing 8080 on a
+/// host port of its node), waits for it, updates it to `v2` the way
+/// `docker service update --image V2 --update-order start-first
+/// --update-parallelism 1` does, under 2 clients of steady load through
+/// [`NativeFront`], and returns the update's wall time (until every
+/// running task runs v2) and the requests.
+async fn native_update(c: &Cluster, kiln: &Path, v1: &str, v2: &str) -> Result<Native> {
     let d = c.engine().docker();
     let name = "bench-native";
     let spec = |image: &str| ServiceSpec {
@@ -339,6 +510,16 @@ async fn native_update(c: &Cluster, v1: &str, v2: &str) -> Result<Duration> {
             monitor: Some(5_000_000_000),
             max_failure_ratio: Some(0.0),
             order: Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST),
+        }),
+        endpoint_spec: Some(bollard::models::EndpointSpec {
+            mode: Some(bollard::models::EndpointSpecModeEnum::DNSRR),
+            ports: Some(vec![bollard::models::EndpointPortConfig {
+                protocol: Some(bollard::models::EndpointPortConfigProtocolEnum::TCP),
+                target_port: Some(8080),
+                // No published port: Docker picks one per task.
+                publish_mode: Some(bollard::models::EndpointPortConfigPublishModeEnum::HOST),
+                ..Default::default()
+            }]),
         }),
         ..Default::default()
     };
@@ -374,6 +555,8 @@ async fn native_update(c: &Cluster, v1: &str, v2: &str) -> Result<Duration> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let front = native_front(kiln, d.clone(), name).await?;
+    let load = SteadyLoad::start(format!("127.0.0.1:{}", front.port), 2);
     let current = d.inspect_service(name, None).await?;
     let t = Instant::now();
     d.update_service(
@@ -404,6 +587,8 @@ async fn native_update(c: &Cluster, v1: &str, v2: &str) -> Result<Duration> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let wall = t.elapsed();
+    let (ok, failed) = load.finish();
+    drop(front);
     d.delete_service(name).await?;
-    Ok(wall)
+    Ok(Native { wall, ok, failed })
 }

@@ -131,46 +131,6 @@ fn assert_converged(p: &Project, role: &str, want: usize, round: &str, what: &st
     p.kiln(&["drift", "staging"]).expect(0);
 }
 
-/// Kills `kiln ARGS` at every journal boundary in turn, re-running plainly
-/// after each kill; returns the number of boundaries covered.
-fn crash_everywhere(
-    p: &Project,
-    args: &[&str],
-    mut before: impl FnMut(u32),
-    check: impl Fn(u32),
-) -> u32 {
-    for at in 1.. {
-        before(at);
-        let n = at.to_string();
-        let run = p.kiln_env(args, &[("KILN_CRASH_AT", n.as_str())]);
-        if run.code == 0 {
-            // Past the last boundary: nothing was killed.
-            check(at);
-            // The figure BENCHMARKS.md records (`-- --nocapture`).
-            eprintln!(
-                "crash points of `kiln {}`: {} boundaries killed, {} re-runs converged",
-                args.join(" "),
-                at - 1,
-                at - 1
-            );
-            return at - 1;
-        }
-        assert_eq!(
-            run.code, -1,
-            "killed at boundary {at}, not failed: {}",
-            run.stderr
-        );
-        let rerun = p.kiln(args);
-        assert_eq!(
-            rerun.code, 0,
-            "re-run after a kill at boundary {at}: {}",
-            rerun.stderr
-        );
-        check(at);
-    }
-    unreachable!()
-}
-
 fn set_round(p: &Project, round: u32) {
     let spec = fs::read_to_string(p.path().join("kiln.toml")).unwrap();
     let line = spec

@@ -586,3 +586,62 @@ fn a_lost_node_is_replaced_by_reconcile_and_brings_nothing_back() {
     let history = p.kiln(&["history", "staging"]).ok().stdout;
     assert!(history.contains("up to date"), "{history}");
 }
+
+/// Each kiln server service of `env` and its environment variables.
+fn server_envs(
+    cluster: &kiln_testcluster::Cluster,
+    env: &str,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    with_manager(cluster, |c| async move {
+        c.servers(Some(env))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| !kiln_provider_swarm::front::is_balancer(s))
+            .map(|s| {
+                let vars = s.spec.as_ref().map(|sp| sp.env_vars.clone());
+                (s.inventory_id(), vars.unwrap_or_default())
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn a_kill_at_every_boundary_of_a_swarm_rollout_converges() {
+    let cluster = kiln_testcluster::Cluster::start(Default::default()).unwrap();
+    let _down = Down(&cluster);
+    let port = free_port();
+    let p = project(&cluster, port);
+    let _destroy = Teardown(&p);
+    p.write("kiln.toml", &kiln_toml(&cluster, port, 2, 0));
+    p.kiln(&["apply", "staging", "--yes"]).ok();
+    let covered = crash_everywhere(
+        &p,
+        &["apply", "staging", "--yes"],
+        |round| {
+            p.write("kiln.toml", &kiln_toml(&cluster, port, 2, round));
+        },
+        |round| {
+            // The swarm runs exactly the servers the state knows: no
+            // orphan service, no duplicate, all of this round.
+            let ids: BTreeSet<String> = p.ids().into_iter().collect();
+            let running = server_envs(&cluster, "staging");
+            assert_eq!(ids.len(), 2, "boundary {round}: {ids:?}");
+            assert_eq!(
+                running.keys().cloned().collect::<BTreeSet<_>>(),
+                ids,
+                "boundary {round}:\n{}",
+                describe(&cluster, "staging")
+            );
+            let version = format!("VERSION={round}");
+            assert!(
+                running.values().all(|vars| vars.contains(&version)),
+                "boundary {round}: {running:?}"
+            );
+            // No balancer routes to a server that is gone, none is behind.
+            p.kiln(&["drift", "staging"]).ok();
+            http_get(&front(&cluster, 0, port)).unwrap();
+        },
+    );
+    assert!(covered >= 6, "boundaries covered: {covered}");
+}

@@ -383,3 +383,43 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     }
     out
 }
+
+/// Kills `kiln ARGS` at every journal boundary in turn, re-running plainly
+/// after each kill; returns the number of boundaries covered.
+pub fn crash_everywhere(
+    p: &Project,
+    args: &[&str],
+    mut before: impl FnMut(u32),
+    check: impl Fn(u32),
+) -> u32 {
+    for at in 1.. {
+        before(at);
+        let n = at.to_string();
+        let run = p.kiln_env(args, &[("KILN_CRASH_AT", n.as_str())]);
+        if run.code == 0 {
+            // Past the last boundary: nothing was killed.
+            check(at);
+            // The figure BENCHMARKS.md records (`-- --nocapture`).
+            eprintln!(
+                "crash points of `kiln {}`: {} boundaries killed, {} re-runs converged",
+                args.join(" "),
+                at - 1,
+                at - 1
+            );
+            return at - 1;
+        }
+        assert_eq!(
+            run.code, -1,
+            "killed at boundary {at}, not failed: {}",
+            run.stderr
+        );
+        let rerun = p.kiln(args);
+        assert_eq!(
+            rerun.code, 0,
+            "re-run after a kill at boundary {at}: {}",
+            rerun.stderr
+        );
+        check(at);
+    }
+    unreachable!()
+}
