@@ -318,6 +318,8 @@ impl Swarm {
         }
         let image = self.balancer_image().map_err(|d| fail(env, role, d))?;
         let token = self.balancer_token(env, role)?;
+        // All created first, then waited on: their nodes pull at once.
+        let mut created = Vec::new();
         for n in missing {
             let used = taken.entry(n.id.clone()).or_default();
             let control = (1024..=CONTROL_PORTS_TOP)
@@ -340,9 +342,12 @@ impl Swarm {
             self.rt
                 .block_on(docker.create_service(service, None))
                 .map_err(|e| fail(env, role, error_chain(&e)))?;
+            created.push(spec.server);
+        }
+        for server in created {
             let up = self
                 .rt
-                .block_on(cluster.wait_running(env, &spec.server, START_TIMEOUT))
+                .block_on(cluster.wait_running(env, &server, START_TIMEOUT))
                 .map_err(err)?;
             let l = live_of(&up).ok_or_else(|| fail(env, role, "started without an address"))?;
             wait_control(&l, &token).map_err(|d| fail(env, role, d))?;
