@@ -644,4 +644,19 @@ fn a_kill_at_every_boundary_of_a_swarm_rollout_converges() {
         },
     );
     assert!(covered >= 6, "boundaries covered: {covered}");
+
+    // A lost state database: refused until `--adopt`, which takes the
+    // swarm's servers back from their services' labels; nothing replaced.
+    let before = p.ids();
+    for f in ["state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(p.store().join(f));
+    }
+    std::fs::write(p.store().join("state.db"), "").unwrap();
+    let refused = p.kiln(&["apply", "staging", "--yes"]).expect(1);
+    assert!(refused.stderr.contains("--adopt"), "{}", refused.stderr);
+    p.kiln(&["apply", "staging", "--adopt", "--yes"]).ok();
+    assert_eq!(p.ids(), before, "the same servers, adopted");
+    let plan = p.kiln(&["plan", "staging"]).ok().stdout;
+    assert!(plan.contains("No changes"), "{plan}");
+    p.kiln(&["drift", "staging"]).ok();
 }

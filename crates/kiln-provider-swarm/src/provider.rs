@@ -42,6 +42,12 @@ use crate::server::{
 /// The label holding the service spec as kiln created it (JSON), so that
 /// config drift compares with what kiln asked for, not with kiln.toml now.
 pub const LABEL_SPEC: &str = "dev.kiln.spec";
+/// What else a state row has, so a server can be adopted back into a state
+/// that lost it: the image as `name@version`, the role spec hash, and the
+/// creation time (seconds since the epoch), as the local provider labels.
+pub const LABEL_IMAGE_REF: &str = "dev.kiln.image-ref";
+pub const LABEL_SPEC_HASH: &str = "dev.kiln.spec-hash";
+pub const LABEL_CREATED: &str = "dev.kiln.created";
 
 /// How long a new server's task may take to run (pull included).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -294,6 +300,14 @@ impl Provider for Swarm {
             .reference(&Digest(req.image.digest.clone()));
         let spec = self.server_spec(req, image);
         let mut service = spec.to_service().map_err(|e| fail(error_chain(&e)))?;
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        service.labels.get_or_insert_with(Default::default).extend([
+            (LABEL_IMAGE_REF.to_string(), req.image.to_string()),
+            (LABEL_SPEC_HASH.to_string(), req.spec_hash.clone()),
+            (LABEL_CREATED.to_string(), created.to_string()),
+        ]);
         let json = serde_json::to_string(&service).map_err(|e| fail(e.to_string()))?;
         service
             .labels
@@ -361,7 +375,7 @@ impl Provider for Swarm {
                     release: spec.release,
                     pid: None,
                     alive: s.alive(),
-                    record: None,
+                    record: record_of(s, spec),
                 },
                 None => Running {
                     id: s.inventory_id(),
@@ -497,10 +511,13 @@ impl Provider for Swarm {
             .label(LABEL_SPEC)
             .and_then(|j| serde_json::from_str(j).ok());
         if let Some(expected) = created.as_ref().and_then(ServerSpec::from_service) {
-            // The kept spec is kiln's own label, not part of what it asked for.
+            // The kept spec and the adoption record are kiln's own labels,
+            // not part of what it asked for.
             let mut actual = found.raw.clone();
             if let Some(l) = actual.labels.as_mut() {
-                l.remove(LABEL_SPEC);
+                for k in [LABEL_SPEC, LABEL_IMAGE_REF, LABEL_SPEC_HASH, LABEL_CREATED] {
+                    l.remove(k);
+                }
             }
             out.settings = config_drift(&expected, &actual)
                 .iter()
@@ -662,4 +679,27 @@ impl Provider for Swarm {
         self.remove_balancers(env, None)?;
         self.front.teardown(env)
     }
+}
+
+/// The state row of a server kiln created, from its service's labels and
+/// where its task runs (None for a service made otherwise, or not placed).
+fn record_of(found: &crate::server::Server, spec: &ServerSpec) -> Option<Server> {
+    let task = found.current()?;
+    Some(Server {
+        id: spec.server.clone(),
+        env: spec.env.clone(),
+        role: spec.role.clone(),
+        slot: spec.slot,
+        image: found.label(LABEL_IMAGE_REF)?.to_string(),
+        image_digest: spec.digest()?.to_string(),
+        spec_hash: found.label(LABEL_SPEC_HASH)?.to_string(),
+        address: task.node_addr.clone()?,
+        created: found.label(LABEL_CREATED)?.parse().ok()?,
+        status: kiln_model::ServerStatus::Running,
+        pid: None,
+        release: spec.release,
+        standby_until: None,
+        node: Some(task.node_id.clone()).filter(|n| !n.is_empty()),
+        published: spec.ports.iter().map(|p| (p.target, p.published)).collect(),
+    })
 }
