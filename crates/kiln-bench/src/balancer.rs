@@ -21,7 +21,25 @@ use crate::{kiln, Opts};
 const SECS: u64 = 5;
 
 /// A process killed when the bench is done with it.
-struct Running(Child);
+pub(crate) struct Running(Child);
+
+/// `kiln balancer serve` on `127.0.0.1:port` with the control directory
+/// `dir` (its backends already written there); stopped when dropped.
+pub(crate) fn serve_balancer(kiln: &Path, port: u16, dir: &Path) -> Result<Running> {
+    let child = Command::new(kiln)
+        .args([
+            "balancer",
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(Running(child))
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -102,19 +120,7 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
             ..plain.front.clone()
         };
         kiln_balancer::set_backends_with(&dir, &backends, plain.check.as_ref(), &front)?;
-        let child = Command::new(&kiln_exe)
-            .args([
-                "balancer",
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--dir",
-            ])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        Ok((port, Running(child)))
+        Ok((port, serve_balancer(&kiln_exe, port, &dir)?))
     };
     let (kiln_plain_port, _kiln_plain) = serve("plain-front", false)?;
     let (kiln_tls_port, _kiln_tls) = serve("tls-front", true)?;

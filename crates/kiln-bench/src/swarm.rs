@@ -312,16 +312,15 @@ struct Native {
 /// every 100 ms, as Docker-aware proxies do.
 struct NativeFront {
     port: u16,
+    // Fields drop in order: the process stops before its directory goes.
+    _process: crate::balancer::Running,
     _dir: tempfile::TempDir,
-    child: std::process::Child,
     follow: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for NativeFront {
     fn drop(&mut self) {
         self.follow.abort();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -389,18 +388,7 @@ async fn native_front(
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let child = std::process::Command::new(kiln)
-        .args([
-            "balancer",
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--dir",
-        ])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
+    let front_process = crate::balancer::serve_balancer(kiln, port, dir.path())?;
     let control = dir.path().to_path_buf();
     let follow = tokio::spawn(async move {
         let mut last = first;
@@ -424,8 +412,8 @@ async fn native_front(
     }
     Ok(NativeFront {
         port,
+        _process: front_process,
         _dir: dir,
-        child,
         follow,
     })
 }

@@ -464,8 +464,9 @@ fn wanted_nodes(nodes: &[Node], named: &[String]) -> Result<BTreeSet<String>, St
         .collect()
 }
 
-/// Host ports kiln's services publish, by node.
-fn taken_ports(all: &[Server]) -> BTreeMap<String, BTreeSet<u16>> {
+/// Host ports kiln's services (servers and balancers) publish, by node id:
+/// where its task runs, else the node it is pinned to.
+pub(crate) fn taken_ports(all: &[Server]) -> BTreeMap<String, BTreeSet<u16>> {
     let mut out: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
     for s in all {
         let Some(spec) = &s.spec else { continue };

@@ -253,21 +253,7 @@ impl Provider for Swarm {
             .rt
             .block_on(cluster.servers(None))
             .map_err(other("list services"))?;
-        let mut ports: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
-        for s in &servers {
-            let Some(spec) = &s.spec else { continue };
-            let node = s
-                .current()
-                .map(|t| t.node_id.clone())
-                .filter(|n| !n.is_empty())
-                .or_else(|| spec.node.clone());
-            if let Some(node) = node {
-                ports
-                    .entry(node)
-                    .or_default()
-                    .extend(spec.ports.iter().map(|p| p.published));
-            }
-        }
+        let mut ports = crate::front::taken_ports(&servers);
         Ok(nodes
             .into_iter()
             .map(|n| NodeInfo {
