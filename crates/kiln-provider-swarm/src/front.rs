@@ -14,6 +14,10 @@
 //! carries a token kiln generated for the role (kept in `DIR/balancers/`,
 //! 0600).
 //!
+//! The running balancers listed by a process's first switch of a role are
+//! reused by its later switches and drains (a rollout makes dozens); a
+//! control request that fails lists and ensures them again.
+//!
 //! A balancer whose node is down is skipped. When its node returns it
 //! serves the set it last had (health-checked) and is reported `behind`
 //! the last switch (kept in `DIR/balancers/ENV-ROLE.json`): drift says
@@ -56,7 +60,7 @@ pub fn is_balancer(s: &Server) -> bool {
 
 /// One running balancer of a role, as kiln reaches it.
 #[derive(Debug, Clone)]
-struct Live {
+pub(crate) struct Live {
     server: String,
     /// `http://NODE_IP:PORT` of its control channel.
     control: String,
@@ -69,15 +73,20 @@ fn fail(env: &str, role: &str, detail: impl Into<String>) -> ProviderError {
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_connect(Some(CONTROL_TIMEOUT))
-        .timeout_global(Some(CONTROL_TIMEOUT))
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .user_agent("kiln")
-        .build()
-        .into()
+/// One client for every control channel: its connections are kept alive
+/// between a switch and the status reads that follow it.
+fn agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .timeout_connect(Some(CONTROL_TIMEOUT))
+            .timeout_global(Some(CONTROL_TIMEOUT))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent("kiln")
+            .build()
+            .into()
+    })
 }
 
 impl Swarm {
@@ -91,22 +100,46 @@ impl Swarm {
         b: &Balancer,
         set: &kiln_balancer::Backends,
     ) -> Result<(), ProviderError> {
-        let cluster = self.cluster()?;
-        let live = self.ensure_balancers(&cluster, env, role, b)?;
-        if live.is_empty() {
-            return Err(fail(
-                env,
-                role,
-                "no balancer runs: every node it may run on is down",
-            ));
-        }
         let token = self.balancer_token(env, role)?;
+        // The balancers listed by this process's first switch (which also
+        // created missing ones); listed and ensured again if one fails.
+        let cached = self.cached_fronts(env, role);
+        let pushed = match &cached {
+            Some(live) => self.push_all(env, role, live, &token, set),
+            None => Err(fail(env, role, "not listed yet")),
+        };
+        if pushed.is_err() {
+            let cluster = self.cluster()?;
+            let live = self.ensure_balancers(&cluster, env, role, b)?;
+            if live.is_empty() {
+                return Err(fail(
+                    env,
+                    role,
+                    "no balancer runs: every node it may run on is down",
+                ));
+            }
+            self.remember_fronts(env, role, Some(live.clone()));
+            self.push_all(env, role, &live, &token, set)?;
+        }
+        self.keep_set(env, role, set)
+            .map_err(|e| fail(env, role, format!("keeping the backend set: {e}")))
+    }
+
+    /// Gives every balancer in `live` the set and waits until each serves it.
+    fn push_all(
+        &self,
+        env: &str,
+        role: &str,
+        live: &[Live],
+        token: &str,
+        set: &kiln_balancer::Backends,
+    ) -> Result<(), ProviderError> {
         let agent = agent();
-        for l in &live {
-            let generation = put_backends(&agent, l, &token, set)
+        for l in live {
+            let generation = put_backends(agent, l, token, set)
                 .map_err(|e| fail(env, role, format!("{}: {e}", l.server)))?;
             kiln_balancer::wait_generation_with(
-                || get_status(&agent, l, &token),
+                || get_status(agent, l, token),
                 generation,
                 SWITCH_TIMEOUT,
             )
@@ -122,8 +155,21 @@ impl Swarm {
                 )
             })?;
         }
-        self.keep_set(env, role, set)
-            .map_err(|e| fail(env, role, format!("keeping the backend set: {e}")))
+        Ok(())
+    }
+
+    fn cached_fronts(&self, env: &str, role: &str) -> Option<Vec<Live>> {
+        let g = self.fronts.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(&(env.to_string(), role.to_string())).cloned()
+    }
+
+    fn remember_fronts(&self, env: &str, role: &str, live: Option<Vec<Live>>) {
+        let mut g = self.fronts.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (env.to_string(), role.to_string());
+        match live {
+            Some(l) => g.insert(key, l),
+            None => g.remove(&key),
+        };
     }
 
     fn set_path(&self, env: &str, role: &str) -> PathBuf {
@@ -160,18 +206,22 @@ impl Swarm {
         backend: &str,
         timeout: Duration,
     ) -> bool {
-        let (Ok(live), Ok(token)) = (
-            self.live_balancers(env, role),
-            self.balancer_token(env, role),
-        ) else {
+        let live = match self.cached_fronts(env, role) {
+            Some(l) => Ok(l),
+            None => self.live_balancers(env, role),
+        };
+        let (Ok(live), Ok(token)) = (live, self.balancer_token(env, role)) else {
             return false;
         };
         let agent = agent();
         let deadline = std::time::Instant::now() + timeout;
-        live.iter().all(|l| {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            kiln_balancer::wait_drained_with(|| get_status(&agent, l, &token), backend, left)
-        })
+        // One that stopped answering since it was listed has nothing open.
+        live.iter()
+            .filter(|l| get_status(agent, l, &token).is_some())
+            .all(|l| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                kiln_balancer::wait_drained_with(|| get_status(agent, l, &token), backend, left)
+            })
     }
 
     /// The role's balancers as one: alive if any runs; each backend's
@@ -188,7 +238,7 @@ impl Swarm {
         let mut behind = Vec::new();
         let mut statuses = Vec::new();
         for l in found.iter().filter_map(live_of) {
-            let Some(status) = get_status(&agent, &l, &token) else {
+            let Some(status) = get_status(agent, &l, &token) else {
                 continue;
             };
             let serves: BTreeSet<&str> = status
@@ -233,6 +283,7 @@ impl Swarm {
             self.rt
                 .block_on(cluster.remove_server(env, &s.inventory_id(), Duration::from_secs(60)))
                 .map_err(|e| fail(env, r, error_chain(&e)))?;
+            self.remember_fronts(env, r, None);
             let _ = std::fs::remove_file(self.token_path(env, r));
             let _ = std::fs::remove_file(self.set_path(env, r));
         }
@@ -507,7 +558,7 @@ fn wait_control(l: &Live, token: &str) -> Result<(), String> {
     let agent = agent();
     let start = std::time::Instant::now();
     while start.elapsed() < SWITCH_TIMEOUT {
-        if get_status(&agent, l, token).is_some() {
+        if get_status(agent, l, token).is_some() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -69,6 +69,8 @@ pub struct Swarm {
     registry: Mutex<Option<std::sync::Arc<Registry>>>,
     /// The balancer image's reference, once baked and pushed.
     pub(crate) balancer_image: Mutex<Option<String>>,
+    /// Each role's running balancers as last listed (see `front`).
+    pub(crate) fronts: Mutex<BTreeMap<(String, String), Vec<crate::front::Live>>>,
 }
 
 fn other(what: impl Into<String>) -> impl FnOnce(SwarmError) -> ProviderError {
@@ -98,6 +100,7 @@ impl Swarm {
             cluster: Mutex::new(None),
             registry: Mutex::new(None),
             balancer_image: Mutex::new(None),
+            fronts: Mutex::new(BTreeMap::new()),
         }
     }
 
