@@ -19,13 +19,14 @@ use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
 };
+use kiln_model::error_chain;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Serialize};
 
 use crate::control::Acme;
 use crate::fleet::Fleet;
-use crate::tls::{error_chain, load_files, load_pem, unix_now, Certs, Loaded, TlsError};
+use crate::tls::{load_files, load_pem, unix_now, Certs, Loaded, TlsError};
 
 /// The longest an order may take, from the directory to the certificate.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);

@@ -134,7 +134,7 @@ async fn put_backends(
         ),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
-            &crate::tls::error_chain(&e),
+            &kiln_model::error_chain(&e),
         ),
     }
 }

@@ -21,6 +21,9 @@ use tokio_rustls::LazyConfigAcceptor;
 use crate::control::Mode;
 use crate::fleet::Fleet;
 
+// `lib.rs` still calls it `tls::error_chain`.
+pub(crate) use kiln_model::error_chain;
+
 /// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
 pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 /// How often certificate files are looked at.
@@ -305,16 +308,4 @@ pub(crate) async fn watch_files(certs: Arc<Certs>, fleet: Arc<Fleet>, cert: Path
         }
         tokio::time::sleep(FILE_POLL).await;
     }
-}
-
-/// An error and its sources, `: `-separated.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -89,37 +89,39 @@ where
 }
 
 /// Services on the swarm labelled with kiln's environment `env`, the
+/// role balancers included, as the manager lists them.
+fn env_services(
+    cluster: &kiln_testcluster::Cluster,
+    env: &str,
+) -> Vec<kiln_provider_swarm::Server> {
+    with_manager(
+        cluster,
+        |c| async move { c.servers(Some(env)).await.unwrap() },
+    )
+}
+
+/// Services on the swarm labelled with kiln's environment `env`, the
 /// role balancers aside.
 fn services(cluster: &kiln_testcluster::Cluster, env: &str) -> Vec<String> {
-    with_manager(cluster, |c| async move {
-        c.servers(Some(env))
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|s| !kiln_provider_swarm::front::is_balancer(s))
-            .map(|s| s.service_name)
-            .collect()
-    })
+    env_services(cluster, env)
+        .into_iter()
+        .filter(|s| !kiln_provider_swarm::front::is_balancer(s))
+        .map(|s| s.service_name)
+        .collect()
 }
 
 /// The nodes where a balancer of `env` runs.
 fn balancer_nodes(cluster: &kiln_testcluster::Cluster, env: &str) -> BTreeSet<String> {
-    with_manager(cluster, |c| async move {
-        c.servers(Some(env))
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|s| kiln_provider_swarm::front::is_balancer(s) && s.alive())
-            .filter_map(|s| Some(s.current()?.node_id.clone()))
-            .collect()
-    })
+    env_services(cluster, env)
+        .into_iter()
+        .filter(|s| kiln_provider_swarm::front::is_balancer(s) && s.alive())
+        .filter_map(|s| Some(s.current()?.node_id.clone()))
+        .collect()
 }
 
 /// Every service of `env`, balancers included.
 fn all_services(cluster: &kiln_testcluster::Cluster, env: &str) -> usize {
-    with_manager(cluster, |c| async move {
-        c.servers(Some(env)).await.unwrap().len()
-    })
+    env_services(cluster, env).len()
 }
 
 /// The role's front on node `i` (0 or 1): its balancer's published port.
@@ -262,35 +264,31 @@ fn digests(p: &Project, env: &str) -> BTreeSet<String> {
 
 /// What the swarm runs for `env`, one line per service (for failures).
 fn describe(cluster: &kiln_testcluster::Cluster, env: &str) -> String {
-    with_manager(cluster, |c| async move {
-        c.servers(Some(env))
-            .await
-            .unwrap()
-            .iter()
-            .map(|s| {
-                let ports: Vec<u16> = s
-                    .spec
-                    .as_ref()
-                    .map(|p| p.ports.iter().map(|p| p.published).collect())
-                    .unwrap_or_default();
-                let tasks: Vec<String> = s
-                    .tasks
-                    .iter()
-                    .map(|t| {
-                        format!(
-                            "{:?}/{:?} on {} {:?} {}",
-                            t.phase,
-                            t.desired,
-                            t.node_id.get(..6).unwrap_or(""),
-                            t.error,
-                            t.message
-                        )
-                    })
-                    .collect();
-                format!("{} ports {ports:?}: {}\n", s.service_name, tasks.join("; "))
-            })
-            .collect()
-    })
+    env_services(cluster, env)
+        .iter()
+        .map(|s| {
+            let ports: Vec<u16> = s
+                .spec
+                .as_ref()
+                .map(|p| p.ports.iter().map(|p| p.published).collect())
+                .unwrap_or_default();
+            let tasks: Vec<String> = s
+                .tasks
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{:?}/{:?} on {} {:?} {}",
+                        t.phase,
+                        t.desired,
+                        t.node_id.get(..6).unwrap_or(""),
+                        t.error,
+                        t.message
+                    )
+                })
+                .collect();
+            format!("{} ports {ports:?}: {}\n", s.service_name, tasks.join("; "))
+        })
+        .collect()
 }
 
 /// Nodes the manager sees ready.
@@ -592,18 +590,14 @@ fn server_envs(
     cluster: &kiln_testcluster::Cluster,
     env: &str,
 ) -> std::collections::BTreeMap<String, Vec<String>> {
-    with_manager(cluster, |c| async move {
-        c.servers(Some(env))
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|s| !kiln_provider_swarm::front::is_balancer(s))
-            .map(|s| {
-                let vars = s.spec.as_ref().map(|sp| sp.env_vars.clone());
-                (s.inventory_id(), vars.unwrap_or_default())
-            })
-            .collect()
-    })
+    env_services(cluster, env)
+        .into_iter()
+        .filter(|s| !kiln_provider_swarm::front::is_balancer(s))
+        .map(|s| {
+            let vars = s.spec.as_ref().map(|sp| sp.env_vars.clone());
+            (s.inventory_id(), vars.unwrap_or_default())
+        })
+        .collect()
 }
 
 #[test]

@@ -149,6 +149,16 @@ impl World {
             .collect()
     }
 
+    /// The detail of each event recorded for staging.
+    fn events(&self) -> Vec<String> {
+        self.state
+            .events("staging")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.detail)
+            .collect()
+    }
+
     fn app_mut(&mut self) -> &mut kiln_model::RoleSpec {
         self.project
             .envs
@@ -392,13 +402,7 @@ fn crash_leftovers_are_planned_cleaned_and_converged() {
         "no orphan left in the runtime"
     );
     assert!(w.plan().is_empty());
-    let events: Vec<String> = w
-        .state
-        .events("staging")
-        .unwrap()
-        .into_iter()
-        .map(|e| e.detail)
-        .collect();
+    let events = w.events();
     assert!(
         events.iter().any(|e| e.contains("removed server app-dead")),
         "{events:?}"
@@ -665,13 +669,7 @@ fn reconcile_restarts_a_dead_balancer() {
         .unwrap();
     assert_eq!(pass.balancers_restarted, ["app"]);
     assert!(w.fake.balancer("staging", "app").unwrap().alive);
-    let events: Vec<String> = w
-        .state
-        .events("staging")
-        .unwrap()
-        .into_iter()
-        .map(|e| e.detail)
-        .collect();
+    let events = w.events();
     assert!(
         events
             .iter()
@@ -705,13 +703,7 @@ fn a_balancer_that_missed_a_switch_is_drift_and_reconcile_brings_it_up_to_date()
         .unwrap()
         .findings
         .is_empty());
-    let events: Vec<String> = w
-        .state
-        .events("staging")
-        .unwrap()
-        .into_iter()
-        .map(|e| e.detail)
-        .collect();
+    let events = w.events();
     assert!(
         events
             .iter()

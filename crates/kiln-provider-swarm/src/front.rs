@@ -58,6 +58,11 @@ pub fn is_balancer(s: &Server) -> bool {
     s.label(LABEL_KIND) == Some(KIND_BALANCER)
 }
 
+/// Whether `s` is a balancer of `role` (of any role: None).
+fn is_balancer_of(s: &Server, role: Option<&str>) -> bool {
+    is_balancer(s) && role.is_none_or(|r| s.label(LABEL_ROLE) == Some(r))
+}
+
 /// One running balancer of a role, as kiln reaches it.
 #[derive(Debug, Clone)]
 pub(crate) struct Live {
@@ -228,7 +233,7 @@ impl Swarm {
     /// counts summed over them.
     pub(crate) fn balancer_state(&self, env: &str, role: &str) -> Option<BalancerState> {
         let cluster = self.cluster().ok()?;
-        let found = self.balancer_services(&cluster, env, role).ok()?;
+        let found = self.balancer_services(&cluster, env, Some(role)).ok()?;
         if found.is_empty() {
             return None;
         }
@@ -271,15 +276,8 @@ impl Swarm {
         role: Option<&str>,
     ) -> Result<(), ProviderError> {
         let cluster = self.cluster()?;
-        let found = self
-            .rt
-            .block_on(cluster.servers(Some(env)))
-            .map_err(|e| fail(env, role.unwrap_or("*"), error_chain(&e)))?;
-        for s in found.iter().filter(|s| is_balancer(s)) {
+        for s in self.balancer_services(&cluster, env, role)? {
             let r = s.label(LABEL_ROLE).unwrap_or_default();
-            if role.is_some_and(|want| want != r) {
-                continue;
-            }
             self.rt
                 .block_on(cluster.remove_server(env, &s.inventory_id(), Duration::from_secs(60)))
                 .map_err(|e| fail(env, r, error_chain(&e)))?;
@@ -290,25 +288,26 @@ impl Swarm {
         Ok(())
     }
 
+    /// The environment's balancer services of `role` (of every role: None).
     fn balancer_services(
         &self,
         cluster: &Cluster,
         env: &str,
-        role: &str,
+        role: Option<&str>,
     ) -> Result<Vec<Server>, ProviderError> {
         Ok(self
             .rt
             .block_on(cluster.servers(Some(env)))
-            .map_err(|e| fail(env, role, error_chain(&e)))?
+            .map_err(|e| fail(env, role.unwrap_or("*"), error_chain(&e)))?
             .into_iter()
-            .filter(|s| is_balancer(s) && s.label(LABEL_ROLE) == Some(role))
+            .filter(|s| is_balancer_of(s, role))
             .collect())
     }
 
     fn live_balancers(&self, env: &str, role: &str) -> Result<Vec<Live>, ProviderError> {
         let cluster = self.cluster()?;
         Ok(self
-            .balancer_services(&cluster, env, role)?
+            .balancer_services(&cluster, env, Some(role))?
             .iter()
             .filter_map(live_of)
             .collect())
@@ -329,9 +328,8 @@ impl Swarm {
         let all = self.rt.block_on(cluster.servers(None)).map_err(err)?;
         let mine: Vec<&Server> = all
             .iter()
-            .filter(|s| is_balancer(s))
+            .filter(|s| is_balancer_of(s, Some(role)))
             .filter(|s| s.label(crate::server::LABEL_ENV) == Some(env))
-            .filter(|s| s.label(LABEL_ROLE) == Some(role))
             .collect();
         let port = listen_port(&b.listen).map_err(|d| fail(env, role, d))?;
         let mut taken = taken_ports(&all);

@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use bollard::models::{SwarmInitRequest, SwarmJoinRequest, SwarmSpec, SwarmSpecDispatcher};
 use bollard::Docker;
+use kiln_model::error_chain;
 
 const BASE: &str = "/var/tmp";
 const SLOTS: u32 = 64;
@@ -1161,15 +1162,4 @@ fn create(p: &Path) -> Result<fs::File> {
         path: p.into(),
         source,
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
