@@ -92,16 +92,18 @@ pub(crate) enum Close {
     Reset,
 }
 
-/// A TCP connection to `addr` within `timeout`, hedged as described above.
-/// `hedges` counts the extra attempts started. An attempt that connects
-/// but loses the race never carried a byte and is reset.
+/// A TCP connection to `addr` within `timeout`, hedged as described above,
+/// and whether it was slow (its first attempt outlived the hedge delay: the
+/// backend's accept queue was full). `hedges` counts the extra attempts
+/// started. An attempt that connects but loses the race never carried a
+/// byte and is reset.
 pub(crate) async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     time: &ConnectTime,
     hedges: &prometheus::IntCounter,
     close: Close,
-) -> io::Result<TcpStream> {
+) -> io::Result<(TcpStream, bool)> {
     let attempt = move || async move {
         let start = Instant::now();
         let socket = match addr {
@@ -114,21 +116,21 @@ pub(crate) async fn connect(
         let stream = socket.connect(addr).await?;
         Ok::<_, io::Error>((stream, start.elapsed()))
     };
-    let won = |(stream, took): (TcpStream, Duration)| {
+    let won = |(stream, took): (TcpStream, Duration), slow: bool| {
         time.record(took);
         if close == Close::Normal {
             // Back to the default: linger off, a FIN on close.
             #[allow(deprecated)]
             stream.set_linger(None)?;
         }
-        Ok(stream)
+        Ok((stream, slow))
     };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut gap = time.hedge_after().min(timeout);
     // Most connects finish long before the first hedge: no task for them.
     let mut first = Box::pin(attempt());
     if let Ok(done) = tokio::time::timeout(gap, &mut first).await {
-        return won(done?);
+        return won(done?, false);
     }
     // Held until this connect is done; the losing attempts end with it.
     let _budget = loop {
@@ -137,7 +139,7 @@ pub(crate) async fn connect(
         }
         gap = (gap * 2).min(MAX_HEDGE);
         tokio::select! {
-            done = &mut first => return won(done?),
+            done = &mut first => return won(done?, true),
             _ = tokio::time::sleep(gap) => {}
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
@@ -154,7 +156,7 @@ pub(crate) async fn connect(
     loop {
         tokio::select! {
             done = attempts.join_next() => match done {
-                Some(Ok(Ok(done))) => return won(done),
+                Some(Ok(Ok(done))) => return won(done, true),
                 // A refusal or unreachable network is an answer, unless
                 // another attempt is still waiting.
                 Some(Ok(Err(e))) if attempts.is_empty() => return Err(e),
@@ -190,9 +192,10 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (time, hedges) = (ConnectTime::default(), counter());
         let addr = l.local_addr().unwrap();
-        connect(addr, Duration::from_secs(2), &time, &hedges, Close::Normal)
+        let (_, slow) = connect(addr, Duration::from_secs(2), &time, &hedges, Close::Normal)
             .await
             .unwrap();
+        assert!(!slow);
         assert_eq!(hedges.get(), 0);
         assert!(time.0.load(Ordering::Relaxed) > 0);
     }
@@ -248,10 +251,11 @@ mod tests {
         });
         let (time, hedges) = (ConnectTime::default(), counter());
         let start = Instant::now();
-        connect(addr, Duration::from_secs(3), &time, &hedges, Close::Normal)
+        let (_, slow) = connect(addr, Duration::from_secs(3), &time, &hedges, Close::Normal)
             .await
             .unwrap();
         let took = start.elapsed();
+        assert!(slow, "the backend's full queue is not reported");
         assert!(took < Duration::from_millis(900), "took {took:?}");
         assert!(hedges.get() >= 1, "no hedge needed: {took:?}");
         accepting.abort();

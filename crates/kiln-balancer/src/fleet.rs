@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use crate::admit::{Limit, Queue};
 use crate::control::{
     read_backends, status_path, write_atomic, Algorithm, BackendStatus, Check, Front, Status,
     TlsStatus,
@@ -34,14 +35,19 @@ pub(crate) struct Backend {
     pub active: AtomicBool,
     pub pool: Pool,
     pub connect_time: ConnectTime,
+    /// Requests it is given at once, learnt (see `admit`).
+    pub limit: Limit,
+    /// The balancer's queue, told when this backend has room again.
+    pub queue: Arc<Queue>,
 }
 
 impl Backend {
-    fn new(addr: SocketAddr, metrics: &Metrics) -> Backend {
+    pub(crate) fn new(addr: SocketAddr, metrics: &Metrics, queue: Arc<Queue>) -> Backend {
         let m = metrics.backend(&addr.to_string());
         m.up.set(1);
         Backend {
             addr,
+            limit: Limit::new(m.limit.clone()),
             m,
             down: AtomicBool::new(false),
             streak: AtomicU32::new(0),
@@ -49,6 +55,7 @@ impl Backend {
             active: AtomicBool::new(true),
             pool: Pool::default(),
             connect_time: ConnectTime::default(),
+            queue,
         }
     }
 
@@ -83,11 +90,15 @@ pub(crate) struct Fleet {
     seq: AtomicU64,
     pub metrics: Arc<Metrics>,
     pub tls: Mutex<Option<TlsStatus>>,
+    /// Requests waiting for room on a backend.
+    pub queue: Arc<Queue>,
 }
 
 impl Fleet {
     pub fn new(listen: &str) -> Fleet {
+        let metrics = Metrics::new();
         Fleet {
+            queue: Arc::new(Queue::new(metrics.queued.clone())),
             listen: listen.to_string(),
             current: ArcSwap::from_pointee(Vec::new()),
             known: Mutex::new(BTreeMap::new()),
@@ -97,7 +108,7 @@ impl Fleet {
             checks: ArcSwap::from_pointee(BTreeMap::new()),
             generation: AtomicU64::new(0),
             seq: AtomicU64::new(0),
-            metrics: Metrics::new(),
+            metrics,
             tls: Mutex::new(None),
         }
     }
@@ -120,7 +131,9 @@ impl Fleet {
                 .map(|a| {
                     let b = known
                         .entry(*a)
-                        .or_insert_with(|| Arc::new(Backend::new(*a, &self.metrics)))
+                        .or_insert_with(|| {
+                            Arc::new(Backend::new(*a, &self.metrics, self.queue.clone()))
+                        })
                         .clone();
                     // kiln switches only to servers it found healthy.
                     b.down.store(false, Ordering::SeqCst);
@@ -150,6 +163,7 @@ impl Fleet {
             set
         };
         self.current.store(Arc::new(set));
+        self.queue.changed();
         self.check.store(Arc::new(b.check.clone()));
         self.checks.store(Arc::new(
             b.checks

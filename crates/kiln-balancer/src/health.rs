@@ -88,6 +88,7 @@ fn record(b: &Backend, ok: bool, check: &Check) {
             b.down.store(!down, Ordering::SeqCst);
             b.streak.store(0, Ordering::SeqCst);
             b.m.up.set(i64::from(down));
+            b.queue.changed();
             if down {
                 tracing::info!(addr = %b.addr, "backend passes its health check again: back in rotation");
             } else {

@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::admit::Slot;
 use crate::dial::Close;
 use crate::fleet::{Backend, Fleet};
 
@@ -123,6 +124,15 @@ async fn handle(
         fleet.metrics.rejected.inc();
         return Ok(unavailable());
     };
+    let Some((set, first, slot)) = fleet.queue.admit(&fleet.current, set, first).await else {
+        if fleet.current.load().iter().any(|b| b.is_up()) {
+            fleet.metrics.queue_timeouts.inc();
+        } else {
+            fleet.metrics.rejected.inc();
+        }
+        return Ok(unavailable());
+    };
+    let mut slot = Some(slot);
     let empty = body.is_end_stream();
     let retriable = empty && idempotent(&parts.method) && !upgrade;
     let template = retriable.then(|| {
@@ -164,7 +174,8 @@ async fn handle(
         if let Some(prev) = failed_on.take() {
             prev.m.retries.inc();
         }
-        let lease = Lease::new(backend.clone());
+        let slot = slot.take().unwrap_or_else(|| Slot::force(backend.clone()));
+        let lease = Lease::new(slot);
         let started = Instant::now();
         match send(backend, req, upgrade).await {
             Ok((resp, sender)) => {
@@ -375,7 +386,7 @@ async fn send(
 /// rely on half-closes, so it keeps the normal close.
 async fn connect(backend: &Backend, upgrade: bool) -> std::io::Result<SendRequest<ReqBody>> {
     let close = if upgrade { Close::Normal } else { Close::Reset };
-    let stream = crate::dial::connect(
+    let (stream, slow) = crate::dial::connect(
         backend.addr,
         CONNECT_TIMEOUT,
         &backend.connect_time,
@@ -383,6 +394,9 @@ async fn connect(backend: &Backend, upgrade: bool) -> std::io::Result<SendReques
         close,
     )
     .await?;
+    if slow {
+        backend.limit.congested();
+    }
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(BackendIo {
@@ -457,10 +471,11 @@ fn respond(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     client_version: Version,
 ) -> Response<RespBody> {
-    let backend = lease.backend.clone();
+    let backend = lease.slot.backend.clone();
     let status = resp.status();
     backend.m.response(status.as_u16());
     backend.answered.fetch_add(1, Ordering::Relaxed);
+    backend.limit.answered();
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             return tunnel(resp, client_upgrade, lease);
@@ -494,7 +509,9 @@ fn tunnel(
 ) -> Response<RespBody> {
     let backend_upgrade = hyper::upgrade::on(&mut resp);
     tokio::spawn(async move {
-        let _lease = lease;
+        let mut lease = lease;
+        // A tunnel says nothing about the backend's accept queue.
+        lease.slot.release();
         if let (Ok(c), Ok(b)) = tokio::join!(client_upgrade, backend_upgrade) {
             let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
             let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
@@ -507,26 +524,27 @@ fn tunnel(
 /// A request in flight on a backend: counted while it lives, and the
 /// connection it used, returned to the pool when the response is done.
 pub(crate) struct Lease {
-    backend: Arc<Backend>,
+    /// Declared after nothing it must outlive: the connection goes back
+    /// to the pool (in `drop`) before the room it held is given back, so
+    /// the request that gets the room finds the connection idle.
+    slot: Slot,
     sender: Option<SendRequest<ReqBody>>,
 }
 
 impl Lease {
-    fn new(backend: Arc<Backend>) -> Lease {
-        backend.m.in_flight.inc();
-        Lease {
-            backend,
-            sender: None,
-        }
+    fn new(slot: Slot) -> Lease {
+        slot.backend.m.in_flight.inc();
+        Lease { slot, sender: None }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.backend.m.in_flight.dec();
+        let backend = &self.slot.backend;
+        backend.m.in_flight.dec();
         if let Some(sender) = self.sender.take() {
-            if self.backend.active.load(Ordering::Relaxed) && self.backend.is_up() {
-                self.backend.pool.put(sender);
+            if backend.active.load(Ordering::Relaxed) && backend.is_up() {
+                backend.pool.put(sender);
             }
         }
     }

@@ -32,6 +32,7 @@
 //! that reads and writes those same files.
 
 mod acme;
+mod admit;
 mod control;
 mod dial;
 mod fleet;
@@ -260,7 +261,7 @@ impl FrontTasks {
                         ));
                         self.admin = Some((addr.clone(), task));
                     }
-                    Err(e) => tracing::warn!("admin listener: {}", tls::error_chain(&e)),
+                    Err(e) => tracing::warn!("admin listener: {}", kiln_model::error_chain(&e)),
                 }
             }
         }

@@ -28,6 +28,7 @@ pub(crate) struct Metrics {
     pub retries: IntCounterVec,
     pub hedges: IntCounterVec,
     pub in_flight: IntGaugeVec,
+    pub limit: IntGaugeVec,
     pub connections: IntCounterVec,
     pub open: IntGaugeVec,
     pub up: IntGaugeVec,
@@ -37,6 +38,8 @@ pub(crate) struct Metrics {
     pub rejected: IntCounter,
     pub failed_open: IntCounter,
     pub bad_requests: IntCounter,
+    pub queued: IntGauge,
+    pub queue_timeouts: IntCounter,
     pub generation: IntGauge,
     pub cert_not_after: IntGauge,
 }
@@ -108,6 +111,11 @@ impl Metrics {
                 "HTTP requests in flight on a backend",
                 &["backend"],
             ),
+            limit: gv(
+                "kiln_balancer_backend_limit",
+                "HTTP requests a backend is given at once, learnt from its full accept queue (0: no limit)",
+                &["backend"],
+            ),
             connections: cv(
                 "kiln_balancer_backend_connections_total",
                 "TCP mode: client connections relayed to a backend",
@@ -145,6 +153,14 @@ impl Metrics {
                 "kiln_balancer_bad_requests_total",
                 "Malformed client requests answered with an error and closed",
             ),
+            queued: g(
+                "kiln_balancer_queued_requests",
+                "HTTP requests waiting for room on a backend (every backend at its learnt limit)",
+            ),
+            queue_timeouts: c(
+                "kiln_balancer_queue_timeouts_total",
+                "HTTP requests answered 503 after waiting too long for room on a backend",
+            ),
             generation: g(
                 "kiln_balancer_generation",
                 "Generation of the backend set being served",
@@ -166,6 +182,7 @@ impl Metrics {
             retries: self.retries.with_label_values(&[addr]),
             hedges: self.hedges.with_label_values(&[addr]),
             in_flight: self.in_flight.with_label_values(&[addr]),
+            limit: self.limit.with_label_values(&[addr]),
             connections: self.connections.with_label_values(&[addr]),
             open: self.open.with_label_values(&[addr]),
             up: self.up.with_label_values(&[addr]),
@@ -183,6 +200,7 @@ impl Metrics {
         let _ = self.retries.remove_label_values(&[addr]);
         let _ = self.hedges.remove_label_values(&[addr]);
         let _ = self.in_flight.remove_label_values(&[addr]);
+        let _ = self.limit.remove_label_values(&[addr]);
         let _ = self.connections.remove_label_values(&[addr]);
         let _ = self.open.remove_label_values(&[addr]);
         let _ = self.up.remove_label_values(&[addr]);
@@ -205,6 +223,7 @@ pub(crate) struct BackendMetrics {
     pub retries: IntCounter,
     pub hedges: IntCounter,
     pub in_flight: IntGauge,
+    pub limit: IntGauge,
     pub connections: IntCounter,
     pub open: IntGauge,
     pub up: IntGauge,

@@ -45,7 +45,7 @@ where
             crate::dial::Close::Normal,
         );
         match dialed.await {
-            Ok(mut upstream) => {
+            Ok((mut upstream, _)) => {
                 let _ = upstream.set_nodelay(true);
                 backend.m.open.inc();
                 backend.m.connections.inc();

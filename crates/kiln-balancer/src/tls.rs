@@ -21,9 +21,6 @@ use tokio_rustls::LazyConfigAcceptor;
 use crate::control::Mode;
 use crate::fleet::Fleet;
 
-// `lib.rs` still calls it `tls::error_chain`.
-pub(crate) use kiln_model::error_chain;
-
 /// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
 pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 /// How often certificate files are looked at.
@@ -303,7 +300,7 @@ pub(crate) async fn watch_files(certs: Arc<Certs>, fleet: Arc<Fleet>, cert: Path
             last = Some(now);
             match load_files(&cert, &key) {
                 Ok(loaded) => certs.install(loaded, "files", &fleet),
-                Err(e) => certs.refuse(error_chain(&e), "files", &fleet),
+                Err(e) => certs.refuse(kiln_model::error_chain(&e), "files", &fleet),
             }
         }
         tokio::time::sleep(FILE_POLL).await;

@@ -851,3 +851,73 @@ async fn the_control_channel_switches_backends_for_its_token_only() {
     );
     task.abort();
 }
+
+/// A backend that serves one connection at a time (HTTP/1.0, `hold`
+/// per response) and listens with the smallest accept queue: any more
+/// connections than it holds have their SYNs dropped.
+async fn one_at_a_time(hold: Duration) -> SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = socket.listen(1).unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            tokio::time::sleep(hold).await;
+            let _ = s
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_whose_accept_queue_overflows_gets_a_limit_and_requests_wait_for_it() {
+    let b = one_at_a_time(Duration::from_millis(5)).await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let front = Front {
+        admin: Some(admin.clone()),
+        ..http_front()
+    };
+    let lb = Balancer::start(&[b], None, front).await;
+    // 16 clients at once on a backend that holds 1 and queues 2.
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let front = lb.addr;
+            tokio::spawn(async move {
+                let mut c = connect(front).await;
+                let mut statuses = Vec::new();
+                for _ in 0..8 {
+                    statuses.push(call(&mut c, "GET", "/", "").await.0);
+                }
+                statuses
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.await.unwrap(), vec![200; 8], "every request answered");
+    }
+    let admin: SocketAddr = admin.parse().unwrap();
+    let text = get(admin, "/metrics").await.1;
+    let limit = text
+        .lines()
+        .find(|l| l.starts_with("kiln_balancer_backend_limit{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no limit metric in {text}"));
+    assert!(
+        (2..16).contains(&limit),
+        "the full queue gave the backend a limit below the 16 clients: {limit}\n{text}"
+    );
+    assert!(
+        text.contains("kiln_balancer_queue_timeouts_total 0"),
+        "{text}"
+    );
+}

@@ -1,0 +1,442 @@
+//! How many requests each backend is given at once (HTTP mode), and the
+//! queue of requests that wait for room.
+//!
+//! A backend's accept queue is small (busybox httpd listens with a backlog
+//! of 9), and a SYN that finds it full is dropped: the request waits for a
+//! hedged connect (see `dial`) or the kernel's one-second retransmission,
+//! and every extra SYN costs both machines a socket. HAProxy's answer is a
+//! `maxconn` per server, set by hand, with a queue in front of it. kiln
+//! learns the limit instead, the way TCP learns its window (AIMD): a
+//! backend starts without one; a connect to it that had to be hedged (its
+//! queue was full) cuts its limit to 7/8 of the requests it had in flight
+//! (at most once per [`CUT_EVERY`]), and answered requests raise it again
+//! by one per [`GROWTH`] × limit answers. Requests that find every
+//! backend at its limit wait here, first come first served, for at most
+//! [`QUEUE_TIMEOUT`] (then 503 with `Retry-After`), instead of as dropped
+//! SYNs in the kernel.
+//!
+//! Tunnels (upgraded connections) leave the count once switched: they may
+//! live for hours and say nothing about the backend's accept queue.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use prometheus::IntGauge;
+use tokio::sync::Notify;
+
+use crate::fleet::Backend;
+
+/// A backend set, as `Fleet::current` holds it.
+type Set = Arc<Vec<Arc<Backend>>>;
+
+/// How long a request may wait for room on a backend.
+pub(crate) const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The smallest limit: two requests in flight on any backend.
+const MIN_LIMIT: u64 = 2;
+/// No limit until the backend shows one.
+const NO_LIMIT: u64 = 1 << 20;
+/// Fixed point: limits are kept in 1/65536ths, so small increases per
+/// answer add up.
+const ONE: u64 = 1 << 16;
+/// Answers per limit's worth of growth: the limit grows by one every
+/// `GROWTH × limit` answers. Slower than TCP's one per window: a full
+/// queue shows only when a connect outlives its hedge delay (≥ 20 ms,
+/// some hundred answers later), and growing faster than that overflowed
+/// the queue again at once (measured: growing by one per limit answers, the
+/// queues overflowed about as often as with no limit at all).
+const GROWTH: u64 = 16;
+/// One overflowing queue makes several connects slow at once: one cut.
+const CUT_EVERY: Duration = Duration::from_millis(100);
+
+/// One backend's limit and the requests it holds.
+pub(crate) struct Limit {
+    in_use: AtomicU32,
+    /// The limit in 1/65536ths.
+    limit: AtomicU64,
+    /// When it was last cut (µs since [`epoch`]).
+    cut_at: AtomicU64,
+    /// `kiln_balancer_backend_limit` (0: none).
+    gauge: IntGauge,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Limit {
+    pub fn new(gauge: IntGauge) -> Limit {
+        gauge.set(0);
+        Limit {
+            in_use: AtomicU32::new(0),
+            limit: AtomicU64::new(NO_LIMIT * ONE),
+            cut_at: AtomicU64::new(0),
+            gauge,
+        }
+    }
+
+    /// The current limit, in requests (`None`: not limited).
+    #[cfg(test)]
+    fn get(&self) -> Option<u64> {
+        let l = self.limit.load(Ordering::Relaxed) / ONE;
+        (l < NO_LIMIT).then_some(l)
+    }
+
+    fn show(&self, limit: u64) {
+        self.gauge.set(if limit >= NO_LIMIT * ONE {
+            0
+        } else {
+            (limit / ONE) as i64
+        });
+    }
+
+    /// Takes room for one request if the limit allows it.
+    fn try_take(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed) / ONE;
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (u64::from(n) < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A connect to the backend was hedged: its accept queue was full with
+    /// this many requests in flight. Cuts the limit below that.
+    pub fn congested(&self) {
+        let now = epoch().elapsed().as_micros() as u64;
+        let last = self.cut_at.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < CUT_EVERY.as_micros() as u64 {
+            return;
+        }
+        if self
+            .cut_at
+            .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let in_use = u64::from(self.in_use.load(Ordering::Relaxed));
+        let cut = (in_use * ONE * 7 / 8).max(MIN_LIMIT * ONE);
+        let was = self.limit.fetch_min(cut, Ordering::AcqRel);
+        self.show(was.min(cut));
+    }
+
+    /// An answered request: the limit grows by 1/limit.
+    pub fn answered(&self) {
+        let l = self.limit.load(Ordering::Relaxed);
+        if l >= NO_LIMIT * ONE {
+            return;
+        }
+        let grown = (l + (ONE * ONE).div_ceil(l.max(1) * GROWTH)).min(NO_LIMIT * ONE);
+        // A lost race loses one increment: harmless.
+        if self
+            .limit
+            .compare_exchange(l, grown, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            && grown / ONE != l / ONE
+        {
+            self.show(grown);
+        }
+    }
+}
+
+/// Room for one request on a backend, given back on drop (or on
+/// [`Slot::release`]).
+pub(crate) struct Slot {
+    pub backend: Arc<Backend>,
+    held: bool,
+}
+
+impl Slot {
+    /// Room taken regardless of the limit: a retry on another backend,
+    /// which already waited its turn.
+    pub fn force(backend: Arc<Backend>) -> Slot {
+        backend.limit.in_use.fetch_add(1, Ordering::AcqRel);
+        Slot {
+            backend,
+            held: true,
+        }
+    }
+
+    /// Leaves the count (a tunnel); idempotent.
+    pub fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.backend.limit.in_use.fetch_sub(1, Ordering::AcqRel);
+            self.backend.queue.freed();
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Requests waiting for room, shared by every backend of a balancer.
+pub(crate) struct Queue {
+    notify: Notify,
+    waiting: AtomicUsize,
+    /// `kiln_balancer_queued_requests`.
+    gauge: IntGauge,
+}
+
+impl Queue {
+    pub fn new(gauge: IntGauge) -> Queue {
+        Queue {
+            notify: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            gauge,
+        }
+    }
+
+    /// Room was given back: the first waiter (if any) tries again.
+    fn freed(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The backends changed (a switch, or one went down or came back):
+    /// every waiter looks again.
+    pub fn changed(&self) {
+        self.notify.notify_waiters();
+    }
+
+    /// Room on the first backend of `set`, from `first` on, that passes
+    /// its checks and is under its limit: at once if nobody is waiting,
+    /// else in turn, looking at the `current` set each time (a switch
+    /// while waiting sends the request to the new set). Returns the set
+    /// it chose from, the backend's index and its room; `None` after
+    /// [`QUEUE_TIMEOUT`], or once no backend is up.
+    pub async fn admit(
+        &self,
+        current: &ArcSwap<Vec<Arc<Backend>>>,
+        set: Set,
+        first: usize,
+    ) -> Option<(Set, usize, Slot)> {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            if let Some((i, slot)) = try_set(&set, first) {
+                return Some((set, i, slot));
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.gauge.inc();
+        let _leave = Leave(self);
+        let deadline = tokio::time::Instant::now() + QUEUE_TIMEOUT;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let set = current.load_full();
+            if !set.iter().any(|b| b.is_up()) {
+                return None;
+            }
+            // Each room given back wakes one waiter: no need to wake the
+            // next in line from here.
+            if let Some((i, slot)) = try_set(&set, first) {
+                return Some((set, i, slot));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+}
+
+/// Gives the waiting count back however `admit` ends (cancelled too).
+struct Leave<'a>(&'a Queue);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.dec();
+    }
+}
+
+fn try_set(set: &[Arc<Backend>], first: usize) -> Option<(usize, Slot)> {
+    let n = set.len();
+    (0..n).map(|k| (first + k) % n).find_map(|i| {
+        let b = &set[i];
+        (b.is_up() && b.limit.try_take()).then(|| {
+            (
+                i,
+                Slot {
+                    backend: b.clone(),
+                    held: true,
+                },
+            )
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Current = ArcSwap<Vec<Arc<Backend>>>;
+
+    fn limit() -> Limit {
+        Limit::new(IntGauge::new("limit", "test").unwrap())
+    }
+
+    #[test]
+    fn a_backend_is_unlimited_until_a_connect_is_hedged() {
+        let l = limit();
+        assert_eq!(l.get(), None);
+        for _ in 0..1000 {
+            assert!(l.try_take());
+        }
+        l.congested();
+        assert_eq!(l.get(), Some(875));
+        assert!(!l.try_take(), "over the new limit");
+    }
+
+    #[test]
+    fn a_cut_is_once_per_episode_and_never_below_two() {
+        let l = limit();
+        l.congested();
+        assert_eq!(l.get(), Some(MIN_LIMIT));
+        l.in_use.store(0, Ordering::Relaxed);
+        for _ in 0..2 {
+            assert!(l.try_take());
+        }
+        assert!(!l.try_take());
+        // A second slow connect right after is the same episode.
+        l.limit.store(40 * ONE, Ordering::Relaxed);
+        l.congested();
+        assert_eq!(l.get(), Some(40));
+    }
+
+    #[test]
+    fn answers_raise_the_limit_by_one_per_growth_times_limit_answers() {
+        let l = limit();
+        l.limit.store(10 * ONE, Ordering::Relaxed);
+        // From 10 to 11 takes GROWTH × 10.5 answers (each adds 1/(GROWTH × l)).
+        for _ in 0..10 * GROWTH {
+            l.answered();
+        }
+        assert_eq!(l.get(), Some(10));
+        for _ in 0..GROWTH {
+            l.answered();
+        }
+        assert_eq!(l.get(), Some(11));
+    }
+
+    fn backends(
+        metrics: &crate::metrics::Metrics,
+        queue: &Arc<Queue>,
+        n: u16,
+    ) -> Vec<Arc<Backend>> {
+        (0..n)
+            .map(|i| {
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + i));
+                let b = Arc::new(Backend::new(addr, metrics, queue.clone()));
+                b.limit.limit.store(ONE, Ordering::Relaxed);
+                b
+            })
+            .collect()
+    }
+
+    fn fleet(n: u16) -> (Arc<Queue>, Arc<Current>) {
+        let metrics = crate::metrics::Metrics::new();
+        let queue = Arc::new(Queue::new(metrics.queued.clone()));
+        let set = backends(&metrics, &queue, n);
+        (queue, Arc::new(ArcSwap::from_pointee(set)))
+    }
+
+    /// Waits in `admit` on its own task; the handle says which backend.
+    fn wait(
+        queue: &Arc<Queue>,
+        current: &Arc<Current>,
+    ) -> tokio::task::JoinHandle<Option<(std::net::SocketAddr, Slot)>> {
+        let (queue, current) = (queue.clone(), current.clone());
+        tokio::spawn(async move {
+            let set = current.load_full();
+            let (_, _, slot) = queue.admit(&current, set.clone(), 0).await?;
+            Some((slot.backend.addr, slot))
+        })
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_over_every_limit_wait_in_turn_for_room() {
+        let (queue, current) = fleet(2);
+        let set = current.load_full();
+        let (_, a, slot_a) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        // The first backend is full: the next request goes to the second.
+        let (_, b, slot_b) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        assert_eq!((a, b), (0, 1));
+        let first = wait(&queue, &current);
+        settle().await;
+        let second = wait(&queue, &current);
+        settle().await;
+        assert_eq!(queue.gauge.get(), 2);
+        assert!(!first.is_finished() && !second.is_finished());
+        drop(slot_b);
+        let (addr, _held) = first.await.unwrap().unwrap();
+        assert_eq!(addr, set[1].addr, "the first in line gets the room");
+        assert!(!second.is_finished());
+        drop(slot_a);
+        let (addr, _held2) = second.await.unwrap().unwrap();
+        assert_eq!(addr, set[0].addr);
+        assert_eq!(queue.gauge.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_switch_while_waiting_sends_the_request_to_the_new_set() {
+        let (queue, current) = fleet(1);
+        let set = current.load_full();
+        let (_, _, _held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        let waiter = wait(&queue, &current);
+        settle().await;
+        let metrics = crate::metrics::Metrics::new();
+        let new = backends(&metrics, &queue, 1);
+        let new_addr = new[0].addr;
+        current.store(Arc::new(new));
+        queue.changed();
+        let (addr, _slot) = waiter.await.unwrap().unwrap();
+        assert_eq!(addr, new_addr);
+    }
+
+    #[tokio::test]
+    async fn waiters_give_up_when_no_backend_is_up_or_after_the_timeout() {
+        let (queue, current) = fleet(1);
+        let set = current.load_full();
+        let (_, _, _held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        let waiter = wait(&queue, &current);
+        settle().await;
+        set[0].down.store(true, Ordering::SeqCst);
+        queue.changed();
+        assert!(waiter.await.unwrap().is_none());
+
+        set[0].down.store(false, Ordering::SeqCst);
+        tokio::time::pause();
+        let waiter = wait(&queue, &current);
+        settle().await;
+        tokio::time::advance(QUEUE_TIMEOUT + Duration::from_millis(1)).await;
+        assert!(waiter.await.unwrap().is_none());
+        assert_eq!(queue.gauge.get(), 0);
+    }
+
+    #[test]
+    fn a_tunnel_leaves_the_count() {
+        let metrics = crate::metrics::Metrics::new();
+        let queue = Arc::new(Queue::new(metrics.queued.clone()));
+        let b = backends(&metrics, &queue, 1).remove(0);
+        let mut slot = Slot::force(b.clone());
+        assert_eq!(b.limit.in_use.load(Ordering::Relaxed), 1);
+        slot.release();
+        slot.release();
+        drop(slot);
+        assert_eq!(b.limit.in_use.load(Ordering::Relaxed), 0);
+    }
+}
