@@ -9,7 +9,7 @@
 //! learns the limit instead, the way TCP learns its window (AIMD): a
 //! backend starts without one; a connect to it that had to be hedged (its
 //! queue was full) cuts its limit to 7/8 of the requests it had in flight
-//! (at most once per [`CUT_EVERY`]), and answered requests raise it again
+//! (at most once per [`CUT_EVERY`], never below [`MIN_LIMIT`]), and answered requests raise it again
 //! by one per [`GROWTH`] × limit answers. Requests that find every
 //! backend at its limit wait here, first come first served, for at most
 //! [`QUEUE_TIMEOUT`] (then 503 with `Retry-After`), instead of as dropped
@@ -33,8 +33,12 @@ type Set = Arc<Vec<Arc<Backend>>>;
 
 /// How long a request may wait for room on a backend.
 pub(crate) const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The smallest limit: two requests in flight on any backend.
-const MIN_LIMIT: u64 = 2;
+/// The smallest limit. A slow connect with fewer requests than this in
+/// flight is not this balancer filling the backend's queue (a SYN lost on
+/// the network, other clients, a stalled server): it is hedged but cuts
+/// nothing, so one lost packet cannot throttle a healthy backend with
+/// slow responses to a trickle.
+const MIN_LIMIT: u64 = 8;
 /// No limit until the backend shows one.
 const NO_LIMIT: u64 = 1 << 20;
 /// Fixed point: limits are kept in 1/65536ths, so small increases per
@@ -105,6 +109,10 @@ impl Limit {
     /// A connect to the backend was hedged: its accept queue was full with
     /// this many requests in flight. Cuts the limit below that.
     pub fn congested(&self) {
+        let in_use = u64::from(self.in_use.load(Ordering::Relaxed));
+        if in_use < MIN_LIMIT {
+            return;
+        }
         let now = epoch().elapsed().as_micros() as u64;
         let last = self.cut_at.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < CUT_EVERY.as_micros() as u64 {
@@ -117,7 +125,6 @@ impl Limit {
         {
             return;
         }
-        let in_use = u64::from(self.in_use.load(Ordering::Relaxed));
         let cut = (in_use * ONE * 7 / 8).max(MIN_LIMIT * ONE);
         let was = self.limit.fetch_min(cut, Ordering::AcqRel);
         self.show(was.min(cut));
@@ -296,14 +303,18 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_is_once_per_episode_and_never_below_two() {
+    fn a_cut_is_once_per_episode_and_never_below_the_minimum() {
         let l = limit();
+        l.in_use.store(MIN_LIMIT as u32 - 1, Ordering::Relaxed);
+        l.congested();
+        assert_eq!(
+            l.get(),
+            None,
+            "too few in flight to be this balancer's doing"
+        );
+        l.in_use.store(MIN_LIMIT as u32, Ordering::Relaxed);
         l.congested();
         assert_eq!(l.get(), Some(MIN_LIMIT));
-        l.in_use.store(0, Ordering::Relaxed);
-        for _ in 0..2 {
-            assert!(l.try_take());
-        }
         assert!(!l.try_take());
         // A second slow connect right after is the same episode.
         l.limit.store(40 * ONE, Ordering::Relaxed);
