@@ -48,9 +48,23 @@ impl Drop for Running {
     }
 }
 
+/// The CPU time (user + system, in clock ticks) process `pid` has used.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is the first, utime the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').context("a /proc stat line")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> {
+        Ok(fields.get(i).context("a short /proc stat line")?.parse()?)
+    };
+    Ok(field(11)? + field(12)?)
+}
+
 /// What wrk measured.
 struct Load {
     rps: f64,
+    requests: u64,
     p50: String,
     p99: String,
     errors: String,
@@ -157,20 +171,32 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
         .next()
         .unwrap_or("")
         .to_string();
-    println!("| front (3 busybox httpd servers, 1 CPU each; wrk -t2 --latency, {SECS} s) | connections | req/s | p50 | p99 | errors |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| front (3 busybox httpd servers, 1 CPU each; wrk -t2 --latency, {SECS} s) | connections | req/s | p50 | p99 | errors | front's CPU per request |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let role_pid: u32 = fs::read_to_string(role_front.join("pid"))
+        .context("the role's balancer pid")?
+        .trim()
+        .parse()?;
+    let (plain_pid, tls_pid, haproxy_pid) = (_kiln_plain.0.id(), _kiln_tls.0.id(), _haproxy.0.id());
     let fronts = [
         (
             "http",
             vec![
-                ("kiln balancer", kiln_plain_port),
-                ("kiln balancer (the role's, started by kiln apply)", port),
-                (version.as_str(), hp),
+                ("kiln balancer", kiln_plain_port, plain_pid),
+                (
+                    "kiln balancer (the role's, started by kiln apply)",
+                    port,
+                    role_pid,
+                ),
+                (version.as_str(), hp, haproxy_pid),
             ],
         ),
         (
             "https",
-            vec![("kiln balancer", kiln_tls_port), (version.as_str(), hps)],
+            vec![
+                ("kiln balancer", kiln_tls_port, tls_pid),
+                (version.as_str(), hps, haproxy_pid),
+            ],
         ),
     ];
     for (scheme, fronts) in &fronts {
@@ -178,11 +204,15 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
             // Alternate the fronts, twice each, so drift in the machine's
             // load does not favour one.
             for round in 1..=2 {
-                for (name, p) in fronts {
+                for (name, p, pid) in fronts {
                     let url = format!("{scheme}://127.0.0.1:{p}/");
+                    let before = cpu_ticks(*pid)?;
                     let l = wrk(&url, conns)?;
+                    let ticks = cpu_ticks(*pid)? - before;
+                    // Clock ticks are 10 ms (USER_HZ 100 on Linux).
+                    let per_request = ticks as f64 * 10_000.0 / l.requests.max(1) as f64;
                     println!(
-                        "| {name} {scheme} (run {round}) | {conns} | {:.0} | {} | {} | {} |",
+                        "| {name} {scheme} (run {round}) | {conns} | {:.0} | {} | {} | {} | {per_request:.1} µs |",
                         l.rps, l.p50, l.p99, l.errors
                     );
                 }
@@ -262,8 +292,16 @@ fn wrk(url: &str, conns: u32) -> Result<Load> {
         .filter(|l| l.starts_with("Non-2xx") || l.starts_with("Socket errors"))
         .collect::<Vec<_>>()
         .join("; ");
+    // "  123456 requests in 5.00s, ..."
+    let requests = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .context("wrk printed no request count")?;
     Ok(Load {
         rps,
+        requests,
         p50: field("50%").unwrap_or_default(),
         p99: field("99%").unwrap_or_default(),
         errors: if errors.is_empty() {
