@@ -130,7 +130,7 @@ impl Limit {
         self.show(was.min(cut));
     }
 
-    /// An answered request: the limit grows by 1/limit.
+    /// An answered request: the limit grows by 1/(GROWTH × limit).
     pub fn answered(&self) {
         let l = self.limit.load(Ordering::Relaxed);
         if l >= NO_LIMIT * ONE {
