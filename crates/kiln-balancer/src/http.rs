@@ -174,7 +174,12 @@ async fn handle(
         if let Some(prev) = failed_on.take() {
             prev.m.retries.inc();
         }
-        let slot = slot.take().unwrap_or_else(|| Slot::force(backend.clone()));
+        // The room admitted for this backend, if it is still the one tried
+        // (not if it went down meanwhile); a retry's room is taken anyway.
+        let slot = match slot.take() {
+            Some(s) if Arc::ptr_eq(&s.backend, backend) => s,
+            _ => Slot::force(backend.clone()),
+        };
         let lease = Lease::new(slot);
         let started = Instant::now();
         match send(backend, req, upgrade).await {
@@ -524,9 +529,8 @@ fn tunnel(
 /// A request in flight on a backend: counted while it lives, and the
 /// connection it used, returned to the pool when the response is done.
 pub(crate) struct Lease {
-    /// Declared after nothing it must outlive: the connection goes back
-    /// to the pool (in `drop`) before the room it held is given back, so
-    /// the request that gets the room finds the connection idle.
+    /// Given back after `drop` has returned the connection to the pool,
+    /// so the request that gets the room finds the connection idle.
     slot: Slot,
     sender: Option<SendRequest<ReqBody>>,
 }
