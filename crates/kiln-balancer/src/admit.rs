@@ -182,6 +182,15 @@ impl Drop for Slot {
     }
 }
 
+/// Why a request got no room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// No backend of the set passes its checks any more.
+    NoBackend,
+    /// It waited [`QUEUE_TIMEOUT`].
+    Timeout,
+}
+
 /// Requests waiting for room, shared by every backend of a balancer.
 pub(crate) struct Queue {
     notify: Notify,
@@ -216,17 +225,16 @@ impl Queue {
     /// its checks and is under its limit: at once if nobody is waiting,
     /// else in turn, looking at the `current` set each time (a switch
     /// while waiting sends the request to the new set). Returns the set
-    /// it chose from, the backend's index and its room; `None` after
-    /// [`QUEUE_TIMEOUT`], or once no backend is up.
+    /// it chose from, the backend's index and its room; why not otherwise.
     pub async fn admit(
         &self,
         current: &ArcSwap<Vec<Arc<Backend>>>,
         set: Set,
         first: usize,
-    ) -> Option<(Set, usize, Slot)> {
+    ) -> Result<(Set, usize, Slot), Refused> {
         if self.waiting.load(Ordering::Acquire) == 0 {
             if let Some((i, slot)) = try_set(&set, first) {
-                return Some((set, i, slot));
+                return Ok((set, i, slot));
             }
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -239,16 +247,16 @@ impl Queue {
             notified.as_mut().enable();
             let set = current.load_full();
             if !set.iter().any(|b| b.is_up()) {
-                return None;
+                return Err(Refused::NoBackend);
             }
             // Each room given back wakes one waiter: no need to wake the
             // next in line from here.
             if let Some((i, slot)) = try_set(&set, first) {
-                return Some((set, i, slot));
+                return Ok((set, i, slot));
             }
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return None,
+                _ = tokio::time::sleep_until(deadline) => return Err(Refused::Timeout),
             }
         }
     }
@@ -363,12 +371,12 @@ mod tests {
     fn wait(
         queue: &Arc<Queue>,
         current: &Arc<Current>,
-    ) -> tokio::task::JoinHandle<Option<(std::net::SocketAddr, Slot)>> {
+    ) -> tokio::task::JoinHandle<Result<(std::net::SocketAddr, Slot), Refused>> {
         let (queue, current) = (queue.clone(), current.clone());
         tokio::spawn(async move {
             let set = current.load_full();
             let (_, _, slot) = queue.admit(&current, set.clone(), 0).await?;
-            Some((slot.backend.addr, slot))
+            Ok((slot.backend.addr, slot))
         })
     }
 
@@ -427,14 +435,14 @@ mod tests {
         settle().await;
         set[0].down.store(true, Ordering::SeqCst);
         queue.changed();
-        assert!(waiter.await.unwrap().is_none());
+        assert_eq!(waiter.await.unwrap().err(), Some(Refused::NoBackend));
 
         set[0].down.store(false, Ordering::SeqCst);
         tokio::time::pause();
         let waiter = wait(&queue, &current);
         settle().await;
         tokio::time::advance(QUEUE_TIMEOUT + Duration::from_millis(1)).await;
-        assert!(waiter.await.unwrap().is_none());
+        assert_eq!(waiter.await.unwrap().err(), Some(Refused::Timeout));
         assert_eq!(queue.gauge.get(), 0);
     }
 

@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::admit::Slot;
+use crate::admit::{Refused, Slot};
 use crate::dial::Close;
 use crate::fleet::{Backend, Fleet};
 
@@ -124,13 +124,15 @@ async fn handle(
         fleet.metrics.rejected.inc();
         return Ok(unavailable());
     };
-    let Some((set, first, slot)) = fleet.queue.admit(&fleet.current, set, first).await else {
-        if fleet.current.load().iter().any(|b| b.is_up()) {
-            fleet.metrics.queue_timeouts.inc();
-        } else {
-            fleet.metrics.rejected.inc();
+    let (set, first, slot) = match fleet.queue.admit(&fleet.current, set, first).await {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            match refused {
+                Refused::NoBackend => fleet.metrics.rejected.inc(),
+                Refused::Timeout => fleet.metrics.queue_timeouts.inc(),
+            }
+            return Ok(unavailable());
         }
-        return Ok(unavailable());
     };
     let mut slot = Some(slot);
     let empty = body.is_end_stream();

@@ -13,6 +13,20 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// Reads from `s` up to the end of a message head (`\r\n\r\n`); `None` if
+/// the connection ends or fails first.
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// The canary gate's error rate for one backend, as the local provider
 /// computes it from status.json: failures / attempts.
 fn error_rate(b: &kiln_balancer::BackendStatus) -> f64 {
@@ -503,12 +517,8 @@ async fn websocket_style_upgrades_are_tunnelled() {
     let b = l.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
-        let mut head = Vec::new();
+        read_head(&mut s).await.expect("a request head");
         let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap();
-            head.extend_from_slice(&buf[..n]);
-        }
         s.write_all(
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
         )
@@ -527,13 +537,7 @@ async fn websocket_style_upgrades_are_tunnelled() {
     c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = c.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        head.extend_from_slice(&buf[..n]);
-    }
+    let head = read_head(&mut c).await.expect("a response head");
     assert!(
         head.starts_with(b"HTTP/1.1 101"),
         "{}",
@@ -593,13 +597,8 @@ async fn http10_backend(response: &'static [u8], hold: Duration) -> (SocketAddr,
         while let Ok((mut s, _)) = l.accept().await {
             a.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s.write_all(response).await;
                 tokio::time::sleep(hold).await;
@@ -862,14 +861,7 @@ async fn one_at_a_time(hold: Duration) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
+            let _ = read_head(&mut s).await;
             tokio::time::sleep(hold).await;
             let _ = s
                 .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")

@@ -82,16 +82,7 @@ fn fail(env: &str, role: &str, detail: impl Into<String>) -> ProviderError {
 /// between a switch and the status reads that follow it.
 fn agent() -> &'static ureq::Agent {
     static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
-    AGENT.get_or_init(|| {
-        ureq::Agent::config_builder()
-            .timeout_connect(Some(CONTROL_TIMEOUT))
-            .timeout_global(Some(CONTROL_TIMEOUT))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .user_agent("kiln")
-            .build()
-            .into()
-    })
+    AGENT.get_or_init(|| kiln_provider::check::client(CONTROL_TIMEOUT, "kiln"))
 }
 
 impl Swarm {

@@ -12,16 +12,21 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn agent() -> &'static ureq::Agent {
     static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
-    AGENT.get_or_init(|| {
-        ureq::Agent::config_builder()
-            .timeout_connect(Some(PROBE_TIMEOUT))
-            .timeout_global(Some(PROBE_TIMEOUT))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .user_agent("kiln-health")
-            .build()
-            .into()
-    })
+    AGENT.get_or_init(|| client(PROBE_TIMEOUT, "kiln-health"))
+}
+
+/// An HTTP client for kiln's own endpoints: every request bounded by
+/// `timeout` (connect included), statuses returned rather than raised, no
+/// redirects followed.
+pub fn client(timeout: Duration, user_agent: &str) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(timeout))
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .user_agent(user_agent)
+        .build()
+        .into()
 }
 
 /// `GET http://addr/path`: healthy on 2xx or 3xx.
