@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -32,6 +32,9 @@ use tokio::net::TcpStream;
 use crate::admit::{Refused, Slot};
 use crate::dial::Close;
 use crate::fleet::{Backend, Fleet};
+use crate::head::{
+    append, connection_has, strip_hop_by_hop, Seen, X_FORWARDED_FOR, X_FORWARDED_PROTO,
+};
 
 /// Idle connections kept per backend.
 const MAX_IDLE: usize = 256;
@@ -100,23 +103,18 @@ async fn handle(
     client: Arc<Client>,
 ) -> Result<Response<RespBody>, Infallible> {
     let fleet = &client.fleet;
-    // Both framings in one request is how requests are smuggled past a
-    // proxy that reads one and a backend that reads the other.
-    let headers = req.headers();
-    if headers.contains_key(header::TRANSFER_ENCODING)
-        && headers.contains_key(header::CONTENT_LENGTH)
-        || headers.get_all(header::CONTENT_LENGTH).iter().count() > 1
-    {
+    let seen = Seen::of(req.headers());
+    if seen.smuggling() {
         fleet.metrics.bad_requests.inc();
         return Ok(local(StatusCode::BAD_REQUEST, "bad request\n", true));
     }
     let version = req.version();
-    let upgrade = req.headers().contains_key(header::UPGRADE)
-        && req.version() == Version::HTTP_11
-        && connection_has(req.headers(), "upgrade");
+    let upgrade = seen.upgrade
+        && version == Version::HTTP_11
+        && connection_has(req.headers(), &seen, "upgrade");
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    prepare(&mut parts, &client, upgrade);
+    prepare(&mut parts, &client, upgrade, &seen);
 
     let set = fleet.current.load_full();
     let algorithm = fleet.front.load().algorithm;
@@ -224,16 +222,18 @@ async fn handle(
 
 /// Turns the client's request into the backend's: HTTP/1.1 in origin
 /// form, with a Host, without hop-by-hop headers, with forwarding headers.
-fn prepare(parts: &mut hyper::http::request::Parts, client: &Client, upgrade: bool) {
+fn prepare(parts: &mut hyper::http::request::Parts, client: &Client, upgrade: bool, seen: &Seen) {
     let headers = &mut parts.headers;
-    strip_hop_by_hop(headers);
-    headers.remove(header::EXPECT);
+    strip_hop_by_hop(headers, seen);
+    if seen.expect {
+        headers.remove(header::EXPECT);
+    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if seen.upgrade {
         headers.remove(header::UPGRADE);
     }
-    if !headers.contains_key(header::HOST) {
+    if !seen.host {
         if let Some(authority) = parts.uri.authority() {
             if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
                 headers.insert(header::HOST, v);
@@ -251,62 +251,15 @@ fn prepare(parts: &mut hyper::http::request::Parts, client: &Client, upgrade: bo
         }
     }
     parts.version = Version::HTTP_11;
-    append(headers, X_FORWARDED_FOR, &client.ip, ", ");
+    headers.reserve(3);
+    append(headers, X_FORWARDED_FOR, &client.ip, seen.forwarded_for);
     headers.insert(X_FORWARDED_PROTO, client.proto.clone());
-    append(headers, header::FORWARDED, &client.forwarded, ", ");
-}
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-
-/// Adds `value` to a list header: after what is there, or alone.
-fn append(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue, sep: &str) {
-    let joined = {
-        let mut prior = headers.get_all(&name).iter().peekable();
-        if prior.peek().is_none() {
-            None
-        } else {
-            let mut out = Vec::new();
-            for v in prior {
-                out.extend_from_slice(v.as_bytes());
-                out.extend_from_slice(sep.as_bytes());
-            }
-            out.extend_from_slice(value.as_bytes());
-            HeaderValue::from_bytes(&out).ok()
-        }
-    };
-    headers.insert(name, joined.unwrap_or_else(|| value.clone()));
-}
-
-/// Removes the headers that belong to one connection, not to the message
-/// (RFC 9110 7.6.1), including those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.remove(header::CONNECTION) {
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',').map(str::trim) {
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    if name != header::UPGRADE {
-                        headers.remove(name);
-                    }
-                }
-            }
-        }
-    }
-    for name in ["keep-alive", "proxy-connection"] {
-        headers.remove(name);
-    }
-    headers.remove(header::TE);
-    headers.remove(header::TRAILER);
-    headers.remove(header::TRANSFER_ENCODING);
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    append(
+        headers,
+        header::FORWARDED,
+        &client.forwarded,
+        seen.forwarded,
+    );
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -404,11 +357,12 @@ async fn connect(backend: &Backend, upgrade: bool) -> std::io::Result<SendReques
     if slow {
         backend.limit.congested();
     }
-    let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(BackendIo {
             stream,
             graceful: close == Close::Normal,
+            nodelay: false,
+            wrote: false,
         }))
         .await
         .map_err(std::io::Error::other)?;
@@ -418,11 +372,39 @@ async fn connect(backend: &Backend, upgrade: bool) -> std::io::Result<SendReques
     Ok(sender)
 }
 
+/// Writes up to this size go out whole without `TCP_NODELAY`.
+const SMALL_WRITE: usize = 1024;
+
 /// A backend connection whose shutdown (hyper's FIN before it drops a
 /// connection) can be skipped, so that the drop resets it instead.
+///
+/// `TCP_NODELAY` is set only when Nagle's algorithm could hold a write
+/// back: a write that follows another with no read between (a streamed
+/// body, a tunnel) or one too large for a segment. A request head written
+/// in one go, the usual case, goes out at once anyway (nothing of the
+/// connection is unacknowledged then: the last response acknowledged the
+/// last request), and a connection per request saves the system call.
 struct BackendIo {
     stream: TcpStream,
     graceful: bool,
+    nodelay: bool,
+    /// Written since the last read.
+    wrote: bool,
+}
+
+impl BackendIo {
+    fn before_write(&mut self, len: usize) {
+        if !self.nodelay && (self.wrote || len > SMALL_WRITE) {
+            let _ = self.stream.set_nodelay(true);
+            self.nodelay = true;
+        }
+    }
+
+    fn after_write(&mut self, polled: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = polled {
+            self.wrote |= *n > 0;
+        }
+    }
 }
 
 impl AsyncRead for BackendIo {
@@ -431,7 +413,12 @@ impl AsyncRead for BackendIo {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.wrote = false;
+        }
+        polled
     }
 }
 
@@ -441,7 +428,10 @@ impl AsyncWrite for BackendIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        self.before_write(buf.len());
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.after_write(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -449,7 +439,10 @@ impl AsyncWrite for BackendIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        self.before_write(bufs.iter().map(|b| b.len()).sum());
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.after_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -488,14 +481,18 @@ fn respond(
             return tunnel(resp, client_upgrade, lease);
         }
     }
-    let keep_alive = resp.version() == Version::HTTP_11 && !connection_has(resp.headers(), "close");
+    let seen = Seen::of(resp.headers());
+    let keep_alive =
+        resp.version() == Version::HTTP_11 && !connection_has(resp.headers(), &seen, "close");
     let (mut parts, body) = resp.into_parts();
     // The client's connection has its own version and keep-alive: an
     // HTTP/1.0 backend must not make hyper close a client's HTTP/1.1
     // connection after each response.
     parts.version = client_version;
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::UPGRADE);
+    strip_hop_by_hop(&mut parts.headers, &seen);
+    if seen.upgrade {
+        parts.headers.remove(header::UPGRADE);
+    }
     lease.sender = sender.filter(|_| keep_alive);
     let lease = if body.is_end_stream() {
         // Nothing to relay: the connection is free now.
@@ -714,5 +711,61 @@ impl Drop for RespBody {
         {
             lease.sender = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair() -> (BackendIo, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (peer, _) = l.accept().await.unwrap();
+        let io = BackendIo {
+            stream,
+            graceful: true,
+            nodelay: false,
+            wrote: false,
+        };
+        (io, peer)
+    }
+
+    #[tokio::test]
+    async fn nagle_stays_on_for_one_write_per_exchange() {
+        let (mut io, mut peer) = pair().await;
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            io.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            let n = peer.read(&mut buf).await.unwrap();
+            peer.write_all(&buf[..n]).await.unwrap();
+            io.read_exact(&mut buf[..n]).await.unwrap();
+        }
+        assert!(!io.stream.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_second_write_before_any_read_turns_nagle_off() {
+        let (mut io, _peer) = pair().await;
+        io.write_all(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(!io.stream.nodelay().unwrap());
+        io.write_all(b"ok").await.unwrap();
+        assert!(io.stream.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_large_write_turns_nagle_off() {
+        let (mut io, mut peer) = pair().await;
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = peer.read_to_end(&mut sink).await;
+        });
+        io.write_all(&[b'x'; SMALL_WRITE + 1]).await.unwrap();
+        assert!(io.stream.nodelay().unwrap());
+        drop(io);
+        reader.await.unwrap();
     }
 }

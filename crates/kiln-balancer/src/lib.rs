@@ -36,6 +36,7 @@ mod admit;
 mod control;
 mod dial;
 mod fleet;
+mod head;
 mod health;
 mod http;
 mod metrics;

@@ -90,7 +90,7 @@ pub fn run(o: &Opts) -> Result<()> {
     result
 }
 
-fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
+fn measure_all(o: &Opts, project: &Path, port: u16) -> Result<()> {
     let store = project.join(".kiln");
     let role_front = store.join("balancers/bench-web");
     let backends = kiln_balancer::read_backends(&role_front)
@@ -199,27 +199,117 @@ fn measure_all(_o: &Opts, project: &Path, port: u16) -> Result<()> {
             ],
         ),
     ];
+    let rounds = o.rounds.max(1);
+    let mut summary = Vec::new();
     for (scheme, fronts) in &fronts {
         for conns in [32, 256] {
-            // Alternate the fronts, twice each, so drift in the machine's
-            // load does not favour one.
-            for round in 1..=2 {
-                for (name, p, pid) in fronts {
-                    let url = format!("{scheme}://127.0.0.1:{p}/");
-                    let before = cpu_ticks(*pid)?;
-                    let l = wrk(&url, conns)?;
-                    let ticks = cpu_ticks(*pid)? - before;
-                    // Clock ticks are 10 ms (USER_HZ 100 on Linux).
-                    let per_request = ticks as f64 * 10_000.0 / l.requests.max(1) as f64;
+            // Every front once per round, the order rotated each round, so
+            // neither drift in the machine's load nor going first or last
+            // favours one.
+            let mut runs: Vec<Vec<Run>> = fronts.iter().map(|_| Vec::new()).collect();
+            for round in 0..rounds {
+                for k in 0..fronts.len() {
+                    let i = (round + k) % fronts.len();
+                    let (name, p, pid) = &fronts[i];
+                    let run = measure(scheme, *p, *pid, conns)?;
                     println!(
-                        "| {name} {scheme} (run {round}) | {conns} | {:.0} | {} | {} | {} | {per_request:.1} µs |",
-                        l.rps, l.p50, l.p99, l.errors
+                        "| {name} {scheme} (round {}) | {conns} | {:.0} | {} | {} | {} | {:.1} µs |",
+                        round + 1,
+                        run.load.rps,
+                        run.load.p50,
+                        run.load.p99,
+                        run.load.errors,
+                        run.cpu_us
                     );
+                    runs[i].push(run);
                 }
             }
+            summary.push((*scheme, conns, fronts.clone(), runs));
         }
     }
+    print_summary(&summary, rounds);
     Ok(())
+}
+
+/// One wrk run against one front, with the front's CPU time per request.
+struct Run {
+    load: Load,
+    cpu_us: f64,
+}
+
+fn measure(scheme: &str, port: u16, pid: u32, conns: u32) -> Result<Run> {
+    let url = format!("{scheme}://127.0.0.1:{port}/");
+    let before = cpu_ticks(pid)?;
+    let load = wrk(&url, conns)?;
+    let ticks = cpu_ticks(pid)? - before;
+    // Clock ticks are 10 ms (USER_HZ 100 on Linux).
+    let cpu_us = ticks as f64 * 10_000.0 / load.requests.max(1) as f64;
+    Ok(Run { load, cpu_us })
+}
+
+type Fronts<'a> = Vec<(&'a str, u16, u32)>;
+
+/// Medians over the rounds, and each front against the last (HAProxy):
+/// the ratio of median req/s, and in how many rounds it answered more
+/// requests than HAProxy did in the same round.
+fn print_summary(summary: &[(&str, u32, Fronts<'_>, Vec<Vec<Run>>)], rounds: usize) {
+    println!("\nMedians of {rounds} rounds; \"ahead\": rounds in which the front answered more requests per second than HAProxy in the same round.\n");
+    println!(
+        "| front | connections | req/s | vs HAProxy | ahead | p99 | front's CPU per request |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (scheme, conns, fronts, runs) in summary {
+        let Some(peer) = runs.last() else { continue };
+        let peer_rps = median(peer.iter().map(|r| r.load.rps));
+        for (i, ((name, _, _), runs)) in fronts.iter().zip(runs).enumerate() {
+            let rps = median(runs.iter().map(|r| r.load.rps));
+            let (ratio, ahead) = if i + 1 == fronts.len() {
+                ("—".to_string(), "—".to_string())
+            } else {
+                let ahead = runs
+                    .iter()
+                    .zip(peer)
+                    .filter(|(a, b)| a.load.rps > b.load.rps)
+                    .count();
+                (
+                    format!("{:.3}×", rps / peer_rps.max(1.0)),
+                    format!("{ahead} of {}", runs.len()),
+                )
+            };
+            let p99 = median(runs.iter().filter_map(|r| latency_ms(&r.load.p99)));
+            let cpu = median(runs.iter().map(|r| r.cpu_us));
+            println!(
+                "| {name} {scheme} | {conns} | {rps:.0} | {ratio} | {ahead} | {p99:.0} ms | {cpu:.1} µs |"
+            );
+        }
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// wrk's latency ("850.00us", "12.34ms", "1.01s") in milliseconds.
+fn latency_ms(text: &str) -> Option<f64> {
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = number.parse().ok()?;
+    match unit {
+        "us" => Some(n / 1000.0),
+        "ms" => Some(n),
+        "s" => Some(n * 1000.0),
+        "m" => Some(n * 60_000.0),
+        _ => None,
+    }
 }
 
 /// A scratch image holding static busybox serving /www, three servers of
@@ -310,4 +400,25 @@ fn wrk(url: &str, conns: u32) -> Result<Load> {
             errors
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_latencies_read_in_milliseconds() {
+        assert_eq!(latency_ms("850.00us"), Some(0.85));
+        assert_eq!(latency_ms("12.50ms"), Some(12.5));
+        assert_eq!(latency_ms("1.01s"), Some(1010.0));
+        assert_eq!(latency_ms(""), None);
+        assert_eq!(latency_ms("12.5"), None);
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+        assert!(median(std::iter::empty()).is_nan());
+    }
 }

@@ -26,6 +26,8 @@ struct Opts {
     tree_mib: u64,
     only: Option<String>,
     debootstrap: bool,
+    /// Rounds of the side-by-side figures (`http-balancer`).
+    rounds: usize,
 }
 
 fn main() -> Result<()> {
@@ -35,6 +37,7 @@ fn main() -> Result<()> {
         tree_mib: 1024,
         only: None,
         debootstrap: false,
+        rounds: 4,
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -42,6 +45,7 @@ fn main() -> Result<()> {
             "--tree-mib" => o.tree_mib = args.next().context("--tree-mib N")?.parse()?,
             "--only" => o.only = Some(args.next().context("--only NAME")?),
             "--debootstrap" => o.debootstrap = true,
+            "--rounds" => o.rounds = args.next().context("--rounds N")?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
