@@ -10,10 +10,12 @@
 //! backend starts without one; a connect to it that had to be hedged (its
 //! queue was full) cuts its limit to 7/8 of the requests it had in flight
 //! (at most once per [`CUT_EVERY`], never below [`MIN_LIMIT`]), and answered requests raise it again
-//! by one per [`GROWTH`] × limit answers. Requests that find every
-//! backend at its limit wait here, first come first served, for at most
-//! [`QUEUE_TIMEOUT`] (then 503 with `Retry-After`), instead of as dropped
-//! SYNs in the kernel.
+//! by one per [`GROWTH`] × limit answers. The role's `max_requests`, when
+//! set, caps it: the limit in force is the lower of the two. Requests that
+//! find every backend at its limit wait here, first come first served, for
+//! at most the role's `queue_timeout` ([`QUEUE_TIMEOUT`] by default; `0`:
+//! not at all), then get 503 with `Retry-After`, instead of waiting as
+//! dropped SYNs in the kernel.
 //!
 //! Tunnels (upgraded connections) leave the count once switched: they may
 //! live for hours and say nothing about the backend's accept queue.
@@ -59,6 +61,9 @@ pub(crate) struct Limit {
     in_use: AtomicU32,
     /// The limit in 1/65536ths.
     limit: AtomicU64,
+    /// The role's `max_requests`, in requests ([`NO_LIMIT`]: none): the
+    /// learnt limit applies only below it.
+    cap: AtomicU64,
     /// When it was last cut (µs since [`epoch`]).
     cut_at: AtomicU64,
     /// `kiln_balancer_backend_limit` (0: none).
@@ -76,6 +81,7 @@ impl Limit {
         Limit {
             in_use: AtomicU32::new(0),
             limit: AtomicU64::new(NO_LIMIT * ONE),
+            cap: AtomicU64::new(NO_LIMIT),
             cut_at: AtomicU64::new(0),
             gauge,
         }
@@ -88,17 +94,24 @@ impl Limit {
         (l < NO_LIMIT).then_some(l)
     }
 
+    /// Shows the limit in force (the learnt one, in 1/65536ths, or the cap).
     fn show(&self, limit: u64) {
-        self.gauge.set(if limit >= NO_LIMIT * ONE {
-            0
-        } else {
-            (limit / ONE) as i64
-        });
+        let limit = (limit / ONE).min(self.cap.load(Ordering::Relaxed));
+        self.gauge
+            .set(if limit >= NO_LIMIT { 0 } else { limit as i64 });
+    }
+
+    /// Sets the role's `max_requests` (`None`: only the learnt limit).
+    pub fn set_cap(&self, cap: Option<u32>) {
+        let cap = cap.map_or(NO_LIMIT, |c| u64::from(c).clamp(1, NO_LIMIT));
+        self.cap.store(cap, Ordering::Relaxed);
+        self.show(self.limit.load(Ordering::Relaxed));
     }
 
     /// Takes room for one request if the limit allows it.
     fn try_take(&self) -> bool {
-        let limit = self.limit.load(Ordering::Relaxed) / ONE;
+        let limit =
+            (self.limit.load(Ordering::Relaxed) / ONE).min(self.cap.load(Ordering::Relaxed));
         self.in_use
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (u64::from(n) < limit).then_some(n + 1)
@@ -187,7 +200,8 @@ impl Drop for Slot {
 pub(crate) enum Refused {
     /// No backend of the set passes its checks any more.
     NoBackend,
-    /// It waited [`QUEUE_TIMEOUT`].
+    /// It waited its queue timeout ([`QUEUE_TIMEOUT`] or the role's;
+    /// with `0`, it found no room at once).
     Timeout,
 }
 
@@ -195,6 +209,9 @@ pub(crate) enum Refused {
 pub(crate) struct Queue {
     notify: Notify,
     waiting: AtomicUsize,
+    /// How long a request may wait (ms): the role's `queue_timeout`, or
+    /// [`QUEUE_TIMEOUT`].
+    timeout_ms: AtomicU64,
     /// `kiln_balancer_queued_requests`.
     gauge: IntGauge,
 }
@@ -204,8 +221,16 @@ impl Queue {
         Queue {
             notify: Notify::new(),
             waiting: AtomicUsize::new(0),
+            timeout_ms: AtomicU64::new(QUEUE_TIMEOUT.as_millis() as u64),
             gauge,
         }
+    }
+
+    /// Sets the role's `queue_timeout` (`None`: [`QUEUE_TIMEOUT`]); for
+    /// requests that start waiting from now on.
+    pub fn set_timeout(&self, ms: Option<u64>) {
+        let ms = ms.unwrap_or(QUEUE_TIMEOUT.as_millis() as u64);
+        self.timeout_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Room was given back: the first waiter (if any) tries again.
@@ -237,10 +262,19 @@ impl Queue {
                 return Ok((set, i, slot));
             }
         }
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        if timeout.is_zero() {
+            // No queue: room now, or none.
+            return match try_set(&set, first) {
+                Some((i, slot)) => Ok((set, i, slot)),
+                None if set.iter().any(|b| b.is_up()) => Err(Refused::Timeout),
+                None => Err(Refused::NoBackend),
+            };
+        }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         self.gauge.inc();
         let _leave = Leave(self);
-        let deadline = tokio::time::Instant::now() + QUEUE_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -444,6 +478,55 @@ mod tests {
         tokio::time::advance(QUEUE_TIMEOUT + Duration::from_millis(1)).await;
         assert_eq!(waiter.await.unwrap().err(), Some(Refused::Timeout));
         assert_eq!(queue.gauge.get(), 0);
+    }
+
+    #[test]
+    fn max_requests_caps_the_learnt_limit() {
+        let l = limit();
+        l.set_cap(Some(3));
+        assert_eq!(l.gauge.get(), 3);
+        for _ in 0..3 {
+            assert!(l.try_take());
+        }
+        assert!(!l.try_take(), "over max_requests");
+        // A learnt limit below the cap is the one in force.
+        l.in_use.store(16, Ordering::Relaxed);
+        l.set_cap(Some(100));
+        l.congested();
+        assert_eq!(l.get(), Some(14));
+        assert_eq!(l.gauge.get(), 14);
+        l.set_cap(None);
+        assert_eq!(l.gauge.get(), 14);
+    }
+
+    #[tokio::test]
+    async fn a_queue_timeout_of_zero_answers_at_once() {
+        let (queue, current) = fleet(1);
+        queue.set_timeout(Some(0));
+        let set = current.load_full();
+        let (_, _, _held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        let refused = queue.admit(&current, set.clone(), 0).await.err();
+        assert_eq!(refused, Some(Refused::Timeout));
+        assert_eq!(queue.gauge.get(), 0, "nothing waited");
+        set[0].down.store(true, Ordering::SeqCst);
+        let refused = queue.admit(&current, set.clone(), 0).await.err();
+        assert_eq!(refused, Some(Refused::NoBackend));
+    }
+
+    #[tokio::test]
+    async fn a_role_queue_timeout_replaces_the_default() {
+        let (queue, current) = fleet(1);
+        queue.set_timeout(Some(200));
+        let set = current.load_full();
+        let (_, _, _held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        tokio::time::pause();
+        let waiter = wait(&queue, &current);
+        settle().await;
+        tokio::time::advance(Duration::from_millis(150)).await;
+        settle().await;
+        assert!(!waiter.is_finished(), "gave up before its timeout");
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert_eq!(waiter.await.unwrap().err(), Some(Refused::Timeout));
     }
 
     #[test]

@@ -48,6 +48,14 @@ pub struct Front {
     /// `/metrics` (and `status.json` at `/status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
+    /// HTTP mode: requests each backend is given at once at most; its
+    /// learnt limit stays at or below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// HTTP mode: how long a request may wait for room before a 503
+    /// (default 5 s; 0: not at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout_ms: Option<u64>,
 }
 
 /// The protocol the front speaks.

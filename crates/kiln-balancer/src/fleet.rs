@@ -124,6 +124,8 @@ impl Fleet {
             return false;
         }
         let addrs: Vec<SocketAddr> = b.backends.iter().filter_map(|a| a.parse().ok()).collect();
+        let cap = b.front.max_requests;
+        self.queue.set_timeout(b.front.queue_timeout_ms);
         let set: Vec<Arc<Backend>> = {
             let mut known = self.known.lock().expect("known");
             let set = addrs
@@ -151,6 +153,9 @@ impl Fleet {
                     b.pool.clear();
                     b.m.up.set(0);
                 }
+            }
+            for b in known.values() {
+                b.limit.set_cap(cap);
             }
             // Forget drained backends that are no longer wanted.
             known.retain(|a, b| {

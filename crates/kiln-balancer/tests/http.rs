@@ -913,3 +913,63 @@ async fn a_backend_whose_accept_queue_overflows_gets_a_limit_and_requests_wait_f
         "{text}"
     );
 }
+
+/// The metric line `name{...} value` (or `name value`), as a number.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn max_requests_and_a_queue_timeout_of_zero_answer_503_at_once() {
+    // Long enough for the second request to find the first still there
+    // on a loaded machine.
+    let b = one_at_a_time(Duration::from_millis(800)).await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let front = Front {
+        admin: Some(admin.clone()),
+        max_requests: Some(1),
+        queue_timeout_ms: Some(0),
+        ..http_front()
+    };
+    let lb = Balancer::start(&[b], None, front).await;
+    let admin: SocketAddr = admin.parse().unwrap();
+    let metrics = || async move { get(admin, "/metrics").await.1 };
+    assert_eq!(
+        metric(&metrics().await, "kiln_balancer_backend_limit"),
+        Some(1.0)
+    );
+    let front = lb.addr;
+    let first = tokio::spawn(async move { get(front, "/").await.0 });
+    let mut in_flight = false;
+    for _ in 0..200 {
+        if metric(&metrics().await, "kiln_balancer_in_flight_requests") == Some(1.0) {
+            in_flight = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(in_flight, "the first request never reached the backend");
+    // The backend has its one request: the next finds no room, and no
+    // queue to wait in.
+    let second = raw(
+        front,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+    assert!(
+        second.to_ascii_lowercase().contains("retry-after: 1"),
+        "{second}"
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(get(front, "/").await.0, 200, "room again once answered");
+    let text = metrics().await;
+    assert_eq!(
+        metric(&text, "kiln_balancer_queue_timeouts_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "kiln_balancer_queued_requests"), Some(0.0));
+}

@@ -671,6 +671,14 @@ pub struct Balancer {
     /// `IP:PORT` of the admin listener serving Prometheus metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
+    /// HTTP mode: requests each backend is given at once at most (the
+    /// learnt limit stays at or below it); unbounded but learnt when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// HTTP mode: how long a request may wait for room on a backend before
+    /// it is answered 503 (the balancer's default when absent; 0: no wait).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout_ms: Option<u64>,
     /// On providers with several nodes: the nodes (ids or hostnames) the
     /// balancer runs on, each publishing `listen`'s port; every node when
     /// empty.

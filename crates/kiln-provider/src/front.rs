@@ -60,6 +60,8 @@ fn front(b: &Balancer) -> kiln_balancer::Front {
             }),
         }),
         admin: b.admin.clone(),
+        max_requests: b.max_requests,
+        queue_timeout_ms: b.queue_timeout_ms,
     }
 }
 

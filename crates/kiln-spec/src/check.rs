@@ -27,6 +27,10 @@ pub const MAX_CHECK_STREAK: u32 = 100;
 /// Shortest balancer check interval other than `0s` (off): more often
 /// loads the backends without telling more.
 pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Most requests a balancer's `max_requests` lets a backend have at once.
+pub const MAX_REQUESTS: u32 = 100_000;
+/// Longest balancer `queue_timeout`.
+pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Most images, environments, and roles of one environment. Far above any
 /// real project; they bound the work (and the depth of the walks) that
 /// validating and planning a file can take.

@@ -20,8 +20,8 @@ use kiln_model::*;
 use toml::Spanned;
 
 pub use check::{
-    MAX_APPROVALS, MAX_CHECK_STREAK, MAX_CPUS, MAX_ENVS, MAX_IMAGES, MAX_MTIME, MAX_ROLES,
-    MAX_SERVERS, MIN_CHECK_INTERVAL, MIN_CPUS, MIN_MEMORY,
+    MAX_APPROVALS, MAX_CHECK_STREAK, MAX_CPUS, MAX_ENVS, MAX_IMAGES, MAX_MTIME, MAX_QUEUE_TIMEOUT,
+    MAX_REQUESTS, MAX_ROLES, MAX_SERVERS, MIN_CHECK_INTERVAL, MIN_CPUS, MIN_MEMORY,
 };
 pub use duration::{format_duration, parse_duration, parse_size, MAX_DURATION, MAX_SIZE};
 use locate::Locator;
@@ -478,6 +478,51 @@ impl Validator<'_> {
     /// in its `[header]`, dotted key or inline table, however it is quoted.
     fn header(&self, keys: &[&str]) -> Range<usize> {
         self.cx.loc.key(keys)
+    }
+
+    /// `max_requests` (1 to [`MAX_REQUESTS`]) and `queue_timeout` (at most
+    /// [`MAX_QUEUE_TIMEOUT`]; `"0s"`: no waiting): HTTP mode only, where
+    /// requests are admitted one by one. `at` locates a key.
+    fn queue_settings(
+        &self,
+        rb: &RawBalancer,
+        mode: BalancerMode,
+        at: &dyn Fn(&str) -> Range<usize>,
+    ) -> Result<(Option<u32>, Option<u64>), SpecError> {
+        for (key, set) in [
+            ("max_requests", rb.max_requests.is_some()),
+            ("queue_timeout", rb.queue_timeout.is_some()),
+        ] {
+            if set && mode != BalancerMode::Http {
+                return Err(self.cx.err(
+                    at(key),
+                    format!("`{key}` applies to HTTP mode, where requests are admitted one by one; this balancer is in TCP mode (set `mode = \"http\"` or remove `{key}`)"),
+                ));
+            }
+        }
+        if let Some(n) = rb.max_requests {
+            if !(1..=MAX_REQUESTS).contains(&n) {
+                return Err(self.cx.err(
+                    at("max_requests"),
+                    format!("max_requests {n} is out of range; expected 1 to {MAX_REQUESTS} requests at once per backend"),
+                ));
+            }
+        }
+        let timeout = match &rb.queue_timeout {
+            None => None,
+            Some(t) => {
+                let d = parse_duration(t).map_err(|e| self.cx.err(at("queue_timeout"), e))?;
+                if d > MAX_QUEUE_TIMEOUT {
+                    return Err(self.cx.err(
+                        at("queue_timeout"),
+                        format!("queue_timeout `{t}` is longer than 10m; a request waiting that long has long been given up by its client"),
+                    ));
+                }
+                // At most 10 minutes: fits.
+                Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            }
+        };
+        Ok((rb.max_requests, timeout))
     }
 
     /// `tls = { cert, key }` (paths relative to the project) or
@@ -1107,6 +1152,7 @@ impl Validator<'_> {
                         Some(addr.clone())
                     }
                 };
+                let (max_requests, queue_timeout_ms) = self.queue_settings(rb, mode, &b_at)?;
                 Some(Balancer {
                     listen: rb.listen.clone(),
                     port,
@@ -1116,6 +1162,8 @@ impl Validator<'_> {
                     algorithm,
                     tls,
                     admin,
+                    max_requests,
+                    queue_timeout_ms,
                     nodes: rb.nodes.clone().unwrap_or_default(),
                 })
             }

@@ -280,6 +280,10 @@ pub(crate) struct RawBalancer {
     pub tls: Option<Spanned<RawTls>>,
     /// `"IP:PORT"` of the Prometheus metrics listener.
     pub admin: Option<Spanned<String>>,
+    /// HTTP mode: requests at once per backend, at most.
+    pub max_requests: Option<u32>,
+    /// HTTP mode: how long a request waits for room, e.g. `"5s"`.
+    pub queue_timeout: Option<String>,
     /// Nodes (ids or hostnames) a swarm environment runs the balancer on.
     pub nodes: Option<Vec<String>>,
 }

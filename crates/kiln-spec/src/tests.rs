@@ -714,6 +714,49 @@ fn balancer_acme_parses_with_defaults() {
 }
 
 #[test]
+fn balancer_queue_settings_parse_in_http_mode() {
+    let p = parse_str(&with_balancer(
+        r#"listen = "127.0.0.1:8000", max_requests = 64, queue_timeout = "1500ms""#,
+    ))
+    .unwrap();
+    let b = p.envs["staging"].roles["app"].balancer.clone().unwrap();
+    assert_eq!((b.max_requests, b.queue_timeout_ms), (Some(64), Some(1500)));
+    let p = parse_str(&with_balancer(
+        r#"listen = "127.0.0.1:8000", queue_timeout = "0s""#,
+    ))
+    .unwrap();
+    let b = p.envs["staging"].roles["app"].balancer.clone().unwrap();
+    assert_eq!((b.max_requests, b.queue_timeout_ms), (None, Some(0)));
+    let p = parse_str(GOOD).unwrap();
+    let b = p.envs["staging"].roles["app"].balancer.clone().unwrap();
+    assert_eq!((b.max_requests, b.queue_timeout_ms), (None, None));
+}
+
+#[test]
+fn bad_balancer_queue_settings_point_at_the_value() {
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", max_requests = 0"#,
+        "0 }",
+        "max_requests 0 is out of range; expected 1 to 100000 requests at once per backend",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", queue_timeout = "11m""#,
+        "\"11m\"",
+        "queue_timeout `11m` is longer than 10m; a request waiting that long has long been given up by its client",
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", queue_timeout = "soon""#,
+        "\"soon\"",
+        &parse_duration("soon").unwrap_err(),
+    );
+    balancer_err(
+        r#"listen = "127.0.0.1:8000", mode = "tcp", max_requests = 8"#,
+        "8 }",
+        "`max_requests` applies to HTTP mode, where requests are admitted one by one; this balancer is in TCP mode (set `mode = \"http\"` or remove `max_requests`)",
+    );
+}
+
+#[test]
 fn bad_balancer_keys_point_at_the_value() {
     balancer_err(
         r#"listen = "127.0.0.1:8000", mode = "udp""#,
