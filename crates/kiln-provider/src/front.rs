@@ -116,3 +116,43 @@ pub fn backends_of(statuses: &[kiln_balancer::Status]) -> Vec<Backend> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_roles_front_settings_reach_the_balancer() {
+        let b = Balancer {
+            listen: "127.0.0.1:8000".into(),
+            port: 8080,
+            drain_timeout_secs: 30,
+            check: None,
+            mode: BalancerMode::Http,
+            algorithm: BalancerAlgorithm::LeastRequests,
+            tls: None,
+            admin: Some("127.0.0.1:9100".into()),
+            max_requests: Some(64),
+            queue_timeout_ms: Some(0),
+            nodes: Vec::new(),
+        };
+        let up = Upstream {
+            addr: "10.0.0.2:8080".into(),
+            port: 8080,
+            check: None,
+        };
+        let set = backend_set(&b, &[up]);
+        assert_eq!(set.backends, ["10.0.0.2:8080"]);
+        assert_eq!(
+            set.front,
+            kiln_balancer::Front {
+                mode: kiln_balancer::Mode::Http,
+                algorithm: kiln_balancer::Algorithm::LeastRequests,
+                tls: None,
+                admin: Some("127.0.0.1:9100".into()),
+                max_requests: Some(64),
+                queue_timeout_ms: Some(0),
+            }
+        );
+    }
+}
