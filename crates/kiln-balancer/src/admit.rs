@@ -257,19 +257,20 @@ impl Queue {
         set: Set,
         first: usize,
     ) -> Result<(Set, usize, Slot), Refused> {
-        if self.waiting.load(Ordering::Acquire) == 0 {
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        // Without a queue (a timeout of 0) there is no turn to wait for.
+        if timeout.is_zero() || self.waiting.load(Ordering::Acquire) == 0 {
             if let Some((i, slot)) = try_set(&set, first) {
                 return Ok((set, i, slot));
             }
-        }
-        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
-        if timeout.is_zero() {
-            // No queue: room now, or none.
-            return match try_set(&set, first) {
-                Some((i, slot)) => Ok((set, i, slot)),
-                None if set.iter().any(|b| b.is_up()) => Err(Refused::Timeout),
-                None => Err(Refused::NoBackend),
-            };
+            if timeout.is_zero() {
+                let up = set.iter().any(|b| b.is_up());
+                return Err(if up {
+                    Refused::Timeout
+                } else {
+                    Refused::NoBackend
+                });
+            }
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         self.gauge.inc();
@@ -414,6 +415,16 @@ mod tests {
         })
     }
 
+    /// One backend with a limit of one, taken: the next request finds no
+    /// room. The queue waits `timeout_ms` (`None`: the default).
+    async fn one_full(timeout_ms: Option<u64>) -> (Arc<Queue>, Arc<Current>, Set, Slot) {
+        let (queue, current) = fleet(1);
+        queue.set_timeout(timeout_ms);
+        let set = current.load_full();
+        let (_, _, held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        (queue, current, set, held)
+    }
+
     async fn settle() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -446,9 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_switch_while_waiting_sends_the_request_to_the_new_set() {
-        let (queue, current) = fleet(1);
-        let set = current.load_full();
-        let (_, _, _held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        let (queue, current, _, _held) = one_full(None).await;
         let waiter = wait(&queue, &current);
         settle().await;
         let metrics = crate::metrics::Metrics::new();
@@ -462,9 +471,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_give_up_when_no_backend_is_up_or_after_the_timeout() {
-        let (queue, current) = fleet(1);
-        let set = current.load_full();
-        let (_, _, _held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        let (queue, current, set, _held) = one_full(None).await;
         let waiter = wait(&queue, &current);
         settle().await;
         set[0].down.store(true, Ordering::SeqCst);
@@ -501,10 +508,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_queue_timeout_of_zero_answers_at_once() {
-        let (queue, current) = fleet(1);
-        queue.set_timeout(Some(0));
-        let set = current.load_full();
-        let (_, _, _held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        let (queue, current, set, _held) = one_full(Some(0)).await;
         let refused = queue.admit(&current, set.clone(), 0).await.err();
         assert_eq!(refused, Some(Refused::Timeout));
         assert_eq!(queue.gauge.get(), 0, "nothing waited");
@@ -515,10 +519,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_role_queue_timeout_replaces_the_default() {
-        let (queue, current) = fleet(1);
-        queue.set_timeout(Some(200));
-        let set = current.load_full();
-        let (_, _, _held) = queue.admit(&current, set.clone(), 0).await.unwrap();
+        let (queue, current, _, _held) = one_full(Some(200)).await;
         tokio::time::pause();
         let waiter = wait(&queue, &current);
         settle().await;

@@ -127,6 +127,30 @@ pub fn streak(n: u32, what: &str) -> Result<(), String> {
     }
 }
 
+/// A balancer's `max_requests`: 1 to [`MAX_REQUESTS`] per backend.
+pub fn max_requests(n: u32) -> Result<(), String> {
+    if (1..=MAX_REQUESTS).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "max_requests {n} is out of range; expected 1 to {MAX_REQUESTS} requests at once per backend"
+        ))
+    }
+}
+
+/// A balancer's `queue_timeout`, as milliseconds: at most
+/// [`MAX_QUEUE_TIMEOUT`].
+pub fn queue_timeout(d: Duration, written: &str) -> Result<u64, String> {
+    if d > MAX_QUEUE_TIMEOUT {
+        return Err(format!(
+            "queue_timeout `{written}` is longer than {}; a request waiting that long has long been given up by its client",
+            crate::format_duration(MAX_QUEUE_TIMEOUT.as_secs())
+        ));
+    }
+    // At most MAX_QUEUE_TIMEOUT: fits.
+    Ok(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Why an environment variable's name is refused, if it is: `execve`
 /// passes `NAME=VALUE` strings, so a name with `=` or NUL, or none at all,
 /// cannot be passed.

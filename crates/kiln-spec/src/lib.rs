@@ -501,25 +501,13 @@ impl Validator<'_> {
             }
         }
         if let Some(n) = rb.max_requests {
-            if !(1..=MAX_REQUESTS).contains(&n) {
-                return Err(self.cx.err(
-                    at("max_requests"),
-                    format!("max_requests {n} is out of range; expected 1 to {MAX_REQUESTS} requests at once per backend"),
-                ));
-            }
+            check::max_requests(n).map_err(|m| self.cx.err(at("max_requests"), m))?;
         }
         let timeout = match &rb.queue_timeout {
             None => None,
             Some(t) => {
-                let d = parse_duration(t).map_err(|e| self.cx.err(at("queue_timeout"), e))?;
-                if d > MAX_QUEUE_TIMEOUT {
-                    return Err(self.cx.err(
-                        at("queue_timeout"),
-                        format!("queue_timeout `{t}` is longer than 10m; a request waiting that long has long been given up by its client"),
-                    ));
-                }
-                // At most 10 minutes: fits.
-                Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                let e = |m| self.cx.err(at("queue_timeout"), m);
+                Some(check::queue_timeout(parse_duration(t).map_err(e)?, t).map_err(e)?)
             }
         };
         Ok((rb.max_requests, timeout))
