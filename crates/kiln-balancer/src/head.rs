@@ -93,8 +93,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, seen: &Seen) {
     }
     if let Some(conn) = headers.remove(header::CONNECTION) {
         for token in tokens(conn.as_bytes()) {
-            // Options, not header names (or removed below anyway).
-            if [&b"close"[..], b"keep-alive", b"upgrade"]
+            // Options, not header names (or removed below anyway); and
+            // never `Host`, which no HTTP/1.1 request may lack (so
+            // `seen.host` stays true to the head).
+            if [&b"close"[..], b"keep-alive", b"upgrade", b"host"]
                 .iter()
                 .any(|o| token.eq_ignore_ascii_case(o))
             {
@@ -183,7 +185,8 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_go() {
         let mut h = head(&[
-            ("connection", "close, X-Secret, upgrade"),
+            ("connection", "close, X-Secret, upgrade, Host"),
+            ("host", "shop.test"),
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),
             ("proxy-connection", "keep-alive"),
@@ -200,7 +203,7 @@ mod tests {
         strip_hop_by_hop(&mut h, &seen);
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
-        assert_eq!(left, ["accept", "close", "upgrade"]);
+        assert_eq!(left, ["accept", "close", "host", "upgrade"]);
     }
 
     #[test]
